@@ -1,0 +1,248 @@
+//! The interface between the router (in the gateway) and wherever queues
+//! live. `sluice serve` plugs in [`crate::local::LocalBackend`], an
+//! in-process node; the cluster issue adds a networked implementation of the
+//! same traits, so the gateway does not change.
+//!
+//! Invariant: nothing here mentions a wire protocol; messages are the
+//! protocol-neutral [`Message`] of the command model.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+
+use sluice_codecs::command::{Arguments, Message};
+
+use crate::Error;
+
+/// Resolves once a write is durable (or failed).
+pub type Durable = Pin<Box<dyn Future<Output = Result<(), Error>> + Send + 'static>>;
+
+/// Stable identity of a queue, chosen at creation and stored with its
+/// definition. A queue re-created under the same name gets a new id, so old
+/// messages can never reappear in it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct QueueId(pub u64);
+
+/// What the backend needs to know to create or open a queue.
+#[derive(Clone, Debug)]
+pub struct QueueSpec {
+    pub id: QueueId,
+    /// Human-readable name, for logs and metrics only.
+    pub name: String,
+    /// Durable queues keep persistent messages across restarts.
+    pub durable: bool,
+    /// The x-arguments given at declare time.
+    pub arguments: Arguments,
+}
+
+/// One message handed to a consumer or to basic.get.
+#[derive(Clone, Debug)]
+pub struct Delivery {
+    /// Queue-local message id, used to settle the delivery.
+    pub msg_id: u64,
+    /// True if the message was delivered before.
+    pub redelivered: bool,
+    pub message: Message,
+}
+
+/// How a delivered message is settled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Processed: remove it.
+    Ack,
+    /// Put it back where it was, flagged redelivered.
+    Requeue,
+    /// Rejected without requeue: drop it (dead-lettering comes with the
+    /// queue-semantics issue).
+    Discard,
+}
+
+/// Where a queue pushes deliveries. The gateway implements it per consumer;
+/// a `false` return means the receiver is gone.
+pub trait DeliverySink: Send + Sync {
+    fn deliver(&self, consumer: &Arc<Consumer>, delivery: Delivery) -> bool;
+    /// The queue cancelled the consumer (for instance the queue was deleted).
+    fn cancelled(&self, consumer: &Arc<Consumer>);
+}
+
+/// Most deliveries a consumer may have queued towards its socket but not
+/// yet written. This bounds memory for no-ack consumers and for prefetch 0.
+pub const MAX_PENDING: u32 = 512;
+
+/// Flow state shared by all consumers of one channel: the channel-wide
+/// (`global`) prefetch and channel.flow.
+#[derive(Debug, Default)]
+pub struct ChannelFlow {
+    /// Channel-wide prefetch limit; 0 means none.
+    pub prefetch: AtomicU32,
+    /// Unacknowledged deliveries on the channel counted against `prefetch`.
+    pub unacked: AtomicU32,
+    /// channel.flow(active=false) pauses deliveries.
+    pub paused: AtomicBool,
+}
+
+/// A consumer as the queue sees it: identity, credit and sink.
+pub struct Consumer {
+    pub tag: String,
+    pub no_ack: bool,
+    pub exclusive: bool,
+    /// Per-consumer prefetch limit (basic.qos global=false); 0 means none.
+    pub prefetch: u32,
+    pub channel: Arc<ChannelFlow>,
+    pub sink: Arc<dyn DeliverySink>,
+    unacked: AtomicU32,
+    pending: AtomicU32,
+    queue: OnceLock<Weak<dyn Queue>>,
+}
+
+impl std::fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consumer").field("tag", &self.tag).finish()
+    }
+}
+
+impl Consumer {
+    pub fn new(
+        tag: String,
+        no_ack: bool,
+        exclusive: bool,
+        prefetch: u32,
+        channel: Arc<ChannelFlow>,
+        sink: Arc<dyn DeliverySink>,
+    ) -> Arc<Self> {
+        Arc::new(Consumer {
+            tag,
+            no_ack,
+            exclusive,
+            prefetch,
+            channel,
+            sink,
+            unacked: AtomicU32::new(0),
+            pending: AtomicU32::new(0),
+            queue: OnceLock::new(),
+        })
+    }
+
+    /// Called by the queue when the consumer is attached, so that releasing
+    /// credit can wake the queue up.
+    pub fn attach(&self, queue: Weak<dyn Queue>) {
+        let _ = self.queue.set(queue);
+    }
+
+    /// Takes one unit of credit if the consumer may receive a message now.
+    /// Called by the queue with its lock held.
+    pub fn try_acquire(&self) -> bool {
+        if self.channel.paused.load(Ordering::Acquire) {
+            return false;
+        }
+        if self.pending.load(Ordering::Acquire) >= MAX_PENDING {
+            return false;
+        }
+        if !self.no_ack {
+            if self.prefetch != 0 && self.unacked.load(Ordering::Acquire) >= self.prefetch {
+                return false;
+            }
+            let limit = self.channel.prefetch.load(Ordering::Acquire);
+            if limit != 0 {
+                let took = self.channel.unacked.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n < limit).then_some(n + 1)
+                });
+                if took.is_err() {
+                    return false;
+                }
+            } else {
+                self.channel.unacked.fetch_add(1, Ordering::AcqRel);
+            }
+            self.unacked.fetch_add(1, Ordering::AcqRel);
+        }
+        self.pending.fetch_add(1, Ordering::AcqRel);
+        true
+    }
+
+    /// Returns the credit taken by `try_acquire` when the delivery did not
+    /// happen. Never wakes the queue: the caller holds the queue's lock.
+    pub fn undo_acquire(&self) {
+        let _ = self.pending.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        if !self.no_ack {
+            let _ = self.unacked.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+            let _ = self.channel.unacked.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        }
+    }
+
+    /// Gives back a pending slot once the delivery reached the socket (or
+    /// was dropped). Wakes the queue if that unblocked the consumer.
+    pub fn release_pending(&self) {
+        let before = self.pending.fetch_sub(1, Ordering::AcqRel);
+        if before >= MAX_PENDING {
+            self.kick();
+        }
+    }
+
+    /// Gives back the prefetch credit of one settled delivery. Returns true
+    /// if the consumer or its channel may have been blocked on it.
+    pub fn release_unacked(&self) -> bool {
+        let mine = self
+            .unacked
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .unwrap_or(0);
+        let chan = self
+            .channel
+            .unacked
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .unwrap_or(0);
+        let limit = self.channel.prefetch.load(Ordering::Acquire);
+        (self.prefetch != 0 && mine >= self.prefetch) || (limit != 0 && chan >= limit)
+    }
+
+    /// The queue the consumer is attached to, if it still exists.
+    pub fn queue(&self) -> Option<Arc<dyn Queue>> {
+        self.queue.get().and_then(Weak::upgrade)
+    }
+
+    /// Asks the consumer's queue to try delivering again.
+    pub fn kick(&self) {
+        if let Some(queue) = self.queue.get().and_then(Weak::upgrade) {
+            queue.kick();
+        }
+    }
+}
+
+/// One queue, wherever it lives.
+pub trait Queue: Send + Sync {
+    fn id(&self) -> QueueId;
+    /// Enqueues a message. `Some(durable)` when the publisher must wait for
+    /// it before confirming (persistent message on a durable queue).
+    fn publish(&self, message: Message) -> Result<Option<Durable>, Error>;
+    /// Attaches a consumer; deliveries start immediately.
+    fn consume(&self, consumer: Arc<Consumer>) -> Result<(), Error>;
+    /// Detaches a consumer. Its unacknowledged deliveries stay unacknowledged.
+    fn cancel(&self, consumer: &Arc<Consumer>) -> bool;
+    /// Takes the first ready message, with the number of messages left.
+    fn get(&self, no_ack: bool) -> Result<Option<(Delivery, u32)>, Error>;
+    /// Settles delivered messages.
+    fn settle(&self, msg_ids: &[u64], outcome: Outcome);
+    /// Drops every ready message and returns how many.
+    fn purge(&self) -> Result<u32, Error>;
+    /// Ready messages and attached consumers.
+    fn counts(&self) -> (u32, u32);
+    /// Tries to deliver to consumers that have credit again.
+    fn kick(&self);
+}
+
+/// Everything the router needs from the storage side.
+pub trait Backend: Send + Sync {
+    /// All stored definitions (exchanges, queues, bindings), as opaque
+    /// key/value pairs written by the router.
+    fn definitions(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Error>;
+    fn put_definition(&self, key: Vec<u8>, value: Vec<u8>) -> Durable;
+    fn delete_definition(&self, key: Vec<u8>) -> Durable;
+    /// Creates a queue, or returns it if it exists (recovering its messages
+    /// after a restart).
+    fn open_queue(&self, spec: QueueSpec) -> Result<Arc<dyn Queue>, Error>;
+    /// Deletes a queue and its messages; cancels its consumers. Returns the
+    /// number of ready messages it held.
+    fn delete_queue(&self, id: QueueId) -> Result<u32, Error>;
+    /// Makes everything written so far durable and stops accepting writes.
+    fn shutdown(&self) -> Result<(), Error>;
+}

@@ -1,0 +1,22 @@
+//! Errors of the cluster layer.
+
+/// What can go wrong between the router and the queues.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Storage refused or failed the operation.
+    #[error("storage: {0}")]
+    Storage(#[from] sluice_storage::Error),
+    /// A stored record could not be decoded.
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
+    /// The queue was deleted while the operation ran.
+    #[error("queue deleted")]
+    QueueDeleted,
+    /// The queue has an exclusive consumer, or an exclusive consumer was
+    /// asked for on a queue that has consumers.
+    #[error("queue in exclusive use")]
+    ExclusiveConsumer,
+    /// The backend is shutting down.
+    #[error("shutting down")]
+    ShuttingDown,
+}

@@ -1,0 +1,91 @@
+//! A message as a storage record.
+//!
+//! Layout (version 1): `u8 version = 1`, `u8 len` + exchange bytes,
+//! `u8 len` + routing key bytes, `u32 BE len` + the AMQP basic-properties
+//! encoding (flags + property list), then the body up to the end. The body
+//! is sliced out of the record without copying.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use sluice_codecs::amqp::properties::{decode_properties, encode_properties};
+use sluice_codecs::command::Message;
+
+use crate::Error;
+
+const VERSION: u8 = 1;
+
+/// Encodes a message into one record.
+pub fn encode(message: &Message) -> Bytes {
+    let mut props = BytesMut::new();
+    encode_properties(&message.properties, &mut props);
+    let exchange = truncate(&message.exchange);
+    let key = truncate(&message.routing_key);
+    let mut out =
+        BytesMut::with_capacity(1 + 2 + exchange.len() + key.len() + 4 + props.len() + message.body.len());
+    out.put_u8(VERSION);
+    out.put_u8(exchange.len() as u8);
+    out.put_slice(exchange);
+    out.put_u8(key.len() as u8);
+    out.put_slice(key);
+    out.put_u32(props.len() as u32);
+    out.put_slice(&props);
+    out.put_slice(&message.body);
+    out.freeze()
+}
+
+/// Names are at most 255 bytes (AMQP shortstr); anything longer was refused
+/// upstream, so cutting here only guards the format.
+fn truncate(s: &str) -> &[u8] {
+    let b = s.as_bytes();
+    b.get(..255).unwrap_or(b)
+}
+
+/// Decodes a record written by [`encode`].
+pub fn decode(record: &Bytes) -> Result<Message, Error> {
+    let corrupt = |what: &str| Error::Corrupt(format!("message record: {what}"));
+    let mut pos = 0usize;
+    let version = *record.first().ok_or_else(|| corrupt("empty"))?;
+    if version != VERSION {
+        return Err(corrupt("unknown version"));
+    }
+    pos += 1;
+    let short = |pos: &mut usize| -> Result<String, Error> {
+        let len = *record.get(*pos).ok_or_else(|| corrupt("truncated name"))? as usize;
+        let bytes = record.get(*pos + 1..*pos + 1 + len).ok_or_else(|| corrupt("truncated name"))?;
+        *pos += 1 + len;
+        String::from_utf8(bytes.to_vec()).map_err(|_| corrupt("name not utf-8"))
+    };
+    let exchange = short(&mut pos)?;
+    let routing_key = short(&mut pos)?;
+    let len_bytes: [u8; 4] = record
+        .get(pos..pos + 4)
+        .and_then(|s| s.try_into().ok())
+        .ok_or_else(|| corrupt("truncated properties length"))?;
+    let props_len = u32::from_be_bytes(len_bytes) as usize;
+    pos += 4;
+    let props = record.get(pos..pos + props_len).ok_or_else(|| corrupt("truncated properties"))?;
+    let properties = decode_properties(props).map_err(|e| corrupt(&e.to_string()))?;
+    pos += props_len;
+    let body = record.slice(pos..);
+    Ok(Message { exchange, routing_key, properties, body })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_codecs::command::Properties;
+
+    #[test]
+    fn round_trip() {
+        let m = Message {
+            exchange: "ex".into(),
+            routing_key: "a.b".into(),
+            properties: Properties { delivery_mode: Some(2), content_type: Some("text/plain".into()), ..Default::default() },
+            body: Bytes::from_static(b"hello\0world"),
+        };
+        let r = encode(&m);
+        assert_eq!(decode(&r).unwrap(), m);
+        for cut in 0..r.len() - m.body.len() {
+            assert!(decode(&r.slice(..cut)).is_err(), "prefix {cut} must not decode");
+        }
+    }
+}

@@ -1,0 +1,573 @@
+//! One AMQP 0-9-1 connection: protocol header, start/tune/open handshake,
+//! then the frame loop that feeds channels, until connection.close, an
+//! error, a missed heartbeat or broker shutdown.
+//!
+//! Errors close the right scope (spec §4.2, RabbitMQ's behaviour): a soft
+//! error sends channel.close and drops that channel's frames until
+//! channel.close-ok; a hard error sends connection.close and waits briefly
+//! for close-ok.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use sluice_codecs::amqp::map::{inbound, nowait, Inbound};
+use sluice_codecs::amqp::reply_code as code;
+use sluice_codecs::amqp::frame::FRAME_MIN_SIZE;
+use sluice_codecs::amqp::*;
+use sluice_codecs::command::Reply;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_util::codec::FramedRead;
+use tokio_util::sync::CancellationToken;
+
+use super::writer::{self, AmqpOutbox, WriterMsg};
+use crate::channel::{drop_delivery, Channel, ConnEvent, SessionCtx};
+use crate::error::BrokerError;
+use crate::server::Broker;
+
+/// How long a client has to complete the handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long we wait for connection.close-ok after sending connection.close.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+
+type Reader<R> = FramedRead<R, FrameCodec>;
+
+/// Why the frame loop ended.
+enum End {
+    /// The peer closed or the socket failed: nothing more to send.
+    Gone,
+    /// We must send connection.close with this error and wait for close-ok.
+    Close(BrokerError, u16, u16),
+    /// The client sent connection.close and we answered.
+    ClientClosed,
+}
+
+struct Slot {
+    assembler: Assembler,
+    channel: Channel,
+    /// We sent channel.close and wait for close-ok.
+    closing: bool,
+}
+
+/// Serves one accepted socket until it closes.
+/// The caller runs it inside the connection's tracing span.
+pub async fn serve<S>(stream: S, conn_id: u64, broker: Arc<Broker>, shutdown: CancellationToken)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (mut rd, mut wr) = tokio::io::split(stream);
+
+    // Protocol header.
+    let mut header = [0u8; 8];
+    let got = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_header(&mut rd, &mut header)).await;
+    match got {
+        Ok(Ok(())) => {}
+        _ => return,
+    }
+    if parse_protocol_header(&header) != Some(ProtocolHeader::Amqp091) {
+        // Spec §4.2.2: answer with the version we speak, then close.
+        let _ = wr.write_all(&PROTOCOL_HEADER).await;
+        let _ = wr.shutdown().await;
+        tracing::debug!(?header, "refused protocol header");
+        return;
+    }
+
+    let frame_max = Arc::new(AtomicU32::new(FRAME_MIN_SIZE));
+    let heartbeat = Arc::new(AtomicU32::new(0));
+    let (wtx, wrx) = mpsc::unbounded_channel();
+    let writer = tokio::spawn(writer::run(wr, wrx, frame_max.clone(), heartbeat.clone()));
+    let mut reader = FramedRead::new(rd, FrameCodec::new(broker.limits.frame_max));
+
+    let mut conn = Conn { broker: broker.clone(), wtx, conn_id, channels: HashMap::new(), frame_max: FRAME_MIN_SIZE, channel_max: 0, heartbeat: 0 };
+
+    let ctx = match tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.handshake(&mut reader)).await {
+        Ok(Ok(Some(ctx))) => ctx,
+        Ok(Ok(None)) | Err(_) => {
+            drop(conn);
+            let _ = writer.await;
+            return;
+        }
+        Ok(Err((e, class_id, method_id))) => {
+            conn.send_close(&e, class_id, method_id);
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, wait_close_ok(&mut reader)).await;
+            drop(conn);
+            let _ = writer.await;
+            return;
+        }
+    };
+    frame_max.store(conn.frame_max, Ordering::Release);
+    heartbeat.store(u32::from(conn.heartbeat), Ordering::Release);
+    reader.decoder_mut().frame_max = conn.frame_max;
+    tracing::debug!(user = %ctx.1.user, vhost = %ctx.1.vhost.name, "connection open");
+
+    let (ctx_events_rx, session) = ctx;
+    let end = conn.run(&mut reader, ctx_events_rx, session.clone(), &shutdown).await;
+    match end {
+        End::Close(e, class_id, method_id) => {
+            tracing::debug!(error = %e, "closing connection");
+            conn.send_close(&e, class_id, method_id);
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, wait_close_ok(&mut reader)).await;
+        }
+        End::ClientClosed | End::Gone => {}
+    }
+    for (_, mut slot) in conn.channels.drain() {
+        slot.channel.close().await;
+    }
+    broker.router.connection_closed(conn_id).await;
+    drop(session);
+    drop(conn);
+    let _ = writer.await;
+}
+
+async fn read_header<R: AsyncRead + Unpin>(rd: &mut R, header: &mut [u8; 8]) -> std::io::Result<()> {
+    // Read what arrives; a peer that sends fewer than 8 bytes and closes
+    // still gets our header back.
+    let mut n = 0;
+    while n < 8 {
+        let Some(rest) = header.get_mut(n..) else { break };
+        let r = rd.read(rest).await?;
+        if r == 0 {
+            break;
+        }
+        n += r;
+    }
+    if n == 0 {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
+}
+
+async fn wait_close_ok<R: AsyncRead + Unpin>(reader: &mut Reader<R>) {
+    while let Some(Ok(frame)) = reader.next().await {
+        if let Frame::Method { channel: 0, method: Method::ConnectionCloseOk(_) | Method::ConnectionClose(_) } = frame {
+            return;
+        }
+    }
+}
+
+struct Conn {
+    broker: Arc<Broker>,
+    wtx: mpsc::UnboundedSender<WriterMsg>,
+    conn_id: u64,
+    channels: HashMap<u16, Slot>,
+    frame_max: u32,
+    channel_max: u16,
+    heartbeat: u16,
+}
+
+type HandshakeError = (BrokerError, u16, u16);
+
+fn method_ids(m: &Method) -> (u16, u16) {
+    (m.class_id(), m.method_id())
+}
+
+impl Conn {
+    fn send_method(&self, channel: u16, method: Method) {
+        let mut buf = BytesMut::new();
+        encode_method_frame(channel, &method, &mut buf);
+        let _ = self.wtx.send(WriterMsg::Raw(buf.freeze()));
+    }
+
+    fn send_close(&self, e: &BrokerError, class_id: u16, method_id: u16) {
+        self.send_method(
+            0,
+            Method::ConnectionClose(ConnectionClose { reply_code: e.code, reply_text: e.text.clone(), class_id, method_id }),
+        );
+    }
+
+    /// start → start-ok → tune → tune-ok → open → open-ok. `Ok(None)`: the
+    /// peer went away or was refused without a close.
+    async fn handshake<R: AsyncRead + Unpin>(
+        &mut self,
+        reader: &mut Reader<R>,
+    ) -> Result<Option<(mpsc::UnboundedReceiver<ConnEvent>, Arc<SessionCtx>)>, HandshakeError> {
+        self.send_method(0, Method::ConnectionStart(ConnectionStart {
+            version_major: 0,
+            version_minor: 9,
+            server_properties: server_properties(),
+            mechanisms: Bytes::from_static(b"PLAIN AMQPLAIN"),
+            locales: Bytes::from_static(b"en_US"),
+        }));
+        let Some(start_ok) = next_method(reader).await? else { return Ok(None) };
+        let Method::ConnectionStartOk(start_ok) = start_ok else {
+            let ids = method_ids(&start_ok);
+            return Err((BrokerError::connection(code::COMMAND_INVALID, "expected connection.start-ok"), ids.0, ids.1));
+        };
+        let failure_close = start_ok
+            .client_properties
+            .get("capabilities")
+            .and_then(|c| c.as_table())
+            .and_then(|c| c.get("authentication_failure_close"))
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
+        let cancel_notify = start_ok
+            .client_properties
+            .get("capabilities")
+            .and_then(|c| c.as_table())
+            .and_then(|c| c.get("consumer_cancel_notify"))
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
+        let user = match crate::auth::authenticate(&self.broker.users, &start_ok.mechanism, &start_ok.response) {
+            Ok(user) => user,
+            Err(crate::auth::AuthError::UnknownMechanism(m)) => {
+                return Err((
+                    BrokerError::connection(code::COMMAND_INVALID, format!("unknown authentication mechanism '{m}'")),
+                    10,
+                    11,
+                ));
+            }
+            Err(e) => {
+                tracing::info!(error = %e, "login refused");
+                let refused = BrokerError::connection(
+                    code::ACCESS_REFUSED,
+                    format!("Login was refused using authentication mechanism {}. For details see the broker logfile.", start_ok.mechanism),
+                );
+                if failure_close {
+                    return Err((refused, 10, 11));
+                }
+                // Without the capability the spec says: just close the socket.
+                return Ok(None);
+            }
+        };
+        let limits = &self.broker.limits;
+        self.send_method(0, Method::ConnectionTune(ConnectionTune {
+            channel_max: limits.channel_max,
+            frame_max: limits.frame_max,
+            heartbeat: limits.heartbeat,
+        }));
+        let Some(tune_ok) = next_method(reader).await? else { return Ok(None) };
+        let Method::ConnectionTuneOk(tune_ok) = tune_ok else {
+            let ids = method_ids(&tune_ok);
+            return Err((BrokerError::connection(code::COMMAND_INVALID, "expected connection.tune-ok"), ids.0, ids.1));
+        };
+        let not_allowed = |t: String| Err((BrokerError::connection(code::NOT_ALLOWED, t), 10, 31));
+        if tune_ok.frame_max != 0 && tune_ok.frame_max < FRAME_MIN_SIZE {
+            return not_allowed(format!("frame_max={} < {} min size", tune_ok.frame_max, FRAME_MIN_SIZE));
+        }
+        if tune_ok.frame_max > limits.frame_max {
+            return not_allowed(format!("frame_max={} > {} max size", tune_ok.frame_max, limits.frame_max));
+        }
+        if tune_ok.channel_max > limits.channel_max {
+            return not_allowed(format!("channel_max={} > {} max", tune_ok.channel_max, limits.channel_max));
+        }
+        self.frame_max = if tune_ok.frame_max == 0 { limits.frame_max } else { tune_ok.frame_max };
+        self.channel_max = if tune_ok.channel_max == 0 { limits.channel_max } else { tune_ok.channel_max };
+        self.heartbeat = tune_ok.heartbeat;
+
+        let Some(open) = next_method(reader).await? else { return Ok(None) };
+        let Method::ConnectionOpen(open) = open else {
+            let ids = method_ids(&open);
+            return Err((BrokerError::connection(code::COMMAND_INVALID, "expected connection.open"), ids.0, ids.1));
+        };
+        let Some(vhost) = self.broker.router.vhost(&open.virtual_host) else {
+            return Err((
+                BrokerError::connection(code::NOT_ALLOWED, format!("vhost {} not found", open.virtual_host)),
+                10,
+                40,
+            ));
+        };
+        self.send_method(0, Method::ConnectionOpenOk(ConnectionOpenOk { known_hosts: String::new() }));
+        let (etx, erx) = mpsc::unbounded_channel();
+        let ctx = Arc::new(SessionCtx {
+            router: self.broker.router.clone(),
+            vhost,
+            conn_id: self.conn_id,
+            user,
+            outbox: Arc::new(AmqpOutbox(self.wtx.clone())),
+            events: etx,
+            cancel_notify,
+        });
+        Ok(Some((erx, ctx)))
+    }
+
+    async fn run<R: AsyncRead + Unpin>(
+        &mut self,
+        reader: &mut Reader<R>,
+        mut events: mpsc::UnboundedReceiver<ConnEvent>,
+        ctx: Arc<SessionCtx>,
+        shutdown: &CancellationToken,
+    ) -> End {
+        let hb = Duration::from_secs(u64::from(self.heartbeat));
+        let mut last_read = Instant::now();
+        let mut check = tokio::time::interval(if self.heartbeat == 0 { Duration::from_secs(3600) } else { hb });
+        loop {
+            tokio::select! {
+                frame = reader.next() => {
+                    last_read = Instant::now();
+                    match frame {
+                        None => return End::Gone,
+                        Some(Err(e)) => {
+                            if let DecodeError::Io(_) = e {
+                                return End::Gone;
+                            }
+                            return End::Close(BrokerError::connection(e.reply_code(), e.to_string()), 0, 0);
+                        }
+                        Some(Ok(frame)) => {
+                            if let Some(end) = self.on_frame(frame, &ctx).await {
+                                return end;
+                            }
+                        }
+                    }
+                }
+                ev = events.recv() => {
+                    if let Some(ev) = ev {
+                        self.on_event(ev);
+                    }
+                }
+                _ = check.tick() => {
+                    // Spec §4.2.7: after two missed heartbeats the peer is dead.
+                    if self.heartbeat != 0 && last_read.elapsed() > hb * 2 {
+                        tracing::info!(timeout = self.heartbeat, "missed heartbeats from client");
+                        return End::Gone;
+                    }
+                }
+                _ = shutdown.cancelled() => {
+                    return End::Close(
+                        BrokerError::connection(code::CONNECTION_FORCED, "broker forced connection closure with reason 'shutdown'"),
+                        0,
+                        0,
+                    );
+                }
+            }
+        }
+    }
+
+    fn on_event(&mut self, ev: ConnEvent) {
+        match ev {
+            ConnEvent::Deliver { channel, consumer, delivery } => {
+                let reply = match self.channels.get_mut(&channel) {
+                    Some(slot) if !slot.closing => slot.channel.on_delivery(consumer.clone(), delivery),
+                    _ => {
+                        drop_delivery(&consumer, delivery);
+                        None
+                    }
+                };
+                if let Some(reply) = reply {
+                    let _ = self.wtx.send(WriterMsg::Reply { channel, reply, consumer: Some(consumer) });
+                }
+            }
+            ConnEvent::Cancelled { channel, consumer } => {
+                if let Some(slot) = self.channels.get_mut(&channel) {
+                    if let Some(reply) = slot.channel.on_cancelled(&consumer) {
+                        let _ = self.wtx.send(WriterMsg::Reply { channel, reply, consumer: None });
+                    }
+                }
+            }
+        }
+    }
+
+    fn reply(&self, channel: u16, reply: Reply) {
+        let _ = self.wtx.send(WriterMsg::Reply { channel, reply, consumer: None });
+    }
+
+    /// Handles one frame; `Some` ends the connection.
+    async fn on_frame(&mut self, frame: Frame, ctx: &Arc<SessionCtx>) -> Option<End> {
+        let channel = frame.channel();
+        if let Frame::Heartbeat { .. } = frame {
+            if channel != 0 {
+                return Some(End::Close(BrokerError::connection(code::FRAME_ERROR, "heartbeat on non-zero channel"), 0, 0));
+            }
+            return None;
+        }
+        if channel == 0 {
+            return self.on_channel_zero(frame);
+        }
+        if channel > self.channel_max {
+            return Some(End::Close(
+                BrokerError::connection(code::CHANNEL_ERROR, format!("channel number {channel} > channel_max {}", self.channel_max)),
+                0,
+                0,
+            ));
+        }
+        let Some(slot) = self.channels.get_mut(&channel) else {
+            return match frame {
+                Frame::Method { method: Method::ChannelOpen(_), .. } => {
+                    self.channels.insert(
+                        channel,
+                        Slot {
+                            assembler: Assembler::with_max_body(self.broker.limits.max_message_size),
+                            channel: Channel::new(channel, ctx.clone()),
+                            closing: false,
+                        },
+                    );
+                    self.send_method(channel, Method::ChannelOpenOk(ChannelOpenOk { reserved_1: Bytes::new() }));
+                    None
+                }
+                Frame::Method { method, .. } => {
+                    let (c, m) = method_ids(&method);
+                    Some(End::Close(
+                        BrokerError::connection(code::CHANNEL_ERROR, format!("expected 'channel.open' on channel {channel}")),
+                        c,
+                        m,
+                    ))
+                }
+                _ => Some(End::Close(
+                    BrokerError::connection(code::CHANNEL_ERROR, format!("content frame on unopened channel {channel}")),
+                    0,
+                    0,
+                )),
+            };
+        };
+        if slot.closing {
+            // Spec: after channel.close, discard everything but close-ok.
+            match frame {
+                Frame::Method { method: Method::ChannelCloseOk(_), .. } => {
+                    self.channels.remove(&channel);
+                }
+                Frame::Method { method: Method::ChannelClose(_), .. } => {
+                    self.send_method(channel, Method::ChannelCloseOk(ChannelCloseOk {}));
+                    self.channels.remove(&channel);
+                }
+                _ => {}
+            }
+            return None;
+        }
+        let assembled = match slot.assembler.push(frame) {
+            Ok(Some(a)) => a,
+            Ok(None) => return None,
+            Err(e) if e.is_channel_error() => {
+                self.channel_error(channel, BrokerError::channel(e.reply_code(), e.to_string()), 60, 40).await;
+                return None;
+            }
+            Err(e) => return Some(End::Close(BrokerError::connection(e.reply_code(), e.to_string()), 0, 0)),
+        };
+        let (method_ref_ids, no_wait) = match &assembled {
+            Assembled::Method(m) | Assembled::Content { method: m, .. } => (method_ids(m), nowait(m)),
+        };
+        match inbound(assembled) {
+            Inbound::Command(cmd) => {
+                let result = match self.channels.get_mut(&channel) {
+                    Some(slot) => slot.channel.execute(cmd).await,
+                    None => return None,
+                };
+                match result {
+                    Ok(Some(reply)) => {
+                        if !no_wait {
+                            self.reply(channel, reply);
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) if e.connection => return Some(End::Close(e, method_ref_ids.0, method_ref_ids.1)),
+                    Err(e) => self.channel_error(channel, e, method_ref_ids.0, method_ref_ids.1).await,
+                }
+                None
+            }
+            Inbound::Session(Method::ChannelClose(_)) => {
+                if let Some(mut slot) = self.channels.remove(&channel) {
+                    slot.channel.close().await;
+                }
+                self.send_method(channel, Method::ChannelCloseOk(ChannelCloseOk {}));
+                None
+            }
+            Inbound::Session(Method::ChannelCloseOk(_)) | Inbound::Session(Method::ChannelFlowOk(_)) => None,
+            Inbound::Session(Method::ChannelFlow(f)) => {
+                if let Some(slot) = self.channels.get_mut(&channel) {
+                    slot.channel.set_flow(f.active);
+                }
+                self.send_method(channel, Method::ChannelFlowOk(ChannelFlowOk { active: f.active }));
+                None
+            }
+            Inbound::Session(Method::ChannelOpen(_)) => Some(End::Close(
+                BrokerError::connection(code::CHANNEL_ERROR, format!("second 'channel.open' seen on channel {channel}")),
+                20,
+                10,
+            )),
+            Inbound::Session(m) | Inbound::Unexpected(m) => {
+                let (c, mid) = method_ids(&m);
+                Some(End::Close(
+                    BrokerError::connection(code::COMMAND_INVALID, format!("method {} not allowed here", m.name())),
+                    c,
+                    mid,
+                ))
+            }
+        }
+    }
+
+    fn on_channel_zero(&mut self, frame: Frame) -> Option<End> {
+        match frame {
+            Frame::Method { method: Method::ConnectionClose(_), .. } => {
+                self.send_method(0, Method::ConnectionCloseOk(ConnectionCloseOk {}));
+                Some(End::ClientClosed)
+            }
+            Frame::Method { method: Method::ConnectionCloseOk(_), .. } => Some(End::Gone),
+            Frame::Method { method: Method::ConnectionUpdateSecret(_), .. } => {
+                // No expiring credentials yet: accept and acknowledge, as
+                // RabbitMQ does for backends without secret checks.
+                self.send_method(0, Method::ConnectionUpdateSecretOk(ConnectionUpdateSecretOk {}));
+                None
+            }
+            Frame::Method { method: Method::ConnectionBlocked(_) | Method::ConnectionUnblocked(_), .. } => None,
+            Frame::Method { method, .. } => {
+                let (c, m) = method_ids(&method);
+                Some(End::Close(
+                    BrokerError::connection(code::COMMAND_INVALID, format!("method {} not allowed on channel 0", method.name())),
+                    c,
+                    m,
+                ))
+            }
+            _ => Some(End::Close(BrokerError::connection(code::UNEXPECTED_FRAME, "content frame on channel 0"), 0, 0)),
+        }
+    }
+
+    /// Soft error: close the channel, keep the connection.
+    async fn channel_error(&mut self, channel: u16, e: BrokerError, class_id: u16, method_id: u16) {
+        tracing::debug!(channel, error = %e, "channel error");
+        if let Some(slot) = self.channels.get_mut(&channel) {
+            slot.channel.close().await;
+            slot.closing = true;
+            slot.assembler = Assembler::new();
+        }
+        self.send_method(
+            channel,
+            Method::ChannelClose(ChannelClose { reply_code: e.code, reply_text: e.text, class_id, method_id }),
+        );
+    }
+}
+
+/// Reads frames until a method on channel 0 arrives (handshake only).
+async fn next_method<R: AsyncRead + Unpin>(reader: &mut Reader<R>) -> Result<Option<Method>, HandshakeError> {
+    loop {
+        match reader.next().await {
+            None => return Ok(None),
+            Some(Err(DecodeError::Io(_))) => return Ok(None),
+            Some(Err(e)) => return Err((BrokerError::connection(e.reply_code(), e.to_string()), 0, 0)),
+            Some(Ok(Frame::Heartbeat { .. })) => continue,
+            Some(Ok(Frame::Method { channel: 0, method })) => return Ok(Some(method)),
+            Some(Ok(_)) => {
+                return Err((BrokerError::connection(code::UNEXPECTED_FRAME, "unexpected frame during handshake"), 0, 0))
+            }
+        }
+    }
+}
+
+fn server_properties() -> FieldTable {
+    let s = |v: &str| FieldValue::LongString(Bytes::copy_from_slice(v.as_bytes()));
+    let caps: FieldTable = [
+        ("publisher_confirms", FieldValue::Bool(true)),
+        ("exchange_exchange_bindings", FieldValue::Bool(true)),
+        ("basic.nack", FieldValue::Bool(true)),
+        ("consumer_cancel_notify", FieldValue::Bool(true)),
+        ("connection.blocked", FieldValue::Bool(true)),
+        ("authentication_failure_close", FieldValue::Bool(true)),
+        ("per_consumer_qos", FieldValue::Bool(true)),
+        ("direct_reply_to", FieldValue::Bool(false)),
+        ("consumer_priorities", FieldValue::Bool(false)),
+    ]
+    .into_iter()
+    .collect();
+    [
+        ("product", s("Sluice")),
+        ("version", s(env!("CARGO_PKG_VERSION"))),
+        ("platform", s("Rust")),
+        ("cluster_name", s("sluice")),
+        ("copyright", s("Sluice contributors")),
+        ("information", s("Licensed under the Apache License 2.0")),
+        ("capabilities", FieldValue::Table(caps)),
+    ]
+    .into_iter()
+    .collect()
+}

@@ -1,0 +1,61 @@
+//! SASL authentication: PLAIN and AMQPLAIN against the user table.
+//! (Users, password hashes and permissions come with the security issue;
+//! today the table holds guest/guest and users from the config file.)
+
+use std::collections::HashMap;
+
+use bytes::{BufMut, BytesMut};
+use sluice_codecs::amqp::FieldTable;
+
+/// Why a login failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("unknown authentication mechanism '{0}'")]
+    UnknownMechanism(String),
+    #[error("malformed {0} response")]
+    Malformed(&'static str),
+    #[error("user '{0}' - invalid credentials")]
+    BadCredentials(String),
+}
+
+/// Checks a SASL response; returns the user name.
+pub fn authenticate(users: &HashMap<String, String>, mechanism: &str, response: &[u8]) -> Result<String, AuthError> {
+    let (user, pass) = match mechanism {
+        "PLAIN" => {
+            // [authzid] NUL authcid NUL passwd
+            let mut parts = response.split(|b| *b == 0);
+            let _authzid = parts.next();
+            let user = parts.next().ok_or(AuthError::Malformed("PLAIN"))?;
+            let pass = parts.next().ok_or(AuthError::Malformed("PLAIN"))?;
+            if parts.next().is_some() {
+                return Err(AuthError::Malformed("PLAIN"));
+            }
+            (
+                String::from_utf8(user.to_vec()).map_err(|_| AuthError::Malformed("PLAIN"))?,
+                String::from_utf8(pass.to_vec()).map_err(|_| AuthError::Malformed("PLAIN"))?,
+            )
+        }
+        "AMQPLAIN" => {
+            // A field table without its length prefix.
+            let mut buf = BytesMut::with_capacity(response.len() + 4);
+            buf.put_u32(response.len() as u32);
+            buf.put_slice(response);
+            let table = FieldTable::decode(&buf).map_err(|_| AuthError::Malformed("AMQPLAIN"))?;
+            let user = table.get("LOGIN").and_then(|v| v.as_str()).ok_or(AuthError::Malformed("AMQPLAIN"))?;
+            let pass = table.get("PASSWORD").and_then(|v| v.as_str()).ok_or(AuthError::Malformed("AMQPLAIN"))?;
+            (user.to_string(), pass.to_string())
+        }
+        other => return Err(AuthError::UnknownMechanism(other.to_string())),
+    };
+    match users.get(&user) {
+        Some(p) if constant_time_eq(p.as_bytes(), pass.as_bytes()) => Ok(user),
+        _ => Err(AuthError::BadCredentials(user)),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

@@ -1,0 +1,523 @@
+//! The protocol-neutral channel: executes [`Command`]s for one AMQP channel
+//! (and, later, one STOMP session) and produces [`Reply`]s.
+//!
+//! It owns the channel's delivery tags, unacknowledged deliveries,
+//! consumers, prefetch, publisher confirms and transaction buffer. Replies
+//! that are not direct answers (deliveries, confirms, returns) go out
+//! through the [`Outbox`]; deliveries come in from queues as [`ConnEvent`]s
+//! on the connection's event queue, so that all channel state is touched by
+//! the connection task only.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use sluice_cluster::{ChannelFlow, Consumer, Delivery, DeliverySink, Durable, Outcome, Queue};
+use sluice_codecs::amqp::reply_code as code;
+use sluice_codecs::command::{Command, Message, Reply};
+use tokio::sync::mpsc;
+
+use crate::error::BrokerError;
+use crate::router::{ConnId, Dest, QueueDeclare, Router, VHost};
+
+/// Where replies that are not direct answers go (deliveries, confirms,
+/// returns, server-side cancels). `consumer` is set on deliveries so the
+/// writer can give back the consumer's pending credit once written.
+pub trait Outbox: Send + Sync {
+    fn send(&self, channel: u16, reply: Reply, consumer: Option<Arc<Consumer>>);
+}
+
+/// Events from queues to a connection task.
+pub enum ConnEvent {
+    Deliver { channel: u16, consumer: Arc<Consumer>, delivery: Delivery },
+    Cancelled { channel: u16, consumer: Arc<Consumer> },
+}
+
+/// The [`DeliverySink`] of every consumer of one channel.
+pub struct ChannelSink {
+    pub channel: u16,
+    pub events: mpsc::UnboundedSender<ConnEvent>,
+}
+
+impl DeliverySink for ChannelSink {
+    fn deliver(&self, consumer: &Arc<Consumer>, delivery: Delivery) -> bool {
+        self.events
+            .send(ConnEvent::Deliver { channel: self.channel, consumer: consumer.clone(), delivery })
+            .is_ok()
+    }
+    fn cancelled(&self, consumer: &Arc<Consumer>) {
+        let _ = self.events.send(ConnEvent::Cancelled { channel: self.channel, consumer: consumer.clone() });
+    }
+}
+
+/// What a channel knows about its connection.
+pub struct SessionCtx {
+    pub router: Arc<Router>,
+    pub vhost: Arc<VHost>,
+    pub conn_id: ConnId,
+    pub user: String,
+    pub outbox: Arc<dyn Outbox>,
+    pub events: mpsc::UnboundedSender<ConnEvent>,
+    /// The client understands server-sent basic.cancel.
+    pub cancel_notify: bool,
+}
+
+struct Unacked {
+    queue: Arc<dyn Queue>,
+    msg_id: u64,
+    consumer: Option<Arc<Consumer>>,
+}
+
+struct ConsumerRec {
+    queue_name: String,
+    queue: Arc<dyn Queue>,
+    consumer: Arc<Consumer>,
+}
+
+struct PendingConfirm {
+    seq: u64,
+    writes: Vec<Durable>,
+    ack: bool,
+}
+
+enum TxOp {
+    Publish { mandatory: bool, message: Message },
+    Settle { tag: u64, multiple: bool, outcome: Outcome },
+}
+
+/// One channel's state.
+pub struct Channel {
+    pub id: u16,
+    ctx: Arc<SessionCtx>,
+    next_tag: u64,
+    unacked: BTreeMap<u64, Unacked>,
+    consumers: HashMap<String, ConsumerRec>,
+    flow: Arc<ChannelFlow>,
+    consumer_prefetch: u32,
+    confirm: Option<(u64, mpsc::UnboundedSender<PendingConfirm>)>,
+    tx: Option<Vec<TxOp>>,
+}
+
+impl Channel {
+    pub fn new(id: u16, ctx: Arc<SessionCtx>) -> Self {
+        Channel {
+            id,
+            ctx,
+            next_tag: 1,
+            unacked: BTreeMap::new(),
+            consumers: HashMap::new(),
+            flow: Arc::new(ChannelFlow::default()),
+            consumer_prefetch: 0,
+            confirm: None,
+            tx: None,
+        }
+    }
+
+    /// channel.flow: pause or resume deliveries.
+    pub fn set_flow(&mut self, active: bool) {
+        self.flow.paused.store(!active, Ordering::Release);
+        if active {
+            self.kick_all();
+        }
+    }
+
+    fn kick_all(&self) {
+        for rec in self.consumers.values() {
+            rec.queue.kick();
+        }
+    }
+
+    /// Executes one command. `Ok(Some(reply))` is the direct answer.
+    pub async fn execute(&mut self, cmd: Command) -> Result<Option<Reply>, BrokerError> {
+        let ctx = self.ctx.clone();
+        let router = &ctx.router;
+        let vh = &ctx.vhost;
+        let conn = ctx.conn_id;
+        Ok(Some(match cmd {
+            Command::ExchangeDeclare { name, kind, passive, durable, auto_delete, internal, arguments } => {
+                router.declare_exchange(vh, &name, &kind, passive, durable, auto_delete, internal, arguments).await?;
+                Reply::ExchangeDeclareOk
+            }
+            Command::ExchangeDelete { name, if_unused } => {
+                router.delete_exchange(vh, &name, if_unused).await?;
+                Reply::ExchangeDeleteOk
+            }
+            Command::ExchangeBind { destination, source, routing_key, arguments } => {
+                router.bind(vh, conn, &source, Dest::Exchange(destination), &routing_key, arguments).await?;
+                Reply::ExchangeBindOk
+            }
+            Command::ExchangeUnbind { destination, source, routing_key, arguments } => {
+                router.unbind(vh, conn, &source, Dest::Exchange(destination), &routing_key, arguments).await?;
+                Reply::ExchangeUnbindOk
+            }
+            Command::QueueDeclare { name, passive, durable, exclusive, auto_delete, arguments } => {
+                let (queue, message_count, consumer_count) = router
+                    .declare_queue(vh, conn, QueueDeclare { name, passive, durable, exclusive, auto_delete, arguments })
+                    .await?;
+                Reply::QueueDeclareOk { queue, message_count, consumer_count }
+            }
+            Command::QueueBind { queue, exchange, routing_key, arguments } => {
+                router.bind(vh, conn, &exchange, Dest::Queue(queue), &routing_key, arguments).await?;
+                Reply::QueueBindOk
+            }
+            Command::QueueUnbind { queue, exchange, routing_key, arguments } => {
+                router.unbind(vh, conn, &exchange, Dest::Queue(queue), &routing_key, arguments).await?;
+                Reply::QueueUnbindOk
+            }
+            Command::QueuePurge { queue } => {
+                let entry = router.queue(vh, conn, &queue)?;
+                Reply::QueuePurgeOk { message_count: entry.handle.purge()? }
+            }
+            Command::QueueDelete { queue, if_unused, if_empty } => {
+                let message_count = router.delete_queue(vh, conn, &queue, if_unused, if_empty).await?;
+                Reply::QueueDeleteOk { message_count }
+            }
+            Command::Publish { mandatory, immediate, message } => {
+                if immediate {
+                    return Err(BrokerError::connection(code::NOT_IMPLEMENTED, "immediate=true"));
+                }
+                self.check_publish(&message)?;
+                match &mut self.tx {
+                    Some(ops) => {
+                        // RabbitMQ checks the exchange at publish time even in a transaction.
+                        router.route(vh, &message.exchange, &message.routing_key, &message.properties)?;
+                        ops.push(TxOp::Publish { mandatory, message });
+                    }
+                    None => {
+                        let writes = self.publish(mandatory, message)?;
+                        if let Some((seq, confirms)) = &mut self.confirm {
+                            *seq += 1;
+                            let _ = confirms.send(PendingConfirm { seq: *seq, writes, ack: true });
+                        }
+                    }
+                }
+                return Ok(None);
+            }
+            Command::Consume { queue, consumer_tag, no_local: _, no_ack, exclusive, arguments: _ } => {
+                let entry = router.queue(vh, conn, &queue)?;
+                let tag = if consumer_tag.is_empty() {
+                    format!("amq.ctag-{}", uuid_like())
+                } else {
+                    consumer_tag
+                };
+                if self.consumers.contains_key(&tag) {
+                    return Err(BrokerError::connection(
+                        code::NOT_ALLOWED,
+                        format!("attempt to reuse consumer tag '{tag}'"),
+                    ));
+                }
+                let sink = Arc::new(ChannelSink { channel: self.id, events: ctx.events.clone() });
+                let consumer =
+                    Consumer::new(tag.clone(), no_ack, exclusive, self.consumer_prefetch, self.flow.clone(), sink);
+                entry.handle.consume(consumer.clone()).map_err(|e| match e {
+                    sluice_cluster::Error::ExclusiveConsumer => BrokerError::access_refused(format!(
+                        "queue '{}' in vhost '{}' in exclusive use",
+                        queue, vh.name
+                    )),
+                    other => other.into(),
+                })?;
+                self.consumers.insert(tag.clone(), ConsumerRec { queue_name: queue, queue: entry.handle, consumer });
+                Reply::ConsumeOk { consumer_tag: tag }
+            }
+            Command::Cancel { consumer_tag } => {
+                if let Some(rec) = self.consumers.remove(&consumer_tag) {
+                    rec.queue.cancel(&rec.consumer);
+                    router.consumer_gone(vh, &rec.queue_name).await;
+                }
+                Reply::CancelOk { consumer_tag }
+            }
+            Command::Get { queue, no_ack } => {
+                let entry = router.queue(vh, conn, &queue)?;
+                match entry.handle.get(no_ack)? {
+                    None => Reply::GetEmpty,
+                    Some((d, message_count)) => {
+                        let tag = self.next_tag;
+                        self.next_tag += 1;
+                        if !no_ack {
+                            self.unacked.insert(tag, Unacked { queue: entry.handle, msg_id: d.msg_id, consumer: None });
+                        }
+                        Reply::GetOk { delivery_tag: tag, redelivered: d.redelivered, message_count, message: d.message }
+                    }
+                }
+            }
+            Command::Ack { delivery_tag, multiple } => {
+                self.settle_or_buffer(delivery_tag, multiple, Outcome::Ack)?;
+                return Ok(None);
+            }
+            Command::Nack { delivery_tag, multiple, requeue } => {
+                self.settle_or_buffer(delivery_tag, multiple, outcome(requeue))?;
+                return Ok(None);
+            }
+            Command::Reject { delivery_tag, requeue } => {
+                self.settle_or_buffer(delivery_tag, false, outcome(requeue))?;
+                return Ok(None);
+            }
+            Command::Recover { requeue } => {
+                if !requeue {
+                    return Err(BrokerError::connection(code::NOT_IMPLEMENTED, "requeue=false"));
+                }
+                let all: Vec<Unacked> = std::mem::take(&mut self.unacked).into_values().collect();
+                self.settle_now(all, Outcome::Requeue);
+                Reply::RecoverOk
+            }
+            Command::Qos { prefetch_size, prefetch_count, global } => {
+                if prefetch_size != 0 {
+                    return Err(BrokerError::connection(
+                        code::NOT_IMPLEMENTED,
+                        format!("prefetch_size!=0 ({prefetch_size})"),
+                    ));
+                }
+                // RabbitMQ 3.x: global=false limits each new consumer,
+                // global=true the whole channel.
+                if global {
+                    self.flow.prefetch.store(u32::from(prefetch_count), Ordering::Release);
+                    self.kick_all();
+                } else {
+                    self.consumer_prefetch = u32::from(prefetch_count);
+                }
+                Reply::QosOk
+            }
+            Command::ConfirmSelect => {
+                if self.tx.is_some() {
+                    return Err(BrokerError::precondition("cannot switch from tx to confirm mode"));
+                }
+                if self.confirm.is_none() {
+                    let (tx, rx) = mpsc::unbounded_channel();
+                    tokio::spawn(confirm_task(rx, ctx.outbox.clone(), self.id));
+                    self.confirm = Some((0, tx));
+                }
+                Reply::ConfirmSelectOk
+            }
+            Command::TxSelect => {
+                if self.confirm.is_some() {
+                    return Err(BrokerError::precondition("cannot switch from confirm to tx mode"));
+                }
+                self.tx.get_or_insert_with(Vec::new);
+                Reply::TxSelectOk
+            }
+            Command::TxCommit => {
+                let Some(ops) = self.tx.as_mut().map(std::mem::take) else {
+                    return Err(BrokerError::precondition("channel is not transactional"));
+                };
+                let mut writes = Vec::new();
+                for op in ops {
+                    match op {
+                        TxOp::Publish { mandatory, message } => writes.extend(self.publish(mandatory, message)?),
+                        TxOp::Settle { tag, multiple, outcome } => {
+                            let taken = self.take_tags(tag, multiple)?;
+                            self.settle_now(taken, outcome);
+                        }
+                    }
+                }
+                for w in futures_util::future::join_all(writes).await {
+                    w.map_err(|e| BrokerError::internal(format!("storage failed: {e}")))?;
+                }
+                Reply::TxCommitOk
+            }
+            Command::TxRollback => {
+                let Some(ops) = self.tx.as_mut() else {
+                    return Err(BrokerError::precondition("channel is not transactional"));
+                };
+                ops.clear();
+                Reply::TxRollbackOk
+            }
+        }))
+    }
+
+    /// RabbitMQ's user_id check: the property must name the logged-in user.
+    fn check_publish(&self, message: &Message) -> Result<(), BrokerError> {
+        if let Some(user_id) = &message.properties.user_id {
+            if user_id != &self.ctx.user {
+                return Err(BrokerError::precondition(format!(
+                    "user_id property set to '{user_id}' but authenticated user was '{}'",
+                    self.ctx.user
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Routes and enqueues; returns the writes a confirm must wait for.
+    fn publish(&mut self, mandatory: bool, message: Message) -> Result<Vec<Durable>, BrokerError> {
+        let ctx = &self.ctx;
+        let queues = ctx.router.route(&ctx.vhost, &message.exchange, &message.routing_key, &message.properties)?;
+        if queues.is_empty() {
+            if mandatory {
+                ctx.outbox.send(
+                    self.id,
+                    Reply::Return { reply_code: code::NO_ROUTE, reply_text: "NO_ROUTE".into(), message },
+                    None,
+                );
+            }
+            return Ok(Vec::new());
+        }
+        let mut writes = Vec::new();
+        let last = queues.len() - 1;
+        let mut message = Some(message);
+        for (i, q) in queues.iter().enumerate() {
+            let m = if i == last { message.take() } else { message.clone() };
+            let Some(m) = m else { break };
+            match q.publish(m) {
+                Ok(Some(w)) => writes.push(w),
+                Ok(None) => {}
+                Err(sluice_cluster::Error::QueueDeleted) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(writes)
+    }
+
+    fn settle_or_buffer(&mut self, tag: u64, multiple: bool, outcome: Outcome) -> Result<(), BrokerError> {
+        if let Some(ops) = &mut self.tx {
+            if !multiple && !self.unacked.contains_key(&tag) {
+                return Err(unknown_tag(tag));
+            }
+            ops.push(TxOp::Settle { tag, multiple, outcome });
+            return Ok(());
+        }
+        let taken = self.take_tags(tag, multiple)?;
+        self.settle_now(taken, outcome);
+        Ok(())
+    }
+
+    /// Removes the deliveries an ack/nack/reject names (406 if unknown).
+    fn take_tags(&mut self, tag: u64, multiple: bool) -> Result<Vec<Unacked>, BrokerError> {
+        if multiple {
+            if tag == 0 {
+                return Ok(std::mem::take(&mut self.unacked).into_values().collect());
+            }
+            if !self.unacked.contains_key(&tag) {
+                return Err(unknown_tag(tag));
+            }
+            let rest = self.unacked.split_off(&(tag + 1));
+            let taken = std::mem::replace(&mut self.unacked, rest);
+            return Ok(taken.into_values().collect());
+        }
+        self.unacked.remove(&tag).map(|u| vec![u]).ok_or_else(|| unknown_tag(tag))
+    }
+
+    /// Settles deliveries with their queues and gives prefetch credit back.
+    fn settle_now(&mut self, taken: Vec<Unacked>, outcome: Outcome) {
+        let mut by_queue: Vec<(Arc<dyn Queue>, Vec<u64>)> = Vec::new();
+        let mut kick = false;
+        for u in taken {
+            if let Some(c) = &u.consumer {
+                kick |= c.release_unacked();
+            }
+            match by_queue.iter_mut().find(|(q, _)| Arc::ptr_eq(q, &u.queue)) {
+                Some((_, ids)) => ids.push(u.msg_id),
+                None => by_queue.push((u.queue, vec![u.msg_id])),
+            }
+        }
+        for (q, ids) in by_queue {
+            q.settle(&ids, outcome);
+        }
+        if kick {
+            self.kick_all();
+        }
+    }
+
+    /// A delivery pushed by a queue: assigns its delivery tag.
+    pub fn on_delivery(&mut self, consumer: Arc<Consumer>, delivery: Delivery) -> Option<Reply> {
+        let live = self.consumers.get(&consumer.tag).is_some_and(|r| Arc::ptr_eq(&r.consumer, &consumer));
+        if !live {
+            drop_delivery(&consumer, delivery);
+            return None;
+        }
+        let tag = self.next_tag;
+        self.next_tag += 1;
+        if !consumer.no_ack {
+            if let Some(queue) = self.consumers.get(&consumer.tag).map(|r| r.queue.clone()) {
+                self.unacked.insert(tag, Unacked { queue, msg_id: delivery.msg_id, consumer: Some(consumer.clone()) });
+            }
+        }
+        Some(Reply::Deliver {
+            consumer_tag: consumer.tag.clone(),
+            delivery_tag: tag,
+            redelivered: delivery.redelivered,
+            message: delivery.message,
+        })
+    }
+
+    /// The queue cancelled a consumer (queue deleted).
+    pub fn on_cancelled(&mut self, consumer: &Arc<Consumer>) -> Option<Reply> {
+        let live = self.consumers.get(&consumer.tag).is_some_and(|r| Arc::ptr_eq(&r.consumer, consumer));
+        if !live {
+            return None;
+        }
+        self.consumers.remove(&consumer.tag);
+        self.ctx.cancel_notify.then(|| Reply::ConsumerCancelled { consumer_tag: consumer.tag.clone() })
+    }
+
+    /// Tears the channel down: cancels consumers and requeues every
+    /// unacknowledged delivery (channel.close, connection loss).
+    pub async fn close(&mut self) {
+        let consumers: Vec<ConsumerRec> = self.consumers.drain().map(|(_, r)| r).collect();
+        for rec in &consumers {
+            rec.queue.cancel(&rec.consumer);
+        }
+        let all: Vec<Unacked> = std::mem::take(&mut self.unacked).into_values().collect();
+        self.settle_now(all, Outcome::Requeue);
+        for rec in consumers {
+            self.ctx.router.consumer_gone(&self.ctx.vhost, &rec.queue_name).await;
+        }
+        self.confirm = None;
+    }
+}
+
+/// A delivery whose consumer or channel is gone: put it back.
+pub fn drop_delivery(consumer: &Arc<Consumer>, delivery: Delivery) {
+    consumer.release_pending();
+    if !consumer.no_ack {
+        consumer.release_unacked();
+        if let Some(q) = consumer.queue() {
+            q.settle(&[delivery.msg_id], Outcome::Requeue);
+        }
+    }
+}
+
+fn outcome(requeue: bool) -> Outcome {
+    if requeue {
+        Outcome::Requeue
+    } else {
+        Outcome::Discard
+    }
+}
+
+fn unknown_tag(tag: u64) -> BrokerError {
+    BrokerError::precondition(format!("unknown delivery tag {tag}"))
+}
+
+fn uuid_like() -> String {
+    format!("{:016x}{:016x}", rand::random::<u64>(), rand::random::<u64>())
+}
+
+/// Sends publisher confirms in publish order, coalescing runs of ready
+/// acks into one `multiple` ack.
+async fn confirm_task(mut rx: mpsc::UnboundedReceiver<PendingConfirm>, outbox: Arc<dyn Outbox>, channel: u16) {
+    async fn settled(p: PendingConfirm) -> (u64, bool) {
+        let mut ok = p.ack;
+        for r in futures_util::future::join_all(p.writes).await {
+            if let Err(e) = r {
+                tracing::error!(error = %e, "publish not durable; sending nack");
+                ok = false;
+            }
+        }
+        (p.seq, ok)
+    }
+    while let Some(first) = rx.recv().await {
+        let (mut last, mut ok) = settled(first).await;
+        let mut run = 1u64;
+        while let Ok(next) = rx.try_recv() {
+            let (seq, next_ok) = settled(next).await;
+            if next_ok != ok {
+                outbox.send(channel, Reply::Confirm { delivery_tag: last, multiple: run > 1, ack: ok }, None);
+                run = 0;
+                ok = next_ok;
+            }
+            last = seq;
+            run += 1;
+        }
+        outbox.send(channel, Reply::Confirm { delivery_tag: last, multiple: run > 1, ack: ok }, None);
+    }
+}

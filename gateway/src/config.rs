@@ -1,0 +1,123 @@
+//! Configuration: command-line flags, `SLUICE_*` environment variables and
+//! a TOML file, merged in that order of precedence over the defaults.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::Deserialize;
+
+/// The file format (every key optional; unknown keys are an error).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub data_dir: Option<PathBuf>,
+    pub amqp: Option<String>,
+    pub stomp: Option<String>,
+    pub metrics: Option<String>,
+    pub channel_max: Option<u16>,
+    pub frame_max: Option<u32>,
+    pub heartbeat: Option<u16>,
+    pub max_message_size: Option<u64>,
+    pub body_cache_bytes: Option<u64>,
+    pub fsync: Option<bool>,
+    /// user name → password (the security issue replaces this with hashed
+    /// users in the replicated metadata).
+    pub users: Option<HashMap<String, String>>,
+}
+
+/// The validated configuration of `sluice serve`.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub amqp: String,
+    pub stomp: String,
+    pub metrics: String,
+    pub channel_max: u16,
+    pub frame_max: u32,
+    pub heartbeat: u16,
+    pub max_message_size: u64,
+    pub body_cache_bytes: u64,
+    pub fsync: bool,
+    pub users: HashMap<String, String>,
+}
+
+/// Values given on the command line or in the environment.
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Directory for messages and definitions.
+    #[arg(long, env = "SLUICE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// AMQP listener address (default 0.0.0.0:5672; port 0 picks a free port).
+    #[arg(long, env = "SLUICE_AMQP")]
+    pub amqp: Option<String>,
+    /// STOMP listener address (default 0.0.0.0:61613; STOMP arrives with its own issue).
+    #[arg(long, env = "SLUICE_STOMP")]
+    pub stomp: Option<String>,
+    /// Prometheus metrics address (default 0.0.0.0:15692; metrics arrive with the operations issue).
+    #[arg(long, env = "SLUICE_METRICS")]
+    pub metrics: Option<String>,
+    /// TOML configuration file with the same keys.
+    #[arg(long, env = "SLUICE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Highest channel number offered to clients (default 2047).
+    #[arg(long, env = "SLUICE_CHANNEL_MAX")]
+    pub channel_max: Option<u16>,
+    /// Largest frame offered to clients in bytes (default 131072).
+    #[arg(long, env = "SLUICE_FRAME_MAX")]
+    pub frame_max: Option<u32>,
+    /// Heartbeat interval offered to clients in seconds (default 60; 0 = off).
+    #[arg(long, env = "SLUICE_HEARTBEAT")]
+    pub heartbeat: Option<u16>,
+    /// Largest message body accepted in bytes (default 128 MiB).
+    #[arg(long, env = "SLUICE_MAX_MESSAGE_SIZE")]
+    pub max_message_size: Option<u64>,
+    /// RAM for message bodies across all queues (default 256 MiB); beyond it bodies stay on disk.
+    #[arg(long, env = "SLUICE_BODY_CACHE_BYTES")]
+    pub body_cache_bytes: Option<u64>,
+    /// fsync before confirming persistent messages (default true; false loses data on power failure).
+    #[arg(long, env = "SLUICE_FSYNC")]
+    pub fsync: Option<bool>,
+}
+
+impl ServeArgs {
+    /// Merges flags/env over the file over the defaults and validates.
+    pub fn resolve(self) -> anyhow::Result<Config> {
+        let file = match &self.config {
+            Some(path) => load_file(path)?,
+            None => FileConfig::default(),
+        };
+        let frame_max = self.frame_max.or(file.frame_max).unwrap_or(131_072);
+        if frame_max < 4096 {
+            anyhow::bail!("frame_max must be at least 4096 (got {frame_max})");
+        }
+        let mut users = file.users.unwrap_or_default();
+        if users.is_empty() {
+            users.insert("guest".into(), "guest".into());
+        }
+        let config = Config {
+            data_dir: self.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("sluice-data")),
+            amqp: self.amqp.or(file.amqp).unwrap_or_else(|| "0.0.0.0:5672".into()),
+            stomp: self.stomp.or(file.stomp).unwrap_or_else(|| "0.0.0.0:61613".into()),
+            metrics: self.metrics.or(file.metrics).unwrap_or_else(|| "0.0.0.0:15692".into()),
+            channel_max: self.channel_max.or(file.channel_max).unwrap_or(2047),
+            frame_max,
+            heartbeat: self.heartbeat.or(file.heartbeat).unwrap_or(60),
+            max_message_size: self.max_message_size.or(file.max_message_size).unwrap_or(128 * 1024 * 1024),
+            body_cache_bytes: self.body_cache_bytes.or(file.body_cache_bytes).unwrap_or(256 * 1024 * 1024),
+            fsync: self.fsync.or(file.fsync).unwrap_or(true),
+            users,
+        };
+        for (what, addr) in [("amqp", &config.amqp), ("stomp", &config.stomp), ("metrics", &config.metrics)] {
+            if addr.parse::<std::net::SocketAddr>().is_err() {
+                anyhow::bail!("{what} address '{addr}' is not HOST:PORT (for example 127.0.0.1:5672)");
+            }
+        }
+        Ok(config)
+    }
+}
+
+fn load_file(path: &Path) -> anyhow::Result<FileConfig> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+}

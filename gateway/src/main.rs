@@ -1,0 +1,68 @@
+//! The `sluice` binary: one executable, several roles.
+//!
+//! - `serve`: the all-in-one single node (AMQP today; STOMP and metrics
+//!   arrive with their issues).
+//! - `node`, `gateway`: the storage-cluster roles (cluster issue).
+//! - `ctl`: the admin CLI (operations issue).
+//! - `bench`: the load tool (performance issue).
+
+mod amqp;
+mod auth;
+mod channel;
+mod config;
+mod error;
+mod router;
+mod server;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "sluice", version, about = "An AMQP 0-9-1 and STOMP message broker with its own replicated storage")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a single-node broker (listeners + storage in one process).
+    Serve(config::ServeArgs),
+    /// Run a storage node of a cluster (not implemented yet).
+    Node,
+    /// Run a stateless protocol gateway in front of storage nodes (not implemented yet).
+    Gateway,
+    /// Administer a running broker (not implemented yet).
+    Ctl,
+    /// Load-test an AMQP or STOMP broker (not implemented yet).
+    Bench,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Cmd::Serve(args) => args.resolve().and_then(|config| {
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(server::serve(config)))
+        }),
+        Cmd::Node | Cmd::Gateway | Cmd::Ctl | Cmd::Bench => {
+            eprintln!("sluice: this subcommand is not implemented yet");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = result {
+        // One line: the context chain joined.
+        let msg: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+        eprintln!("sluice: {}", msg.join(": "));
+        std::process::exit(1);
+    }
+}

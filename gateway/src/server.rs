@@ -1,0 +1,142 @@
+//! `sluice serve`: opens storage, binds the listeners, accepts connections
+//! and shuts down cleanly on SIGTERM or ctrl-c.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use sluice_cluster::{Backend, LocalBackend, LocalOptions};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::config::Config;
+use crate::router::Router;
+
+/// Negotiation limits offered to clients.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub channel_max: u16,
+    pub frame_max: u32,
+    pub heartbeat: u16,
+    pub max_message_size: u64,
+}
+
+/// What every connection shares.
+pub struct Broker {
+    pub router: Arc<Router>,
+    pub users: HashMap<String, String>,
+    pub limits: Limits,
+    next_conn: AtomicU64,
+}
+
+impl Broker {
+    pub fn next_conn_id(&self) -> u64 {
+        self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// How long connections get to close at shutdown before we stop waiting.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Runs the all-in-one broker until a shutdown signal.
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    let amqp = TcpListener::bind(&config.amqp)
+        .await
+        .with_context(|| format!("cannot listen on {} for AMQP", config.amqp))?;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
+    let backend = LocalBackend::open(
+        &config.data_dir,
+        LocalOptions { sync: config.fsync, body_cache_bytes: config.body_cache_bytes },
+    )
+    .with_context(|| format!("cannot open data dir {}", config.data_dir.display()))?;
+    let backend: Arc<dyn Backend> = backend;
+    let router = Router::open(backend.clone()).map_err(|e| anyhow::anyhow!("cannot load definitions: {e}"))?;
+    let broker = Arc::new(Broker {
+        router,
+        users: config.users.clone(),
+        limits: Limits {
+            channel_max: config.channel_max,
+            frame_max: config.frame_max,
+            heartbeat: config.heartbeat,
+            max_message_size: config.max_message_size,
+        },
+        next_conn: AtomicU64::new(1),
+    });
+    let addr = amqp.local_addr()?;
+    println!("sluice {} serving; data dir {}", env!("CARGO_PKG_VERSION"), config.data_dir.display());
+    println!("AMQP listening on {addr}");
+
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    tokio::spawn(signal_watch(shutdown.clone()));
+    accept_loop(amqp, broker.clone(), shutdown.clone(), tracker.clone()).await;
+
+    tracker.close();
+    if tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait()).await.is_err() {
+        tracing::warn!("some connections did not close in time");
+    }
+    let backend = broker.router.backend().clone();
+    tokio::task::spawn_blocking(move || backend.shutdown()).await?.context("flushing storage")?;
+    println!("sluice stopped");
+    Ok(())
+}
+
+async fn accept_loop(listener: TcpListener, broker: Arc<Broker>, shutdown: CancellationToken, tracker: TaskTracker) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.cancelled() => return,
+        };
+        match accepted {
+            Ok((socket, peer)) => {
+                let _ = socket.set_nodelay(true);
+                spawn_connection(socket, peer, &broker, &shutdown, &tracker);
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+fn spawn_connection(
+    socket: tokio::net::TcpStream,
+    peer: SocketAddr,
+    broker: &Arc<Broker>,
+    shutdown: &CancellationToken,
+    tracker: &TaskTracker,
+) {
+    let conn_id = broker.next_conn_id();
+    let span = tracing::info_span!("conn", id = conn_id, %peer, proto = "amqp");
+    tracker.spawn(crate::amqp::serve(socket, conn_id, broker.clone(), shutdown.clone()).instrument(span));
+}
+
+async fn signal_watch(shutdown: CancellationToken) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut term) = signal(SignalKind::terminate()) else {
+            let _ = tokio::signal::ctrl_c().await;
+            shutdown.cancel();
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    tracing::info!("shutdown signal received");
+    shutdown.cancel();
+}

@@ -1,0 +1,113 @@
+//! Maintenance: evicting ack tombstones with a major compaction.
+//!
+//! Why: an LSM tree drops a tombstone only when compaction carries it to the
+//! last level, and fjall has no tombstone-density trigger. When a queue is
+//! drained after its values were flushed to tables, the tombstones sit in a
+//! separate table forever: the disk stays full and any scan from the head
+//! walks them (deps.md §2: 1M acked messages = 1.09 GiB and a 1.6–2.2 s head
+//! seek, until `major_compact` fixes both in under a second).
+//!
+//! A pass: flush the `msgs` memtable (weak tombstones cancel against their
+//! values right there), major-compact `msgs` (rewrites the live data, drops
+//! every tombstone), then flush the small `state`/`meta` memtables so fjall
+//! can delete old journal files they would otherwise pin (fjall #288).
+//!
+//! Passes run on their own short-lived thread, never on the writer, and at
+//! most one at a time. When to run one is decided by the writer
+//! (`Writer::maybe_compact`).
+
+use crate::error::Result;
+use crate::stats::Counters;
+use crate::store::Keyspaces;
+use std::sync::atomic::Ordering::{AcqRel, Relaxed, Release};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+/// Runs maintenance passes; cheap to clone.
+#[derive(Clone)]
+pub(crate) struct Compactor {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    ks: Keyspaces,
+    counters: Arc<Counters>,
+    /// Held for the duration of a pass: at most one at a time, whether
+    /// automatic or from `Store::compact`.
+    running: Mutex<()>,
+    /// The background thread of the last automatic pass.
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Compactor {
+    pub(crate) fn new(ks: Keyspaces, counters: Arc<Counters>) -> Compactor {
+        Compactor { inner: Arc::new(Inner { ks, counters, running: Mutex::new(()), thread: Mutex::new(None) }) }
+    }
+
+    /// Starts a background pass unless one is already running or queued.
+    pub(crate) fn request(&self) {
+        // `compaction_running` doubles as the "already requested" flag.
+        if self.inner.counters.compaction_running.swap(true, AcqRel) {
+            return;
+        }
+        let mut thread = self.inner.thread.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(old) = thread.take() {
+            // It finished (the flag was clear), so this does not block.
+            let _ = old.join();
+        }
+        let me = self.clone();
+        let spawned = std::thread::Builder::new().name("sluice-storage-maint".into()).spawn(move || {
+            if let Err(e) = me.pass() {
+                tracing::error!(error = %e, "storage compaction failed");
+            }
+            me.inner.counters.compaction_running.store(false, Release);
+        });
+        match spawned {
+            Ok(handle) => *thread = Some(handle),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot spawn the storage compaction thread");
+                self.inner.counters.compaction_running.store(false, Release);
+            }
+        }
+    }
+
+    /// Runs a pass on the calling thread.
+    pub(crate) fn run_now(&self) -> Result<()> {
+        let was_running = self.inner.counters.compaction_running.swap(true, AcqRel);
+        let result = self.pass();
+        if !was_running {
+            self.inner.counters.compaction_running.store(false, Release);
+        }
+        result
+    }
+
+    /// Waits for a background pass to finish (used at close).
+    pub(crate) fn join(&self) {
+        let handle = self.inner.thread.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(handle) = handle {
+            let _ = handle.join();
+        }
+    }
+
+    fn pass(&self) -> Result<()> {
+        let _one_at_a_time = self.inner.running.lock().unwrap_or_else(PoisonError::into_inner);
+        let c = &self.inner.counters;
+        let ks = &self.inner.ks;
+        let start = Instant::now();
+        // Everything removed up to now is garbage this pass will collect.
+        let removes = c.removes_since_compaction.load(Relaxed);
+        c.compacted_removes.fetch_add(removes, Relaxed);
+
+        ks.msgs.rotate_memtable_and_wait()?;
+        ks.msgs.major_compact()?;
+        ks.state.rotate_memtable_and_wait()?;
+        ks.meta.rotate_memtable_and_wait()?;
+
+        let took = start.elapsed();
+        c.compactions.fetch_add(1, Relaxed);
+        c.last_compaction_us.store(u64::try_from(took.as_micros()).unwrap_or(u64::MAX), Relaxed);
+        tracing::info!(removes, took_ms = took.as_millis() as u64, "storage major compaction done");
+        Ok(())
+    }
+}

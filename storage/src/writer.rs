@@ -1,0 +1,314 @@
+//! The writer thread: group commit.
+//!
+//! One plain std thread owns every write. It blocks on the request channel,
+//! then drains whatever else is already queued (up to `max_batch_ops` /
+//! `max_batch_bytes`), turns the whole group into ONE fjall batch and commits
+//! it: with `PersistMode::SyncData` (fdatasync) if any request of the group
+//! is durable, else with `PersistMode::Buffer` (a `write(2)` to the OS, which
+//! survives a process crash; fjall would otherwise keep it in a userspace
+//! buffer). Then it answers every request of the group.
+//!
+//! No timer is involved: while one fsync runs, the next group accumulates in
+//! the channel, so N concurrent durable writers share one fsync.
+//!
+//! If building or committing a group fails, every request of the group gets
+//! the error and the store is poisoned: nothing is ever reported as written
+//! unless it is, and after an fsync failure the state of the journal is
+//! unknown, so later writes are refused with `Error::Poisoned`.
+
+use crate::completion::Responder;
+use crate::error::{Error, Result};
+use crate::format::{self, Counters as PersistedCounters};
+use crate::keys;
+use crate::maintenance::Compactor;
+use crate::stats::Counters;
+use crate::store::{Keyspaces, Op, StoreOptions};
+use fjall::{Database, PersistMode};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{mpsc, Arc};
+
+/// What `Store` sends to the writer.
+pub(crate) enum Request {
+    /// A group of ops (possibly empty: `flush` is an empty durable write).
+    Write { ops: Vec<Op>, durable: bool, done: Option<Responder> },
+    /// Commit and fsync everything queued before, then stop.
+    Close,
+}
+
+/// One `msgs` key's final fate inside a batch.
+enum MsgWrite {
+    Put(Vec<u8>),
+    /// Ack: single-delete tombstone, cancels against its value on flush.
+    RemoveWeak,
+    /// `DeleteQueue`: a strong tombstone, so a reused queue id can never
+    /// uncover older data.
+    Remove,
+}
+
+/// The group being built. Maps keep only the last write per key: the same
+/// key twice in one fjall batch would share one seqno, with no defined winner.
+#[derive(Default)]
+struct Pending {
+    msgs: BTreeMap<[u8; keys::MSG_KEY_LEN], MsgWrite>,
+    state: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    meta: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    puts: u64,
+    removes: u64,
+    /// A queue drained or was deleted in this group (compaction hint).
+    drained: bool,
+}
+
+struct Limits {
+    sync: bool,
+    max_batch_ops: usize,
+    max_batch_bytes: usize,
+    auto_compact: bool,
+    compact_after_removes: u64,
+    compact_drained_min_removes: u64,
+}
+
+pub(crate) struct Writer {
+    db: Database,
+    ks: Keyspaces,
+    rx: mpsc::Receiver<Request>,
+    counters: Arc<Counters>,
+    compactor: Compactor,
+    limits: Limits,
+    /// Authoritative copy of the persisted counters (the atomics in
+    /// `counters` are published copies for `stats`).
+    persisted: PersistedCounters,
+    /// Highest seq put per queue since open, to notice a queue draining.
+    max_put_seq: HashMap<u64, u64>,
+}
+
+impl Writer {
+    pub(crate) fn new(
+        db: Database,
+        ks: Keyspaces,
+        rx: mpsc::Receiver<Request>,
+        counters: Arc<Counters>,
+        compactor: Compactor,
+        opts: &StoreOptions,
+        persisted: PersistedCounters,
+    ) -> Writer {
+        let limits = Limits {
+            sync: opts.sync,
+            max_batch_ops: opts.max_batch_ops.max(1),
+            max_batch_bytes: opts.max_batch_bytes.max(1),
+            auto_compact: opts.auto_compact,
+            compact_after_removes: opts.compact_after_removes,
+            compact_drained_min_removes: opts.compact_drained_min_removes,
+        };
+        Writer { db, ks, rx, counters, compactor, limits, persisted, max_put_seq: HashMap::new() }
+    }
+
+    /// Thread body. Returns the result of the final fsync at `Close`.
+    pub(crate) fn run(mut self) -> Result<()> {
+        loop {
+            // All senders gone without `Close` cannot happen (Store::drop
+            // sends it), but treat it the same way.
+            let first = self.rx.recv().unwrap_or(Request::Close);
+            let mut group = Vec::new();
+            let mut closing = false;
+            let (mut ops, mut bytes) = (0usize, 0usize);
+            let mut next = Some(first);
+            while let Some(req) = next.take() {
+                match req {
+                    Request::Write { ops: o, durable, done } => {
+                        ops += o.len();
+                        bytes += o.iter().map(Op::payload_len).sum::<usize>();
+                        group.push((o, durable, done));
+                    }
+                    Request::Close => {
+                        closing = true;
+                        break;
+                    }
+                }
+                if ops < self.limits.max_batch_ops && bytes < self.limits.max_batch_bytes {
+                    next = self.rx.try_recv().ok();
+                }
+            }
+
+            let result = self.commit_group(group, closing);
+            if closing {
+                tracing::debug!("storage writer stopped");
+                return result;
+            }
+        }
+    }
+
+    /// Commits one group and answers its requests. `force_sync`: the close
+    /// path, which must leave everything durable.
+    fn commit_group(&mut self, group: Vec<(Vec<Op>, bool, Option<Responder>)>, force_sync: bool) -> Result<()> {
+        let durable = force_sync || group.iter().any(|(_, durable, _)| *durable);
+        let n_writes = group.iter().filter(|(ops, _, _)| !ops.is_empty()).count() as u64;
+        let n_ops = group.iter().map(|(ops, _, _)| ops.len() as u64).sum::<u64>();
+
+        let result = if self.counters.poisoned.load(Relaxed) {
+            Err(Error::Poisoned)
+        } else {
+            self.build(group.iter().flat_map(|(ops, _, _)| ops)).and_then(|p| self.commit(p, durable, n_writes))
+        };
+
+        match &result {
+            Ok(()) => {
+                self.counters.writes.fetch_add(n_writes, Relaxed);
+                self.counters.ops.fetch_add(n_ops, Relaxed);
+            }
+            Err(Error::Poisoned) => {}
+            Err(e) => {
+                tracing::error!(error = %e, writes = n_writes, "storage group commit failed; poisoning the store");
+                self.counters.poisoned.store(true, Relaxed);
+            }
+        }
+        for (_, _, done) in group {
+            if let Some(done) = done {
+                done.send(result.clone());
+            }
+        }
+        result
+    }
+
+    /// Turns a group into its final per-key writes.
+    fn build<'a>(&mut self, ops: impl Iterator<Item = &'a Op>) -> Result<Pending> {
+        let mut p = Pending::default();
+        for op in ops {
+            match op {
+                Op::PutMessage { queue, seq, record } => {
+                    p.msgs.insert(keys::msg_key(*queue, *seq), MsgWrite::Put(format::encode_record(record)));
+                    p.puts += 1;
+                    let max = self.max_put_seq.entry(*queue).or_insert(*seq);
+                    *max = (*max).max(*seq);
+                }
+                Op::RemoveMessage { queue, seq } => {
+                    let key = keys::msg_key(*queue, *seq);
+                    // A strong tombstone from DeleteQueue earlier in the group stays strong.
+                    if !matches!(p.msgs.get(&key), Some(MsgWrite::Remove)) {
+                        p.msgs.insert(key, MsgWrite::RemoveWeak);
+                    }
+                    p.removes += 1;
+                }
+                Op::SetAckFloor { queue, floor } => {
+                    p.state.insert(keys::floor_key(*queue).to_vec(), Some(format::encode_floor(*floor).to_vec()));
+                    if self.max_put_seq.get(queue).is_some_and(|max| floor > max) {
+                        p.drained = true;
+                    }
+                }
+                Op::DeleteQueue { queue } => self.delete_queue(&mut p, *queue)?,
+                Op::PutMeta { key, value } => {
+                    p.meta.insert(key.clone(), Some(value.clone()));
+                }
+                Op::DeleteMeta { key } => {
+                    p.meta.insert(key.clone(), None);
+                }
+            }
+        }
+        Ok(p)
+    }
+
+    /// Strong-deletes every message of `queue` from its committed floor up,
+    /// plus whatever this group already put for it, plus the floor.
+    fn delete_queue(&mut self, p: &mut Pending, queue: u64) -> Result<()> {
+        let floor_key = keys::floor_key(queue);
+        let floor = match self.ks.state.get(floor_key)? {
+            Some(v) => format::decode_floor(&floor_key, &v)?,
+            None => 0,
+        };
+        // Only this thread writes, so the committed state plus `p` is the
+        // complete picture.
+        for guard in self.ks.msgs.range(keys::queue_range(queue, floor)) {
+            let key = guard.key()?;
+            let key: [u8; keys::MSG_KEY_LEN] = key.as_ref().try_into().map_err(|_| Error::Corrupt {
+                what: "message key",
+                key: key.to_vec(),
+                detail: "not 16 bytes".into(),
+            })?;
+            p.msgs.insert(key, MsgWrite::Remove);
+            p.removes += 1;
+        }
+        for (_, w) in p.msgs.range_mut(keys::queue_range(queue, 0)) {
+            if matches!(w, MsgWrite::Put(_)) {
+                p.removes += 1;
+            }
+            *w = MsgWrite::Remove;
+        }
+        p.state.insert(floor_key.to_vec(), None);
+        p.drained = true;
+        self.max_put_seq.remove(&queue);
+        Ok(())
+    }
+
+    /// Writes `p` as one fjall batch (plus the updated counters, so they stay
+    /// consistent with the data across crashes).
+    fn commit(&mut self, p: Pending, durable: bool, n_writes: u64) -> Result<()> {
+        // Removes already accounted for by a compaction that started since
+        // the last commit; subtracted only once this commit succeeded.
+        let compacted = self.counters.compacted_removes.load(Relaxed);
+        let mut next = self.persisted;
+        next.removes_since_compaction = next.removes_since_compaction.saturating_sub(compacted) + p.removes;
+        next.live_estimate = (next.live_estimate + p.puts).saturating_sub(p.removes);
+
+        let fsync = durable && self.limits.sync;
+        let mode = if fsync { PersistMode::SyncData } else { PersistMode::Buffer };
+        let mut batch = self.db.batch().durability(Some(mode));
+        for (key, w) in p.msgs {
+            match w {
+                MsgWrite::Put(v) => batch.insert(&self.ks.msgs, key, v),
+                MsgWrite::RemoveWeak => batch.remove_weak(&self.ks.msgs, key),
+                MsgWrite::Remove => batch.remove(&self.ks.msgs, key),
+            }
+        }
+        for (key, v) in p.state {
+            match v {
+                Some(v) => batch.insert(&self.ks.state, key, v),
+                None => batch.remove(&self.ks.state, key),
+            }
+        }
+        for (key, v) in p.meta {
+            match v {
+                Some(v) => batch.insert(&self.ks.meta, key, v),
+                None => batch.remove(&self.ks.meta, key),
+            }
+        }
+        if next != self.persisted {
+            batch.insert(&self.ks.state, keys::COUNTERS_KEY, format::encode_counters(next).to_vec());
+        }
+
+        if batch.is_empty() {
+            // A flush (or a durable group with nothing to write): fjall's
+            // commit of an empty batch does nothing, so persist explicitly.
+            if durable {
+                self.db.persist(mode)?;
+            } else {
+                return Ok(());
+            }
+        } else {
+            batch.commit()?;
+        }
+
+        if fsync {
+            self.counters.syncs.fetch_add(1, Relaxed);
+        }
+        self.counters.record_batch(n_writes);
+        self.counters.compacted_removes.fetch_sub(compacted, Relaxed);
+        self.persisted = next;
+        self.counters.live_estimate.store(next.live_estimate, Relaxed);
+        self.counters.removes_since_compaction.store(next.removes_since_compaction, Relaxed);
+        self.maybe_compact(p.drained);
+        Ok(())
+    }
+
+    /// Compaction policy (see docs/storage.md): compact when enough removes
+    /// piled up, or a queue drained after enough removes, provided dead
+    /// entries outnumber live ones 4:1 (major compaction rewrites every live
+    /// message, so it must be mostly garbage to be worth it).
+    fn maybe_compact(&self, drained: bool) {
+        let l = &self.limits;
+        let removes = self.persisted.removes_since_compaction;
+        let enough = removes >= l.compact_after_removes || (drained && removes >= l.compact_drained_min_removes);
+        if l.auto_compact && enough && self.persisted.live_estimate.saturating_mul(4) <= removes {
+            self.compactor.request();
+        }
+    }
+}
