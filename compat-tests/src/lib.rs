@@ -1,1 +1,174 @@
-//! placeholder
+//! Test harness: starts the real `sluice` binary on a free 127.0.0.1 port
+//! with its own data directory, and stops it (kill -9 or SIGTERM).
+//!
+//! The binary is looked up in `$SLUICE_BIN`, else next to the test
+//! executable (`target/<profile>/sluice`); the README's test command builds
+//! it first.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// Path of the `sluice` binary under test.
+pub fn sluice_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("SLUICE_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> -> target/<profile>/sluice
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = profile_dir.join("sluice");
+    assert!(
+        bin.exists(),
+        "{} not found: build it first with `cargo build --bin sluice` (the README's test command does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A running broker.
+pub struct Server {
+    child: Option<Child>,
+    /// Address of the AMQP listener.
+    pub amqp: SocketAddr,
+    /// The data directory (kept across restarts).
+    pub data_dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+    extra: Vec<String>,
+    /// Lines the server printed on stderr (collected in the background).
+    pub stderr: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Server {
+    /// Starts a broker on a fresh data directory.
+    pub fn start() -> Server {
+        Self::start_with(&[])
+    }
+
+    /// Starts a broker with extra `serve` flags.
+    pub fn start_with(extra: &[&str]) -> Server {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().to_path_buf();
+        let mut s = Self::spawn(&dir, extra).expect("start sluice");
+        s._tmp = Some(tmp);
+        s
+    }
+
+    /// Starts a broker on an existing data directory.
+    pub fn spawn(data_dir: &Path, extra: &[&str]) -> Result<Server, String> {
+        let mut cmd = Command::new(sluice_bin());
+        cmd.arg("serve")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--amqp")
+            .arg("127.0.0.1:0")
+            .args(extra)
+            .env("SLUICE_LOG", std::env::var("SLUICE_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().map_err(|e| format!("spawn: {e}"))?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let stderr = child.stderr.take().ok_or("no stderr")?;
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[sluice] {line}");
+                sink.lock().map(|mut v| v.push(line)).ok();
+            }
+        });
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("AMQP listening on ") {
+                    let _ = tx.send(addr.trim().to_string());
+                }
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(a) => a,
+            Err(_) => {
+                let _ = child.kill();
+                let status = child.wait().ok();
+                return Err(format!("sluice did not start (exit {status:?}): {:?}", lines.lock().map(|v| v.clone())));
+            }
+        };
+        Ok(Server {
+            child: Some(child),
+            amqp: addr.parse().map_err(|e| format!("bad address {addr}: {e}"))?,
+            data_dir: data_dir.to_path_buf(),
+            _tmp: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            stderr: lines,
+        })
+    }
+
+    /// `amqp://guest:guest@127.0.0.1:PORT/%2f`
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@{}/%2f", self.amqp)
+    }
+
+    /// Same with extra query parameters, e.g. `heartbeat=1`.
+    pub fn url_with(&self, query: &str) -> String {
+        format!("amqp://guest:guest@{}/%2f?{query}", self.amqp)
+    }
+
+    /// OS process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// `kill -9`: no chance to flush anything.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for the exit status.
+    pub fn terminate(&mut self) -> Option<ExitStatus> {
+        let mut c = self.child.take()?;
+        unsafe {
+            libc::kill(c.id() as i32, libc::SIGTERM);
+        }
+        for _ in 0..300 {
+            if let Ok(Some(st)) = c.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = c.kill();
+        c.wait().ok()
+    }
+
+    /// Starts the broker again on the same data dir (new port).
+    pub fn restart(&mut self) {
+        self.kill9();
+        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        let tmp = self._tmp.take();
+        let mut s = Self::spawn(&self.data_dir, &extra).expect("restart sluice");
+        s._tmp = tmp;
+        *self = s;
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Runs `sluice` with arguments and returns (exit code, stdout, stderr).
+pub fn run_sluice(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(sluice_bin()).args(args).env("SLUICE_LOG", "warn").output().expect("run sluice");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

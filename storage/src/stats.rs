@@ -17,7 +17,7 @@ pub struct Stats {
     pub disk_bytes: u64,
     /// Bytes of journal files (part of `disk_bytes`).
     pub journal_bytes: u64,
-    /// `write`/`write_nowait` calls committed (successfully or not).
+    /// `write`/`write_nowait` calls committed successfully (flushes not counted).
     pub writes: u64,
     /// Operations in those calls.
     pub ops: u64,

@@ -211,7 +211,12 @@ impl Store {
             msgs: db.keyspace(keys::MSGS, || {
                 KeyspaceCreateOptions::default().manual_journal_persist(true).max_memtable_size(memtable)
             })?,
-            state: db.keyspace(keys::STATE, || KeyspaceCreateOptions::default().manual_journal_persist(true))?,
+            // Floors and counters are overwritten by nearly every batch and
+            // old versions only go away on flush: a small memtable bounds
+            // the RAM they take and lets fjall retire journals sooner.
+            state: db.keyspace(keys::STATE, || {
+                KeyspaceCreateOptions::default().manual_journal_persist(true).max_memtable_size(8 << 20)
+            })?,
             meta: db.keyspace(keys::META, || KeyspaceCreateOptions::default().manual_journal_persist(true))?,
         };
 

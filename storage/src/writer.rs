@@ -183,9 +183,18 @@ impl Writer {
                 }
                 Op::RemoveMessage { queue, seq } => {
                     let key = keys::msg_key(*queue, *seq);
-                    // A strong tombstone from DeleteQueue earlier in the group stays strong.
-                    if !matches!(p.msgs.get(&key), Some(MsgWrite::Remove)) {
-                        p.msgs.insert(key, MsgWrite::RemoveWeak);
+                    match p.msgs.get(&key) {
+                        // Put and acked within one group: by the write-once
+                        // contract nothing older exists, so neither needs to
+                        // reach the disk.
+                        Some(MsgWrite::Put(_)) => {
+                            p.msgs.remove(&key);
+                        }
+                        // A strong tombstone from DeleteQueue stays strong.
+                        Some(MsgWrite::Remove) => {}
+                        Some(MsgWrite::RemoveWeak) | None => {
+                            p.msgs.insert(key, MsgWrite::RemoveWeak);
+                        }
                     }
                     p.removes += 1;
                 }

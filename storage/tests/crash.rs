@@ -23,7 +23,7 @@ const GROUP: u64 = 10;
 const PAYLOAD: usize = 300;
 const ROUNDS: usize = 3;
 /// Acknowledged groups to see per round before pulling the plug.
-const ACKS_BEFORE_KILL: usize = 150;
+const ACKS_BEFORE_KILL: usize = 400;
 
 #[test]
 fn crash_child() {

@@ -307,44 +307,24 @@ impl<'a> ArgReader<'a> {
 }
 
 /// Rust type of an argument domain.
+#[rustfmt::skip]
 macro_rules! field_type {
-    (octet) => {
-        u8
-    };
-    (short) => {
-        u16
-    };
-    (long) => {
-        u32
-    };
-    (longlong) => {
-        u64
-    };
-    (bit) => {
-        bool
-    };
-    (shortstr) => {
-        String
-    };
-    (longstr) => {
-        Bytes
-    };
-    (timestamp) => {
-        u64
-    };
-    (table) => {
-        FieldTable
-    };
+    (octet) => { u8 };
+    (short) => { u16 };
+    (long) => { u32 };
+    (longlong) => { u64 };
+    (bit) => { bool };
+    (shortstr) => { String };
+    (longstr) => { Bytes };
+    (timestamp) => { u64 };
+    (table) => { FieldTable };
 }
 
 /// `true` if the method entry carries the `content` marker.
+#[rustfmt::skip]
 macro_rules! has_content {
-    () => {
-        false
-    };
-    (content) => {
-        true
-    };
+    () => { false };
+    (content) => { true };
 }
 
 /// Generates everything method-related from the method list; see the module

@@ -1,0 +1,13 @@
+//! One test binary: every test starts the real `sluice` binary (see the
+//! harness in `src/lib.rs`) and drives it with lapin on tokio.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+mod amqp_basic;
+mod amqp_errors;
+mod amqp_exchanges;
+mod amqp_queues;
+mod cli;
+mod crash;
+mod raw;
