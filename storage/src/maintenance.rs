@@ -9,18 +9,22 @@
 //!
 //! A pass: flush the `msgs` memtable (weak tombstones cancel against their
 //! values right there), major-compact `msgs` (rewrites the live data, drops
-//! every tombstone), then flush the small `state`/`meta` memtables so fjall
-//! can delete old journal files they would otherwise pin (fjall #288).
+//! every tombstone), have the writer commit one batch, then flush the small
+//! `state`/`meta` memtables: the rotation lets fjall delete the replaced
+//! table files, and old journal files these memtables would otherwise pin
+//! (fjall #288).
 //!
 //! Passes run on their own short-lived thread, never on the writer, and at
 //! most one at a time. When to run one is decided by the writer
 //! (`Writer::maybe_compact`).
 
+use crate::completion::Responder;
 use crate::error::Result;
 use crate::stats::Counters;
 use crate::store::Keyspaces;
+use crate::writer::Request;
 use std::sync::atomic::Ordering::{AcqRel, Relaxed, Release};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -33,6 +37,8 @@ pub(crate) struct Compactor {
 struct Inner {
     ks: Keyspaces,
     counters: Arc<Counters>,
+    /// To the writer thread, to get one batch committed after a compaction.
+    writer: mpsc::Sender<Request>,
     /// Held for the duration of a pass: at most one at a time, whether
     /// automatic or from `Store::compact`.
     running: Mutex<()>,
@@ -41,8 +47,9 @@ struct Inner {
 }
 
 impl Compactor {
-    pub(crate) fn new(ks: Keyspaces, counters: Arc<Counters>) -> Compactor {
-        Compactor { inner: Arc::new(Inner { ks, counters, running: Mutex::new(()), thread: Mutex::new(None) }) }
+    pub(crate) fn new(ks: Keyspaces, counters: Arc<Counters>, writer: mpsc::Sender<Request>) -> Compactor {
+        let inner = Inner { ks, counters, writer, running: Mutex::new(()), thread: Mutex::new(None) };
+        Compactor { inner: Arc::new(inner) }
     }
 
     /// Starts a background pass unless one is already running or queued.
@@ -101,6 +108,15 @@ impl Compactor {
 
         ks.msgs.rotate_memtable_and_wait()?;
         ks.msgs.major_compact()?;
+        // fjall deletes the replaced table files only when a memtable
+        // rotation finds a batch newer than the compaction; on an idle store
+        // that could take forever. The writer commits one (the counters
+        // changed), then the rotations below free the files.
+        let (tx, rx) = mpsc::sync_channel(1);
+        let nudge = Request::Write { ops: Vec::new(), durable: false, done: Some(Responder::Blocking(tx)) };
+        if false && self.inner.writer.send(nudge).is_ok() {
+            let _ = rx.recv(); // an error here is the writer's to report
+        }
         ks.state.rotate_memtable_and_wait()?;
         ks.meta.rotate_memtable_and_wait()?;
 

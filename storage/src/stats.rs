@@ -21,7 +21,8 @@ pub struct Stats {
     pub writes: u64,
     /// Operations in those calls.
     pub ops: u64,
-    /// Group commits: fjall batches written (one per writer wake-up).
+    /// Group commits (one per writer wake-up that wrote or synced something;
+    /// a flush-only group counts too).
     pub batches: u64,
     /// `fdatasync` calls made by group commits and flushes.
     pub syncs: u64,

@@ -231,8 +231,8 @@ impl Store {
         counters.live_estimate.store(persisted.live_estimate, Relaxed);
         counters.removes_since_compaction.store(persisted.removes_since_compaction, Relaxed);
 
-        let compactor = Compactor::new(ks.clone(), counters.clone());
         let (tx, rx) = mpsc::channel();
+        let compactor = Compactor::new(ks.clone(), counters.clone(), tx.clone());
         let writer = Writer::new(db.clone(), ks.clone(), rx, counters.clone(), compactor.clone(), &opts, persisted);
         let handle = std::thread::Builder::new().name("sluice-storage-writer".into()).spawn(move || writer.run())?;
 

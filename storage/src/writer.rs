@@ -156,10 +156,12 @@ impl Writer {
                 self.counters.writes.fetch_add(n_writes, Relaxed);
                 self.counters.ops.fetch_add(n_ops, Relaxed);
             }
-            Err(Error::Poisoned) => {}
             Err(e) => {
-                tracing::error!(error = %e, writes = n_writes, "storage group commit failed; poisoning the store");
-                self.counters.poisoned.store(true, Relaxed);
+                // Also when fjall reports Poisoned itself (e.g. a failed
+                // background flush): from now on every write is refused.
+                if !self.counters.poisoned.swap(true, Relaxed) {
+                    tracing::error!(error = %e, writes = n_writes, "storage group commit failed; poisoning the store");
+                }
             }
         }
         for (_, _, done) in group {

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{fast, open, payload};
+use common::{du, fast, open, payload};
 use sluice_storage::{MessageRecord, Op, StoreOptions};
 use std::time::{Duration, Instant};
 
@@ -32,8 +32,9 @@ fn drained_queue_is_compacted_and_disk_shrinks() {
     // Let flushes settle so the table bytes are counted.
     std::thread::sleep(Duration::from_millis(500));
     let before = store.stats();
+    let du_before = du(dir.path());
     assert_eq!(before.compactions, 0);
-    println!("appended {N} in {:?}; disk {} B (journal {} B)", t.elapsed(), before.disk_bytes, before.journal_bytes);
+    println!("appended {N} in {:?}; disk {} B (journal {} B), du {du_before} B", t.elapsed(), before.disk_bytes, before.journal_bytes);
 
     // Consume in order and ack with a moving floor, like a consumer would.
     let mut floor = 0;
@@ -58,8 +59,9 @@ fn drained_queue_is_compacted_and_disk_shrinks() {
     // The next commit folds the compacted removes into the persisted counter.
     store.flush().unwrap();
     let after = store.stats();
+    let du_after = du(dir.path());
     println!(
-        "after compaction at {:?}: disk {} B (journal {} B), compaction took {:?}",
+        "after compaction at {:?}: disk {} B (journal {} B), du {du_after} B, compaction took {:?}",
         t.elapsed(),
         after.disk_bytes,
         after.journal_bytes,
@@ -73,4 +75,6 @@ fn drained_queue_is_compacted_and_disk_shrinks() {
     assert_eq!(after.removes_since_compaction, 0, "counter reset by the compaction: {after:?}");
     assert_eq!(after.live_estimate, 0);
     assert!(after.disk_bytes < before.disk_bytes, "disk did not shrink: {} -> {}", before.disk_bytes, after.disk_bytes);
+    // The replaced table files are really gone, not just unaccounted.
+    assert!(du_after < du_before, "allocated bytes did not shrink: {du_before} -> {du_after}");
 }

@@ -5,11 +5,13 @@
 //! ```
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use nom::number::complete::{be_u16, be_u32, be_u8};
+use nom::{IResult, Parser};
 
 use super::error::DecodeError;
-use super::properties::{decode_properties_from, encode_properties, BasicProperties};
+use super::properties::{encode_properties, parse_properties, BasicProperties};
 use super::spec::Method;
-use super::wire::Reader;
+use super::wire::{self, parse_all};
 
 /// The protocol header a 0-9-1 client sends first (and the one the server
 /// answers with before closing when it sees any other header).
@@ -132,15 +134,10 @@ fn effective_frame_max(frame_max: u32) -> u32 {
 ///
 /// Body payloads are split off `buf` without copying.
 pub fn decode_frame(buf: &mut BytesMut, frame_max: u32) -> Result<Option<Frame>, DecodeError> {
-    let Some(header) = buf.get(..HEADER_LEN) else {
-        buf.reserve(HEADER_LEN - buf.len());
+    let Ok((_, (frame_type, channel, size))) = frame_header(buf) else {
+        buf.reserve(HEADER_LEN.saturating_sub(buf.len()));
         return Ok(None);
     };
-    let Ok([frame_type, c0, c1, s0, s1, s2, s3]) = <[u8; HEADER_LEN]>::try_from(header) else {
-        return Ok(None); // unreachable: the slice has exactly HEADER_LEN bytes
-    };
-    let channel = u16::from_be_bytes([c0, c1]);
-    let size = u32::from_be_bytes([s0, s1, s2, s3]);
 
     if !matches!(
         frame_type,
@@ -189,29 +186,37 @@ pub fn decode_frame(buf: &mut BytesMut, frame_max: u32) -> Result<Option<Frame>,
     Ok(Some(frame))
 }
 
+/// Parses the fixed frame header: type, channel, payload size. Fails only
+/// while fewer than [`HEADER_LEN`] bytes are available.
+fn frame_header(input: &[u8]) -> IResult<&[u8], (u8, u16, u32)> {
+    (be_u8, be_u16, be_u32).parse(input)
+}
+
 fn decode_method_payload(payload: &[u8]) -> Result<Method, DecodeError> {
-    let (ids, args) = payload
-        .split_at_checked(4)
-        .ok_or(DecodeError::MalformedFrame { context: "method" })?;
-    let mut r = Reader::new(ids);
-    let class_id = r.u16("method frame")?;
-    let method_id = r.u16("method frame")?;
+    const CTX: &str = "method frame";
+    let (args, (class_id, method_id)) = (wire::u16(CTX), wire::u16(CTX))
+        .parse(payload)
+        .map_err(|_| DecodeError::MalformedFrame { context: "method" })?;
     Method::decode(class_id, method_id, args)
 }
 
 fn decode_header_payload(channel: u16, payload: &[u8]) -> Result<Frame, DecodeError> {
+    const CTX: &str = "content header";
     // The fixed part plus at least one property flag word.
     if payload.len() < CONTENT_HEADER_FIXED + 2 {
-        return Err(DecodeError::MalformedFrame {
-            context: "content header",
-        });
+        return Err(DecodeError::MalformedFrame { context: CTX });
     }
-    let mut r = Reader::new(payload);
-    let class_id = r.u16("content header")?;
-    let _weight = r.u16("content header")?; // unused, always 0
-    let body_size = r.u64("content header")?;
-    let properties = decode_properties_from(&mut r)?;
-    r.finish("content properties")?;
+    let (class_id, _weight, body_size, properties) = parse_all(
+        "content properties",
+        // The weight is unused (always 0).
+        (
+            wire::u16(CTX),
+            wire::u16(CTX),
+            wire::u64(CTX),
+            parse_properties,
+        ),
+        payload,
+    )?;
     Ok(Frame::Header {
         channel,
         class_id,

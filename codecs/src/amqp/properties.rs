@@ -7,10 +7,12 @@
 //! bit 1 is unused and bit 0 says another flag word follows.
 
 use bytes::{BufMut, BytesMut};
+use nom::combinator::cond;
+use nom::Parser;
 
 use super::error::DecodeError;
 use super::value::FieldTable;
-use super::wire::{put_shortstr, shortstr_len, Reader};
+use super::wire::{self, fail, parse_all, put_shortstr, shortstr, shortstr_len, PResult};
 
 /// Message properties of the `basic` class. Every property is optional;
 /// `None` means the flag bit is clear and nothing is on the wire.
@@ -154,59 +156,79 @@ pub fn encode_properties(props: &BasicProperties, out: &mut BytesMut) {
 /// Decodes property flags and properties; `input` must contain exactly that
 /// (trailing bytes are an error).
 pub fn decode_properties(input: &[u8]) -> Result<BasicProperties, DecodeError> {
-    let mut r = Reader::new(input);
-    let props = decode_properties_from(&mut r)?;
-    r.finish("content properties")?;
-    Ok(props)
+    parse_all("content properties", parse_properties, input)
 }
 
-pub(crate) fn decode_properties_from(r: &mut Reader<'_>) -> Result<BasicProperties, DecodeError> {
+/// Parses the property flag words and then the present properties.
+pub(crate) fn parse_properties(input: &[u8]) -> PResult<'_, BasicProperties> {
     const CTX: &str = "content properties";
-    let flags = r.u16(CTX)?;
+    let (mut input, flags) = wire::u16(CTX).parse(input)?;
     if flags & !(KNOWN | CONTINUATION) != 0 {
-        return Err(DecodeError::UnknownPropertyFlags { flags });
+        return Err(fail(DecodeError::UnknownPropertyFlags { flags }));
     }
     // Further flag words may follow; basic has only 14 properties, so they
     // may only carry the continuation bit itself.
     let mut word = flags;
     while word & CONTINUATION != 0 {
-        word = r.u16(CTX)?;
+        (input, word) = wire::u16(CTX).parse(input)?;
         if word & !CONTINUATION != 0 {
-            return Err(DecodeError::UnknownPropertyFlags { flags: word });
+            return Err(fail(DecodeError::UnknownPropertyFlags { flags: word }));
         }
     }
 
-    let mut props = BasicProperties::default();
-    let str_if = |r: &mut Reader<'_>, bit: u16| -> Result<Option<String>, DecodeError> {
-        if flags & bit != 0 {
-            r.shortstr(CTX).map(Some)
-        } else {
-            Ok(None)
-        }
+    let has = |bit: u16| flags & bit != 0;
+    let (
+        input,
+        (
+            content_type,
+            content_encoding,
+            headers,
+            delivery_mode,
+            priority,
+            correlation_id,
+            reply_to,
+            expiration,
+            message_id,
+            timestamp,
+            kind,
+            user_id,
+            app_id,
+            cluster_id,
+        ),
+    ) = (
+        cond(has(CONTENT_TYPE), shortstr(CTX)),
+        cond(has(CONTENT_ENCODING), shortstr(CTX)),
+        cond(has(HEADERS), |i| FieldTable::parse(i, 0)),
+        cond(has(DELIVERY_MODE), wire::u8(CTX)),
+        cond(has(PRIORITY), wire::u8(CTX)),
+        cond(has(CORRELATION_ID), shortstr(CTX)),
+        cond(has(REPLY_TO), shortstr(CTX)),
+        cond(has(EXPIRATION), shortstr(CTX)),
+        cond(has(MESSAGE_ID), shortstr(CTX)),
+        cond(has(TIMESTAMP), wire::u64(CTX)),
+        cond(has(TYPE), shortstr(CTX)),
+        cond(has(USER_ID), shortstr(CTX)),
+        cond(has(APP_ID), shortstr(CTX)),
+        cond(has(CLUSTER_ID), shortstr(CTX)),
+    )
+        .parse(input)?;
+    let props = BasicProperties {
+        content_type,
+        content_encoding,
+        headers,
+        delivery_mode,
+        priority,
+        correlation_id,
+        reply_to,
+        expiration,
+        message_id,
+        timestamp,
+        kind,
+        user_id,
+        app_id,
+        cluster_id,
     };
-    props.content_type = str_if(r, CONTENT_TYPE)?;
-    props.content_encoding = str_if(r, CONTENT_ENCODING)?;
-    if flags & HEADERS != 0 {
-        props.headers = Some(FieldTable::decode_from(r, 0)?);
-    }
-    if flags & DELIVERY_MODE != 0 {
-        props.delivery_mode = Some(r.u8(CTX)?);
-    }
-    if flags & PRIORITY != 0 {
-        props.priority = Some(r.u8(CTX)?);
-    }
-    props.correlation_id = str_if(r, CORRELATION_ID)?;
-    props.reply_to = str_if(r, REPLY_TO)?;
-    props.expiration = str_if(r, EXPIRATION)?;
-    props.message_id = str_if(r, MESSAGE_ID)?;
-    if flags & TIMESTAMP != 0 {
-        props.timestamp = Some(r.u64(CTX)?);
-    }
-    props.kind = str_if(r, TYPE)?;
-    props.user_id = str_if(r, USER_ID)?;
-    props.app_id = str_if(r, APP_ID)?;
-    props.cluster_id = str_if(r, CLUSTER_ID)?;
-    Ok(props)
+    Ok((input, props))
 }
 
 #[cfg(test)]

@@ -18,10 +18,13 @@
 //! corrupt frame. Decoding an invalid-UTF-8 `shortstr` is an error.
 
 use bytes::{BufMut, Bytes, BytesMut};
+use nom::Parser;
 
 use super::error::DecodeError;
 use super::value::FieldTable;
-use super::wire::{longstr_len, put_longstr, put_shortstr, shortstr_len, Reader};
+use super::wire::{
+    self, finish, longstr_len, put_longstr, put_shortstr, run, shortstr_len, WireError,
+};
 
 /// AMQP reply codes (the `reply_code` of `connection.close`,
 /// `channel.close` and `basic.return`).
@@ -224,9 +227,11 @@ impl ArgSizer {
     }
 }
 
-/// Reads method arguments, unpacking runs of bits.
+/// Reads method arguments, unpacking runs of bits. Each field is parsed by
+/// a wire parser labelled with the method name.
 struct ArgReader<'a> {
-    r: Reader<'a>,
+    /// The arguments not read yet.
+    input: &'a [u8],
     /// The current bit octet.
     bits: u8,
     /// Index of the next bit to read from `bits`; 8 = read a new octet.
@@ -237,16 +242,37 @@ struct ArgReader<'a> {
 impl<'a> ArgReader<'a> {
     fn new(args: &'a [u8], context: &'static str) -> Self {
         ArgReader {
-            r: Reader::new(args),
+            input: args,
             bits: 0,
             pos: 8,
             context,
         }
     }
 
+    /// Runs `parser` on the remaining arguments and advances past what it
+    /// consumed.
+    fn run<T>(
+        &mut self,
+        parser: impl Parser<&'a [u8], Output = T, Error = WireError>,
+    ) -> Result<T, DecodeError> {
+        let (rest, value) = run(self.context, parser, self.input)?;
+        self.input = rest;
+        Ok(value)
+    }
+
+    /// Parses a non-bit field, which ends a bit run: the next `bit()` starts
+    /// a fresh octet.
+    fn field<T>(
+        &mut self,
+        parser: impl Parser<&'a [u8], Output = T, Error = WireError>,
+    ) -> Result<T, DecodeError> {
+        self.pos = 8;
+        self.run(parser)
+    }
+
     fn bit(&mut self) -> Result<bool, DecodeError> {
         if self.pos == 8 {
-            self.bits = self.r.u8(self.context)?;
+            self.bits = self.run(wire::u8(self.context))?;
             self.pos = 0;
         }
         let v = self.bits & (1 << self.pos) != 0;
@@ -254,30 +280,20 @@ impl<'a> ArgReader<'a> {
         Ok(v)
     }
 
-    /// Ends a bit run; the next `bit()` starts a fresh octet.
-    fn reader(&mut self) -> &mut Reader<'a> {
-        self.pos = 8;
-        &mut self.r
-    }
-
     fn octet(&mut self) -> Result<u8, DecodeError> {
-        let ctx = self.context;
-        self.reader().u8(ctx)
+        self.field(wire::u8(self.context))
     }
 
     fn short(&mut self) -> Result<u16, DecodeError> {
-        let ctx = self.context;
-        self.reader().u16(ctx)
+        self.field(wire::u16(self.context))
     }
 
     fn long(&mut self) -> Result<u32, DecodeError> {
-        let ctx = self.context;
-        self.reader().u32(ctx)
+        self.field(wire::u32(self.context))
     }
 
     fn longlong(&mut self) -> Result<u64, DecodeError> {
-        let ctx = self.context;
-        self.reader().u64(ctx)
+        self.field(wire::u64(self.context))
     }
 
     // No 0-9-1 method has a `timestamp` argument; kept so the table can use
@@ -288,21 +304,19 @@ impl<'a> ArgReader<'a> {
     }
 
     fn shortstr(&mut self) -> Result<String, DecodeError> {
-        let ctx = self.context;
-        self.reader().shortstr(ctx)
+        self.field(wire::shortstr(self.context))
     }
 
     fn longstr(&mut self) -> Result<Bytes, DecodeError> {
-        let ctx = self.context;
-        self.reader().longstr(ctx)
+        self.field(wire::longstr(self.context))
     }
 
     fn table(&mut self) -> Result<FieldTable, DecodeError> {
-        FieldTable::decode_from(self.reader(), 0)
+        self.field(|i| FieldTable::parse(i, 0))
     }
 
     fn finish(&self) -> Result<(), DecodeError> {
-        self.r.finish(self.context)
+        run(self.context, finish(self.context), self.input).map(|_| ())
     }
 }
 

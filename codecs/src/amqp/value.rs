@@ -4,10 +4,14 @@
 //! `l` a signed 64-bit one).
 
 use bytes::{BufMut, Bytes, BytesMut};
+use nom::combinator::map;
+use nom::number::complete::{be_f32, be_f64, be_i16, be_i32, be_i64, be_i8};
+use nom::Parser;
 
 use super::error::DecodeError;
 use super::wire::{
-    begin_u32_len, longstr_len, patch_u32_len, put_longstr, put_shortstr, shortstr_len, Reader,
+    self, begin_u32_len, fail, label, long_slice, longstr, longstr_len, parse_all, patch_u32_len,
+    put_longstr, put_shortstr, shortstr, shortstr_len, until_end, PResult,
 };
 
 /// Maximum nesting of tables/arrays inside a table accepted by the decoder.
@@ -196,48 +200,44 @@ impl FieldValue {
         }
     }
 
-    /// Decodes one tagged value; `depth` is the nesting level of the
+    /// Parses one tagged value; `depth` is the nesting level of the
     /// enclosing table/array.
-    fn decode_from(r: &mut Reader<'_>, depth: usize) -> Result<FieldValue, DecodeError> {
+    fn parse(input: &[u8], depth: usize) -> PResult<'_, FieldValue> {
         const CTX: &str = "field value";
-        let tag = r.u8(CTX)?;
-        let value = match tag {
-            b't' => FieldValue::Bool(r.u8(CTX)? != 0),
-            b'b' => FieldValue::I8(i8::from_be_bytes([r.u8(CTX)?])),
-            b'B' => FieldValue::U8(r.u8(CTX)?),
-            b's' => FieldValue::I16(r.u16(CTX)?.cast_signed()),
-            b'u' => FieldValue::U16(r.u16(CTX)?),
-            b'I' => FieldValue::I32(r.u32(CTX)?.cast_signed()),
-            b'i' => FieldValue::U32(r.u32(CTX)?),
-            b'l' => FieldValue::I64(r.u64(CTX)?.cast_signed()),
-            b'f' => FieldValue::F32(f32::from_bits(r.u32(CTX)?)),
-            b'd' => FieldValue::F64(f64::from_bits(r.u64(CTX)?)),
-            b'D' => FieldValue::Decimal(Decimal {
-                scale: r.u8(CTX)?,
-                value: r.u32(CTX)?,
-            }),
-            b'S' => FieldValue::LongString(r.longstr(CTX)?),
-            b'A' => FieldValue::Array(decode_array(r, depth + 1)?),
-            b'T' => FieldValue::Timestamp(r.u64(CTX)?),
-            b'F' => FieldValue::Table(FieldTable::decode_from(r, depth + 1)?),
-            b'V' => FieldValue::Void,
-            b'x' => FieldValue::ByteArray(r.longstr(CTX)?),
-            other => return Err(DecodeError::BadFieldType(other)),
-        };
-        Ok(value)
+        let (input, tag) = wire::u8(CTX).parse(input)?;
+        match tag {
+            b't' => wire::u8(CTX).map(|v| FieldValue::Bool(v != 0)).parse(input),
+            b'b' => label(CTX, be_i8).map(FieldValue::I8).parse(input),
+            b'B' => wire::u8(CTX).map(FieldValue::U8).parse(input),
+            b's' => label(CTX, be_i16).map(FieldValue::I16).parse(input),
+            b'u' => wire::u16(CTX).map(FieldValue::U16).parse(input),
+            b'I' => label(CTX, be_i32).map(FieldValue::I32).parse(input),
+            b'i' => wire::u32(CTX).map(FieldValue::U32).parse(input),
+            b'l' => label(CTX, be_i64).map(FieldValue::I64).parse(input),
+            b'f' => label(CTX, be_f32).map(FieldValue::F32).parse(input),
+            b'd' => label(CTX, be_f64).map(FieldValue::F64).parse(input),
+            b'D' => (wire::u8(CTX), wire::u32(CTX))
+                .map(|(scale, value)| FieldValue::Decimal(Decimal { scale, value }))
+                .parse(input),
+            b'S' => longstr(CTX).map(FieldValue::LongString).parse(input),
+            b'A' => map(|i| parse_array(i, depth + 1), FieldValue::Array).parse(input),
+            b'T' => wire::u64(CTX).map(FieldValue::Timestamp).parse(input),
+            b'F' => map(|i| FieldTable::parse(i, depth + 1), FieldValue::Table).parse(input),
+            b'V' => Ok((input, FieldValue::Void)),
+            b'x' => longstr(CTX).map(FieldValue::ByteArray).parse(input),
+            other => Err(fail(DecodeError::BadFieldType(other))),
+        }
     }
 }
 
-fn decode_array(r: &mut Reader<'_>, depth: usize) -> Result<Vec<FieldValue>, DecodeError> {
+/// Parses a field array (length prefix included) nested at `depth`.
+fn parse_array(input: &[u8], depth: usize) -> PResult<'_, Vec<FieldValue>> {
     if depth > MAX_DEPTH {
-        return Err(DecodeError::TooDeep);
+        return Err(fail(DecodeError::TooDeep));
     }
-    let mut inner = Reader::new(r.long_slice("field array")?);
-    let mut items = Vec::new();
-    while !inner.is_empty() {
-        items.push(FieldValue::decode_from(&mut inner, depth)?);
-    }
-    Ok(items)
+    long_slice("field array")
+        .and_then(until_end(|i| FieldValue::parse(i, depth)))
+        .parse(input)
 }
 
 impl From<bool> for FieldValue {
@@ -342,25 +342,19 @@ impl FieldTable {
     /// Decodes a complete table encoding (length prefix included); the input
     /// must contain exactly one table.
     pub fn decode(input: &[u8]) -> Result<FieldTable, DecodeError> {
-        let mut r = Reader::new(input);
-        let table = FieldTable::decode_from(&mut r, 0)?;
-        r.finish("field table")?;
-        Ok(table)
+        parse_all("field table", |i| FieldTable::parse(i, 0), input)
     }
 
-    /// Decodes a table from the cursor; `depth` is its nesting level.
-    pub(crate) fn decode_from(r: &mut Reader<'_>, depth: usize) -> Result<FieldTable, DecodeError> {
+    /// Parses a table (length prefix included); `depth` is its nesting level.
+    pub(crate) fn parse(input: &[u8], depth: usize) -> PResult<'_, FieldTable> {
         if depth > MAX_DEPTH {
-            return Err(DecodeError::TooDeep);
+            return Err(fail(DecodeError::TooDeep));
         }
-        let mut inner = Reader::new(r.long_slice("field table")?);
-        let mut entries = Vec::new();
-        while !inner.is_empty() {
-            let key = inner.shortstr("field table key")?;
-            let value = FieldValue::decode_from(&mut inner, depth)?;
-            entries.push((key, value));
-        }
-        Ok(FieldTable(entries))
+        let entry = (shortstr("field table key"), |i| FieldValue::parse(i, depth));
+        long_slice("field table")
+            .and_then(until_end(entry))
+            .map(FieldTable)
+            .parse(input)
     }
 }
 

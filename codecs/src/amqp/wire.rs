@@ -1,100 +1,206 @@
-//! Low-level helpers shared by the AMQP encoders and decoders: a bounds-checked
-//! read cursor and writers for the length-prefixed string types.
+//! Low-level helpers shared by the AMQP encoders and decoders: the decoding
+//! primitives, built on [nom], and writers for the length-prefixed string
+//! types.
 //!
-//! Every read goes through [`Reader::take`], which uses checked splitting, so
+//! Decoders are nom parsers over `&[u8]` whose error type is [`WireError`],
+//! a thin wrapper around [`DecodeError`]. The primitives here are built from
+//! nom's *complete* parsers (`nom::number::complete`,
+//! `nom::bytes::complete`), which check the length of their input, so
 //! malformed input can only ever produce a [`DecodeError`], never a panic.
+//!
+//! Every primitive is labelled with a context string via [`label`] (nom's
+//! [`nom::error::context`] combinator): running out of input inside it becomes
+//! [`DecodeError::Truncated`] with that context. Errors that already say more
+//! (invalid UTF-8, unknown field type, ...) are passed through unchanged.
+//! [`run`] and [`parse_all`] are the bridges back to `Result<_, DecodeError>`.
 
 use bytes::{BufMut, Bytes, BytesMut};
+use nom::bytes::complete::take;
+use nom::combinator::eof;
+use nom::error::{ContextError, ErrorKind, ParseError};
+use nom::multi::many_till;
+use nom::number::complete::{be_u16, be_u32, be_u64, be_u8};
+use nom::{IResult, Parser};
 
 use super::error::DecodeError;
 
 /// Longest short string the wire format can carry.
 pub(crate) const SHORTSTR_MAX: usize = 255;
 
-/// A forward-only cursor over a byte slice.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Reader<'a> {
-    buf: &'a [u8],
+/// The error type of the wire parsers.
+#[derive(Debug)]
+pub(crate) enum WireError {
+    /// A nom primitive ran out of input (or otherwise failed) and no
+    /// [`label`] has said yet what was being decoded.
+    Unlabelled,
+    /// A complete decode error.
+    Decode(DecodeError),
 }
 
-impl<'a> Reader<'a> {
-    pub(crate) fn new(buf: &'a [u8]) -> Self {
-        Reader { buf }
-    }
-
-    pub(crate) fn is_empty(&self) -> bool {
-        self.buf.is_empty()
-    }
-
-    /// Consumes exactly `n` bytes or fails with `Truncated { context }`.
-    pub(crate) fn take(
-        &mut self,
-        n: usize,
-        context: &'static str,
-    ) -> Result<&'a [u8], DecodeError> {
-        let (head, tail) = self
-            .buf
-            .split_at_checked(n)
-            .ok_or(DecodeError::Truncated { context })?;
-        self.buf = tail;
-        Ok(head)
-    }
-
-    fn array<const N: usize>(&mut self, context: &'static str) -> Result<[u8; N], DecodeError> {
-        self.take(N, context)?
-            .try_into()
-            .map_err(|_| DecodeError::Truncated { context })
-    }
-
-    pub(crate) fn u8(&mut self, context: &'static str) -> Result<u8, DecodeError> {
-        self.array::<1>(context).map(u8::from_be_bytes)
-    }
-
-    pub(crate) fn u16(&mut self, context: &'static str) -> Result<u16, DecodeError> {
-        self.array(context).map(u16::from_be_bytes)
-    }
-
-    pub(crate) fn u32(&mut self, context: &'static str) -> Result<u32, DecodeError> {
-        self.array(context).map(u32::from_be_bytes)
-    }
-
-    pub(crate) fn u64(&mut self, context: &'static str) -> Result<u64, DecodeError> {
-        self.array(context).map(u64::from_be_bytes)
-    }
-
-    /// Reads a `u32` length and then that many bytes.
-    pub(crate) fn long_slice(&mut self, context: &'static str) -> Result<&'a [u8], DecodeError> {
-        let len = self.u32(context)?;
-        let len = usize::try_from(len).map_err(|_| DecodeError::Truncated { context })?;
-        self.take(len, context)
-    }
-
-    /// Reads a short string: `u8` length then UTF-8 bytes.
-    pub(crate) fn shortstr(&mut self, context: &'static str) -> Result<String, DecodeError> {
-        let len = self.u8(context)?;
-        let raw = self.take(usize::from(len), context)?;
-        std::str::from_utf8(raw)
-            .map(str::to_owned)
-            .map_err(|_| DecodeError::InvalidUtf8 { context })
-    }
-
-    /// Reads a long string: `u32` length then raw bytes (copied out of the
-    /// frame because the caller only lends us a slice).
-    pub(crate) fn longstr(&mut self, context: &'static str) -> Result<Bytes, DecodeError> {
-        self.long_slice(context).map(Bytes::copy_from_slice)
-    }
-
-    /// Fails if any input is left over.
-    pub(crate) fn finish(&self, context: &'static str) -> Result<(), DecodeError> {
-        if self.buf.is_empty() {
-            Ok(())
-        } else {
-            Err(DecodeError::TrailingBytes {
-                context,
-                count: self.buf.len(),
-            })
+impl WireError {
+    /// The [`DecodeError`]; an unlabelled error becomes `Truncated { context }`.
+    fn into_decode(self, context: &'static str) -> DecodeError {
+        match self {
+            WireError::Unlabelled => DecodeError::Truncated { context },
+            WireError::Decode(e) => e,
         }
     }
+}
+
+impl ParseError<&[u8]> for WireError {
+    fn from_error_kind(_input: &[u8], _kind: ErrorKind) -> Self {
+        WireError::Unlabelled
+    }
+
+    fn append(_input: &[u8], _kind: ErrorKind, other: Self) -> Self {
+        other
+    }
+}
+
+impl ContextError<&[u8]> for WireError {
+    /// The innermost context wins: only an unlabelled error takes `ctx`.
+    fn add_context(_input: &[u8], ctx: &'static str, other: Self) -> Self {
+        WireError::Decode(other.into_decode(ctx))
+    }
+}
+
+/// Result of a wire parser.
+pub(crate) type PResult<'a, T> = IResult<&'a [u8], T, WireError>;
+
+/// A nom error carrying `e`, for parsers that detect a semantic error.
+pub(crate) fn fail(e: DecodeError) -> nom::Err<WireError> {
+    nom::Err::Error(WireError::Decode(e))
+}
+
+/// Converts a parser failure into the [`DecodeError`] it stands for.
+fn to_decode(err: nom::Err<WireError>, context: &'static str) -> DecodeError {
+    match err {
+        nom::Err::Error(e) | nom::Err::Failure(e) => e.into_decode(context),
+        // Only complete parsers are used, but map it rather than panic.
+        nom::Err::Incomplete(_) => DecodeError::Truncated { context },
+    }
+}
+
+/// Runs `parser` on `input`, returning the rest of the input and the value.
+/// An error nothing labelled yet becomes `Truncated { context }`.
+pub(crate) fn run<'a, O>(
+    context: &'static str,
+    mut parser: impl Parser<&'a [u8], Output = O, Error = WireError>,
+    input: &'a [u8],
+) -> Result<(&'a [u8], O), DecodeError> {
+    parser.parse(input).map_err(|e| to_decode(e, context))
+}
+
+/// Runs `parser` on `input`, which it must consume exactly (leftover bytes
+/// are `TrailingBytes { context }`).
+pub(crate) fn parse_all<'a, O>(
+    context: &'static str,
+    parser: impl Parser<&'a [u8], Output = O, Error = WireError>,
+    input: &'a [u8],
+) -> Result<O, DecodeError> {
+    let (_, (value, ())) = run(context, (parser, finish(context)), input)?;
+    Ok(value)
+}
+
+/// Labels `parser`: if it fails for lack of input the error is
+/// `Truncated { context }`.
+pub(crate) fn label<'a, O>(
+    context: &'static str,
+    parser: impl Parser<&'a [u8], Output = O, Error = WireError>,
+) -> impl Parser<&'a [u8], Output = O, Error = WireError> {
+    nom::error::context(context, parser)
+}
+
+/// An octet.
+pub(crate) fn u8<'a>(
+    context: &'static str,
+) -> impl Parser<&'a [u8], Output = u8, Error = WireError> {
+    label(context, be_u8)
+}
+
+/// A big-endian `u16`.
+pub(crate) fn u16<'a>(
+    context: &'static str,
+) -> impl Parser<&'a [u8], Output = u16, Error = WireError> {
+    label(context, be_u16)
+}
+
+/// A big-endian `u32`.
+pub(crate) fn u32<'a>(
+    context: &'static str,
+) -> impl Parser<&'a [u8], Output = u32, Error = WireError> {
+    label(context, be_u32)
+}
+
+/// A big-endian `u64`.
+pub(crate) fn u64<'a>(
+    context: &'static str,
+) -> impl Parser<&'a [u8], Output = u64, Error = WireError> {
+    label(context, be_u64)
+}
+
+/// A `u8` length and then that many bytes.
+fn short_slice<'a>(
+    context: &'static str,
+) -> impl Parser<&'a [u8], Output = &'a [u8], Error = WireError> {
+    label(context, |input: &'a [u8]| {
+        let (input, len) = be_u8(input)?;
+        take(len)(input)
+    })
+}
+
+/// A `u32` length and then that many bytes.
+pub(crate) fn long_slice<'a>(
+    context: &'static str,
+) -> impl Parser<&'a [u8], Output = &'a [u8], Error = WireError> {
+    label(context, |input: &'a [u8]| {
+        let (input, len) = be_u32(input)?;
+        take(len)(input)
+    })
+}
+
+/// A short string: `u8` length then UTF-8 bytes.
+pub(crate) fn shortstr<'a>(
+    context: &'static str,
+) -> impl Parser<&'a [u8], Output = String, Error = WireError> {
+    move |input: &'a [u8]| {
+        let (input, raw) = short_slice(context).parse(input)?;
+        let s = std::str::from_utf8(raw).map_err(|_| fail(DecodeError::InvalidUtf8 { context }))?;
+        Ok((input, s.to_owned()))
+    }
+}
+
+/// A long string: `u32` length then raw bytes (copied out of the frame
+/// because the caller only lends us a slice).
+pub(crate) fn longstr<'a>(
+    context: &'static str,
+) -> impl Parser<&'a [u8], Output = Bytes, Error = WireError> {
+    long_slice(context).map(Bytes::copy_from_slice)
+}
+
+/// Succeeds only at the end of the input; otherwise
+/// `TrailingBytes { context }`.
+pub(crate) fn finish<'a>(
+    context: &'static str,
+) -> impl Parser<&'a [u8], Output = (), Error = WireError> {
+    move |input: &'a [u8]| {
+        if input.is_empty() {
+            Ok((input, ()))
+        } else {
+            Err(fail(DecodeError::TrailingBytes {
+                context,
+                count: input.len(),
+            }))
+        }
+    }
+}
+
+/// Applies `item` until the input is used up (the body of a field table or
+/// array); the first failing item fails the whole sequence.
+pub(crate) fn until_end<'a, O>(
+    item: impl Parser<&'a [u8], Output = O, Error = WireError>,
+) -> impl Parser<&'a [u8], Output = Vec<O>, Error = WireError> {
+    many_till(item, eof).map(|(items, _)| items)
 }
 
 /// The part of `s` that fits in a short string.

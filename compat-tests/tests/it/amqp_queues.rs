@@ -1,1 +1,106 @@
-//! TODO
+//! Queue lifecycle: server-named, exclusive, auto-delete, purge, delete counts.
+
+use lapin::options::*;
+use lapin::types::FieldTable;
+
+use crate::common::*;
+
+#[tokio::test]
+async fn server_named_queue_gets_amq_gen_name() {
+    let s = Server::start();
+    let (_c, ch) = open(&s).await;
+    let q = ch.queue_declare("".into(), QueueDeclareOptions { exclusive: true, ..Default::default() }, FieldTable::default()).await.unwrap();
+    let name = q.name().as_str().to_string();
+    assert!(name.starts_with("amq.gen-") && name.len() == 30, "{name}");
+    publish(&ch, "", &name, b"x").await;
+    wait_ready(&ch, &name, 1).await;
+}
+
+#[tokio::test]
+async fn declare_ok_reports_message_and_consumer_counts() {
+    let s = Server::start();
+    let (_c, ch) = open(&s).await;
+    declare(&ch, "q").await;
+    for _ in 0..3 {
+        publish(&ch, "", "q", b"x").await;
+    }
+    wait_ready(&ch, "q", 3).await;
+    let ch2 = channel(&_c).await;
+    ch2.basic_qos(1, BasicQosOptions::default()).await.unwrap();
+    let _cons = ch2.basic_consume("q".into(), "".into(), BasicConsumeOptions::default(), FieldTable::default()).await.unwrap();
+    wait_ready(&ch, "q", 2).await;
+    let q = ch.queue_declare("q".into(), QueueDeclareOptions::default(), FieldTable::default()).await.unwrap();
+    assert_eq!((q.message_count(), q.consumer_count()), (2, 1));
+}
+
+#[tokio::test]
+async fn purge_and_delete_return_message_counts() {
+    let s = Server::start();
+    let (_c, ch) = open(&s).await;
+    declare(&ch, "q").await;
+    for _ in 0..7 {
+        publish(&ch, "", "q", b"x").await;
+    }
+    wait_ready(&ch, "q", 7).await;
+    assert_eq!(ch.queue_purge("q".into(), QueuePurgeOptions::default()).await.unwrap(), 7);
+    for _ in 0..4 {
+        publish(&ch, "", "q", b"x").await;
+    }
+    wait_ready(&ch, "q", 4).await;
+    assert_eq!(ch.queue_delete("q".into(), QueueDeleteOptions::default()).await.unwrap(), 4);
+    // Deleting a missing queue succeeds with 0, as in RabbitMQ 3.x.
+    assert_eq!(ch.queue_delete("q".into(), QueueDeleteOptions::default()).await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn auto_delete_queue_goes_when_last_consumer_cancels() {
+    let s = Server::start();
+    let (_c, ch) = open(&s).await;
+    ch.queue_declare("ad".into(), QueueDeclareOptions { auto_delete: true, ..Default::default() }, FieldTable::default()).await.unwrap();
+    ch.basic_consume("ad".into(), "t".into(), BasicConsumeOptions::default(), FieldTable::default()).await.unwrap();
+    ch.basic_cancel("t".into(), BasicCancelOptions::default()).await.unwrap();
+    let err = ch
+        .queue_declare("ad".into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), 404);
+}
+
+#[tokio::test]
+async fn durable_definitions_and_persistent_messages_survive_restart() {
+    let mut s = Server::start();
+    {
+        let (c, ch) = open(&s).await;
+        declare_durable(&ch, "dq").await;
+        ch.exchange_declare("dx".into(), lapin::ExchangeKind::Topic, ExchangeDeclareOptions { durable: true, ..Default::default() }, FieldTable::default())
+            .await
+            .unwrap();
+        ch.queue_bind("dq".into(), "dx".into(), "a.#".into(), QueueBindOptions::default(), FieldTable::default()).await.unwrap();
+        declare(&ch, "transient-q").await;
+        ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+        for i in 0..10u8 {
+            ch.basic_publish("dx".into(), "a.b".into(), BasicPublishOptions::default(), &[i], persistent()).await.unwrap().await.unwrap();
+        }
+        // Transient messages in a durable queue do not survive.
+        ch.basic_publish("dx".into(), "a.b".into(), BasicPublishOptions::default(), b"t", lapin::BasicProperties::default())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        c.close(200, "".into()).await.unwrap();
+    }
+    assert!(s.terminate().map(|st| st.success()).unwrap_or(false), "SIGTERM must exit 0");
+    s.restart();
+    let (_c, ch) = open(&s).await;
+    wait_ready(&ch, "dq", 10).await;
+    // The binding came back too.
+    ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    ch.basic_publish("dx".into(), "a.c".into(), BasicPublishOptions::default(), &[10], persistent()).await.unwrap().await.unwrap();
+    let bodies = consume_n(&ch, "dq", 11).await;
+    assert_eq!(bodies, (0..11u8).map(|i| vec![i]).collect::<Vec<_>>());
+    let err = ch
+        .queue_declare("transient-q".into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), 404, "non-durable queues are gone after restart");
+}

@@ -97,3 +97,16 @@ pub async fn wait_ready(ch: &Channel, queue: &str, n: u32) {
     }
     panic!("queue {queue} never reached {n} ready messages");
 }
+
+/// For operations after which the server closes the channel asynchronously
+/// (ack of an unknown tag, publish to a missing exchange...): pipelines a
+/// basic.get right behind `op`, so the server's channel.close is the answer
+/// to that get, and returns the close's reply code.
+pub async fn async_close_code<F, T>(ch: &Channel, op: F) -> u16
+where
+    F: std::future::Future<Output = lapin::Result<T>>,
+{
+    let (_, got) = tokio::join!(op, ch.basic_get("sluice-probe".into(), BasicGetOptions::default()));
+    let err = got.expect_err("the server must close the channel");
+    code(&err)
+}

@@ -1,1 +1,258 @@
-//! TODO
+//! Protocol-level behaviour checked with raw frames over a plain socket:
+//! wrong protocol headers, framing errors, heartbeats, unknown methods.
+//! (The frames are built with sluice's codec; the subject is the server.)
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use sluice_codecs::amqp::*;
+
+use crate::common::Server;
+
+struct Raw {
+    sock: TcpStream,
+    buf: BytesMut,
+}
+
+impl Raw {
+    fn connect(s: &Server) -> Raw {
+        let sock = TcpStream::connect(s.amqp).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        Raw { sock, buf: BytesMut::new() }
+    }
+
+    fn send(&mut self, f: &Frame) {
+        let mut out = BytesMut::new();
+        encode_frame(f, &mut out);
+        self.sock.write_all(&out).unwrap();
+    }
+
+    fn method(&mut self, channel: u16, m: Method) {
+        self.send(&Frame::Method { channel, method: m });
+    }
+
+    /// Next frame, or None on EOF.
+    fn read(&mut self) -> Option<Frame> {
+        loop {
+            if let Some(f) = decode_frame(&mut self.buf, 0).unwrap() {
+                return Some(f);
+            }
+            let mut tmp = [0u8; 65536];
+            let n = self.sock.read(&mut tmp).ok()?;
+            if n == 0 {
+                return None;
+            }
+            self.buf.extend_from_slice(&tmp[..n]);
+        }
+    }
+
+    fn read_method(&mut self) -> Method {
+        loop {
+            match self.read().expect("connection closed while waiting for a method") {
+                Frame::Method { method, .. } => return method,
+                _ => continue,
+            }
+        }
+    }
+
+    /// Handshake with PLAIN guest/guest and the given heartbeat.
+    fn open(s: &Server, heartbeat: u16) -> Raw {
+        let mut r = Raw::connect(s);
+        r.sock.write_all(&PROTOCOL_HEADER).unwrap();
+        assert!(matches!(r.read_method(), Method::ConnectionStart(_)));
+        r.method(0, Method::ConnectionStartOk(ConnectionStartOk {
+            client_properties: FieldTable::default(),
+            mechanism: "PLAIN".into(),
+            response: bytes::Bytes::from_static(b"\0guest\0guest"),
+            locale: "en_US".into(),
+        }));
+        let Method::ConnectionTune(t) = r.read_method() else { panic!("expected tune") };
+        r.method(0, Method::ConnectionTuneOk(ConnectionTuneOk { channel_max: t.channel_max, frame_max: t.frame_max, heartbeat }));
+        r.method(0, Method::ConnectionOpen(ConnectionOpen { virtual_host: "/".into(), ..Default::default() }));
+        assert!(matches!(r.read_method(), Method::ConnectionOpenOk(_)));
+        r
+    }
+
+    /// Reads until connection.close and returns its reply code.
+    fn expect_close(&mut self) -> u16 {
+        loop {
+            match self.read() {
+                Some(Frame::Method { method: Method::ConnectionClose(c), .. }) => {
+                    self.method(0, Method::ConnectionCloseOk(ConnectionCloseOk {}));
+                    return c.reply_code;
+                }
+                Some(_) => continue,
+                None => panic!("socket closed without connection.close"),
+            }
+        }
+    }
+}
+
+#[test]
+fn wrong_protocol_header_gets_ours_back_and_close() {
+    let s = Server::start();
+    for bad in [&b"AMQP\x01\x01\x00\x09"[..], b"GET / HTTP/1.1\r\n\r\n", b"AMQP\x00\x00\x08\x00"] {
+        let mut r = Raw::connect(&s);
+        r.sock.write_all(bad).unwrap();
+        let mut got = Vec::new();
+        r.sock.read_to_end(&mut got).unwrap();
+        assert_eq!(got, PROTOCOL_HEADER, "reply to {bad:?}");
+    }
+}
+
+#[test]
+fn bad_frame_end_is_501() {
+    let s = Server::start();
+    let mut r = Raw::open(&s, 0);
+    let mut out = BytesMut::new();
+    encode_method_frame(1, &Method::ChannelOpen(ChannelOpen::default()), &mut out);
+    let last = out.len() - 1;
+    out[last] = 0x00;
+    r.sock.write_all(&out).unwrap();
+    assert_eq!(r.expect_close(), 501);
+}
+
+#[test]
+fn frame_larger_than_frame_max_is_501() {
+    let s = Server::start();
+    let mut r = Raw::open(&s, 0);
+    // type 3 (body) on channel 1, declared size 10 MiB > 128 KiB frame_max.
+    let mut hdr = vec![3u8, 0, 1];
+    hdr.extend_from_slice(&(10u32 * 1024 * 1024).to_be_bytes());
+    r.sock.write_all(&hdr).unwrap();
+    assert_eq!(r.expect_close(), 501);
+}
+
+#[test]
+fn content_header_without_method_is_505() {
+    let s = Server::start();
+    let mut r = Raw::open(&s, 0);
+    r.method(1, Method::ChannelOpen(ChannelOpen::default()));
+    assert!(matches!(r.read_method(), Method::ChannelOpenOk(_)));
+    r.send(&Frame::Header { channel: 1, class_id: 60, body_size: 3, properties: BasicProperties::default() });
+    assert_eq!(r.expect_close(), 505);
+}
+
+#[test]
+fn body_longer_than_declared_is_505() {
+    let s = Server::start();
+    let mut r = Raw::open(&s, 0);
+    r.method(1, Method::ChannelOpen(ChannelOpen::default()));
+    assert!(matches!(r.read_method(), Method::ChannelOpenOk(_)));
+    r.method(1, Method::BasicPublish(BasicPublish { routing_key: "q".into(), ..Default::default() }));
+    r.send(&Frame::Header { channel: 1, class_id: 60, body_size: 2, properties: BasicProperties::default() });
+    r.send(&Frame::Body { channel: 1, payload: bytes::Bytes::from_static(b"abcdef") });
+    assert_eq!(r.expect_close(), 505);
+}
+
+#[test]
+fn method_on_unopened_channel_is_504() {
+    let s = Server::start();
+    let mut r = Raw::open(&s, 0);
+    r.method(7, Method::BasicQos(BasicQos { prefetch_count: 1, ..Default::default() }));
+    assert_eq!(r.expect_close(), 504);
+}
+
+#[test]
+fn unknown_method_is_540() {
+    let s = Server::start();
+    let mut r = Raw::open(&s, 0);
+    // class 60, method 999 with no arguments.
+    let mut f = vec![1u8, 0, 1, 0, 0, 0, 4];
+    f.extend_from_slice(&60u16.to_be_bytes());
+    f.extend_from_slice(&999u16.to_be_bytes());
+    f.push(0xCE);
+    r.sock.write_all(&f).unwrap();
+    assert_eq!(r.expect_close(), 540);
+}
+
+#[test]
+fn prefetch_size_is_540() {
+    let s = Server::start();
+    let mut r = Raw::open(&s, 0);
+    r.method(1, Method::ChannelOpen(ChannelOpen::default()));
+    assert!(matches!(r.read_method(), Method::ChannelOpenOk(_)));
+    r.method(1, Method::BasicQos(BasicQos { prefetch_size: 4096, prefetch_count: 1, global: false }));
+    assert_eq!(r.expect_close(), 540);
+}
+
+#[test]
+fn server_sends_heartbeats_and_drops_silent_clients() {
+    let s = Server::start();
+    let mut r = Raw::open(&s, 1);
+    let start = Instant::now();
+    let mut heartbeats = 0;
+    loop {
+        match r.read() {
+            Some(Frame::Heartbeat { channel: 0 }) => heartbeats += 1,
+            Some(other) => panic!("unexpected {other:?}"),
+            None => break,
+        }
+        assert!(start.elapsed() < Duration::from_secs(8), "silent client was not dropped");
+    }
+    assert!(heartbeats >= 1, "the server must send heartbeats");
+    let waited = start.elapsed();
+    assert!(waited >= Duration::from_millis(1500), "dropped too early: {waited:?}");
+}
+
+#[test]
+fn second_channel_open_is_504_and_channel_max_is_enforced() {
+    let s = Server::start();
+    let mut r = Raw::open(&s, 0);
+    r.method(1, Method::ChannelOpen(ChannelOpen::default()));
+    assert!(matches!(r.read_method(), Method::ChannelOpenOk(_)));
+    r.method(1, Method::ChannelOpen(ChannelOpen::default()));
+    assert_eq!(r.expect_close(), 504);
+    let mut r = Raw::open(&s, 0);
+    r.method(4000, Method::ChannelOpen(ChannelOpen::default()));
+    assert_eq!(r.expect_close(), 504);
+}
+
+#[test]
+fn amqplain_login_works() {
+    let s = Server::start();
+    let mut r = Raw::connect(&s);
+    r.sock.write_all(&PROTOCOL_HEADER).unwrap();
+    assert!(matches!(r.read_method(), Method::ConnectionStart(_)));
+    let mut t = FieldTable::default();
+    t.insert("LOGIN", FieldValue::LongString(bytes::Bytes::from_static(b"guest")));
+    t.insert("PASSWORD", FieldValue::LongString(bytes::Bytes::from_static(b"guest")));
+    let mut enc = BytesMut::new();
+    t.encode(&mut enc);
+    let response = enc.split_off(4).freeze(); // AMQPLAIN: the table without its length
+    r.method(0, Method::ConnectionStartOk(ConnectionStartOk {
+        client_properties: FieldTable::default(),
+        mechanism: "AMQPLAIN".into(),
+        response,
+        locale: "en_US".into(),
+    }));
+    assert!(matches!(r.read_method(), Method::ConnectionTune(_)));
+}
+
+#[test]
+fn channel_flow_pauses_deliveries() {
+    let s = Server::start();
+    let mut r = Raw::open(&s, 0);
+    r.method(1, Method::ChannelOpen(ChannelOpen::default()));
+    assert!(matches!(r.read_method(), Method::ChannelOpenOk(_)));
+    r.method(1, Method::QueueDeclare(QueueDeclare { queue: "fq".into(), ..Default::default() }));
+    assert!(matches!(r.read_method(), Method::QueueDeclareOk(_)));
+    r.method(1, Method::ChannelFlow(ChannelFlow { active: false }));
+    assert!(matches!(r.read_method(), Method::ChannelFlowOk(ChannelFlowOk { active: false })));
+    r.method(1, Method::BasicConsume(BasicConsume { queue: "fq".into(), consumer_tag: "c".into(), no_ack: true, ..Default::default() }));
+    assert!(matches!(r.read_method(), Method::BasicConsumeOk(_)));
+    let mut out = BytesMut::new();
+    encode_method_frame(1, &Method::BasicPublish(BasicPublish { routing_key: "fq".into(), ..Default::default() }), &mut out);
+    encode_content(1, 60, &BasicProperties::default(), b"m", 131072, &mut out);
+    r.sock.write_all(&out).unwrap();
+    r.sock.set_read_timeout(Some(Duration::from_millis(400))).unwrap();
+    if let Some(f) = r.read() {
+        panic!("no delivery may arrive while flow is off, got {f:?}");
+    }
+    r.sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    r.method(1, Method::ChannelFlow(ChannelFlow { active: true }));
+    assert!(matches!(r.read_method(), Method::ChannelFlowOk(ChannelFlowOk { active: true })));
+    assert!(matches!(r.read_method(), Method::BasicDeliver(_)));
+}

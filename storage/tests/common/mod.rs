@@ -32,3 +32,18 @@ pub fn open(dir: &Path, opts: StoreOptions) -> Store {
 pub fn seqs(store: &Store, queue: u64) -> Vec<u64> {
     store.scan_queue(queue, 0).expect("scan").into_iter().map(|(s, _)| s).collect()
 }
+
+/// Bytes allocated under `dir`, like `du` (fjall's own figure counts the
+/// journal's preallocated length and only tables of the current version).
+pub fn du(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => du(&e.path()),
+            Ok(m) => m.blocks() * 512,
+            Err(_) => 0,
+        })
+        .sum()
+}
