@@ -114,7 +114,7 @@ impl Compactor {
         // changed), then the rotations below free the files.
         let (tx, rx) = mpsc::sync_channel(1);
         let nudge = Request::Write { ops: Vec::new(), durable: false, done: Some(Responder::Blocking(tx)) };
-        if false && self.inner.writer.send(nudge).is_ok() {
+        if self.inner.writer.send(nudge).is_ok() {
             let _ = rx.recv(); // an error here is the writer's to report
         }
         ks.state.rotate_memtable_and_wait()?;

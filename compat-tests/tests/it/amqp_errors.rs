@@ -88,8 +88,7 @@ async fn missing_queue_and_exchange_are_404() {
     assert_eq!(code(&err), 404);
     // Publishing to a missing exchange closes the channel with 404.
     let ch = channel(&c).await;
-    let op = ch.basic_publish("ghost-x".into(), "k".into(), BasicPublishOptions::default(), b"x", BasicProperties::default());
-    assert_eq!(async_close_code(&ch, op).await, 404);
+    assert_eq!(publish_close_code(&ch, "ghost-x", "k", BasicPublishOptions::default(), BasicProperties::default()).await, 404);
 }
 
 #[tokio::test]
@@ -183,8 +182,8 @@ async fn user_id_that_is_not_the_login_is_406() {
         .await
         .unwrap();
     wait_ready(&ch, "q", 1).await;
-    let op = ch.basic_publish("".into(), "q".into(), BasicPublishOptions::default(), b"x", BasicProperties::default().with_user_id("mallory".into()));
-    assert_eq!(async_close_code(&ch, op).await, 406);
+    let props = BasicProperties::default().with_user_id("mallory".into());
+    assert_eq!(publish_close_code(&ch, "", "q", BasicPublishOptions::default(), props).await, 406);
 }
 
 #[tokio::test]
@@ -250,8 +249,8 @@ async fn immediate_flag_is_540() {
     let s = Server::start();
     let c = connect(&s).await;
     let ch = channel(&c).await;
-    let op = ch.basic_publish("".into(), "q".into(), BasicPublishOptions { immediate: true, ..Default::default() }, b"x", BasicProperties::default());
-    assert_eq!(async_close_code(&ch, op).await, 540);
+    let opts = BasicPublishOptions { immediate: true, ..Default::default() };
+    assert_eq!(publish_close_code(&ch, "", "q", opts, BasicProperties::default()).await, 540);
 }
 
 #[tokio::test]

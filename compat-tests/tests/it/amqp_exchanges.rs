@@ -104,8 +104,7 @@ async fn internal_exchange_refuses_publishes_with_403() {
     ch.exchange_declare("int".into(), ExchangeKind::Fanout, ExchangeDeclareOptions { internal: true, ..Default::default() }, FieldTable::default())
         .await
         .unwrap();
-    let op = ch.basic_publish("int".into(), "".into(), BasicPublishOptions::default(), b"x", BasicProperties::default());
-    assert_eq!(async_close_code(&ch, op).await, 403);
+    assert_eq!(publish_close_code(&ch, "int", "", BasicPublishOptions::default(), BasicProperties::default()).await, 403);
     drop(c);
 }
 

@@ -110,3 +110,15 @@ where
     let err = got.expect_err("the server must close the channel");
     code(&err)
 }
+
+/// Publishes on a confirm channel and returns the reply code of the
+/// channel.close the publish provokes (lapin fails the pending confirm
+/// with the close's error).
+pub async fn publish_close_code(ch: &Channel, exchange: &str, key: &str, opts: BasicPublishOptions, props: BasicProperties) -> u16 {
+    ch.confirm_select(ConfirmSelectOptions::default()).await.expect("confirm_select");
+    let res = match ch.basic_publish(exchange.into(), key.into(), opts, b"x", props).await {
+        Ok(confirm) => confirm.await.map(|_| ()),
+        Err(e) => Err(e),
+    };
+    code(&res.expect_err("the server must close the channel"))
+}
