@@ -318,11 +318,11 @@ fn unknown_frame_type_and_malformed_payloads() {
         Err(DecodeError::UnknownClass(70))
     ));
 
-    // Truncated arguments (tune-ok without heartbeat) → 502.
+    // Truncated arguments (tune-ok without heartbeat) → 501, as RabbitMQ.
     let mut buf = BytesMut::from(&[1, 0, 0, 0, 0, 0, 10, 0, 10, 0, 31, 0, 0, 0, 0, 0, 0, 0xCE][..]);
     let err = decode_frame(&mut buf, 0).unwrap_err();
     assert!(matches!(err, DecodeError::Truncated { .. }));
-    assert_eq!(err.reply_code(), reply_code::SYNTAX_ERROR);
+    assert_eq!(err.reply_code(), reply_code::FRAME_ERROR);
 }
 
 /// `levels` tables nested through an empty key and type `F`, as a complete

@@ -41,45 +41,65 @@ struct Inner {
     writer: mpsc::Sender<Request>,
     /// Held for the duration of a pass: at most one at a time, whether
     /// automatic or from `Store::compact`.
-    running: Mutex<()>,
-    /// The background thread of the last automatic pass.
-    thread: Mutex<Option<JoinHandle<()>>>,
+    one_at_a_time: Mutex<()>,
+    schedule: Mutex<Schedule>,
+}
+
+/// State of the background thread.
+#[derive(Default)]
+struct Schedule {
+    running: bool,
+    /// Requested while a pass was running: run one more pass afterwards
+    /// (e.g. the queue drained while a pass started mid-drain was running).
+    wanted: bool,
+    thread: Option<JoinHandle<()>>,
 }
 
 impl Compactor {
     pub(crate) fn new(ks: Keyspaces, counters: Arc<Counters>, writer: mpsc::Sender<Request>) -> Compactor {
-        let inner = Inner { ks, counters, writer, running: Mutex::new(()), thread: Mutex::new(None) };
+        let inner = Inner { ks, counters, writer, one_at_a_time: Mutex::new(()), schedule: Mutex::default() };
         Compactor { inner: Arc::new(inner) }
     }
 
-    /// Starts a background pass unless one is already running or queued.
+    fn schedule(&self) -> std::sync::MutexGuard<'_, Schedule> {
+        self.inner.schedule.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Starts a background pass, or asks the running one for another pass.
     pub(crate) fn request(&self) {
-        // `compaction_running` doubles as the "already requested" flag.
-        if self.inner.counters.compaction_running.swap(true, AcqRel) {
+        let mut s = self.schedule();
+        if s.running {
+            s.wanted = true;
             return;
         }
-        let mut thread = self.inner.thread.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(old) = thread.take() {
-            // It finished (the flag was clear), so this does not block.
+        if let Some(old) = s.thread.take() {
+            // It already cleared `running`, so it is exiting: no wait.
             let _ = old.join();
         }
         let me = self.clone();
-        let spawned = std::thread::Builder::new().name("sluice-storage-maint".into()).spawn(move || {
+        let spawned = std::thread::Builder::new().name("sluice-storage-maint".into()).spawn(move || loop {
             if let Err(e) = me.pass() {
                 tracing::error!(error = %e, "storage compaction failed");
             }
+            let mut s = me.schedule();
+            if std::mem::take(&mut s.wanted) {
+                continue;
+            }
+            s.running = false;
             me.inner.counters.compaction_running.store(false, Release);
+            return;
         });
         match spawned {
-            Ok(handle) => *thread = Some(handle),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot spawn the storage compaction thread");
-                self.inner.counters.compaction_running.store(false, Release);
+            Ok(handle) => {
+                s.running = true;
+                s.thread = Some(handle);
+                self.inner.counters.compaction_running.store(true, Release);
             }
+            Err(e) => tracing::error!(error = %e, "cannot spawn the storage compaction thread"),
         }
     }
 
-    /// Runs a pass on the calling thread.
+    /// Runs a pass on the calling thread (waits for a running one first).
     pub(crate) fn run_now(&self) -> Result<()> {
         let was_running = self.inner.counters.compaction_running.swap(true, AcqRel);
         let result = self.pass();
@@ -89,16 +109,21 @@ impl Compactor {
         result
     }
 
-    /// Waits for a background pass to finish (used at close).
+    /// Waits for the background thread to finish, without further passes
+    /// (used at close).
     pub(crate) fn join(&self) {
-        let handle = self.inner.thread.lock().unwrap_or_else(PoisonError::into_inner).take();
+        let handle = {
+            let mut s = self.schedule();
+            s.wanted = false;
+            s.thread.take()
+        };
         if let Some(handle) = handle {
             let _ = handle.join();
         }
     }
 
     fn pass(&self) -> Result<()> {
-        let _one_at_a_time = self.inner.running.lock().unwrap_or_else(PoisonError::into_inner);
+        let _one_at_a_time = self.inner.one_at_a_time.lock().unwrap_or_else(PoisonError::into_inner);
         let c = &self.inner.counters;
         let ks = &self.inner.ks;
         let start = Instant::now();

@@ -102,8 +102,10 @@ impl DecodeError {
     /// The AMQP reply code to put in the `connection.close` sent because of
     /// this error.
     ///
-    /// * framing errors → 501 FRAME_ERROR,
-    /// * undecodable method arguments / content header → 502 SYNTAX_ERROR,
+    /// * framing errors, and arguments cut short or followed by stray bytes
+    ///   → 501 FRAME_ERROR (RabbitMQ answers "cannot decode" with 501),
+    /// * argument values that are not valid (bad UTF-8, unknown field type,
+    ///   nesting too deep, unknown property flags) → 502 SYNTAX_ERROR,
     /// * unknown class or method → 540 NOT_IMPLEMENTED,
     /// * I/O errors → 541 INTERNAL_ERROR (informational only: the socket is
     ///   gone, nothing can be sent).
@@ -112,15 +114,15 @@ impl DecodeError {
             DecodeError::FrameTooLarge { .. }
             | DecodeError::BadFrameEnd { .. }
             | DecodeError::UnknownFrameType(_)
-            | DecodeError::MalformedFrame { .. } => reply_code::FRAME_ERROR,
+            | DecodeError::MalformedFrame { .. }
+            | DecodeError::Truncated { .. }
+            | DecodeError::TrailingBytes { .. } => reply_code::FRAME_ERROR,
             DecodeError::UnknownClass(_) | DecodeError::UnknownMethod { .. } => {
                 reply_code::NOT_IMPLEMENTED
             }
-            DecodeError::Truncated { .. }
-            | DecodeError::InvalidUtf8 { .. }
+            DecodeError::InvalidUtf8 { .. }
             | DecodeError::BadFieldType(_)
             | DecodeError::TooDeep
-            | DecodeError::TrailingBytes { .. }
             | DecodeError::UnknownPropertyFlags { .. } => reply_code::SYNTAX_ERROR,
             DecodeError::Io(_) => reply_code::INTERNAL_ERROR,
         }

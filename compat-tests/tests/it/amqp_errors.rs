@@ -265,3 +265,25 @@ async fn tx_commit_without_select_is_406() {
     let err = ch.tx_select().await.unwrap_err();
     assert_eq!(code(&err), 406);
 }
+
+#[tokio::test]
+async fn invalid_queue_arguments_are_406_with_rabbitmq_wording() {
+    let s = Server::start();
+    let c = connect(&s).await;
+    let ch = channel(&c).await;
+    let err = ch
+        .queue_declare("bad".into(), QueueDeclareOptions::default(), table(&[("x-max-length", AMQPValue::LongString("abc".into()))]))
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), 406);
+    assert_eq!(
+        text(&err),
+        "PRECONDITION_FAILED - invalid arg 'x-max-length' for queue 'bad' in vhost '/': \"expected integer, got longstr\""
+    );
+    let ch = channel(&c).await;
+    let err = ch
+        .queue_declare("bad".into(), QueueDeclareOptions::default(), table(&[("x-expires", AMQPValue::LongInt(0))]))
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), 406);
+}

@@ -256,3 +256,35 @@ fn channel_flow_pauses_deliveries() {
     assert!(matches!(r.read_method(), Method::ChannelFlowOk(ChannelFlowOk { active: true })));
     assert!(matches!(r.read_method(), Method::BasicDeliver(_)));
 }
+
+#[test]
+fn truncated_arguments_are_501_and_invalid_utf8_is_502() {
+    let s = Server::start();
+    let mut r = Raw::open(&s, 0);
+    r.method(1, Method::ChannelOpen(ChannelOpen::default()));
+    assert!(matches!(r.read_method(), Method::ChannelOpenOk(_)));
+    // queue.declare whose arguments stop after one byte.
+    let f = [1u8, 0, 1, 0, 0, 0, 5, 0, 50, 0, 10, 0, 0xCE];
+    r.sock.write_all(&f).unwrap();
+    assert_eq!(r.expect_close(), 501);
+
+    let mut r = Raw::open(&s, 0);
+    r.method(1, Method::ChannelOpen(ChannelOpen::default()));
+    assert!(matches!(r.read_method(), Method::ChannelOpenOk(_)));
+    // basic.cancel with a consumer tag that is not UTF-8.
+    let mut payload = vec![0u8, 60, 0, 30, 2, 0xff, 0xfe, 0];
+    let mut f = vec![1u8, 0, 1];
+    f.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    f.append(&mut payload);
+    f.push(0xCE);
+    r.sock.write_all(&f).unwrap();
+    assert_eq!(r.expect_close(), 502);
+}
+
+#[test]
+fn heartbeat_on_a_channel_is_505() {
+    let s = Server::start();
+    let mut r = Raw::open(&s, 0);
+    r.send(&Frame::Heartbeat { channel: 1 });
+    assert_eq!(r.expect_close(), 505);
+}

@@ -369,7 +369,7 @@ impl Conn {
         let channel = frame.channel();
         if let Frame::Heartbeat { .. } = frame {
             if channel != 0 {
-                return Some(End::Close(BrokerError::connection(code::FRAME_ERROR, "heartbeat on non-zero channel"), 0, 0));
+                return Some(End::Close(BrokerError::connection(code::UNEXPECTED_FRAME, "heartbeat on non-zero channel"), 0, 0));
             }
             return None;
         }

@@ -360,9 +360,12 @@ impl Router {
     }
 
     pub async fn delete_exchange(&self, vh: &VHost, name: &str, if_unused: bool) -> Result<(), BrokerError> {
-        if name.is_empty() || name.starts_with("amq.") {
+        if name.is_empty() {
+            return Err(BrokerError::access_refused("operation not permitted on the default exchange"));
+        }
+        if name.starts_with("amq.") {
             return Err(BrokerError::access_refused(format!(
-                "operation not permitted on {}",
+                "deletion of system {} not allowed",
                 xmsg(name, &vh.name)
             )));
         }
@@ -546,7 +549,7 @@ impl Router {
                     qmsg(&name, &vh.name)
                 )));
             }
-            validate_queue_args(&d.arguments)?;
+            validate_queue_args(&d.arguments, &qmsg(&name, &vh.name))?;
             // Exclusive queues die with their connection, so they are never
             // recovered after a restart (RabbitMQ does the same).
             let durable = d.durable && !d.exclusive;
@@ -790,20 +793,41 @@ fn describe(v: Option<&FieldValue>) -> String {
     }
 }
 
-/// Rejects queue arguments of the wrong type, as RabbitMQ does (406).
-fn validate_queue_args(args: &Arguments) -> Result<(), BrokerError> {
+/// Rejects queue arguments of the wrong type or range, as RabbitMQ does
+/// (406, with RabbitMQ's wording).
+fn validate_queue_args(args: &Arguments, what: &str) -> Result<(), BrokerError> {
     for (k, v) in args.iter() {
-        let numeric = matches!(k, "x-expires" | "x-message-ttl" | "x-max-length" | "x-max-length-bytes" | "x-max-priority" | "x-delivery-limit");
-        if numeric {
-            match v.as_i64() {
-                Some(n) if n >= 0 && !(k == "x-expires" && n == 0) => {}
-                _ => {
-                    return Err(BrokerError::precondition(format!(
-                        "invalid arg '{k}' for queue: {v:?} is not a valid value"
-                    )))
-                }
-            }
+        let numeric = matches!(
+            k,
+            "x-expires" | "x-message-ttl" | "x-max-length" | "x-max-length-bytes" | "x-max-priority" | "x-delivery-limit"
+        );
+        if !numeric {
+            continue;
         }
+        let problem = match v.as_i64() {
+            None => format!("\"expected integer, got {}\"", type_name(v)),
+            Some(0) if k == "x-expires" => "{value_zero,0}".to_string(),
+            Some(n) if n < 0 => format!("{{value_negative,{n}}}"),
+            Some(_) => continue,
+        };
+        return Err(BrokerError::precondition(format!("invalid arg '{k}' for {what}: {problem}")));
     }
     Ok(())
+}
+
+/// RabbitMQ's names for field types, used in error texts.
+fn type_name(v: &FieldValue) -> &'static str {
+    match v {
+        FieldValue::LongString(_) => "longstr",
+        FieldValue::Bool(_) => "bool",
+        FieldValue::Table(_) => "table",
+        FieldValue::Array(_) => "array",
+        FieldValue::F32(_) => "float",
+        FieldValue::F64(_) => "double",
+        FieldValue::Decimal(_) => "decimal",
+        FieldValue::Timestamp(_) => "timestamp",
+        FieldValue::Void => "void",
+        FieldValue::ByteArray(_) => "bytes",
+        _ => "integer",
+    }
 }
