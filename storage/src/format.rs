@@ -14,7 +14,8 @@
 //! `Error::Corrupt` instead of guessing: a newer node's data must not be
 //! misread by an older binary.
 //!
-//! Ack floor (`state` keyspace, key `b'f' ‖ queue`): exactly 8 bytes, `u64 BE`.
+//! Ack floor (`state` keyspace, key `b'f' ‖ queue`) and next seq (key
+//! `b'n' ‖ queue`): exactly 8 bytes, `u64 BE`.
 //!
 //! Maintenance counters (`state` keyspace, key `b"c"`): 1 version byte (=1),
 //! then `live_estimate: u64 BE ‖ removes_since_compaction: u64 BE` (17 B).
@@ -71,15 +72,15 @@ pub(crate) fn decode_record(key: &[u8], value: Bytes) -> Result<MessageRecord, E
     Ok(MessageRecord { persistent: flags & FLAG_PERSISTENT != 0, data: value.slice(RECORD_HEADER_LEN..) })
 }
 
-/// Encodes an ack floor.
-pub(crate) fn encode_floor(floor: u64) -> [u8; 8] {
-    floor.to_be_bytes()
+/// Encodes an ack floor or a next seq.
+pub(crate) fn encode_u64(v: u64) -> [u8; 8] {
+    v.to_be_bytes()
 }
 
-/// Decodes an ack floor.
-pub(crate) fn decode_floor(key: &[u8], value: &[u8]) -> Result<u64, Error> {
+/// Decodes an ack floor or a next seq (`what` names it in errors).
+pub(crate) fn decode_u64(what: &'static str, key: &[u8], value: &[u8]) -> Result<u64, Error> {
     let bytes: [u8; 8] = value.try_into().map_err(|_| Error::Corrupt {
-        what: "ack floor",
+        what,
         key: key.to_vec(),
         detail: format!("expected 8 bytes, found {}", value.len()),
     })?;
@@ -140,8 +141,8 @@ mod tests {
 
     #[test]
     fn floor_and_counters_round_trip() -> Result<(), Error> {
-        assert_eq!(decode_floor(b"f", &encode_floor(u64::MAX - 3))?, u64::MAX - 3);
-        assert!(decode_floor(b"f", &[1, 2, 3]).is_err());
+        assert_eq!(decode_u64("ack floor", b"f", &encode_u64(u64::MAX - 3))?, u64::MAX - 3);
+        assert!(decode_u64("ack floor", b"f", &[1, 2, 3]).is_err());
         let c = Counters { live_estimate: 7, removes_since_compaction: 1 << 40 };
         assert_eq!(decode_counters(b"c", &encode_counters(c))?, c);
         assert!(decode_counters(b"c", &[9; 17]).is_err());

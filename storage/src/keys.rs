@@ -9,6 +9,7 @@
 //! |----------|--------------------------------------|------------------------------------|
 //! | `msgs`   | `queue: u64 BE ‖ seq: u64 BE` (16 B)  | message record (`format.rs`)       |
 //! | `state`  | `b'f' ‖ queue: u64 BE` (9 B)          | ack floor: `u64 BE`                |
+//! | `state`  | `b'n' ‖ queue: u64 BE` (9 B)          | next seq (max seq put + 1): `u64 BE` |
 //! | `state`  | `b"c"` (1 B)                          | maintenance counters (`format.rs`) |
 //! | `meta`   | caller's opaque key (1..=65535 B)     | caller's opaque value              |
 //!
@@ -16,10 +17,16 @@
 //! the contiguous range `msg_key(q, 0)..=msg_key(q, u64::MAX)` and a range
 //! scan yields messages in seq order.
 //!
-//! Each `msgs` key is written at most once (a queue never reuses a seq), which
-//! is what allows acks to use weak (single-delete) tombstones. `state` and
-//! `meta` keys are overwritten, so they are always deleted with strong
-//! tombstones.
+//! **Write-once rule.** Each `msgs` key is written at most once in the life
+//! of the database: never again after an ack, a `DeleteQueue` or a restart.
+//! That is what allows acks to use weak (single-delete) tombstones. Why it
+//! matters: when a compaction sees weak tombstone → value for a key, it drops
+//! the pair *and every older version it has of that key*; an even older
+//! value in a table outside that compaction then becomes visible again (an
+//! acked message comes back). The store keeps a per-queue next seq (highest
+//! seq ever put + 1, kept across `DeleteQueue`) so callers can always number
+//! new messages from `Store::next_seq`. `state` and `meta` keys are
+//! overwritten, so they are always deleted with strong tombstones.
 
 /// Keyspace holding every message of every queue.
 pub(crate) const MSGS: &str = "msgs";
@@ -32,6 +39,7 @@ pub(crate) const META: &str = "meta";
 pub(crate) const MSG_KEY_LEN: usize = 16;
 
 const FLOOR_TAG: u8 = b'f';
+const NEXT_SEQ_TAG: u8 = b'n';
 
 /// Key of the maintenance counters in `state`. One byte, so it cannot collide
 /// with a floor key (9 bytes).
@@ -59,8 +67,17 @@ pub(crate) fn queue_range(queue: u64, from: u64) -> std::ops::RangeInclusive<[u8
 
 /// `state` key of the ack floor of `queue`.
 pub(crate) fn floor_key(queue: u64) -> [u8; 9] {
+    tagged(FLOOR_TAG, queue)
+}
+
+/// `state` key of the next seq of `queue`.
+pub(crate) fn next_seq_key(queue: u64) -> [u8; 9] {
+    tagged(NEXT_SEQ_TAG, queue)
+}
+
+fn tagged(tag: u8, queue: u64) -> [u8; 9] {
     let mut k = [0u8; 9];
-    k[0] = FLOOR_TAG;
+    k[0] = tag;
     k[1..].copy_from_slice(&queue.to_be_bytes());
     k
 }

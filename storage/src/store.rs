@@ -71,10 +71,13 @@ impl Default for StoreOptions {
 /// atomically.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
-    /// Stores message `seq` of `queue`. Contract: a `(queue, seq)` key is
-    /// written at most once (never overwritten), because acks use weak
-    /// (single-delete) tombstones; an overwritten key could resurface after
-    /// its removal.
+    /// Stores message `seq` of `queue`.
+    ///
+    /// Contract (write-once rule, see `keys.rs`): a `(queue, seq)` pair is
+    /// put at most once in the life of the database, also across acks,
+    /// `DeleteQueue` and restarts. Acks are weak tombstones; putting a key
+    /// again can make an acked message reappear after a compaction. Take new
+    /// seqs from [`Store::next_seq`] after a restart or queue deletion.
     PutMessage {
         /// Queue id.
         queue: u64,
@@ -83,7 +86,7 @@ pub enum Op {
         /// The record to store.
         record: MessageRecord,
     },
-    /// Acks/deletes one message (weak tombstone, see `PutMessage`).
+    /// Acks/deletes one message (a weak tombstone, see `PutMessage`).
     RemoveMessage {
         /// Queue id.
         queue: u64,
@@ -91,17 +94,21 @@ pub enum Op {
         seq: u64,
     },
     /// Records that every message of `queue` with seq < `floor` is gone;
-    /// scans start here. The caller removes those messages (or already did);
-    /// the store does not delete below the floor by itself.
+    /// scans start here, so they never walk the tombstones of acked
+    /// messages. Contract: the caller removed every such message (in this
+    /// write or before). The store never deletes below the floor by itself,
+    /// so a message left there would stay on disk for good (`DeleteQueue`
+    /// starts at the floor too).
     SetAckFloor {
         /// Queue id.
         queue: u64,
         /// First seq that may still be live.
         floor: u64,
     },
-    /// Removes every message of `queue` at or above its floor, and the floor.
-    /// Cost: one tombstone per live message, in this one atomic batch. Reuse
-    /// of the queue id is allowed from the next `write` on.
+    /// Removes every message of `queue` at or above its floor, and the
+    /// floor. Cost: one tombstone per message, in one atomic batch. The
+    /// queue's next seq survives, so a reused id keeps the write-once rule
+    /// by numbering from `Store::next_seq`.
     DeleteQueue {
         /// Queue id.
         queue: u64,
@@ -332,9 +339,19 @@ impl Store {
 
     /// The persisted ack floor of `queue` (0 if none was set).
     pub fn ack_floor(&self, queue: u64) -> Result<u64> {
-        let key = keys::floor_key(queue);
+        self.read_u64("ack floor", &keys::floor_key(queue))
+    }
+
+    /// 1 + the highest seq ever put into `queue` (0 if none), as of the
+    /// writes applied so far. Survives acks, `DeleteQueue` and restarts:
+    /// numbering new messages from here keeps the write-once rule.
+    pub fn next_seq(&self, queue: u64) -> Result<u64> {
+        self.read_u64("next seq", &keys::next_seq_key(queue))
+    }
+
+    fn read_u64(&self, what: &'static str, key: &[u8]) -> Result<u64> {
         match self.inner.ks.state.get(key)? {
-            Some(v) => format::decode_floor(&key, &v),
+            Some(v) => format::decode_u64(what, key, &v),
             None => Ok(0),
         }
     }

@@ -39,11 +39,9 @@ pub(crate) enum Request {
 /// One `msgs` key's final fate inside a batch.
 enum MsgWrite {
     Put(Vec<u8>),
-    /// Ack: single-delete tombstone, cancels against its value on flush.
+    /// Ack or queue deletion: a weak (single-delete) tombstone, which
+    /// cancels against its value at the next flush or compaction.
     RemoveWeak,
-    /// `DeleteQueue`: a strong tombstone, so a reused queue id can never
-    /// uncover older data.
-    Remove,
 }
 
 /// The group being built. Maps keep only the last write per key: the same
@@ -78,8 +76,9 @@ pub(crate) struct Writer {
     /// Authoritative copy of the persisted counters (the atomics in
     /// `counters` are published copies for `stats`).
     persisted: PersistedCounters,
-    /// Highest seq put per queue since open, to notice a queue draining.
-    max_put_seq: HashMap<u64, u64>,
+    /// Cache of the persisted per-queue next seq (highest seq ever put + 1),
+    /// loaded on first use.
+    next_seq: HashMap<u64, u64>,
 }
 
 impl Writer {
@@ -100,7 +99,7 @@ impl Writer {
             compact_after_removes: opts.compact_after_removes,
             compact_drained_min_removes: opts.compact_drained_min_removes,
         };
-        Writer { db, ks, rx, counters, compactor, limits, persisted, max_put_seq: HashMap::new() }
+        Writer { db, ks, rx, counters, compactor, limits, persisted, next_seq: HashMap::new() }
     }
 
     /// Thread body. Returns the result of the final fsync at `Close`.
@@ -180,29 +179,24 @@ impl Writer {
                 Op::PutMessage { queue, seq, record } => {
                     p.msgs.insert(keys::msg_key(*queue, *seq), MsgWrite::Put(format::encode_record(record)));
                     p.puts += 1;
-                    let max = self.max_put_seq.entry(*queue).or_insert(*seq);
-                    *max = (*max).max(*seq);
+                    let next = seq.saturating_add(1);
+                    if next > self.next_seq(*queue)? {
+                        self.next_seq.insert(*queue, next);
+                        p.state.insert(keys::next_seq_key(*queue).to_vec(), Some(format::encode_u64(next).to_vec()));
+                    }
                 }
                 Op::RemoveMessage { queue, seq } => {
                     let key = keys::msg_key(*queue, *seq);
-                    match p.msgs.get(&key) {
-                        // Put and acked within one group: by the write-once
-                        // contract nothing older exists, so neither needs to
-                        // reach the disk.
-                        Some(MsgWrite::Put(_)) => {
-                            p.msgs.remove(&key);
-                        }
-                        // A strong tombstone from DeleteQueue stays strong.
-                        Some(MsgWrite::Remove) => {}
-                        Some(MsgWrite::RemoveWeak) | None => {
-                            p.msgs.insert(key, MsgWrite::RemoveWeak);
-                        }
+                    // Put and acked within one group: by the write-once
+                    // rule nothing older exists, so neither reaches the disk.
+                    if !matches!(p.msgs.remove(&key), Some(MsgWrite::Put(_))) {
+                        p.msgs.insert(key, MsgWrite::RemoveWeak);
                     }
                     p.removes += 1;
                 }
                 Op::SetAckFloor { queue, floor } => {
-                    p.state.insert(keys::floor_key(*queue).to_vec(), Some(format::encode_floor(*floor).to_vec()));
-                    if self.max_put_seq.get(queue).is_some_and(|max| floor > max) {
+                    p.state.insert(keys::floor_key(*queue).to_vec(), Some(format::encode_u64(*floor).to_vec()));
+                    if *floor > 0 && *floor >= self.next_seq(*queue)? {
                         p.drained = true;
                     }
                 }
@@ -218,14 +212,37 @@ impl Writer {
         Ok(p)
     }
 
-    /// Strong-deletes every message of `queue` from its committed floor up,
-    /// plus whatever this group already put for it, plus the floor.
+    /// The persisted next seq of `queue` (highest seq ever put + 1), cached.
+    fn next_seq(&mut self, queue: u64) -> Result<u64> {
+        if let Some(n) = self.next_seq.get(&queue) {
+            return Ok(*n);
+        }
+        let key = keys::next_seq_key(queue);
+        let n = match self.ks.state.get(key)? {
+            Some(v) => format::decode_u64("next seq", &key, &v)?,
+            None => 0,
+        };
+        self.next_seq.insert(queue, n);
+        Ok(n)
+    }
+
+    /// Removes every message of `queue` from its committed floor up, plus
+    /// whatever this group already put for it, plus the floor. The next seq
+    /// is kept on purpose: a reused queue id continues numbering after it,
+    /// so no key is ever written twice.
     fn delete_queue(&mut self, p: &mut Pending, queue: u64) -> Result<()> {
         let floor_key = keys::floor_key(queue);
         let floor = match self.ks.state.get(floor_key)? {
-            Some(v) => format::decode_floor(&floor_key, &v)?,
+            Some(v) => format::decode_u64("ack floor", &floor_key, &v)?,
             None => 0,
         };
+        // Puts earlier in this group never reach the disk.
+        let pending: Vec<_> = p.msgs.range(keys::queue_range(queue, 0)).map(|(k, _)| *k).collect();
+        for key in pending {
+            if let Some(MsgWrite::Put(_)) = p.msgs.remove(&key) {
+                p.removes += 1;
+            }
+        }
         // Only this thread writes, so the committed state plus `p` is the
         // complete picture.
         for guard in self.ks.msgs.range(keys::queue_range(queue, floor)) {
@@ -235,18 +252,11 @@ impl Writer {
                 key: key.to_vec(),
                 detail: "not 16 bytes".into(),
             })?;
-            p.msgs.insert(key, MsgWrite::Remove);
+            p.msgs.insert(key, MsgWrite::RemoveWeak);
             p.removes += 1;
-        }
-        for (_, w) in p.msgs.range_mut(keys::queue_range(queue, 0)) {
-            if matches!(w, MsgWrite::Put(_)) {
-                p.removes += 1;
-            }
-            *w = MsgWrite::Remove;
         }
         p.state.insert(floor_key.to_vec(), None);
         p.drained = true;
-        self.max_put_seq.remove(&queue);
         Ok(())
     }
 
@@ -267,7 +277,6 @@ impl Writer {
             match w {
                 MsgWrite::Put(v) => batch.insert(&self.ks.msgs, key, v),
                 MsgWrite::RemoveWeak => batch.remove_weak(&self.ks.msgs, key),
-                MsgWrite::Remove => batch.remove(&self.ks.msgs, key),
             }
         }
         for (key, v) in p.state {

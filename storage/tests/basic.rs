@@ -128,9 +128,32 @@ fn delete_queue_removes_messages_floor_and_same_group_puts() {
     assert_eq!(seqs(&store, 5), Vec::<u64>::new());
     assert_eq!(store.get_message(5, 20).unwrap(), None);
     assert_eq!(seqs(&store, 6), vec![0], "other queues untouched");
-    // The id can be reused by a later write.
-    store.write(vec![put(5, 0)], false).wait_blocking().unwrap();
-    assert_eq!(seqs(&store, 5), vec![0]);
+    // The id can be reused; numbering continues after the old seqs.
+    assert_eq!(store.next_seq(5).unwrap(), 21);
+    store.write(vec![put(5, 21)], false).wait_blocking().unwrap();
+    assert_eq!(seqs(&store, 5), vec![21]);
+}
+
+#[test]
+fn next_seq_survives_acks_delete_and_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = open(dir.path(), StoreOptions::default());
+        assert_eq!(store.next_seq(1).unwrap(), 0);
+        // Out-of-order groups: the highest seq counts.
+        store.write(vec![put(1, 7), put(1, 3)], false).wait_blocking().unwrap();
+        store.write(vec![put(1, 5)], false).wait_blocking().unwrap();
+        assert_eq!(store.next_seq(1).unwrap(), 8);
+        let acks = [3, 5, 7].map(|seq| Op::RemoveMessage { queue: 1, seq }).to_vec();
+        store.write(acks, true).wait_blocking().unwrap();
+        assert!(seqs(&store, 1).is_empty());
+        assert_eq!(store.next_seq(1).unwrap(), 8, "acking the tail does not lower it");
+    }
+    let store = open(dir.path(), StoreOptions::default());
+    assert_eq!(store.next_seq(1).unwrap(), 8, "persisted");
+    store.write(vec![Op::DeleteQueue { queue: 1 }], true).wait_blocking().unwrap();
+    assert_eq!(store.next_seq(1).unwrap(), 8, "kept across DeleteQueue");
+    assert_eq!(store.next_seq(2).unwrap(), 0);
 }
 
 #[test]
@@ -253,4 +276,36 @@ fn unknown_record_version_is_corrupt() {
     assert_eq!(store.get_message(1, 0).unwrap(), Some(rec(1, 0).data));
     assert!(matches!(store.get_message(1, 1), Err(Error::Corrupt { .. })));
     assert!(matches!(store.scan_queue(1, 0), Err(Error::Corrupt { .. })));
+}
+
+/// A queue id reused right after DeleteQueue (numbering from `next_seq`,
+/// as the write-once rule asks), with the delete and the new puts landing in
+/// one group commit: after everything is acked and compacted, no old
+/// message resurfaces.
+#[test]
+fn reused_queue_id_never_uncovers_old_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), StoreOptions::default());
+    let msg = |q, seq, data: &'static [u8]| Op::PutMessage { queue: q, seq, record: MessageRecord { persistent: true, data: Bytes::from_static(data) } };
+    store.write((0..20).map(|q| msg(q, 0, b"old")).collect(), true).wait_blocking().unwrap();
+    store.compact().unwrap(); // the old messages now live in a table
+    let mut pending = vec![store.write(vec![put(99, 0)], true)]; // keeps the writer busy in an fsync
+    for q in 0..20 {
+        pending.push(store.write(vec![Op::DeleteQueue { queue: q }], false));
+        pending.push(store.write(vec![msg(q, 1, b"new")], false));
+    }
+    for c in pending {
+        c.wait_blocking().unwrap();
+    }
+    for q in 0..20 {
+        assert_eq!(store.next_seq(q).unwrap(), 2);
+        assert_eq!(store.get_message(q, 0).unwrap(), None);
+        assert_eq!(store.get_message(q, 1).unwrap().as_deref(), Some(&b"new"[..]));
+    }
+    store.write((0..20).map(|q| Op::RemoveMessage { queue: q, seq: 1 }).collect(), true).wait_blocking().unwrap();
+    store.compact().unwrap();
+    for q in 0..20 {
+        assert!(seqs(&store, q).is_empty(), "queue {q}: a message resurfaced");
+        assert_eq!(store.get_message(q, 0).unwrap(), None, "queue {q}: old message resurfaced");
+    }
 }

@@ -41,7 +41,7 @@ fn crash_child() {
 /// acks the oldest GROUP messages and moves the floor, atomically.
 fn child_queue_loop(store: &Store, q: u64) {
     let mut floor = store.ack_floor(q).unwrap();
-    let mut next = store.scan_queue(q, 0).unwrap().last().map_or(floor, |(s, _)| s + 1);
+    let mut next = store.next_seq(q).unwrap();
     for i in 0u64.. {
         let ops = (next..next + GROUP)
             .map(|seq| Op::PutMessage { queue: q, seq, record: MessageRecord { persistent: true, data: payload(q, seq, PAYLOAD) } })
@@ -147,6 +147,7 @@ fn kill_9_keeps_every_acknowledged_write() {
             if floor > 0 {
                 assert_eq!(store.get_message(q, floor - 1).unwrap(), None, "acked message below the floor resurfaced");
             }
+            assert_eq!(store.next_seq(q).unwrap(), top + 1, "round {round} q{q}: next seq out of step with the data");
         }
         println!("round {round}: {acks} acks, last {acked_last:?}, floors {acked_floor:?}");
         store.close().unwrap();

@@ -287,3 +287,48 @@ async fn invalid_queue_arguments_are_406_with_rabbitmq_wording() {
         .unwrap_err();
     assert_eq!(code(&err), 406);
 }
+
+#[tokio::test]
+async fn message_above_max_size_is_406_and_connection_survives() {
+    let s = Server::start_with(&["--max-message-size", "1000"]);
+    let c = connect(&s).await;
+    let ch = channel(&c).await;
+    declare(&ch, "q").await;
+    ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    let big = vec![0u8; 2000];
+    let res = match ch.basic_publish("".into(), "q".into(), BasicPublishOptions::default(), &big, BasicProperties::default()).await {
+        Ok(confirm) => confirm.await.map(|_| ()),
+        Err(e) => Err(e),
+    };
+    let err = res.expect_err("too large");
+    assert_eq!(code(&err), 406);
+    assert_eq!(text(&err), "PRECONDITION_FAILED - message size 2000 is larger than configured max size 1000");
+    let ch = channel(&c).await;
+    publish(&ch, "", "q", &[0u8; 1000]).await;
+    wait_ready(&ch, "q", 1).await;
+}
+
+#[tokio::test]
+async fn exclusive_durable_queue_is_not_recovered() {
+    let mut s = Server::start();
+    {
+        let c = connect(&s).await;
+        let ch = channel(&c).await;
+        ch.queue_declare("ex".into(), QueueDeclareOptions { exclusive: true, durable: true, ..Default::default() }, FieldTable::default())
+            .await
+            .unwrap();
+        ch.queue_bind("ex".into(), "amq.fanout".into(), "".into(), QueueBindOptions::default(), FieldTable::default()).await.unwrap();
+        // Re-declaring with the same flags on the owning connection is fine.
+        ch.queue_declare("ex".into(), QueueDeclareOptions { exclusive: true, durable: true, ..Default::default() }, FieldTable::default())
+            .await
+            .unwrap();
+    }
+    s.restart();
+    let c = connect(&s).await;
+    let ch = channel(&c).await;
+    let err = ch
+        .queue_declare("ex".into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), 404);
+}

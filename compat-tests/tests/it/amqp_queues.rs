@@ -104,3 +104,34 @@ async fn durable_definitions_and_persistent_messages_survive_restart() {
         .unwrap_err();
     assert_eq!(code(&err), 404, "non-durable queues are gone after restart");
 }
+
+#[tokio::test]
+async fn bodies_paged_out_of_ram_are_delivered_intact() {
+    // No RAM for bodies: every message is read back from disk on delivery.
+    let mut s = Server::start_with(&["--body-cache-bytes", "0"]);
+    let (_c, ch) = open(&s).await;
+    declare_durable(&ch, "paged").await;
+    ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    let body = |i: usize| -> Vec<u8> { (0..(i * 37) % 5000).map(|j| (i + j) as u8).collect() };
+    for i in 0..200usize {
+        let props = if i % 2 == 0 { persistent() } else { lapin::BasicProperties::default() };
+        ch.basic_publish("".into(), "paged".into(), BasicPublishOptions::default(), &body(i), props)
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let got = consume_n(&ch, "paged", 100).await;
+    for (k, b) in got.iter().enumerate() {
+        assert_eq!(b, &body(k), "message {k}");
+    }
+    // After a clean restart only the persistent half of the rest is left.
+    assert!(s.terminate().unwrap().success());
+    s.restart();
+    let (_c, ch) = open(&s).await;
+    wait_ready(&ch, "paged", 50).await;
+    let got = consume_n(&ch, "paged", 50).await;
+    for (k, b) in got.iter().enumerate() {
+        assert_eq!(b, &body(100 + 2 * k), "persistent message {}", 100 + 2 * k);
+    }
+}

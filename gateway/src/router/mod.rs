@@ -87,7 +87,10 @@ pub struct Exchange {
 pub struct QueueEntry {
     pub name: String,
     pub id: QueueId,
+    /// As declared (for equivalence checks).
     pub durable: bool,
+    /// Whether its definition is stored: durable and not exclusive.
+    pub persisted: bool,
     pub exclusive_owner: Option<ConnId>,
     pub auto_delete: bool,
     pub arguments: Arguments,
@@ -214,6 +217,7 @@ impl Router {
                             name: def.name,
                             id: QueueId(def.id),
                             durable: true,
+                            persisted: true,
                             exclusive_owner: None,
                             auto_delete: def.auto_delete,
                             arguments: def.arguments,
@@ -475,7 +479,7 @@ impl Router {
             Dest::Queue(q) => {
                 let e = topo.queues.get(q).ok_or_else(|| BrokerError::not_found(format!("no {}", qmsg(q, &vh.name))))?;
                 check_owner(e, conn, &vh.name)?;
-                e.durable
+                e.persisted
             }
             Dest::Exchange(d) => {
                 if d.is_empty() {
@@ -564,6 +568,7 @@ impl Router {
                 name: name.clone(),
                 id,
                 durable: d.durable,
+                persisted: durable,
                 exclusive_owner: d.exclusive.then_some(conn),
                 auto_delete: d.auto_delete,
                 arguments: d.arguments.clone(),
@@ -622,7 +627,7 @@ impl Router {
     fn remove_queue(&self, vhost: &str, topo: &mut Topology, name: &str) -> Result<(u32, Vec<Durable>), BrokerError> {
         let Some(e) = topo.queues.remove(name) else { return Ok((0, Vec::new())) };
         let mut writes = Vec::new();
-        if e.durable && e.exclusive_owner.is_none() {
+        if e.persisted {
             writes.push(self.backend.delete_definition(persist::queue_key(vhost, name)));
         }
         writes.extend(self.remove_bindings_to(vhost, topo, &Dest::Queue(name.to_string())));
