@@ -65,14 +65,15 @@ impl LocalQueue {
     /// queue from storage.
     pub(crate) fn open(spec: QueueSpec, store: Store, budget: Arc<BodyBudget>) -> Result<Arc<Self>, Error> {
         let mut ready = BTreeMap::new();
-        let mut next_seq = 0;
         let mut floor = 0;
         let mut drop_ops = Vec::new();
+        // A (queue, seq) key may be written only once for the life of the
+        // database (weak removes, see storage), so numbering continues from
+        // the highest seq ever stored, never from the last live message.
+        let next_seq = store.next_seq(spec.id.0)?;
         if spec.durable {
             floor = store.ack_floor(spec.id.0)?;
-            next_seq = floor;
             for (seq, rec) in store.scan_queue(spec.id.0, floor)? {
-                next_seq = next_seq.max(seq + 1);
                 if !rec.persistent {
                     // A transient message paged to disk before a crash.
                     drop_ops.push(Op::RemoveMessage { queue: spec.id.0, seq });

@@ -85,17 +85,19 @@ pub fn text(err: &lapin::Error) -> String {
 
 /// Waits until the queue holds `n` ready messages (passive declare).
 pub async fn wait_ready(ch: &Channel, queue: &str, n: u32) {
+    let mut last = 0;
     for _ in 0..200 {
         let q = ch
             .queue_declare(queue.into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
             .await
             .expect("passive declare");
-        if q.message_count() == n {
+        last = q.message_count();
+        if last == n {
             return;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    panic!("queue {queue} never reached {n} ready messages");
+    panic!("queue {queue} never reached {n} ready messages (last seen {last})");
 }
 
 /// For operations after which the server closes the channel asynchronously
