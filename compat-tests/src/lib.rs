@@ -59,7 +59,42 @@ impl Server {
 
     /// Starts a broker on an existing data directory.
     pub fn spawn(data_dir: &Path, extra: &[&str]) -> Result<Server, String> {
+        Self::spawn_limited(data_dir, extra, false)
+    }
+
+    /// Starts a broker that will be able to run out of file space: SIGXFSZ
+    /// is ignored, so once [`Server::limit_file_size`] is applied, writes
+    /// past the limit fail with EFBIG (as on a full disk) instead of
+    /// killing the process.
+    pub fn start_for_disk_full() -> Server {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().to_path_buf();
+        let mut s = Self::spawn_limited(&dir, &[], true).expect("start sluice");
+        s._tmp = Some(tmp);
+        s
+    }
+
+    /// Sets the running broker's RLIMIT_FSIZE (prlimit(2)): no write may
+    /// reach past `bytes` in any file.
+    pub fn limit_file_size(&self, bytes: u64) {
+        let lim = libc::rlimit { rlim_cur: bytes as libc::rlim_t, rlim_max: libc::RLIM_INFINITY };
+        // SAFETY: plain syscall on another process; pointers live for the call.
+        let r = unsafe { libc::prlimit(self.pid() as libc::pid_t, libc::RLIMIT_FSIZE, &lim, std::ptr::null_mut()) };
+        assert_eq!(r, 0, "prlimit: {}", std::io::Error::last_os_error());
+    }
+
+    fn spawn_limited(data_dir: &Path, extra: &[&str], ignore_sigxfsz: bool) -> Result<Server, String> {
         let mut cmd = Command::new(sluice_bin());
+        if ignore_sigxfsz {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: only an async-signal-safe libc call between fork and exec.
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+                    Ok(())
+                });
+            }
+        }
         cmd.arg("serve")
             .arg("--data-dir")
             .arg(data_dir)

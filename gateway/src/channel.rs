@@ -309,9 +309,7 @@ impl Channel {
                         }
                     }
                 }
-                for w in futures_util::future::join_all(writes).await {
-                    w.map_err(|e| BrokerError::internal(format!("storage failed: {e}")))?;
-                }
+                crate::router::wait_all(writes).await?;
                 Reply::TxCommitOk
             }
             Command::TxRollback => {

@@ -60,8 +60,16 @@ fn main() {
         }
     };
     if let Err(e) = result {
-        // One line: the context chain joined.
-        let msg: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+        // One line: the context chain joined, skipping causes whose text
+        // the previous message already includes.
+        let mut msg: Vec<String> = Vec::new();
+        for cause in e.chain() {
+            let text = cause.to_string();
+            if msg.last().is_some_and(|prev| prev.contains(&text)) {
+                continue;
+            }
+            msg.push(text);
+        }
         eprintln!("sluice: {}", msg.join(": "));
         std::process::exit(1);
     }

@@ -81,3 +81,72 @@ async fn confirmed_messages_survive_kill_9_exactly_once() {
     let missing: Vec<_> = confirmed.difference(&seen).collect();
     assert!(missing.is_empty(), "{} confirmed messages lost, e.g. {:?}", missing.len(), missing.iter().take(5).collect::<Vec<_>>());
 }
+
+/// Incompressible bytes (the journal compresses large values).
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len / 8)
+        .flat_map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn failed_disk_write_nacks_then_closes_with_506_and_loses_nothing_confirmed() {
+    let mut s = Server::start_for_disk_full();
+    let (c, ch) = open(&s).await;
+    declare_durable(&ch, "full").await;
+    // From now on no write may reach past 3 MiB in any file: writes fail
+    // with EFBIG, as on a full disk.
+    s.limit_file_size(3 << 20);
+    ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    let mut acked = Vec::new();
+    let mut nacked = None;
+    for i in 0..200u64 {
+        let mut body = i.to_be_bytes().to_vec();
+        body.extend(noise(i, 64 << 10));
+        let confirm = ch
+            .basic_publish("".into(), "full".into(), BasicPublishOptions::default(), &body, persistent())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        if confirm.is_ack() {
+            acked.push(i);
+        } else {
+            nacked = Some(i);
+            break;
+        }
+    }
+    assert!(nacked.is_some(), "the broker confirmed 12 MiB on a 3 MiB file limit");
+    assert!(!acked.is_empty());
+    // A durable declare cannot be stored either: 506 on the connection.
+    let ch2 = channel(&c).await;
+    let err = ch2
+        .queue_declare("another".into(), QueueDeclareOptions { durable: true, ..Default::default() }, FieldTable::default())
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), 506, "{err}");
+
+    // Without the limit, every acknowledged message is there.
+    s.kill9();
+    let mut s2 = sluice_compat_tests::Server::spawn(&s.data_dir, &[]).expect("restart");
+    let (_c, ch) = open(&s2).await;
+    let q = ch.queue_declare("full".into(), QueueDeclareOptions { durable: true, ..Default::default() }, FieldTable::default()).await.unwrap();
+    assert!(q.message_count() as usize >= acked.len(), "{} messages, {} acked", q.message_count(), acked.len());
+    let mut seen = HashSet::new();
+    for _ in 0..q.message_count() {
+        let m = ch.basic_get("full".into(), BasicGetOptions { no_ack: true }).await.unwrap().unwrap();
+        let id = u64::from_be_bytes(m.delivery.data[..8].try_into().unwrap());
+        assert_eq!(&m.delivery.data[8..], noise(id, 64 << 10).as_slice(), "message {id} corrupt");
+        seen.insert(id);
+    }
+    for id in &acked {
+        assert!(seen.contains(id), "acknowledged message {id} lost");
+    }
+    s2.kill9();
+}

@@ -134,9 +134,11 @@ pub struct Router {
     vhosts: RwLock<HashMap<String, Arc<VHost>>>,
 }
 
-async fn wait_all(writes: Vec<Durable>) -> Result<(), BrokerError> {
+/// Waits for durable writes. A storage failure is a 506 RESOURCE_ERROR on
+/// the connection: the broker cannot keep what the client asked it to keep.
+pub async fn wait_all(writes: Vec<Durable>) -> Result<(), BrokerError> {
     for r in join_all(writes).await {
-        r.map_err(|e| BrokerError::internal(format!("storage failed: {e}")))?;
+        r.map_err(|e| BrokerError::connection(sluice_codecs::amqp::reply_code::RESOURCE_ERROR, format!("storage failed: {e}")))?;
     }
     Ok(())
 }
