@@ -288,3 +288,32 @@ fn heartbeat_on_a_channel_is_505() {
     r.send(&Frame::Heartbeat { channel: 1 });
     assert_eq!(r.expect_close(), 505);
 }
+
+#[test]
+fn server_only_method_from_a_client_is_503() {
+    let s = Server::start();
+    let mut r = Raw::open(&s, 0);
+    r.method(1, Method::ChannelOpen(ChannelOpen::default()));
+    assert!(matches!(r.read_method(), Method::ChannelOpenOk(_)));
+    r.method(1, Method::QueueDeclareOk(QueueDeclareOk { queue: "q".into(), message_count: 0, consumer_count: 0 }));
+    assert_eq!(r.expect_close(), 503);
+}
+
+#[test]
+fn tune_ok_outside_the_offer_is_530() {
+    let s = Server::start();
+    for (channel_max, frame_max) in [(2047u16, 1024u32), (2047, 1 << 30), (9999, 131072)] {
+        let mut r = Raw::connect(&s);
+        r.sock.write_all(&PROTOCOL_HEADER).unwrap();
+        assert!(matches!(r.read_method(), Method::ConnectionStart(_)));
+        r.method(0, Method::ConnectionStartOk(ConnectionStartOk {
+            client_properties: FieldTable::default(),
+            mechanism: "PLAIN".into(),
+            response: bytes::Bytes::from_static(b"\0guest\0guest"),
+            locale: "en_US".into(),
+        }));
+        assert!(matches!(r.read_method(), Method::ConnectionTune(_)));
+        r.method(0, Method::ConnectionTuneOk(ConnectionTuneOk { channel_max, frame_max, heartbeat: 0 }));
+        assert_eq!(r.expect_close(), 530, "channel_max {channel_max} frame_max {frame_max}");
+    }
+}
