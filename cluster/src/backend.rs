@@ -230,11 +230,14 @@ pub trait Queue: Send + Sync {
     fn kick(&self);
 }
 
+/// Stored definitions as (key, value) pairs.
+pub type Definitions = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// Everything the router needs from the storage side.
 pub trait Backend: Send + Sync {
     /// All stored definitions (exchanges, queues, bindings), as opaque
     /// key/value pairs written by the router.
-    fn definitions(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Error>;
+    fn definitions(&self) -> Result<Definitions, Error>;
     fn put_definition(&self, key: Vec<u8>, value: Vec<u8>) -> Durable;
     fn delete_definition(&self, key: Vec<u8>) -> Durable;
     /// Creates a queue, or returns it if it exists (recovering its messages

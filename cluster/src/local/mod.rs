@@ -86,7 +86,7 @@ fn durable(completion: sluice_storage::Completion) -> Durable {
 }
 
 impl Backend for LocalBackend {
-    fn definitions(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Error> {
+    fn definitions(&self) -> Result<crate::backend::Definitions, Error> {
         Ok(self.store.list_meta(b"")?)
     }
 

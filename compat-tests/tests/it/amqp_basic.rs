@@ -310,3 +310,23 @@ async fn round_robin_between_two_consumers() {
     }
     assert_eq!((na, nb), (5, 5));
 }
+
+#[tokio::test]
+async fn nack_multiple_requeues_everything_up_to_the_tag() {
+    let s = Server::start();
+    let (_c, ch) = open(&s).await;
+    declare(&ch, "q").await;
+    for i in 0..5u8 {
+        publish(&ch, "", "q", &[i]).await;
+    }
+    wait_ready(&ch, "q", 5).await;
+    let mut tags = Vec::new();
+    for _ in 0..5 {
+        tags.push(ch.basic_get("q".into(), BasicGetOptions::default()).await.unwrap().unwrap().delivery.delivery_tag);
+    }
+    ch.basic_nack(tags[2], BasicNackOptions { multiple: true, requeue: true }).await.unwrap();
+    wait_ready(&ch, "q", 3).await;
+    let m = ch.basic_get("q".into(), BasicGetOptions { no_ack: true }).await.unwrap().unwrap();
+    assert_eq!(m.delivery.data, vec![0u8]);
+    assert!(m.delivery.redelivered);
+}

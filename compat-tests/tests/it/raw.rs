@@ -317,3 +317,48 @@ fn tune_ok_outside_the_offer_is_530() {
         assert_eq!(r.expect_close(), 530, "channel_max {channel_max} frame_max {frame_max}");
     }
 }
+
+#[test]
+fn server_properties_advertise_the_capabilities_clients_check() {
+    let s = Server::start();
+    let mut r = Raw::connect(&s);
+    r.sock.write_all(&PROTOCOL_HEADER).unwrap();
+    let Method::ConnectionStart(start) = r.read_method() else { panic!("expected connection.start") };
+    assert_eq!((start.version_major, start.version_minor), (0, 9));
+    let mechanisms = String::from_utf8(start.mechanisms.to_vec()).unwrap();
+    assert!(mechanisms.split(' ').any(|m| m == "PLAIN") && mechanisms.split(' ').any(|m| m == "AMQPLAIN"), "{mechanisms}");
+    let caps = start.server_properties.get("capabilities").and_then(|c| c.as_table()).expect("capabilities table");
+    for cap in [
+        "publisher_confirms",
+        "exchange_exchange_bindings",
+        "basic.nack",
+        "consumer_cancel_notify",
+        "connection.blocked",
+        "per_consumer_qos",
+        "authentication_failure_close",
+    ] {
+        assert_eq!(caps.get(cap).and_then(|v| v.as_bool()), Some(true), "capability {cap}");
+    }
+}
+
+#[test]
+fn update_secret_is_acknowledged() {
+    let s = Server::start();
+    let mut r = Raw::open(&s, 0);
+    r.method(0, Method::ConnectionUpdateSecret(ConnectionUpdateSecret { new_secret: bytes::Bytes::from_static(b"x"), reason: "rotate".into() }));
+    assert!(matches!(r.read_method(), Method::ConnectionUpdateSecretOk(_)));
+}
+
+#[test]
+fn sigterm_sends_connection_close_320_and_exits_0() {
+    let mut s = Server::start();
+    let mut r = Raw::open(&s, 0);
+    let pid = s.pid() as i32;
+    // SAFETY: signalling our own child process.
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
+    }
+    assert_eq!(r.expect_close(), 320);
+    let status = s.terminate().expect("exit status");
+    assert!(status.success(), "{status:?}");
+}

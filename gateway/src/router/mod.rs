@@ -473,9 +473,7 @@ impl Router {
     /// the destination is durable.
     fn check_bind(&self, vh: &VHost, topo: &Topology, conn: ConnId, source: &str, dest: &Dest) -> Result<bool, BrokerError> {
         if source.is_empty() {
-            return Err(BrokerError::access_refused(format!(
-                "operation not permitted on the default exchange"
-            )));
+            return Err(BrokerError::access_refused("operation not permitted on the default exchange"));
         }
         let dest_durable = match dest {
             Dest::Queue(q) => {
