@@ -42,6 +42,9 @@ impl Broker {
 
 /// How long connections get to close at shutdown before we stop waiting.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long storage gets to flush at shutdown; past it we exit non-zero
+/// rather than hang (everything confirmed was fsynced already).
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Runs the all-in-one broker until a shutdown signal.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
@@ -82,7 +85,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         tracing::warn!("some connections did not close in time");
     }
     let backend = broker.router.backend().clone();
-    tokio::task::spawn_blocking(move || backend.shutdown()).await?.context("flushing storage")?;
+    let flush = tokio::task::spawn_blocking(move || backend.shutdown());
+    match tokio::time::timeout(FLUSH_TIMEOUT, flush).await {
+        Ok(joined) => joined?.context("flushing storage")?,
+        Err(_) => anyhow::bail!("storage did not flush within {} s", FLUSH_TIMEOUT.as_secs()),
+    }
     println!("sluice stopped");
     Ok(())
 }

@@ -28,6 +28,9 @@ use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+
+/// Longest wait for a running compaction when the store closes.
+const JOIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Runs maintenance passes; cheap to clone.
 #[derive(Clone)]
 pub(crate) struct Compactor {
@@ -110,16 +113,26 @@ impl Compactor {
     }
 
     /// Waits for the background thread to finish, without further passes
-    /// (used at close).
+    /// (used at close). A pass can block for good inside fjall when the
+    /// disk fails under it (a memtable flush that never succeeds), so the
+    /// wait is bounded: after `JOIN_TIMEOUT` the thread is left behind and
+    /// close goes on. Nothing it does is needed for durability.
     pub(crate) fn join(&self) {
         let handle = {
             let mut s = self.schedule();
             s.wanted = false;
             s.thread.take()
         };
-        if let Some(handle) = handle {
-            let _ = handle.join();
+        let Some(handle) = handle else { return };
+        let deadline = Instant::now() + JOIN_TIMEOUT;
+        while !handle.is_finished() {
+            if Instant::now() >= deadline {
+                tracing::warn!("storage compaction still running at close; not waiting for it");
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
+        let _ = handle.join();
     }
 
     fn pass(&self) -> Result<()> {
