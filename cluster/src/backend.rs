@@ -246,6 +246,9 @@ pub trait Backend: Send + Sync {
     /// Deletes a queue and its messages; cancels its consumers. Returns the
     /// number of ready messages it held.
     fn delete_queue(&self, id: QueueId) -> Result<u32, Error>;
+    /// Bytes of writes waiting for storage. Sessions stop reading from
+    /// their sockets while it is above their limit (backpressure).
+    fn backlog_bytes(&self) -> u64;
     /// Makes everything written so far durable and stops accepting writes.
     fn shutdown(&self) -> Result<(), Error>;
 }

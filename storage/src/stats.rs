@@ -63,6 +63,8 @@ pub(crate) struct Counters {
     pub compaction_running: AtomicBool,
     pub last_compaction_us: AtomicU64,
     pub poisoned: AtomicBool,
+    /// Bytes submitted to the writer and not yet taken off its channel.
+    pub queued_bytes: AtomicU64,
 }
 
 impl Counters {

@@ -149,6 +149,12 @@ impl Op {
     }
 
     /// Payload bytes, for the group size cap.
+    /// Bytes a queued op is charged against [`Store::queued_bytes`]: its
+    /// payload plus a fixed cost for the op itself.
+    pub(crate) fn queued_len(ops: &[Op]) -> u64 {
+        ops.iter().map(|o| (o.payload_len() + 64) as u64).sum()
+    }
+
     pub(crate) fn payload_len(&self) -> usize {
         match self {
             Op::PutMessage { record, .. } => record.data.len(),
@@ -295,11 +301,24 @@ impl Store {
     }
 
     fn submit(&self, req: Request) -> Result<()> {
+        let charge = match &req {
+            Request::Write { ops, .. } => Op::queued_len(ops),
+            Request::Close => 0,
+        };
         let tx = self.inner.tx.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-        match tx.as_ref() {
-            Some(tx) => tx.send(req).map_err(|_| Error::Closed),
-            None => Err(Error::Closed),
-        }
+        let Some(tx) = tx.as_ref() else { return Err(Error::Closed) };
+        self.inner.counters.queued_bytes.fetch_add(charge, Relaxed);
+        tx.send(req).map_err(|_| {
+            self.inner.counters.queued_bytes.fetch_sub(charge, Relaxed);
+            Error::Closed
+        })
+    }
+
+    /// Bytes of writes submitted but not yet taken by the writer thread.
+    /// Callers use it for backpressure: the channel to the writer is
+    /// unbounded, so producers must slow down when this grows.
+    pub fn queued_bytes(&self) -> u64 {
+        self.inner.counters.queued_bytes.load(Relaxed)
     }
 
     /// Payload of message `seq` of `queue`, zero-copy. Does not look at the

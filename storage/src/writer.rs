@@ -115,6 +115,7 @@ impl Writer {
             while let Some(req) = next.take() {
                 match req {
                     Request::Write { ops: o, durable, done } => {
+                        self.counters.queued_bytes.fetch_sub(Op::queued_len(&o), Relaxed);
                         ops += o.len();
                         bytes += o.iter().map(Op::payload_len).sum::<usize>();
                         group.push((o, durable, done));

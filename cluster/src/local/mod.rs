@@ -119,6 +119,10 @@ impl Backend for LocalBackend {
         }
     }
 
+    fn backlog_bytes(&self) -> u64 {
+        self.store.queued_bytes()
+    }
+
     fn shutdown(&self) -> Result<(), Error> {
         for q in self.queues().values() {
             q.persist_floor();

@@ -24,6 +24,9 @@ use super::BodyBudget;
 use crate::backend::{Consumer, Delivery, Durable, Outcome, Queue, QueueId, QueueSpec};
 use crate::{record, Error};
 
+/// Messages read per storage scan while recovering a queue.
+const RECOVERY_PAGE: usize = 4096;
+
 /// How far the in-memory ack floor may run ahead of the persisted one
 /// before it is written again.
 const FLOOR_STRIDE: u64 = 1024;
@@ -73,14 +76,22 @@ impl LocalQueue {
         let next_seq = store.next_seq(spec.id.0)?;
         if spec.durable {
             floor = store.ack_floor(spec.id.0)?;
-            for (seq, rec) in store.scan_queue(spec.id.0, floor)? {
-                if !rec.persistent {
-                    // A transient message paged to disk before a crash.
-                    drop_ops.push(Op::RemoveMessage { queue: spec.id.0, seq });
-                    continue;
+            // Page through the log so recovery never holds more than one
+            // page of bodies; only the index stays in RAM.
+            let mut from = floor;
+            loop {
+                let page = store.scan_queue_page(spec.id.0, from, RECOVERY_PAGE)?;
+                let Some(&(last, _)) = page.last() else { break };
+                for (seq, rec) in page {
+                    if !rec.persistent {
+                        // A transient message paged to disk before a crash.
+                        drop_ops.push(Op::RemoveMessage { queue: spec.id.0, seq });
+                        continue;
+                    }
+                    let size = rec.data.len() as u64;
+                    ready.insert(seq, Entry { size, on_disk: true, redelivered: false, message: None });
                 }
-                let size = rec.data.len() as u64;
-                ready.insert(seq, Entry { size, on_disk: true, redelivered: false, message: None });
+                from = last + 1;
             }
         } else {
             // A non-durable queue starts empty; clear leftovers from a crash.

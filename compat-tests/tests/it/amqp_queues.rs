@@ -134,3 +134,47 @@ async fn bodies_paged_out_of_ram_are_delivered_intact() {
         assert_eq!(b, &body(100 + 2 * k), "persistent message {}", 100 + 2 * k);
     }
 }
+
+#[tokio::test]
+async fn large_durable_queue_recovers_in_order() {
+    let mut s = Server::start();
+    let n = 10_000u32; // more than one recovery page
+    {
+        let (c, ch) = open(&s).await;
+        declare_durable(&ch, "big").await;
+        ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+        let mut pending = Vec::new();
+        for i in 0..n {
+            pending.push(
+                ch.basic_publish("".into(), "big".into(), BasicPublishOptions::default(), &i.to_be_bytes(), persistent())
+                    .await
+                    .unwrap(),
+            );
+        }
+        for p in pending {
+            assert!(p.await.unwrap().is_ack());
+        }
+        // Consume and ack the first 3000 so the ack floor moves.
+        let mut consumer = ch.basic_consume("big".into(), "".into(), BasicConsumeOptions::default(), FieldTable::default()).await.unwrap();
+        ch.basic_qos(100, BasicQosOptions::default()).await.unwrap();
+        let mut last = 0;
+        for i in 0..3000u32 {
+            let d = futures_util::StreamExt::next(&mut consumer).await.unwrap().unwrap();
+            assert_eq!(u32::from_be_bytes(d.data[..].try_into().unwrap()), i);
+            last = d.delivery_tag;
+            if i % 100 == 99 {
+                ch.basic_ack(last, BasicAckOptions { multiple: true }).await.unwrap();
+            }
+        }
+        let _ = last;
+        c.close(200, "".into()).await.unwrap();
+    }
+    assert!(s.terminate().unwrap().success());
+    s.restart();
+    let (_c, ch) = open(&s).await;
+    wait_ready(&ch, "big", n - 3000).await;
+    let bodies = consume_n(&ch, "big", (n - 3000) as usize).await;
+    for (k, b) in bodies.iter().enumerate() {
+        assert_eq!(u32::from_be_bytes(b[..].try_into().unwrap()), 3000 + k as u32);
+    }
+}

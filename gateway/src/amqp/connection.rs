@@ -33,6 +33,10 @@ use crate::server::Broker;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long we wait for connection.close-ok after sending connection.close.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Above this many bytes of writes queued for storage, connections stop
+/// reading from their sockets until storage catches up; TCP then slows the
+/// publishers down (RabbitMQ's credit flow has the same effect).
+const STORAGE_BACKLOG_LIMIT: u64 = 32 * 1024 * 1024;
 
 type Reader<R> = FramedRead<R, FrameCodec>;
 
@@ -294,9 +298,16 @@ impl Conn {
         let hb = Duration::from_secs(u64::from(self.heartbeat));
         let mut last_read = Instant::now();
         let mut check = tokio::time::interval(if self.heartbeat == 0 { Duration::from_secs(3600) } else { hb });
+        let backend = self.broker.router.backend().clone();
         loop {
+            let throttled = backend.backlog_bytes() > STORAGE_BACKLOG_LIMIT;
+            if throttled {
+                // Our silence is not the client's: don't count it as missed heartbeats.
+                last_read = Instant::now();
+            }
             tokio::select! {
-                frame = reader.next() => {
+                _ = tokio::time::sleep(Duration::from_millis(1)), if throttled => {}
+                frame = reader.next(), if !throttled => {
                     last_read = Instant::now();
                     match frame {
                         None => return End::Gone,
