@@ -27,11 +27,18 @@ pub trait Outbox: Send + Sync {
     fn send(&self, channel: u16, reply: Reply, consumer: Option<Arc<Consumer>>);
 }
 
-/// Events from queues to a connection task.
+/// Events from queues (and the channel's confirm task) to a connection task.
 pub enum ConnEvent {
     Deliver { channel: u16, consumer: Arc<Consumer>, delivery: Delivery },
     Cancelled { channel: u16, consumer: Arc<Consumer> },
+    /// A publisher confirm, for the channel instance `instance` only: a
+    /// confirm must never reach a channel that was closed (and perhaps
+    /// reopened under the same number) in the meantime.
+    Confirm { channel: u16, instance: u64, reply: Reply },
 }
+
+/// Distinguishes successive channels that reuse a channel number.
+static NEXT_INSTANCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// The [`DeliverySink`] of every consumer of one channel.
 pub struct ChannelSink {
@@ -88,6 +95,8 @@ enum TxOp {
 /// One channel's state.
 pub struct Channel {
     pub id: u16,
+    /// Unique per channel instance (see [`ConnEvent::Confirm`]).
+    pub instance: u64,
     ctx: Arc<SessionCtx>,
     next_tag: u64,
     unacked: BTreeMap<u64, Unacked>,
@@ -102,6 +111,7 @@ impl Channel {
     pub fn new(id: u16, ctx: Arc<SessionCtx>) -> Self {
         Channel {
             id,
+            instance: NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed),
             ctx,
             next_tag: 1,
             unacked: BTreeMap::new(),
@@ -283,7 +293,7 @@ impl Channel {
                 }
                 if self.confirm.is_none() {
                     let (tx, rx) = mpsc::unbounded_channel();
-                    tokio::spawn(confirm_task(rx, ctx.outbox.clone(), self.id));
+                    tokio::spawn(confirm_task(rx, ctx.events.clone(), self.id, self.instance));
                     self.confirm = Some((0, tx));
                 }
                 Reply::ConfirmSelectOk
@@ -491,8 +501,17 @@ fn uuid_like() -> String {
 }
 
 /// Sends publisher confirms in publish order, coalescing runs of ready
-/// acks into one `multiple` ack.
-async fn confirm_task(mut rx: mpsc::UnboundedReceiver<PendingConfirm>, outbox: Arc<dyn Outbox>, channel: u16) {
+/// acks into one `multiple` ack. They go through the connection task, which
+/// drops them if the channel is gone by then.
+async fn confirm_task(
+    mut rx: mpsc::UnboundedReceiver<PendingConfirm>,
+    events: mpsc::UnboundedSender<ConnEvent>,
+    channel: u16,
+    instance: u64,
+) {
+    let send = |reply: Reply| {
+        let _ = events.send(ConnEvent::Confirm { channel, instance, reply });
+    };
     async fn settled(p: PendingConfirm) -> (u64, bool) {
         let mut ok = p.ack;
         for r in futures_util::future::join_all(p.writes).await {
@@ -509,13 +528,13 @@ async fn confirm_task(mut rx: mpsc::UnboundedReceiver<PendingConfirm>, outbox: A
         while let Ok(next) = rx.try_recv() {
             let (seq, next_ok) = settled(next).await;
             if next_ok != ok {
-                outbox.send(channel, Reply::Confirm { delivery_tag: last, multiple: run > 1, ack: ok }, None);
+                send(Reply::Confirm { delivery_tag: last, multiple: run > 1, ack: ok });
                 run = 0;
                 ok = next_ok;
             }
             last = seq;
             run += 1;
         }
-        outbox.send(channel, Reply::Confirm { delivery_tag: last, multiple: run > 1, ack: ok }, None);
+        send(Reply::Confirm { delivery_tag: last, multiple: run > 1, ack: ok });
     }
 }

@@ -362,3 +362,36 @@ fn sigterm_sends_connection_close_320_and_exits_0() {
     let status = s.terminate().expect("exit status");
     assert!(status.success(), "{status:?}");
 }
+
+#[test]
+fn no_confirm_arrives_after_the_channel_is_closed() {
+    let s = Server::start();
+    let mut r = Raw::open(&s, 0);
+    r.method(1, Method::ChannelOpen(ChannelOpen::default()));
+    assert!(matches!(r.read_method(), Method::ChannelOpenOk(_)));
+    r.method(1, Method::QueueDeclare(QueueDeclare { queue: "cq".into(), durable: true, ..Default::default() }));
+    assert!(matches!(r.read_method(), Method::QueueDeclareOk(_)));
+    r.method(1, Method::ConfirmSelect(ConfirmSelect { nowait: false }));
+    assert!(matches!(r.read_method(), Method::ConfirmSelectOk(_)));
+    // 300 persistent publishes and the close in one write: most confirms
+    // are still waiting for fsync when the close arrives.
+    let mut out = BytesMut::new();
+    let props = BasicProperties { delivery_mode: Some(2), ..Default::default() };
+    for _ in 0..300 {
+        encode_method_frame(1, &Method::BasicPublish(BasicPublish { routing_key: "cq".into(), ..Default::default() }), &mut out);
+        encode_content(1, 60, &props, &[7u8; 512], 131072, &mut out);
+    }
+    encode_method_frame(1, &Method::ChannelClose(ChannelClose { reply_code: 200, ..Default::default() }), &mut out);
+    r.sock.write_all(&out).unwrap();
+    loop {
+        match r.read().expect("connection closed") {
+            Frame::Method { channel: 1, method: Method::ChannelCloseOk(_) } => break,
+            Frame::Method { channel: 1, method: Method::BasicAck(_) } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    r.sock.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    if let Some(f) = r.read() {
+        panic!("frame after channel.close-ok: {f:?}");
+    }
+}

@@ -361,6 +361,12 @@ impl Conn {
                     let _ = self.wtx.send(WriterMsg::Reply { channel, reply, consumer: Some(consumer) });
                 }
             }
+            ConnEvent::Confirm { channel, instance, reply } => {
+                let live = self.channels.get(&channel).is_some_and(|s| !s.closing && s.channel.instance == instance);
+                if live {
+                    let _ = self.wtx.send(WriterMsg::Reply { channel, reply, consumer: None });
+                }
+            }
             ConnEvent::Cancelled { channel, consumer } => {
                 if let Some(slot) = self.channels.get_mut(&channel) {
                     if let Some(reply) = slot.channel.on_cancelled(&consumer) {
