@@ -53,13 +53,18 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {} for AMQP", config.amqp))?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
-    let backend = LocalBackend::open(
-        &config.data_dir,
-        LocalOptions { sync: config.fsync, body_cache_bytes: config.body_cache_bytes },
-    )
-    .with_context(|| format!("cannot open data dir {}", config.data_dir.display()))?;
+    // Opening storage blocks (journal replay, a durable write): keep it off
+    // the async workers.
+    let (dir, options) =
+        (config.data_dir.clone(), LocalOptions { sync: config.fsync, body_cache_bytes: config.body_cache_bytes });
+    let backend = tokio::task::spawn_blocking(move || LocalBackend::open(&dir, options))
+        .await?
+        .with_context(|| format!("cannot open data dir {}", config.data_dir.display()))?;
     let backend: Arc<dyn Backend> = backend;
-    let router = Router::open(backend.clone()).map_err(|e| anyhow::anyhow!("cannot load definitions: {e}"))?;
+    let for_router = backend.clone();
+    let router = tokio::task::spawn_blocking(move || Router::open(for_router))
+        .await?
+        .map_err(|e| anyhow::anyhow!("cannot load definitions: {e}"))?;
     let broker = Arc::new(Broker {
         router,
         users: config.users.clone(),
@@ -72,12 +77,18 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         next_conn: AtomicU64::new(1),
     });
     let addr = amqp.local_addr()?;
+    let signal = shutdown_signal()?;
     println!("sluice {} serving; data dir {}", env!("CARGO_PKG_VERSION"), config.data_dir.display());
     println!("AMQP listening on {addr}");
 
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
-    tokio::spawn(signal_watch(shutdown.clone()));
+    let on_signal = shutdown.clone();
+    tokio::spawn(async move {
+        signal.await;
+        tracing::info!("shutdown signal received");
+        on_signal.cancel();
+    });
     accept_loop(amqp, broker.clone(), shutdown.clone(), tracker.clone()).await;
 
     tracker.close();
@@ -126,24 +137,26 @@ fn spawn_connection(
     tracker.spawn(crate::amqp::serve(socket, conn_id, broker.clone(), shutdown.clone()).instrument(span));
 }
 
-async fn signal_watch(shutdown: CancellationToken) {
+/// Resolves on SIGTERM or ctrl-c. The handlers are installed when this is
+/// called (not when first polled), so a signal that arrives right after the
+/// listening line is printed already shuts down cleanly.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut term) = signal(SignalKind::terminate()) else {
-            let _ = tokio::signal::ctrl_c().await;
-            shutdown.cancel();
-            return;
-        };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
+        let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+        Ok(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        })
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        Ok(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
     }
-    tracing::info!("shutdown signal received");
-    shutdown.cancel();
 }

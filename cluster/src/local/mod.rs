@@ -52,9 +52,27 @@ impl BodyBudget {
     }
 }
 
+/// Keys this node keeps in storage's meta keyspace. They start with a NUL
+/// byte, which no router definition key does, and are hidden from
+/// [`Backend::definitions`].
+pub(crate) mod node_keys {
+    /// Present only while the node is stopped after a clean shutdown.
+    pub const CLEAN_SHUTDOWN: &[u8] = b"\0node/clean-shutdown";
+    /// Highest seq ever delivered from a queue, written at clean shutdown.
+    pub fn delivered_mark(queue: u64) -> Vec<u8> {
+        let mut k = b"\0node/delivered/".to_vec();
+        k.extend_from_slice(&queue.to_be_bytes());
+        k
+    }
+}
+
 /// A single in-process storage node.
 pub struct LocalBackend {
     store: Store,
+    /// The previous run ended with a clean shutdown, so per-queue delivered
+    /// marks are exact; after a crash every recovered message is flagged
+    /// redelivered (it may have been delivered before).
+    clean_start: bool,
     budget: Arc<BodyBudget>,
     // std Mutex: held only to look up or insert a queue, never across .await.
     queues: Mutex<HashMap<QueueId, Arc<LocalQueue>>>,
@@ -64,8 +82,12 @@ impl LocalBackend {
     /// Opens the node's storage in `dir`.
     pub fn open(dir: &Path, options: LocalOptions) -> Result<Arc<Self>, Error> {
         let store = Store::open(dir, StoreOptions { sync: options.sync, ..StoreOptions::default() })?;
+        let clean_start = !store.list_meta(node_keys::CLEAN_SHUTDOWN)?.is_empty();
+        // From now on a crash must not look like a clean shutdown.
+        futures_lite_block(store.write(vec![Op::DeleteMeta { key: node_keys::CLEAN_SHUTDOWN.to_vec() }], true))?;
         Ok(Arc::new(LocalBackend {
             store,
+            clean_start,
             budget: Arc::new(BodyBudget { limit: options.body_cache_bytes, used: AtomicU64::new(0) }),
             queues: Mutex::new(HashMap::new()),
         }))
@@ -81,13 +103,20 @@ impl LocalBackend {
     }
 }
 
+/// Waits for a completion from a non-async context (startup).
+fn futures_lite_block(completion: sluice_storage::Completion) -> Result<(), Error> {
+    completion.wait_blocking().map_err(Error::from)
+}
+
 fn durable(completion: sluice_storage::Completion) -> Durable {
     Box::pin(async move { completion.await.map_err(Error::from) })
 }
 
 impl Backend for LocalBackend {
     fn definitions(&self) -> Result<crate::backend::Definitions, Error> {
-        Ok(self.store.list_meta(b"")?)
+        let mut all = self.store.list_meta(b"")?;
+        all.retain(|(k, _)| k.first() != Some(&0));
+        Ok(all)
     }
 
     fn put_definition(&self, key: Vec<u8>, value: Vec<u8>) -> Durable {
@@ -103,7 +132,7 @@ impl Backend for LocalBackend {
         if let Some(q) = queues.get(&spec.id) {
             return Ok(q.clone());
         }
-        let q = LocalQueue::open(spec, self.store.clone(), self.budget.clone())?;
+        let q = LocalQueue::open(spec, self.store.clone(), self.budget.clone(), self.clean_start)?;
         queues.insert(q.id(), q.clone());
         Ok(q)
     }
@@ -125,9 +154,10 @@ impl Backend for LocalBackend {
 
     fn shutdown(&self) -> Result<(), Error> {
         for q in self.queues().values() {
-            q.persist_floor();
+            q.persist_marks();
         }
         self.store.flush()?;
+        self.store.write(vec![Op::PutMeta { key: node_keys::CLEAN_SHUTDOWN.to_vec(), value: Vec::new() }], true).wait_blocking()?;
         self.store.close()?;
         Ok(())
     }

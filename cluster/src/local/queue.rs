@@ -49,6 +49,9 @@ struct State {
     /// Round-robin position in `consumers`.
     cursor: usize,
     floor_persisted: u64,
+    /// Highest seq handed to a consumer or basic.get (for the delivered
+    /// mark written at clean shutdown).
+    max_delivered: Option<u64>,
 }
 
 /// A queue held by this process.
@@ -66,7 +69,7 @@ pub struct LocalQueue {
 impl LocalQueue {
     /// Creates the queue, recovering the persistent messages of a durable
     /// queue from storage.
-    pub(crate) fn open(spec: QueueSpec, store: Store, budget: Arc<BodyBudget>) -> Result<Arc<Self>, Error> {
+    pub(crate) fn open(spec: QueueSpec, store: Store, budget: Arc<BodyBudget>, clean_start: bool) -> Result<Arc<Self>, Error> {
         let mut ready = BTreeMap::new();
         let mut floor = 0;
         let mut drop_ops = Vec::new();
@@ -74,6 +77,18 @@ impl LocalQueue {
         // database (weak removes, see storage), so numbering continues from
         // the highest seq ever stored, never from the last live message.
         let next_seq = store.next_seq(spec.id.0)?;
+        let mark_key = super::node_keys::delivered_mark(spec.id.0);
+        // Messages at or below this seq may have been delivered before the
+        // restart. Exact after a clean shutdown; after a crash, everything.
+        let delivered_mark = if clean_start {
+            store
+                .list_meta(&mark_key)?
+                .first()
+                .and_then(|(_, v)| v.as_slice().try_into().ok())
+                .map(u64::from_be_bytes)
+        } else {
+            Some(u64::MAX)
+        };
         if spec.durable {
             floor = store.ack_floor(spec.id.0)?;
             // Page through the log so recovery never holds more than one
@@ -89,7 +104,8 @@ impl LocalQueue {
                         continue;
                     }
                     let size = rec.data.len() as u64;
-                    ready.insert(seq, Entry { size, on_disk: true, redelivered: false, message: None });
+                    let redelivered = delivered_mark.is_some_and(|m| seq <= m);
+                    ready.insert(seq, Entry { size, on_disk: true, redelivered, message: None });
                 }
                 from = last + 1;
             }
@@ -100,6 +116,8 @@ impl LocalQueue {
         if !drop_ops.is_empty() {
             store.write_nowait(drop_ops);
         }
+        // Keep the flags across the next clean restart too.
+        let max_flagged = ready.iter().rev().find(|(_, e)| e.redelivered).map(|(seq, _)| *seq);
         Ok(Arc::new_cyclic(|me| LocalQueue {
             spec,
             store,
@@ -111,6 +129,7 @@ impl LocalQueue {
                 consumers: Vec::new(),
                 cursor: 0,
                 floor_persisted: floor,
+                max_delivered: max_flagged,
             }),
             deleted: AtomicBool::new(false),
             me: me.clone(),
@@ -167,11 +186,16 @@ impl LocalQueue {
         }
     }
 
-    /// Writes the ack floor now (at shutdown).
-    pub(crate) fn persist_floor(&self) {
+    /// Writes the ack floor and the delivered mark now (clean shutdown).
+    pub(crate) fn persist_marks(&self) {
         let mut st = self.lock();
         let mut ops = Vec::new();
         self.advance_floor(&mut st, &mut ops, true);
+        let key = super::node_keys::delivered_mark(self.qid());
+        match st.max_delivered {
+            Some(m) if self.spec.durable => ops.push(Op::PutMeta { key, value: m.to_be_bytes().to_vec() }),
+            _ => ops.push(Op::DeleteMeta { key }),
+        }
         drop(st);
         self.flush_ops(ops);
     }
@@ -204,6 +228,7 @@ impl LocalQueue {
                 }
             };
             let delivery = Delivery { msg_id: seq, redelivered: entry.redelivered, message };
+            st.max_delivered = st.max_delivered.max(Some(seq));
             if !consumer.sink.deliver(&consumer, delivery) {
                 // The consumer's connection is gone: detach it and keep the message.
                 consumer.undo_acquire();
@@ -309,6 +334,7 @@ impl Queue for LocalQueue {
             match self.load(seq, &entry) {
                 Ok(message) => {
                     let delivery = Delivery { msg_id: seq, redelivered: entry.redelivered, message };
+                    st.max_delivered = st.max_delivered.max(Some(seq));
                     if no_ack {
                         self.forget(seq, entry, &mut ops);
                     } else {

@@ -150,3 +150,71 @@ async fn failed_disk_write_nacks_then_closes_with_506_and_loses_nothing_confirme
     }
     s2.kill9();
 }
+
+/// Publishes `n` persistent messages to `queue` and takes the first `taken`
+/// with basic.get without acking them.
+async fn publish_and_take(ch: &lapin::Channel, queue: &str, n: u8, taken: u8) {
+    declare_durable(ch, queue).await;
+    ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    for i in 0..n {
+        ch.basic_publish("".into(), queue.into(), BasicPublishOptions::default(), &[i], persistent()).await.unwrap().await.unwrap();
+    }
+    for i in 0..taken {
+        let m = ch.basic_get(queue.into(), BasicGetOptions::default()).await.unwrap().unwrap();
+        assert_eq!(m.delivery.data, vec![i]);
+        assert!(!m.delivery.redelivered);
+    }
+}
+
+async fn redelivered_flags(s: &Server, queue: &str, n: u8) -> Vec<bool> {
+    let (_c, ch) = open(s).await;
+    wait_ready(&ch, queue, n as u32).await;
+    let mut flags = Vec::new();
+    for i in 0..n {
+        let m = ch.basic_get(queue.into(), BasicGetOptions { no_ack: true }).await.unwrap().unwrap();
+        assert_eq!(m.delivery.data, vec![i]);
+        flags.push(m.delivery.redelivered);
+    }
+    flags
+}
+
+#[tokio::test]
+async fn after_clean_restart_only_delivered_messages_are_flagged_redelivered() {
+    let mut s = Server::start();
+    {
+        let (_c, ch) = open(&s).await;
+        publish_and_take(&ch, "flags", 4, 2).await;
+        assert!(s.terminate().unwrap().success());
+    }
+    s.restart();
+    assert_eq!(redelivered_flags(&s, "flags", 4).await, vec![true, true, false, false]);
+}
+
+#[tokio::test]
+async fn after_a_crash_every_recovered_message_is_flagged_redelivered() {
+    let mut s = Server::start();
+    {
+        let (_c, ch) = open(&s).await;
+        publish_and_take(&ch, "flags", 4, 2).await;
+        s.kill9();
+    }
+    s.restart();
+    // The broker cannot know which were delivered: it flags them all, as
+    // the spec allows ("may have been delivered before").
+    assert_eq!(redelivered_flags(&s, "flags", 4).await, vec![true; 4]);
+}
+
+#[tokio::test]
+async fn redelivered_flags_survive_a_second_clean_restart() {
+    let mut s = Server::start();
+    {
+        let (_c, ch) = open(&s).await;
+        publish_and_take(&ch, "flags", 3, 1).await;
+        assert!(s.terminate().unwrap().success());
+    }
+    s.restart();
+    // Nothing delivered in the second run; the flag must stay.
+    assert!(s.terminate().unwrap().success());
+    s.restart();
+    assert_eq!(redelivered_flags(&s, "flags", 3).await, vec![true, false, false]);
+}
