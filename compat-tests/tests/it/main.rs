@@ -9,5 +9,6 @@ mod amqp_errors;
 mod amqp_exchanges;
 mod amqp_queues;
 mod cli;
+mod clients;
 mod crash;
 mod raw;
