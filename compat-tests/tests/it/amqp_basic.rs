@@ -330,3 +330,41 @@ async fn nack_multiple_requeues_everything_up_to_the_tag() {
     assert_eq!(m.delivery.data, vec![0u8]);
     assert!(m.delivery.redelivered);
 }
+
+#[tokio::test]
+async fn three_hundred_concurrent_connections() {
+    let s = Server::start();
+    let mut tasks = Vec::new();
+    for i in 0..300 {
+        let url = s.url();
+        tasks.push(tokio::spawn(async move {
+            let c = lapin::Connection::connect(&url, lapin::ConnectionProperties::default()).await.unwrap();
+            let ch = c.create_channel().await.unwrap();
+            let q = format!("conn-{i}");
+            ch.queue_declare(q.as_str().into(), QueueDeclareOptions { exclusive: true, ..Default::default() }, FieldTable::default())
+                .await
+                .unwrap();
+            ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+            for k in 0..5u8 {
+                ch.basic_publish("".into(), q.as_str().into(), BasicPublishOptions::default(), &[k], BasicProperties::default())
+                    .await
+                    .unwrap()
+                    .await
+                    .unwrap();
+            }
+            for k in 0..5u8 {
+                let m = ch.basic_get(q.as_str().into(), BasicGetOptions { no_ack: true }).await.unwrap().expect("message");
+                assert_eq!(m.delivery.data, vec![k]);
+            }
+            c
+        }));
+    }
+    let mut conns = Vec::new();
+    for t in tasks {
+        conns.push(t.await.unwrap());
+    }
+    assert_eq!(conns.len(), 300);
+    for c in conns {
+        c.close(200, "".into()).await.unwrap();
+    }
+}
