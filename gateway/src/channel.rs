@@ -89,7 +89,10 @@ struct PendingConfirm {
 
 enum TxOp {
     Publish { mandatory: bool, message: Message },
-    Settle { tag: u64, multiple: bool, outcome: Outcome },
+    /// Deliveries taken out of `unacked` when the ack/nack/reject arrived
+    /// (as RabbitMQ does, so a repeated tag fails at once); settled at
+    /// commit, put back at rollback.
+    Settle { taken: Vec<(u64, Unacked)>, outcome: Outcome },
 }
 
 /// One channel's state.
@@ -266,7 +269,7 @@ impl Channel {
                 if !requeue {
                     return Err(BrokerError::connection(code::NOT_IMPLEMENTED, "requeue=false"));
                 }
-                let all: Vec<Unacked> = std::mem::take(&mut self.unacked).into_values().collect();
+                let all: Vec<(u64, Unacked)> = std::mem::take(&mut self.unacked).into_iter().collect();
                 self.settle_now(all, Outcome::Requeue);
                 Reply::RecoverOk
             }
@@ -313,20 +316,21 @@ impl Channel {
                 for op in ops {
                     match op {
                         TxOp::Publish { mandatory, message } => writes.extend(self.publish(mandatory, message)?),
-                        TxOp::Settle { tag, multiple, outcome } => {
-                            let taken = self.take_tags(tag, multiple)?;
-                            self.settle_now(taken, outcome);
-                        }
+                        TxOp::Settle { taken, outcome } => self.settle_now(taken, outcome),
                     }
                 }
                 crate::router::wait_all(writes).await?;
                 Reply::TxCommitOk
             }
             Command::TxRollback => {
-                let Some(ops) = self.tx.as_mut() else {
+                let Some(ops) = self.tx.as_mut().map(std::mem::take) else {
                     return Err(BrokerError::precondition("channel is not transactional"));
                 };
-                ops.clear();
+                for op in ops {
+                    if let TxOp::Settle { taken, .. } = op {
+                        self.unacked.extend(taken);
+                    }
+                }
                 Reply::TxRollbackOk
             }
         }))
@@ -376,39 +380,36 @@ impl Channel {
     }
 
     fn settle_or_buffer(&mut self, tag: u64, multiple: bool, outcome: Outcome) -> Result<(), BrokerError> {
+        let taken = self.take_tags(tag, multiple)?;
         if let Some(ops) = &mut self.tx {
-            if !multiple && !self.unacked.contains_key(&tag) {
-                return Err(unknown_tag(tag));
-            }
-            ops.push(TxOp::Settle { tag, multiple, outcome });
+            ops.push(TxOp::Settle { taken, outcome });
             return Ok(());
         }
-        let taken = self.take_tags(tag, multiple)?;
         self.settle_now(taken, outcome);
         Ok(())
     }
 
     /// Removes the deliveries an ack/nack/reject names (406 if unknown).
-    fn take_tags(&mut self, tag: u64, multiple: bool) -> Result<Vec<Unacked>, BrokerError> {
+    fn take_tags(&mut self, tag: u64, multiple: bool) -> Result<Vec<(u64, Unacked)>, BrokerError> {
         if multiple {
             if tag == 0 {
-                return Ok(std::mem::take(&mut self.unacked).into_values().collect());
+                return Ok(std::mem::take(&mut self.unacked).into_iter().collect());
             }
             if !self.unacked.contains_key(&tag) {
                 return Err(unknown_tag(tag));
             }
-            let rest = self.unacked.split_off(&(tag + 1));
+            let rest = self.unacked.split_off(&tag.saturating_add(1));
             let taken = std::mem::replace(&mut self.unacked, rest);
-            return Ok(taken.into_values().collect());
+            return Ok(taken.into_iter().collect());
         }
-        self.unacked.remove(&tag).map(|u| vec![u]).ok_or_else(|| unknown_tag(tag))
+        self.unacked.remove(&tag).map(|u| vec![(tag, u)]).ok_or_else(|| unknown_tag(tag))
     }
 
     /// Settles deliveries with their queues and gives prefetch credit back.
-    fn settle_now(&mut self, taken: Vec<Unacked>, outcome: Outcome) {
+    fn settle_now(&mut self, taken: Vec<(u64, Unacked)>, outcome: Outcome) {
         let mut by_queue: Vec<(Arc<dyn Queue>, Vec<u64>)> = Vec::new();
         let mut kick = false;
-        for u in taken {
+        for (_, u) in taken {
             if let Some(c) = &u.consumer {
                 kick |= c.release_unacked();
             }
@@ -429,7 +430,9 @@ impl Channel {
     pub fn on_delivery(&mut self, consumer: Arc<Consumer>, delivery: Delivery) -> Option<Reply> {
         let live = self.consumers.get(&consumer.tag).is_some_and(|r| Arc::ptr_eq(&r.consumer, &consumer));
         if !live {
-            drop_delivery(&consumer, delivery);
+            if drop_delivery(&consumer, delivery) {
+                self.kick_all();
+            }
             return None;
         }
         let tag = self.next_tag;
@@ -464,7 +467,13 @@ impl Channel {
         for rec in &consumers {
             rec.queue.cancel(&rec.consumer);
         }
-        let all: Vec<Unacked> = std::mem::take(&mut self.unacked).into_values().collect();
+        let mut all: Vec<(u64, Unacked)> = std::mem::take(&mut self.unacked).into_iter().collect();
+        // Deliveries taken by an uncommitted transaction go back too.
+        for op in self.tx.take().unwrap_or_default() {
+            if let TxOp::Settle { taken, .. } = op {
+                all.extend(taken);
+            }
+        }
         self.settle_now(all, Outcome::Requeue);
         for rec in consumers {
             self.ctx.router.consumer_gone(&self.ctx.vhost, &rec.queue_name).await;
@@ -473,15 +482,22 @@ impl Channel {
     }
 }
 
-/// A delivery whose consumer or channel is gone: put it back.
-pub fn drop_delivery(consumer: &Arc<Consumer>, delivery: Delivery) {
+/// A delivery whose consumer or channel is gone: put it back. Returns true
+/// if that freed channel-wide credit other queues may be waiting for.
+///
+/// No-ack deliveries were settled by the queue when it sent them; like
+/// messages RabbitMQ had already written to a cancelled consumer's socket,
+/// they are not requeued.
+pub fn drop_delivery(consumer: &Arc<Consumer>, delivery: Delivery) -> bool {
     consumer.release_pending();
-    if !consumer.no_ack {
-        consumer.release_unacked();
-        if let Some(q) = consumer.queue() {
-            q.settle(&[delivery.msg_id], Outcome::Requeue);
-        }
+    if consumer.no_ack {
+        return false;
     }
+    let freed = consumer.release_unacked();
+    if let Some(q) = consumer.queue() {
+        q.settle(&[delivery.msg_id], Outcome::Requeue);
+    }
+    freed
 }
 
 fn outcome(requeue: bool) -> Outcome {

@@ -13,6 +13,32 @@ use tokio::sync::oneshot;
 pub(crate) enum Responder {
     Async(oneshot::Sender<Result<(), Error>>),
     Blocking(std::sync::mpsc::SyncSender<Result<(), Error>>),
+    /// A `Completion` plus an [`Applied`] flag readable without waiting.
+    Tracked(oneshot::Sender<Result<(), Error>>, Applied),
+}
+
+const PENDING: u8 = 0;
+const APPLIED: u8 = 1;
+const FAILED: u8 = 2;
+
+/// Whether one write has been applied, checked without waiting (for code
+/// that holds a lock and cannot await, such as a queue deciding whether a
+/// message's body can be dropped from RAM because storage now has it).
+#[derive(Clone, Debug, Default)]
+pub struct Applied(std::sync::Arc<std::sync::atomic::AtomicU8>);
+
+impl Applied {
+    /// The write is applied: reads see it.
+    pub fn is_applied(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Acquire) == APPLIED
+    }
+    /// The write was answered, successfully or not.
+    pub fn is_settled(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Acquire) != PENDING
+    }
+    pub(crate) fn set(&self, ok: bool) {
+        self.0.store(if ok { APPLIED } else { FAILED }, std::sync::atomic::Ordering::Release);
+    }
 }
 
 impl Responder {
@@ -23,6 +49,10 @@ impl Responder {
                 let _ = tx.send(result);
             }
             Responder::Blocking(tx) => {
+                let _ = tx.send(result);
+            }
+            Responder::Tracked(tx, applied) => {
+                applied.set(result.is_ok());
                 let _ = tx.send(result);
             }
         }

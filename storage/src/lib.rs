@@ -18,7 +18,7 @@ mod stats;
 mod store;
 mod writer;
 
-pub use completion::Completion;
+pub use completion::{Applied, Completion};
 pub use error::{Error, Result};
 pub use format::MessageRecord;
 pub use stats::{Stats, BATCH_HISTOGRAM_BUCKETS};

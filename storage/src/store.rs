@@ -5,7 +5,7 @@
 //! thread (`writer.rs`), which is what gives total write order and group
 //! commit.
 
-use crate::completion::{Completion, Responder};
+use crate::completion::{Applied, Completion, Responder};
 use crate::error::{Error, Result};
 use crate::format::{self, MessageRecord};
 use crate::keys;
@@ -282,6 +282,28 @@ impl Store {
         match self.submit(Request::Write { ops, durable, done: Some(Responder::Async(responder)) }) {
             Ok(()) => completion,
             Err(e) => Completion::ready(Err(e)),
+        }
+    }
+
+    /// Like [`Store::write`], plus an [`Applied`] flag that says, without
+    /// waiting, when the ops have been applied (readable).
+    pub fn write_tracked(&self, ops: Vec<Op>, durable: bool) -> (Completion, Applied) {
+        let applied = Applied::default();
+        if let Err(e) = ops.iter().try_for_each(Op::validate) {
+            applied.set(false);
+            return (Completion::ready(Err(e)), applied);
+        }
+        if self.inner.counters.poisoned.load(Relaxed) {
+            applied.set(false);
+            return (Completion::ready(Err(Error::Poisoned)), applied);
+        }
+        let (completion, responder) = Completion::pending();
+        match self.submit(Request::Write { ops, durable, done: Some(Responder::Tracked(responder, applied.clone())) }) {
+            Ok(()) => (completion, applied),
+            Err(e) => {
+                applied.set(false);
+                (Completion::ready(Err(e)), applied)
+            }
         }
     }
 

@@ -13,12 +13,11 @@
 //! - Storage writes are issued while holding the lock, so a message's put
 //!   always reaches the writer before its remove.
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use sluice_codecs::command::Message;
-use sluice_storage::{MessageRecord, Op, Store};
+use sluice_storage::{Applied, MessageRecord, Op, Store};
 
 use super::BodyBudget;
 use crate::backend::{Consumer, Delivery, Durable, Outcome, Queue, QueueId, QueueSpec};
@@ -34,11 +33,15 @@ const FLOOR_STRIDE: u64 = 1024;
 struct Entry {
     /// Bytes of the body (for the body budget).
     size: u64,
-    /// The record is in storage and must be removed when settled.
+    /// The record is in storage (or on its way) and must be removed when
+    /// settled.
     on_disk: bool,
     redelivered: bool,
-    /// The message, when its body is kept in RAM.
+    /// The message, when its body is in RAM: either charged to the body
+    /// budget (`budgeted`), or only until storage has applied its write
+    /// (see `State::unwritten`).
     message: Option<Arc<Message>>,
+    budgeted: bool,
 }
 
 struct State {
@@ -52,6 +55,12 @@ struct State {
     /// Highest seq handed to a consumer or basic.get (for the delivered
     /// mark written at clean shutdown).
     max_delivered: Option<u64>,
+    /// Messages paged out to storage whose write may not be applied yet,
+    /// in publish order. Until it is, their RAM copy is the only readable
+    /// one, so it is kept; `trim_unwritten` drops it afterwards.
+    unwritten: VecDeque<(u64, Applied)>,
+    /// Set by `delete` under the lock: no publish or consume may follow.
+    deleted: bool,
 }
 
 /// A queue held by this process.
@@ -62,7 +71,6 @@ pub struct LocalQueue {
     // std Mutex: never held across .await; every critical section is short
     // except reading a paged-out body back from storage during dispatch.
     state: Mutex<State>,
-    deleted: AtomicBool,
     me: Weak<LocalQueue>,
 }
 
@@ -76,7 +84,9 @@ impl LocalQueue {
         // A (queue, seq) key may be written only once for the life of the
         // database (weak removes, see storage), so numbering continues from
         // the highest seq ever stored, never from the last live message.
-        let next_seq = store.next_seq(spec.id.0)?;
+        // Never below the ack floor either: seqs of messages that lived only
+        // in RAM count towards the floor but not towards storage's next seq.
+        let next_seq = store.next_seq(spec.id.0)?.max(store.ack_floor(spec.id.0)?);
         let mark_key = super::node_keys::delivered_mark(spec.id.0);
         // Messages at or below this seq may have been delivered before the
         // restart. Exact after a clean shutdown; after a crash, everything.
@@ -105,7 +115,7 @@ impl LocalQueue {
                     }
                     let size = rec.data.len() as u64;
                     let redelivered = delivered_mark.is_some_and(|m| seq <= m);
-                    ready.insert(seq, Entry { size, on_disk: true, redelivered, message: None });
+                    ready.insert(seq, Entry { size, on_disk: true, redelivered, message: None, budgeted: false });
                 }
                 from = last + 1;
             }
@@ -130,8 +140,9 @@ impl LocalQueue {
                 cursor: 0,
                 floor_persisted: floor,
                 max_delivered: max_flagged,
+                unwritten: VecDeque::new(),
+                deleted: false,
             }),
-            deleted: AtomicBool::new(false),
             me: me.clone(),
         }))
     }
@@ -158,7 +169,7 @@ impl LocalQueue {
 
     /// Forgets a settled entry: frees its RAM and removes it from disk.
     fn forget(&self, seq: u64, entry: Entry, ops: &mut Vec<Op>) {
-        if entry.message.is_some() {
+        if entry.budgeted {
             self.budget.give_back(entry.size);
         }
         if entry.on_disk {
@@ -177,6 +188,26 @@ impl LocalQueue {
         if self.spec.durable && low > st.floor_persisted && (force || low - st.floor_persisted >= FLOOR_STRIDE) {
             ops.push(Op::SetAckFloor { queue: self.qid(), floor: low });
             st.floor_persisted = low;
+        }
+    }
+
+    /// Drops the RAM copy of paged-out messages whose write storage has
+    /// applied (they are readable from disk now).
+    fn trim_unwritten(st: &mut State) {
+        while let Some((seq, applied)) = st.unwritten.front() {
+            if !applied.is_settled() {
+                return;
+            }
+            // A failed write keeps its RAM copy: storage is poisoned then.
+            if applied.is_applied() {
+                let seq = *seq;
+                if let Some(e) = st.ready.get_mut(&seq).or_else(|| st.unacked.get_mut(&seq)) {
+                    if !e.budgeted {
+                        e.message = None;
+                    }
+                }
+            }
+            st.unwritten.pop_front();
         }
     }
 
@@ -202,6 +233,7 @@ impl LocalQueue {
 
     /// Hands ready messages to consumers with credit, round robin.
     fn dispatch(&self, st: &mut State, ops: &mut Vec<Op>) {
+        Self::trim_unwritten(st);
         while !st.ready.is_empty() && !st.consumers.is_empty() {
             let n = st.consumers.len();
             let mut chosen = None;
@@ -246,17 +278,19 @@ impl LocalQueue {
 
     /// Deletes the queue: cancels consumers and drops every message.
     pub(crate) fn delete(&self) -> u32 {
-        self.deleted.store(true, Ordering::Release);
         let mut st = self.lock();
+        st.deleted = true;
         let count = st.ready.len() as u32;
         let consumers = std::mem::take(&mut st.consumers);
         for (_, e) in std::mem::take(&mut st.ready).into_iter().chain(std::mem::take(&mut st.unacked)) {
-            if e.message.is_some() {
+            if e.budgeted {
                 self.budget.give_back(e.size);
             }
         }
-        drop(st);
+        st.unwritten.clear();
+        // Issued under the lock: no put of this queue can follow it.
         self.store.write_nowait(vec![Op::DeleteQueue { queue: self.qid() }]);
+        drop(st);
         for c in consumers {
             c.sink.cancelled(&c);
         }
@@ -270,29 +304,36 @@ impl Queue for LocalQueue {
     }
 
     fn publish(&self, message: Message) -> Result<Option<Durable>, Error> {
-        if self.deleted.load(Ordering::Acquire) {
-            return Err(Error::QueueDeleted);
-        }
         let size = message.body.len() as u64;
         let persistent = self.spec.durable && message.is_persistent();
-        let keep = self.budget.try_take(size);
+        let budgeted = self.budget.try_take(size);
         let mut st = self.lock();
+        if st.deleted {
+            drop(st);
+            if budgeted {
+                self.budget.give_back(size);
+            }
+            return Err(Error::QueueDeleted);
+        }
         let seq = st.next_seq;
         st.next_seq += 1;
+        let message = Arc::new(message);
         let mut wait = None;
-        let on_disk = persistent || !keep;
+        let on_disk = persistent || !budgeted;
         if on_disk {
             let rec = MessageRecord { persistent, data: record::encode(&message) };
             let ops = vec![Op::PutMessage { queue: self.qid(), seq, record: rec }];
+            let (completion, applied) = self.store.write_tracked(ops, persistent);
             if persistent {
-                let completion = self.store.write(ops, true);
                 wait = Some(Box::pin(async move { completion.await.map_err(Error::from) }) as Durable);
-            } else {
-                self.store.write_nowait(ops);
+            }
+            if !budgeted {
+                st.unwritten.push_back((seq, applied));
             }
         }
-        let message = keep.then(|| Arc::new(message));
-        st.ready.insert(seq, Entry { size, on_disk, redelivered: false, message });
+        // The RAM copy is always kept at first; an unbudgeted one goes once
+        // storage has applied the write (trim_unwritten).
+        st.ready.insert(seq, Entry { size, on_disk, redelivered: false, message: Some(message), budgeted });
         let mut ops = Vec::new();
         self.dispatch(&mut st, &mut ops);
         drop(st);
@@ -301,10 +342,10 @@ impl Queue for LocalQueue {
     }
 
     fn consume(&self, consumer: Arc<Consumer>) -> Result<(), Error> {
-        if self.deleted.load(Ordering::Acquire) {
+        let mut st = self.lock();
+        if st.deleted {
             return Err(Error::QueueDeleted);
         }
-        let mut st = self.lock();
         if st.consumers.iter().any(|c| c.exclusive) || (consumer.exclusive && !st.consumers.is_empty()) {
             return Err(Error::ExclusiveConsumer);
         }

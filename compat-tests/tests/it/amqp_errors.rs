@@ -332,3 +332,25 @@ async fn exclusive_durable_queue_is_not_recovered() {
         .unwrap_err();
     assert_eq!(code(&err), 404);
 }
+
+#[tokio::test]
+async fn repeated_ack_in_a_transaction_fails_at_once_and_commits_nothing() {
+    let s = Server::start();
+    let c = connect(&s).await;
+    let ch = channel(&c).await;
+    declare(&ch, "q").await;
+    publish(&ch, "", "q", b"x").await;
+    wait_ready(&ch, "q", 1).await;
+    ch.tx_select().await.unwrap();
+    let m = ch.basic_get("q".into(), BasicGetOptions::default()).await.unwrap().unwrap();
+    publish(&ch, "", "q", b"in-tx").await;
+    ch.basic_ack(m.delivery.delivery_tag, BasicAckOptions::default()).await.unwrap();
+    let op = ch.basic_ack(m.delivery.delivery_tag, BasicAckOptions::default());
+    assert_eq!(async_close_code(&ch, op).await, 406);
+    // Nothing of the transaction happened: the message is back, the publish is gone.
+    let probe = channel(&c).await;
+    wait_ready(&probe, "q", 1).await;
+    let got = probe.basic_get("q".into(), BasicGetOptions { no_ack: true }).await.unwrap().unwrap();
+    assert_eq!(got.delivery.data, b"x");
+    assert!(got.delivery.redelivered);
+}

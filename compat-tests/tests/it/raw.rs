@@ -395,3 +395,95 @@ fn no_confirm_arrives_after_the_channel_is_closed() {
         panic!("frame after channel.close-ok: {f:?}");
     }
 }
+
+#[test]
+fn deliveries_in_flight_when_the_client_closes_are_requeued() {
+    let s = Server::start();
+    for round in 0..20 {
+        let q = format!("inflight-{round}");
+        let mut r = Raw::open(&s, 0);
+        r.method(1, Method::ChannelOpen(ChannelOpen::default()));
+        assert!(matches!(r.read_method(), Method::ChannelOpenOk(_)));
+        r.method(1, Method::QueueDeclare(QueueDeclare { queue: q.clone(), ..Default::default() }));
+        assert!(matches!(r.read_method(), Method::QueueDeclareOk(_)));
+        let mut out = BytesMut::new();
+        for _ in 0..3 {
+            encode_method_frame(1, &Method::BasicPublish(BasicPublish { routing_key: q.clone(), ..Default::default() }), &mut out);
+            encode_content(1, 60, &BasicProperties::default(), b"m", 131072, &mut out);
+        }
+        encode_method_frame(1, &Method::BasicQos(BasicQos { prefetch_count: 1, ..Default::default() }), &mut out);
+        r.sock.write_all(&out).unwrap();
+        assert!(matches!(r.read_method(), Method::BasicQosOk(_)));
+        r.method(1, Method::BasicConsume(BasicConsume { queue: q.clone(), consumer_tag: "c".into(), ..Default::default() }));
+        assert!(matches!(r.read_method(), Method::BasicConsumeOk(_)));
+        let Method::BasicDeliver(d) = r.read_method() else { panic!("expected a delivery") };
+        // Ack and close in one write: the ack releases credit, the queue
+        // dispatches the next message, and the close races it.
+        let mut out = BytesMut::new();
+        encode_method_frame(1, &Method::BasicAck(BasicAck { delivery_tag: d.delivery_tag, multiple: false }), &mut out);
+        encode_method_frame(0, &Method::ConnectionClose(ConnectionClose { reply_code: 200, ..Default::default() }), &mut out);
+        r.sock.write_all(&out).unwrap();
+        loop {
+            match r.read() {
+                Some(Frame::Method { method: Method::ConnectionCloseOk(_), .. }) | None => break,
+                Some(_) => {}
+            }
+        }
+        // Two messages are left and both must be ready again.
+        let mut check = Raw::open(&s, 0);
+        check.method(1, Method::ChannelOpen(ChannelOpen::default()));
+        assert!(matches!(check.read_method(), Method::ChannelOpenOk(_)));
+        let mut ready = 0;
+        for _ in 0..100 {
+            check.method(1, Method::QueueDeclare(QueueDeclare { queue: q.clone(), passive: true, ..Default::default() }));
+            let Method::QueueDeclareOk(ok) = check.read_method() else { panic!("expected declare-ok") };
+            ready = ok.message_count;
+            if ready == 2 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(ready, 2, "round {round}: a delivery in flight at close was lost");
+    }
+}
+
+#[test]
+fn a_client_that_never_reads_cannot_grow_broker_memory() {
+    let s = Server::start();
+    let pid = s.pid();
+    let rss_kib = || -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)).unwrap().parse().unwrap()
+    };
+    let before = rss_kib();
+    let mut r = Raw::open(&s, 0);
+    r.method(1, Method::ChannelOpen(ChannelOpen::default()));
+    assert!(matches!(r.read_method(), Method::ChannelOpenOk(_)));
+    // 64 KiB mandatory publishes with no route: each comes back as a
+    // basic.return, which this client never reads. 4000 of them would be
+    // 256 MiB of returns if the broker kept reading.
+    let mut frame = BytesMut::new();
+    encode_method_frame(1, &Method::BasicPublish(BasicPublish { exchange: "amq.direct".into(), routing_key: "nowhere".into(), mandatory: true, ..Default::default() }), &mut frame);
+    encode_content(1, 60, &BasicProperties::default(), &[0u8; 64 * 1024], 131072, &mut frame);
+    let frame = frame.freeze();
+    let mut sock = r.sock.try_clone().unwrap();
+    sock.set_write_timeout(Some(Duration::from_secs(1))).unwrap();
+    let writer = std::thread::spawn(move || {
+        let mut sent = 0u32;
+        for _ in 0..4000 {
+            if sock.write_all(&frame).is_err() {
+                break;
+            }
+            sent += 1;
+        }
+        sent
+    });
+    let sent = writer.join().unwrap();
+    assert!(sent < 4000, "the broker kept reading {sent} publishes whose returns nobody reads");
+    let grown_mib = rss_kib().saturating_sub(before) / 1024;
+    assert!(grown_mib < 100, "broker RSS grew by {grown_mib} MiB");
+    // Other clients are still served.
+    let mut other = Raw::open(&s, 0);
+    other.method(1, Method::ChannelOpen(ChannelOpen::default()));
+    assert!(matches!(other.read_method(), Method::ChannelOpenOk(_)));
+}

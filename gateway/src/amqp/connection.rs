@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
-use super::writer::{self, AmqpOutbox, WriterMsg};
+use super::writer::{self, AmqpOutbox, WriterHandle, WriterMsg};
 use crate::channel::{drop_delivery, Channel, ConnEvent, SessionCtx};
 use crate::error::BrokerError;
 use crate::server::Broker;
@@ -37,6 +37,9 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 /// reading from their sockets until storage catches up; TCP then slows the
 /// publishers down (RabbitMQ's credit flow has the same effect).
 const STORAGE_BACKLOG_LIMIT: u64 = 32 * 1024 * 1024;
+/// Above this many bytes queued for our own socket (returns, replies), the
+/// connection stops reading: a client that never reads cannot grow it.
+const WRITER_BACKLOG_LIMIT: u64 = 16 * 1024 * 1024;
 
 type Reader<R> = FramedRead<R, FrameCodec>;
 
@@ -82,24 +85,33 @@ where
 
     let frame_max = Arc::new(AtomicU32::new(FRAME_MIN_SIZE));
     let heartbeat = Arc::new(AtomicU32::new(0));
-    let (wtx, wrx) = mpsc::unbounded_channel();
-    let writer = tokio::spawn(writer::run(wr, wrx, frame_max.clone(), heartbeat.clone()));
+    let dead = CancellationToken::new();
+    let (wtx, mut writer) = writer::spawn(wr, frame_max.clone(), heartbeat.clone(), dead.clone());
     let mut reader = FramedRead::new(rd, FrameCodec::new(broker.limits.frame_max));
 
-    let mut conn = Conn { broker: broker.clone(), wtx, conn_id, channels: HashMap::new(), frame_max: FRAME_MIN_SIZE, channel_max: 0, heartbeat: 0 };
+    let mut conn = Conn {
+        broker: broker.clone(),
+        wtx,
+        dead,
+        conn_id,
+        channels: HashMap::new(),
+        frame_max: FRAME_MIN_SIZE,
+        channel_max: 0,
+        heartbeat: 0,
+    };
 
     let ctx = match tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.handshake(&mut reader)).await {
         Ok(Ok(Some(ctx))) => ctx,
         Ok(Ok(None)) | Err(_) => {
             drop(conn);
-            let _ = writer.await;
+            finish_writer(&mut writer).await;
             return;
         }
         Ok(Err((e, class_id, method_id))) => {
             conn.send_close(&e, class_id, method_id);
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, wait_close_ok(&mut reader)).await;
             drop(conn);
-            let _ = writer.await;
+            finish_writer(&mut writer).await;
             return;
         }
     };
@@ -108,8 +120,17 @@ where
     reader.decoder_mut().frame_max = conn.frame_max;
     tracing::debug!(user = %ctx.1.user, vhost = %ctx.1.vhost.name, "connection open");
 
-    let (ctx_events_rx, session) = ctx;
-    let end = conn.run(&mut reader, ctx_events_rx, session.clone(), &shutdown).await;
+    let (mut events, session) = ctx;
+    let end = conn.run(&mut reader, &mut events, session.clone(), &shutdown).await;
+    // Deliveries still queued for us have no delivery tag yet, so closing
+    // the channels would not requeue them: hand them back first. Closing
+    // the receiver makes queues requeue anything they try to send later.
+    events.close();
+    while let Ok(ev) = events.try_recv() {
+        if let ConnEvent::Deliver { consumer, delivery, .. } = ev {
+            let _ = drop_delivery(&consumer, delivery);
+        }
+    }
     match end {
         End::Close(e, class_id, method_id) => {
             tracing::debug!(error = %e, "closing connection");
@@ -124,7 +145,15 @@ where
     broker.router.connection_closed(conn_id).await;
     drop(session);
     drop(conn);
-    let _ = writer.await;
+    finish_writer(&mut writer).await;
+}
+
+/// Lets the writer flush what is queued, but never waits for a stuck
+/// socket longer than the close timeout.
+async fn finish_writer(writer: &mut tokio::task::JoinHandle<()>) {
+    if tokio::time::timeout(CLOSE_TIMEOUT, &mut *writer).await.is_err() {
+        writer.abort();
+    }
 }
 
 async fn read_header<R: AsyncRead + Unpin>(rd: &mut R, header: &mut [u8; 8]) -> std::io::Result<()> {
@@ -155,7 +184,9 @@ async fn wait_close_ok<R: AsyncRead + Unpin>(reader: &mut Reader<R>) {
 
 struct Conn {
     broker: Arc<Broker>,
-    wtx: mpsc::UnboundedSender<WriterMsg>,
+    wtx: WriterHandle,
+    /// Cancelled by the writer when the socket fails or stalls.
+    dead: CancellationToken,
     conn_id: u64,
     channels: HashMap<u16, Slot>,
     frame_max: u32,
@@ -173,7 +204,7 @@ impl Conn {
     fn send_method(&self, channel: u16, method: Method) {
         let mut buf = BytesMut::new();
         encode_method_frame(channel, &method, &mut buf);
-        let _ = self.wtx.send(WriterMsg::Raw(buf.freeze()));
+        self.wtx.send(WriterMsg::Raw(buf.freeze()));
     }
 
     fn send_close(&self, e: &BrokerError, class_id: u16, method_id: u16) {
@@ -291,7 +322,7 @@ impl Conn {
     async fn run<R: AsyncRead + Unpin>(
         &mut self,
         reader: &mut Reader<R>,
-        mut events: mpsc::UnboundedReceiver<ConnEvent>,
+        events: &mut mpsc::UnboundedReceiver<ConnEvent>,
         ctx: Arc<SessionCtx>,
         shutdown: &CancellationToken,
     ) -> End {
@@ -300,7 +331,7 @@ impl Conn {
         let mut check = tokio::time::interval(if self.heartbeat == 0 { Duration::from_secs(3600) } else { hb });
         let backend = self.broker.router.backend().clone();
         loop {
-            let throttled = backend.backlog_bytes() > STORAGE_BACKLOG_LIMIT;
+            let throttled = backend.backlog_bytes() > STORAGE_BACKLOG_LIMIT || self.wtx.queued_bytes() > WRITER_BACKLOG_LIMIT;
             if throttled {
                 // Our silence is not the client's: don't count it as missed heartbeats.
                 last_read = Instant::now();
@@ -336,6 +367,7 @@ impl Conn {
                         return End::Gone;
                     }
                 }
+                _ = self.dead.cancelled() => return End::Gone,
                 _ = shutdown.cancelled() => {
                     return End::Close(
                         BrokerError::connection(code::CONNECTION_FORCED, "broker forced connection closure with reason 'shutdown'"),
@@ -353,24 +385,26 @@ impl Conn {
                 let reply = match self.channels.get_mut(&channel) {
                     Some(slot) if !slot.closing => slot.channel.on_delivery(consumer.clone(), delivery),
                     _ => {
-                        drop_delivery(&consumer, delivery);
+                        // The channel is gone with all its consumers: no
+                        // other queue waits for its credit.
+                        let _ = drop_delivery(&consumer, delivery);
                         None
                     }
                 };
                 if let Some(reply) = reply {
-                    let _ = self.wtx.send(WriterMsg::Reply { channel, reply, consumer: Some(consumer) });
+                    self.wtx.send(WriterMsg::Reply { channel, reply, consumer: Some(consumer) });
                 }
             }
             ConnEvent::Confirm { channel, instance, reply } => {
                 let live = self.channels.get(&channel).is_some_and(|s| !s.closing && s.channel.instance == instance);
                 if live {
-                    let _ = self.wtx.send(WriterMsg::Reply { channel, reply, consumer: None });
+                    self.wtx.send(WriterMsg::Reply { channel, reply, consumer: None });
                 }
             }
             ConnEvent::Cancelled { channel, consumer } => {
                 if let Some(slot) = self.channels.get_mut(&channel) {
                     if let Some(reply) = slot.channel.on_cancelled(&consumer) {
-                        let _ = self.wtx.send(WriterMsg::Reply { channel, reply, consumer: None });
+                        self.wtx.send(WriterMsg::Reply { channel, reply, consumer: None });
                     }
                 }
             }
@@ -378,7 +412,7 @@ impl Conn {
     }
 
     fn reply(&self, channel: u16, reply: Reply) {
-        let _ = self.wtx.send(WriterMsg::Reply { channel, reply, consumer: None });
+        self.wtx.send(WriterMsg::Reply { channel, reply, consumer: None });
     }
 
     /// Handles one frame; `Some` ends the connection.

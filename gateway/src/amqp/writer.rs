@@ -3,9 +3,16 @@
 //! It encodes replies into one buffer, drains whatever else is queued (so a
 //! burst of deliveries becomes one `write`), writes, and then gives each
 //! written delivery's pending credit back to its consumer. It also sends
-//! heartbeats when the connection has been idle for the heartbeat interval.
+//! heartbeats when the connection has been idle for half the heartbeat
+//! interval.
+//!
+//! Bounds: [`WriterHandle::queued_bytes`] counts what waits to be written,
+//! and the session stops reading its socket while that is high (a client
+//! that publishes but never reads cannot grow our memory); a write that
+//! makes no progress for [`SEND_TIMEOUT`] (RabbitMQ's default
+//! `send_timeout`) kills the connection instead of hanging it.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,8 +23,12 @@ use sluice_codecs::amqp::{encode_frame, Frame};
 use sluice_codecs::command::Reply;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::channel::Outbox;
+
+/// A write that makes no progress for this long kills the connection.
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// What the writer is asked to send.
 pub enum WriterMsg {
@@ -26,29 +37,88 @@ pub enum WriterMsg {
     Raw(Bytes),
 }
 
+impl WriterMsg {
+    /// Approximate bytes this message will take on the wire.
+    fn cost(&self) -> u64 {
+        match self {
+            WriterMsg::Raw(b) => b.len() as u64,
+            WriterMsg::Reply { reply, .. } => {
+                let body = match reply {
+                    Reply::Deliver { message, .. } | Reply::GetOk { message, .. } | Reply::Return { message, .. } => {
+                        message.body.len() as u64
+                    }
+                    _ => 0,
+                };
+                body + 128
+            }
+        }
+    }
+}
+
+/// The sending side of a writer task, shared by the session and its outbox.
+#[derive(Clone)]
+pub struct WriterHandle {
+    tx: mpsc::UnboundedSender<WriterMsg>,
+    queued: Arc<AtomicU64>,
+}
+
+impl WriterHandle {
+    /// Queues a message for the socket.
+    pub fn send(&self, msg: WriterMsg) {
+        let cost = msg.cost();
+        self.queued.fetch_add(cost, Ordering::AcqRel);
+        if let Err(mpsc::error::SendError(msg)) = self.tx.send(msg) {
+            self.queued.fetch_sub(cost, Ordering::AcqRel);
+            if let WriterMsg::Reply { consumer: Some(c), .. } = msg {
+                // The writer is gone; the delivery will never be written.
+                c.release_pending();
+            }
+        }
+    }
+
+    /// Bytes queued and not yet written to the socket.
+    pub fn queued_bytes(&self) -> u64 {
+        self.queued.load(Ordering::Acquire)
+    }
+}
+
 /// [`Outbox`] for an AMQP connection.
-pub struct AmqpOutbox(pub mpsc::UnboundedSender<WriterMsg>);
+pub struct AmqpOutbox(pub WriterHandle);
 
 impl Outbox for AmqpOutbox {
     fn send(&self, channel: u16, reply: Reply, consumer: Option<Arc<Consumer>>) {
-        if let Err(mpsc::error::SendError(WriterMsg::Reply { consumer: Some(c), .. })) =
-            self.0.send(WriterMsg::Reply { channel, reply, consumer })
-        {
-            // The writer is gone; the delivery will never be written.
-            c.release_pending();
-        }
+        self.0.send(WriterMsg::Reply { channel, reply, consumer });
     }
 }
 
 /// Most bytes gathered before a write.
 const WRITE_CHUNK: usize = 256 * 1024;
 
-/// Runs until every sender is dropped or the socket fails.
-pub async fn run<W: tokio::io::AsyncWrite + Unpin>(
-    mut socket: W,
-    mut rx: mpsc::UnboundedReceiver<WriterMsg>,
+/// Starts the writer task. `dead` is cancelled when the socket fails or
+/// stalls, so the session can end the connection.
+pub fn spawn<W>(
+    socket: W,
     frame_max: Arc<AtomicU32>,
     heartbeat: Arc<AtomicU32>,
+    dead: CancellationToken,
+) -> (WriterHandle, tokio::task::JoinHandle<()>)
+where
+    W: tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (tx, rx) = mpsc::unbounded_channel();
+    let queued = Arc::new(AtomicU64::new(0));
+    let handle = WriterHandle { tx, queued: queued.clone() };
+    let task = tokio::spawn(run(socket, rx, queued, frame_max, heartbeat, dead));
+    (handle, task)
+}
+
+async fn run<W: tokio::io::AsyncWrite + Unpin>(
+    mut socket: W,
+    mut rx: mpsc::UnboundedReceiver<WriterMsg>,
+    queued: Arc<AtomicU64>,
+    frame_max: Arc<AtomicU32>,
+    heartbeat: Arc<AtomicU32>,
+    dead: CancellationToken,
 ) {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut written: Vec<Arc<Consumer>> = Vec::new();
@@ -63,9 +133,7 @@ pub async fn run<W: tokio::io::AsyncWrite + Unpin>(
                 Ok(m) => m,
                 Err(_) => {
                     encode_frame(&Frame::Heartbeat { channel: 0 }, &mut buf);
-                    if !failed && socket.write_all(&buf).await.is_err() {
-                        failed = true;
-                    }
+                    write(&mut socket, &buf, &mut failed, &dead).await;
                     buf.clear();
                     continue;
                 }
@@ -73,25 +141,46 @@ pub async fn run<W: tokio::io::AsyncWrite + Unpin>(
         };
         let Some(msg) = msg else { break };
         let fm = frame_max.load(Ordering::Acquire);
+        let mut cost = msg.cost();
         encode(msg, fm, &mut buf, &mut written);
         while buf.len() < WRITE_CHUNK {
             match rx.try_recv() {
-                Ok(m) => encode(m, fm, &mut buf, &mut written),
+                Ok(m) => {
+                    cost += m.cost();
+                    encode(m, fm, &mut buf, &mut written);
+                }
                 Err(_) => break,
             }
         }
-        if !failed && socket.write_all(&buf).await.is_err() {
-            // Keep draining so consumers get their credit back; the reader
-            // notices the dead socket and closes the connection.
-            failed = true;
-        }
+        write(&mut socket, &buf, &mut failed, &dead).await;
+        queued.fetch_sub(cost, Ordering::AcqRel);
         buf.clear();
         for c in written.drain(..) {
             c.release_pending();
         }
     }
-    let _ = socket.flush().await;
-    let _ = socket.shutdown().await;
+    if !failed {
+        let _ = tokio::time::timeout(SEND_TIMEOUT, async {
+            let _ = socket.flush().await;
+            let _ = socket.shutdown().await;
+        })
+        .await;
+    }
+}
+
+/// Writes unless the socket already failed; a failure or a stall of
+/// [`SEND_TIMEOUT`] marks it failed and signals `dead`. After that the
+/// writer keeps draining (so consumers get their credit back) but writes
+/// nothing.
+async fn write<W: tokio::io::AsyncWrite + Unpin>(socket: &mut W, buf: &[u8], failed: &mut bool, dead: &CancellationToken) {
+    if *failed {
+        return;
+    }
+    let ok = matches!(tokio::time::timeout(SEND_TIMEOUT, socket.write_all(buf)).await, Ok(Ok(())));
+    if !ok {
+        *failed = true;
+        dead.cancel();
+    }
 }
 
 fn encode(msg: WriterMsg, frame_max: u32, buf: &mut BytesMut, written: &mut Vec<Arc<Consumer>>) {
