@@ -14,6 +14,7 @@ pub mod error;
 pub mod local;
 pub mod placement;
 pub mod record;
+pub mod rpc;
 
 pub use backend::{
     Backend, ChannelFlow, Consumer, Delivery, DeliverySink, Durable, Outcome, Queue, QueueId,
