@@ -82,16 +82,31 @@ pub struct ChannelFlow {
     pub paused: AtomicBool,
 }
 
+/// The prefetch window of one AMQP consumer (basic.qos global=false). It is
+/// shared by the per-partition consumers of a partitioned queue, so the
+/// client's window means the same whatever the number of partitions.
+#[derive(Debug, Default)]
+pub struct Credit {
+    /// Limit; 0 means none.
+    pub prefetch: u32,
+    unacked: AtomicU32,
+}
+
+impl Credit {
+    pub fn new(prefetch: u32) -> Arc<Self> {
+        Arc::new(Credit { prefetch, unacked: AtomicU32::new(0) })
+    }
+}
+
 /// A consumer as the queue sees it: identity, credit and sink.
 pub struct Consumer {
     pub tag: String,
     pub no_ack: bool,
     pub exclusive: bool,
-    /// Per-consumer prefetch limit (basic.qos global=false); 0 means none.
-    pub prefetch: u32,
+    /// The consumer's own prefetch window.
+    pub credit: Arc<Credit>,
     pub channel: Arc<ChannelFlow>,
     pub sink: Arc<dyn DeliverySink>,
-    unacked: AtomicU32,
     pending: AtomicU32,
     queue: OnceLock<Weak<dyn Queue>>,
 }
@@ -107,7 +122,7 @@ impl Consumer {
         tag: String,
         no_ack: bool,
         exclusive: bool,
-        prefetch: u32,
+        credit: Arc<Credit>,
         channel: Arc<ChannelFlow>,
         sink: Arc<dyn DeliverySink>,
     ) -> Arc<Self> {
@@ -115,10 +130,9 @@ impl Consumer {
             tag,
             no_ack,
             exclusive,
-            prefetch,
+            credit,
             channel,
             sink,
-            unacked: AtomicU32::new(0),
             pending: AtomicU32::new(0),
             queue: OnceLock::new(),
         })
@@ -140,21 +154,23 @@ impl Consumer {
             return false;
         }
         if !self.no_ack {
-            if self.prefetch != 0 && self.unacked.load(Ordering::Acquire) >= self.prefetch {
+            // Own window first (shared by a partitioned queue's partitions,
+            // so it is taken atomically), then the channel's.
+            let own = self.credit.prefetch;
+            let took = self.credit.unacked.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (own == 0 || n < own).then_some(n + 1)
+            });
+            if took.is_err() {
                 return false;
             }
             let limit = self.channel.prefetch.load(Ordering::Acquire);
-            if limit != 0 {
-                let took = self.channel.unacked.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                    (n < limit).then_some(n + 1)
-                });
-                if took.is_err() {
-                    return false;
-                }
-            } else {
-                self.channel.unacked.fetch_add(1, Ordering::AcqRel);
+            let took = self.channel.unacked.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (limit == 0 || n < limit).then_some(n + 1)
+            });
+            if took.is_err() {
+                let _ = self.credit.unacked.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+                return false;
             }
-            self.unacked.fetch_add(1, Ordering::AcqRel);
         }
         self.pending.fetch_add(1, Ordering::AcqRel);
         true
@@ -165,7 +181,7 @@ impl Consumer {
     pub fn undo_acquire(&self) {
         let _ = self.pending.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
         if !self.no_ack {
-            let _ = self.unacked.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+            let _ = self.credit.unacked.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
             let _ = self.channel.unacked.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
         }
     }
@@ -183,6 +199,7 @@ impl Consumer {
     /// if the consumer or its channel may have been blocked on it.
     pub fn release_unacked(&self) -> bool {
         let mine = self
+            .credit
             .unacked
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
             .unwrap_or(0);
@@ -192,7 +209,7 @@ impl Consumer {
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
             .unwrap_or(0);
         let limit = self.channel.prefetch.load(Ordering::Acquire);
-        (self.prefetch != 0 && mine >= self.prefetch) || (limit != 0 && chan >= limit)
+        (self.credit.prefetch != 0 && mine >= self.credit.prefetch) || (limit != 0 && chan >= limit)
     }
 
     /// The queue the consumer is attached to, if it still exists.

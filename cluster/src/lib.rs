@@ -17,7 +17,7 @@ pub mod record;
 pub mod rpc;
 
 pub use backend::{
-    Backend, ChannelFlow, Consumer, Delivery, DeliverySink, Durable, Outcome, Queue, QueueId,
+    Backend, ChannelFlow, Consumer, Credit, Delivery, DeliverySink, Durable, Outcome, Queue, QueueId,
     QueueSpec,
 };
 pub use error::Error;

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use sluice_cluster::{ChannelFlow, Consumer, Delivery, DeliverySink, Durable, Outcome, Queue};
+use sluice_cluster::{ChannelFlow, Consumer, Credit, Delivery, DeliverySink, Durable, Outcome, Queue};
 use sluice_codecs::amqp::reply_code as code;
 use sluice_codecs::command::{Command, Message, Reply};
 use tokio::sync::mpsc;
@@ -75,10 +75,23 @@ struct Unacked {
     consumer: Option<Arc<Consumer>>,
 }
 
+/// One client consumer: one backend consumer per partition of its queue
+/// (one for a plain queue), sharing one prefetch window.
 struct ConsumerRec {
     queue_name: String,
-    queue: Arc<dyn Queue>,
-    consumer: Arc<Consumer>,
+    parts: Vec<(Arc<dyn Queue>, Arc<Consumer>)>,
+}
+
+impl ConsumerRec {
+    /// The partition queue `consumer` belongs to, if it is one of ours.
+    fn queue_of(&self, consumer: &Arc<Consumer>) -> Option<&Arc<dyn Queue>> {
+        self.parts.iter().find(|(_, c)| Arc::ptr_eq(c, consumer)).map(|(q, _)| q)
+    }
+    fn cancel(&self) {
+        for (q, c) in &self.parts {
+            q.cancel(c);
+        }
+    }
 }
 
 struct PendingConfirm {
@@ -106,6 +119,8 @@ pub struct Channel {
     consumers: HashMap<String, ConsumerRec>,
     flow: Arc<ChannelFlow>,
     consumer_prefetch: u32,
+    /// Where the next basic.get on a partitioned queue starts.
+    get_cursor: usize,
     confirm: Option<(u64, mpsc::UnboundedSender<PendingConfirm>)>,
     tx: Option<Vec<TxOp>>,
 }
@@ -121,6 +136,7 @@ impl Channel {
             consumers: HashMap::new(),
             flow: Arc::new(ChannelFlow::default()),
             consumer_prefetch: 0,
+            get_cursor: 0,
             confirm: None,
             tx: None,
         }
@@ -136,7 +152,9 @@ impl Channel {
 
     fn kick_all(&self) {
         for rec in self.consumers.values() {
-            rec.queue.kick();
+            for (q, _) in &rec.parts {
+                q.kick();
+            }
         }
     }
 
@@ -179,7 +197,11 @@ impl Channel {
             }
             Command::QueuePurge { queue } => {
                 let entry = router.queue(vh, conn, &queue)?;
-                Reply::QueuePurgeOk { message_count: entry.handle.purge()? }
+                let mut message_count = 0u32;
+                for p in &entry.partitions {
+                    message_count = message_count.saturating_add(p.purge()?);
+                }
+                Reply::QueuePurgeOk { message_count }
             }
             Command::QueueDelete { queue, if_unused, if_empty } => {
                 let message_count = router.delete_queue(vh, conn, &queue, if_unused, if_empty).await?;
@@ -219,35 +241,57 @@ impl Channel {
                         format!("attempt to reuse consumer tag '{tag}'"),
                     ));
                 }
-                let sink = Arc::new(ChannelSink { channel: self.id, events: ctx.events.clone() });
-                let consumer =
-                    Consumer::new(tag.clone(), no_ack, exclusive, self.consumer_prefetch, self.flow.clone(), sink);
-                entry.handle.consume(consumer.clone()).map_err(|e| match e {
-                    sluice_cluster::Error::ExclusiveConsumer => BrokerError::access_refused(format!(
-                        "queue '{}' in vhost '{}' in exclusive use",
-                        queue, vh.name
-                    )),
-                    other => other.into(),
-                })?;
-                self.consumers.insert(tag.clone(), ConsumerRec { queue_name: queue, queue: entry.handle, consumer });
+                let sink: Arc<dyn sluice_cluster::DeliverySink> =
+                    Arc::new(ChannelSink { channel: self.id, events: ctx.events.clone() });
+                let credit = Credit::new(self.consumer_prefetch);
+                let mut rec = ConsumerRec { queue_name: queue.clone(), parts: Vec::with_capacity(entry.partitions.len()) };
+                for q in &entry.partitions {
+                    let consumer = Consumer::new(tag.clone(), no_ack, exclusive, credit.clone(), self.flow.clone(), sink.clone());
+                    if let Err(e) = q.consume(consumer.clone()) {
+                        rec.cancel();
+                        return Err(match e {
+                            sluice_cluster::Error::ExclusiveConsumer => BrokerError::access_refused(format!(
+                                "queue '{}' in vhost '{}' in exclusive use",
+                                queue, vh.name
+                            )),
+                            other => other.into(),
+                        });
+                    }
+                    rec.parts.push((q.clone(), consumer));
+                }
+                self.consumers.insert(tag.clone(), rec);
                 Reply::ConsumeOk { consumer_tag: tag }
             }
             Command::Cancel { consumer_tag } => {
                 if let Some(rec) = self.consumers.remove(&consumer_tag) {
-                    rec.queue.cancel(&rec.consumer);
+                    rec.cancel();
                     router.consumer_gone(vh, &rec.queue_name).await;
                 }
                 Reply::CancelOk { consumer_tag }
             }
             Command::Get { queue, no_ack } => {
                 let entry = router.queue(vh, conn, &queue)?;
-                match entry.handle.get(no_ack)? {
+                // Partitions are tried in turn, starting after the one that
+                // answered last time, so no partition is starved.
+                let n = entry.partitions.len().max(1);
+                let mut got = None;
+                for i in 0..n {
+                    let idx = (self.get_cursor + i) % n;
+                    let Some(q) = entry.partitions.get(idx) else { continue };
+                    if let Some(found) = q.get(no_ack)? {
+                        self.get_cursor = idx + 1;
+                        got = Some((q.clone(), found));
+                        break;
+                    }
+                }
+                match got {
                     None => Reply::GetEmpty,
-                    Some((d, message_count)) => {
+                    Some((q, (d, _))) => {
+                        let message_count = entry.counts().0;
                         let tag = self.next_tag;
                         self.next_tag += 1;
                         if !no_ack {
-                            self.unacked.insert(tag, Unacked { queue: entry.handle, msg_id: d.msg_id, consumer: None });
+                            self.unacked.insert(tag, Unacked { queue: q, msg_id: d.msg_id, consumer: None });
                         }
                         Reply::GetOk { delivery_tag: tag, redelivered: d.redelivered, message_count, message: d.message }
                     }
@@ -428,19 +472,17 @@ impl Channel {
 
     /// A delivery pushed by a queue: assigns its delivery tag.
     pub fn on_delivery(&mut self, consumer: Arc<Consumer>, delivery: Delivery) -> Option<Reply> {
-        let live = self.consumers.get(&consumer.tag).is_some_and(|r| Arc::ptr_eq(&r.consumer, &consumer));
-        if !live {
+        let queue = self.consumers.get(&consumer.tag).and_then(|r| r.queue_of(&consumer)).cloned();
+        let Some(queue) = queue else {
             if drop_delivery(&consumer, delivery) {
                 self.kick_all();
             }
             return None;
-        }
+        };
         let tag = self.next_tag;
         self.next_tag += 1;
         if !consumer.no_ack {
-            if let Some(queue) = self.consumers.get(&consumer.tag).map(|r| r.queue.clone()) {
-                self.unacked.insert(tag, Unacked { queue, msg_id: delivery.msg_id, consumer: Some(consumer.clone()) });
-            }
+            self.unacked.insert(tag, Unacked { queue, msg_id: delivery.msg_id, consumer: Some(consumer.clone()) });
         }
         Some(Reply::Deliver {
             consumer_tag: consumer.tag.clone(),
@@ -452,11 +494,14 @@ impl Channel {
 
     /// The queue cancelled a consumer (queue deleted).
     pub fn on_cancelled(&mut self, consumer: &Arc<Consumer>) -> Option<Reply> {
-        let live = self.consumers.get(&consumer.tag).is_some_and(|r| Arc::ptr_eq(&r.consumer, consumer));
+        let live = self.consumers.get(&consumer.tag).is_some_and(|r| r.queue_of(consumer).is_some());
         if !live {
             return None;
         }
-        self.consumers.remove(&consumer.tag);
+        // One basic.cancel for the client, whatever the number of partitions.
+        if let Some(rec) = self.consumers.remove(&consumer.tag) {
+            rec.cancel();
+        }
         self.ctx.cancel_notify.then(|| Reply::ConsumerCancelled { consumer_tag: consumer.tag.clone() })
     }
 
@@ -465,7 +510,7 @@ impl Channel {
     pub async fn close(&mut self) {
         let consumers: Vec<ConsumerRec> = self.consumers.drain().map(|(_, r)| r).collect();
         for rec in &consumers {
-            rec.queue.cancel(&rec.consumer);
+            rec.cancel();
         }
         let mut all: Vec<(u64, Unacked)> = std::mem::take(&mut self.unacked).into_iter().collect();
         // Deliveries taken by an uncommitted transaction go back too.

@@ -86,7 +86,8 @@ pub struct Exchange {
 #[derive(Clone)]
 pub struct QueueEntry {
     pub name: String,
-    pub id: QueueId,
+    /// One id per partition (one for a plain queue).
+    pub ids: Vec<QueueId>,
     /// As declared (for equivalence checks).
     pub durable: bool,
     /// Whether its definition is stored: durable and not exclusive.
@@ -94,7 +95,69 @@ pub struct QueueEntry {
     pub exclusive_owner: Option<ConnId>,
     pub auto_delete: bool,
     pub arguments: Arguments,
-    pub handle: Arc<dyn Queue>,
+    /// The backend queues: one, or `x-partitions` of them.
+    pub partitions: Vec<Arc<dyn Queue>>,
+}
+
+impl QueueEntry {
+    /// Ready messages and consumers, summed over partitions (a consumer of
+    /// a partitioned queue counts once per partition it is attached to).
+    pub fn counts(&self) -> (u32, u32) {
+        let (mut m, mut c) = (0u32, 0u32);
+        for p in &self.partitions {
+            let (pm, pc) = p.counts();
+            m = m.saturating_add(pm);
+            c = c.max(pc);
+        }
+        (m, c)
+    }
+
+    /// The partition a message goes to: by its `x-partition-key` header if
+    /// it has one, else by routing key, so equal keys keep their order.
+    fn partition_for(&self, routing_key: &str, properties: &Properties) -> Option<&Arc<dyn Queue>> {
+        if self.partitions.len() <= 1 {
+            return self.partitions.first();
+        }
+        let header = properties.headers.as_ref().and_then(|h| h.get("x-partition-key"));
+        let key: Vec<u8> = match header {
+            Some(v) => match (v.as_str(), v.as_i64()) {
+                (Some(s), _) => s.as_bytes().to_vec(),
+                (None, Some(n)) => n.to_string().into_bytes(),
+                _ => routing_key.as_bytes().to_vec(),
+            },
+            None => routing_key.as_bytes().to_vec(),
+        };
+        let n = self.partitions.len() as u64;
+        self.partitions.get((partition_hash(&key) % n) as usize)
+    }
+}
+
+/// FNV-1a, 64 bit: fixed forever, so every gateway picks the same
+/// partition for a key.
+fn partition_hash(key: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// Most partitions a queue may have.
+pub const MAX_PARTITIONS: i64 = 1024;
+
+/// `x-partitions`, validated by `validate_queue_args`.
+fn partition_count(args: &Arguments) -> usize {
+    args.get("x-partitions").and_then(|v| v.as_i64()).map(|n| n.clamp(1, MAX_PARTITIONS) as usize).unwrap_or(1)
+}
+
+/// Name of partition `i` of queue `name`, for logs and metrics.
+fn partition_name(name: &str, i: usize, n: usize) -> String {
+    if n == 1 {
+        name.to_string()
+    } else {
+        format!("{name}#{i}")
+    }
 }
 
 #[derive(Default)]
@@ -172,6 +235,7 @@ const EQUIVALENT_QUEUE_ARGS: &[&str] = &[
     "x-queue-type",
     "x-delivery-limit",
     "x-single-active-consumer",
+    "x-partitions",
 ];
 
 fn random_id() -> u64 {
@@ -204,26 +268,32 @@ impl Router {
                 }
                 Ok(Stored::Queue(def)) => {
                     let vh = router.add_vhost(&def.vhost);
-                    let handle = router
-                        .backend
-                        .open_queue(QueueSpec {
-                            id: QueueId(def.id),
-                            name: def.name.clone(),
-                            durable: true,
-                            arguments: def.arguments.clone(),
-                        })
-                        .map_err(|e| BrokerError::internal(format!("recovering queue {}: {e}", def.name)))?;
+                    let n = def.ids.len();
+                    let mut partitions = Vec::with_capacity(n);
+                    for (i, id) in def.ids.iter().enumerate() {
+                        partitions.push(
+                            router
+                                .backend
+                                .open_queue(QueueSpec {
+                                    id: QueueId(*id),
+                                    name: partition_name(&def.name, i, n),
+                                    durable: true,
+                                    arguments: def.arguments.clone(),
+                                })
+                                .map_err(|e| BrokerError::internal(format!("recovering queue {}: {e}", def.name)))?,
+                        );
+                    }
                     vh.write().queues.insert(
                         def.name.clone(),
                         QueueEntry {
                             name: def.name,
-                            id: QueueId(def.id),
+                            ids: def.ids.iter().map(|id| QueueId(*id)).collect(),
                             durable: true,
                             persisted: true,
                             exclusive_owner: None,
                             auto_delete: def.auto_delete,
                             arguments: def.arguments,
-                            handle,
+                            partitions,
                         },
                     );
                 }
@@ -541,7 +611,7 @@ impl Router {
                 if !d.passive {
                     check_equivalent(e, &d, &vh.name)?;
                 }
-                let (m, c) = e.handle.counts();
+                let (m, c) = e.counts();
                 return Ok((name, m, c));
             }
             if d.passive {
@@ -557,22 +627,26 @@ impl Router {
             // Exclusive queues die with their connection, so they are never
             // recovered after a restart (RabbitMQ does the same).
             let durable = d.durable && !d.exclusive;
-            let id = QueueId(random_id());
-            let handle = self.backend.open_queue(QueueSpec {
-                id,
-                name: name.clone(),
-                durable,
-                arguments: d.arguments.clone(),
-            })?;
+            let n = partition_count(&d.arguments);
+            let ids: Vec<QueueId> = (0..n).map(|_| QueueId(random_id())).collect();
+            let mut partitions = Vec::with_capacity(n);
+            for (i, id) in ids.iter().enumerate() {
+                partitions.push(self.backend.open_queue(QueueSpec {
+                    id: *id,
+                    name: partition_name(&name, i, n),
+                    durable,
+                    arguments: d.arguments.clone(),
+                })?);
+            }
             let entry = QueueEntry {
                 name: name.clone(),
-                id,
+                ids: ids.clone(),
                 durable: d.durable,
                 persisted: durable,
                 exclusive_owner: d.exclusive.then_some(conn),
                 auto_delete: d.auto_delete,
                 arguments: d.arguments.clone(),
-                handle,
+                partitions,
             };
             let write = durable.then(|| {
                 self.backend.put_definition(
@@ -580,7 +654,7 @@ impl Router {
                     persist::queue_value(&QueueDef {
                         vhost: vh.name.clone(),
                         name: name.clone(),
-                        id: id.0,
+                        ids: ids.iter().map(|id| id.0).collect(),
                         auto_delete: d.auto_delete,
                         arguments: d.arguments.clone(),
                     }),
@@ -590,7 +664,7 @@ impl Router {
             (entry, write)
         };
         wait_all(write.into_iter().collect()).await?;
-        let (m, c) = entry.handle.counts();
+        let (m, c) = entry.counts();
         Ok((name, m, c))
     }
 
@@ -611,7 +685,7 @@ impl Router {
                 return Ok(0);
             };
             check_owner(e, conn, &vh.name)?;
-            let (messages, consumers) = e.handle.counts();
+            let (messages, consumers) = e.counts();
             if if_unused && consumers > 0 {
                 return Err(BrokerError::precondition(format!("{} in use", qmsg(name, &vh.name))));
             }
@@ -631,7 +705,10 @@ impl Router {
             writes.push(self.backend.delete_definition(persist::queue_key(vhost, name)));
         }
         writes.extend(self.remove_bindings_to(vhost, topo, &Dest::Queue(name.to_string())));
-        let count = self.backend.delete_queue(e.id)?;
+        let mut count = 0u32;
+        for id in &e.ids {
+            count = count.saturating_add(self.backend.delete_queue(*id)?);
+        }
         Ok((count, writes))
     }
 
@@ -640,7 +717,7 @@ impl Router {
         let writes = {
             let mut topo = vh.write();
             let Some(e) = topo.queues.get(name) else { return };
-            if !e.auto_delete || e.handle.counts().1 > 0 {
+            if !e.auto_delete || e.counts().1 > 0 {
                 return;
             }
             match self.remove_queue(&vh.name, &mut topo, name) {
@@ -691,7 +768,12 @@ impl Router {
     ) -> Result<Vec<Arc<dyn Queue>>, BrokerError> {
         let topo = vh.read();
         if exchange.is_empty() {
-            return Ok(topo.queues.get(routing_key).map(|e| e.handle.clone()).into_iter().collect());
+            return Ok(topo
+                .queues
+                .get(routing_key)
+                .and_then(|e| e.partition_for(routing_key, properties).cloned())
+                .into_iter()
+                .collect());
         }
         let Some(x) = topo.exchanges.get(exchange) else {
             return Err(BrokerError::not_found(format!("no {}", xmsg(exchange, &vh.name))));
@@ -721,8 +803,8 @@ impl Router {
                 match &b.dest {
                     Dest::Queue(q) => {
                         if seen_queues.insert(q.as_str()) {
-                            if let Some(e) = topo.queues.get(q) {
-                                queues.push(e.handle.clone());
+                            if let Some(q) = topo.queues.get(q).and_then(|e| e.partition_for(routing_key, properties)) {
+                                queues.push(q.clone());
                             }
                         }
                     }
@@ -804,14 +886,21 @@ fn validate_queue_args(args: &Arguments, what: &str) -> Result<(), BrokerError> 
     for (k, v) in args.iter() {
         let numeric = matches!(
             k,
-            "x-expires" | "x-message-ttl" | "x-max-length" | "x-max-length-bytes" | "x-max-priority" | "x-delivery-limit"
+            "x-expires"
+                | "x-message-ttl"
+                | "x-max-length"
+                | "x-max-length-bytes"
+                | "x-max-priority"
+                | "x-delivery-limit"
+                | "x-partitions"
         );
         if !numeric {
             continue;
         }
         let problem = match v.as_i64() {
             None => format!("\"expected integer, got {}\"", type_name(v)),
-            Some(0) if k == "x-expires" => "{value_zero,0}".to_string(),
+            Some(0) if k == "x-expires" || k == "x-partitions" => "{value_zero,0}".to_string(),
+            Some(n) if k == "x-partitions" && n > MAX_PARTITIONS => format!("{{value_too_large,{n},{MAX_PARTITIONS}}}"),
             Some(n) if n < 0 => format!("{{value_negative,{n}}}"),
             Some(_) => continue,
         };

@@ -73,7 +73,8 @@ pub fn exchange_value(vhost: &str, e: &Exchange) -> Vec<u8> {
 pub struct QueueDef {
     pub vhost: String,
     pub name: String,
-    pub id: u64,
+    /// One queue id per partition (one for a plain queue).
+    pub ids: Vec<u64>,
     pub auto_delete: bool,
     pub arguments: Arguments,
 }
@@ -82,7 +83,8 @@ pub fn queue_value(d: &QueueDef) -> Vec<u8> {
     let t: Arguments = [
         ("vhost", s(&d.vhost)),
         ("name", s(&d.name)),
-        ("id", FieldValue::I64(d.id as i64)),
+        ("id", FieldValue::I64(d.ids.first().copied().unwrap_or(0) as i64)),
+        ("partition_ids", FieldValue::Array(d.ids.iter().map(|id| FieldValue::I64(*id as i64)).collect())),
         ("auto_delete", FieldValue::Bool(d.auto_delete)),
         ("arguments", FieldValue::Table(d.arguments.clone())),
     ]
@@ -146,13 +148,7 @@ pub fn decode(key: &[u8], value: &[u8]) -> Result<Stored, String> {
                 },
             })
         }
-        Some(b'q') => Ok(Stored::Queue(QueueDef {
-            vhost: get_str(&t, "vhost")?,
-            name: get_str(&t, "name")?,
-            id: t.get("id").and_then(|v| v.as_i64()).ok_or("missing field id")? as u64,
-            auto_delete: get_bool(&t, "auto_delete")?,
-            arguments: get_table(&t, "arguments")?,
-        })),
+        Some(b'q') => Ok(Stored::Queue(queue_def(&t)?)),
         Some(b'b') => {
             let dest = get_str(&t, "dest")?;
             let dest = match get_str(&t, "dest_kind")?.as_str() {
@@ -171,4 +167,23 @@ pub fn decode(key: &[u8], value: &[u8]) -> Result<Stored, String> {
         }
         _ => Err("unknown definition kind".into()),
     }
+}
+
+fn queue_def(t: &Arguments) -> Result<QueueDef, String> {
+    let ids: Vec<u64> = match t.get("partition_ids") {
+        Some(FieldValue::Array(ids)) => {
+            ids.iter().map(|v| v.as_i64().map(|n| n as u64).ok_or("bad partition id")).collect::<Result<_, _>>()?
+        }
+        _ => vec![t.get("id").and_then(|v| v.as_i64()).ok_or("missing field id")? as u64],
+    };
+    if ids.is_empty() {
+        return Err("queue definition without an id".into());
+    }
+    Ok(QueueDef {
+        vhost: get_str(t, "vhost")?,
+        name: get_str(t, "name")?,
+        ids,
+        auto_delete: get_bool(t, "auto_delete")?,
+        arguments: get_table(t, "arguments")?,
+    })
 }
