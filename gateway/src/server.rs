@@ -134,7 +134,8 @@ fn spawn_connection(
 ) {
     let conn_id = broker.next_conn_id();
     let span = tracing::info_span!("conn", id = conn_id, %peer, proto = "amqp");
-    tracker.spawn(crate::amqp::serve(socket, conn_id, broker.clone(), shutdown.clone()).instrument(span));
+    let (rd, wr) = socket.into_split();
+    tracker.spawn(crate::amqp::serve(rd, wr, conn_id, broker.clone(), shutdown.clone()).instrument(span));
 }
 
 /// Resolves on SIGTERM or ctrl-c. The handlers are installed when this is

@@ -62,11 +62,14 @@ struct Slot {
 
 /// Serves one accepted socket until it closes.
 /// The caller runs it inside the connection's tracing span.
-pub async fn serve<S>(stream: S, conn_id: u64, broker: Arc<Broker>, shutdown: CancellationToken)
+/// The socket comes as two halves: for TCP, `into_split` gives halves
+/// without the lock that `tokio::io::split` puts between them (TLS streams
+/// will use `tokio::io::split`).
+pub async fn serve<R, W>(mut rd: R, mut wr: W, conn_id: u64, broker: Arc<Broker>, shutdown: CancellationToken)
 where
-    S: AsyncRead + AsyncWrite + Send + 'static,
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut rd, mut wr) = tokio::io::split(stream);
 
     // Protocol header.
     let mut header = [0u8; 8];
