@@ -121,3 +121,99 @@ fn load_file(path: &Path) -> anyhow::Result<FileConfig> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
     toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
 }
+
+/// `sluice node` in a TOML file (every key optional; unknown keys are an error).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeFile {
+    pub id: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub listen: Option<String>,
+    pub seeds: Option<Vec<String>>,
+    pub cluster_secret_file: Option<PathBuf>,
+}
+
+/// `sluice node` flags (each also `SLUICE_*` in the environment).
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct NodeArgs {
+    /// This node's identity in the cluster (stable across restarts).
+    #[arg(long, env = "SLUICE_ID")]
+    pub id: Option<String>,
+    /// Directory for this node's data.
+    #[arg(long, env = "SLUICE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Node protocol listener (default 0.0.0.0:25672; port 0 picks a free port).
+    #[arg(long, env = "SLUICE_LISTEN")]
+    pub listen: Option<String>,
+    /// Other nodes, HOST:PORT, comma separated.
+    #[arg(long, env = "SLUICE_SEEDS", value_delimiter = ',')]
+    pub seeds: Option<Vec<String>>,
+    /// The shared cluster secret (default: ~/.config/sluice/cluster-secret, created on first start).
+    #[arg(long, env = "SLUICE_CLUSTER_SECRET_FILE")]
+    pub cluster_secret_file: Option<PathBuf>,
+    /// TOML configuration file with the same keys.
+    #[arg(long, env = "SLUICE_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+/// The validated configuration of `sluice node`.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub id: String,
+    pub data_dir: PathBuf,
+    pub listen: String,
+    pub seeds: Vec<String>,
+    pub cluster_secret_file: Option<PathBuf>,
+}
+
+impl NodeArgs {
+    pub fn resolve(self) -> anyhow::Result<NodeConfig> {
+        let file: NodeFile = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read config file {}", path.display()))?;
+                toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))?
+            }
+            None => NodeFile::default(),
+        };
+        let Some(id) = self.id.or(file.id) else {
+            anyhow::bail!("a node needs an identity: give --id (or SLUICE_ID, or `id` in the config file)");
+        };
+        if id.is_empty() || id.len() > 255 {
+            anyhow::bail!("node id must be 1 to 255 bytes long");
+        }
+        let config = NodeConfig {
+            data_dir: self.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from(format!("sluice-node-{id}"))),
+            listen: self.listen.or(file.listen).unwrap_or_else(|| "0.0.0.0:25672".into()),
+            seeds: self.seeds.or(file.seeds).unwrap_or_default(),
+            cluster_secret_file: self.cluster_secret_file.or(file.cluster_secret_file),
+            id,
+        };
+        for addr in std::iter::once(&config.listen).chain(&config.seeds) {
+            if addr.parse::<std::net::SocketAddr>().is_err() && !addr.contains(':') {
+                anyhow::bail!("'{addr}' is not HOST:PORT");
+            }
+        }
+        Ok(config)
+    }
+}
+
+/// `sluice ctl` flags shared by its commands.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CtlArgs {
+    /// A node of the cluster, HOST:PORT.
+    #[arg(long, env = "SLUICE_NODE", default_value = "127.0.0.1:25672")]
+    pub node: String,
+    /// The shared cluster secret (default: ~/.config/sluice/cluster-secret).
+    #[arg(long, env = "SLUICE_CLUSTER_SECRET_FILE")]
+    pub cluster_secret_file: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+/// What `sluice ctl` can do (the operations issue adds users, vhosts, ...).
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum CtlCommand {
+    /// Show a node's identity and version.
+    Status,
+}

@@ -9,6 +9,7 @@
 mod amqp;
 mod auth;
 mod channel;
+mod cli;
 mod config;
 mod error;
 mod router;
@@ -33,14 +34,18 @@ struct Cli {
 enum Cmd {
     /// Run a single-node broker (listeners + storage in one process).
     Serve(config::ServeArgs),
-    /// Run a storage node of a cluster (not implemented yet).
-    Node,
+    /// Run a storage node of a cluster (today: identity, storage and the authenticated node protocol).
+    Node(config::NodeArgs),
     /// Run a stateless protocol gateway in front of storage nodes (not implemented yet).
     Gateway,
-    /// Administer a running broker (not implemented yet).
-    Ctl,
+    /// Administer a cluster.
+    Ctl(config::CtlArgs),
     /// Load-test an AMQP or STOMP broker (not implemented yet).
     Bench,
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }
 
 fn main() {
@@ -53,14 +58,10 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
-        Cmd::Serve(args) => args.resolve().and_then(|config| {
-            tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .map_err(anyhow::Error::from)
-                .and_then(|rt| rt.block_on(server::serve(config)))
-        }),
-        Cmd::Node | Cmd::Gateway | Cmd::Ctl | Cmd::Bench => {
+        Cmd::Serve(args) => args.resolve().and_then(|config| runtime().and_then(|rt| rt.block_on(server::serve(config)))),
+        Cmd::Node(args) => args.resolve().and_then(|config| runtime().and_then(|rt| rt.block_on(cli::node(config)))),
+        Cmd::Ctl(args) => runtime().and_then(|rt| rt.block_on(cli::ctl(args))),
+        Cmd::Gateway | Cmd::Bench => {
             eprintln!("sluice: this subcommand is not implemented yet");
             std::process::exit(2);
         }

@@ -141,7 +141,7 @@ fn spawn_connection(
 /// Resolves on SIGTERM or ctrl-c. The handlers are installed when this is
 /// called (not when first polled), so a signal that arrives right after the
 /// listening line is printed already shuts down cleanly.
-fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+pub fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};

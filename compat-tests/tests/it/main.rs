@@ -10,6 +10,7 @@ mod amqp_exchanges;
 mod amqp_partitions;
 mod amqp_queues;
 mod cli;
+mod cluster_cli;
 mod clients;
 mod crash;
 mod raw;

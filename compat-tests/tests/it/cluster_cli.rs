@@ -1,0 +1,133 @@
+//! `sluice node` and `sluice ctl` as processes: identity, the cluster
+//! secret (created 0600 in the per-user place, refused when it differs or
+//! is readable by others), clean errors.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use sluice_compat_tests::sluice_bin;
+
+struct Node {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_node(home: &std::path::Path, id: &str, extra: &[&str]) -> Node {
+    let mut child = Command::new(sluice_bin())
+        .args(["node", "--id", id, "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(home.join(id))
+        .args(extra)
+        .env("XDG_CONFIG_HOME", home.join("config"))
+        .env("SLUICE_LOG", "error")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(a) = line.strip_prefix("node protocol listening on ") {
+                let _ = tx.send(a.to_string());
+            }
+        }
+    });
+    let addr = rx.recv_timeout(Duration::from_secs(30)).expect("node did not start");
+    Node { child, addr }
+}
+
+fn ctl(home: &std::path::Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(sluice_bin())
+        .arg("ctl")
+        .args(args)
+        .env("XDG_CONFIG_HOME", home.join("config"))
+        .env("SLUICE_LOG", "error")
+        .output()
+        .unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+#[test]
+fn node_and_ctl_share_the_default_secret_and_strangers_are_refused() {
+    let home = tempfile::tempdir().unwrap();
+    let node = start_node(home.path(), "n1", &[]);
+    let secret = home.path().join("config/sluice/cluster-secret");
+    let mode = std::fs::metadata(&secret).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the default secret file is created private");
+
+    let (code, out, err) = ctl(home.path(), &["--node", &node.addr, "status"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("node n1 at") && out.contains(env!("CARGO_PKG_VERSION")), "{out}");
+
+    let other = home.path().join("other-secret");
+    std::fs::write(&other, "0123456789abcdef0123456789abcdef\n").unwrap();
+    std::fs::set_permissions(&other, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (code, _out, err) = ctl(home.path(), &["--node", &node.addr, "--cluster-secret-file", other.to_str().unwrap(), "status"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("cluster secret"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
+
+#[test]
+fn a_secret_file_readable_by_others_is_refused() {
+    let home = tempfile::tempdir().unwrap();
+    let loose = home.path().join("loose-secret");
+    std::fs::write(&loose, "0123456789abcdef0123456789abcdef\n").unwrap();
+    std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = Command::new(sluice_bin())
+        .args(["node", "--id", "n1", "--listen", "127.0.0.1:0", "--cluster-secret-file", loose.to_str().unwrap(), "--data-dir"])
+        .arg(home.path().join("n1"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("chmod 600"), "{err}");
+}
+
+#[test]
+fn node_needs_an_id_and_a_free_port() {
+    let home = tempfile::tempdir().unwrap();
+    let out = Command::new(sluice_bin()).args(["node", "--listen", "127.0.0.1:0"]).env("XDG_CONFIG_HOME", home.path()).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--id"));
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = Command::new(sluice_bin())
+        .args(["node", "--id", "n2", "--listen", &addr, "--data-dir"])
+        .arg(home.path().join("n2"))
+        .env("XDG_CONFIG_HOME", home.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&addr) && err.trim().lines().count() == 1, "{err}");
+}
+
+#[test]
+fn node_stops_cleanly_on_sigterm() {
+    let home = tempfile::tempdir().unwrap();
+    let mut node = start_node(home.path(), "n1", &[]);
+    // SAFETY: signalling our own child.
+    unsafe {
+        libc::kill(node.child.id() as i32, libc::SIGTERM);
+    }
+    let mut status = None;
+    for _ in 0..200 {
+        if let Ok(Some(s)) = node.child.try_wait() {
+            status = Some(s);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    assert!(status.expect("node did not stop").success());
+}

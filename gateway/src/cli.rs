@@ -1,0 +1,51 @@
+//! The cluster subcommands: `sluice node` and `sluice ctl`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use sluice_cluster::node::{self, Node, NodeOptions};
+use sluice_cluster::rpc::{PeerInfo, Secret};
+
+use crate::config::{CtlArgs, CtlCommand, NodeConfig};
+
+fn secret(path: Option<&PathBuf>) -> anyhow::Result<Secret> {
+    Secret::load_or_create(path.map(PathBuf::as_path)).context("cluster secret")
+}
+
+/// Runs a node until SIGTERM or ctrl-c.
+pub async fn node(config: NodeConfig) -> anyhow::Result<()> {
+    let secret = secret(config.cluster_secret_file.as_ref())?;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
+    let signal = crate::server::shutdown_signal()?;
+    let node = Node::start(NodeOptions {
+        id: config.id.clone(),
+        data_dir: config.data_dir.clone(),
+        listen: config.listen.clone(),
+        seeds: config.seeds.clone(),
+        secret,
+    })
+    .await?;
+    println!("sluice node {} ({}) serving; data dir {}", config.id, env!("CARGO_PKG_VERSION"), config.data_dir.display());
+    println!("node protocol listening on {}", node.addr);
+    signal.await;
+    node.stop().await.context("flushing storage")?;
+    println!("sluice node stopped");
+    Ok(())
+}
+
+/// `sluice ctl`.
+pub async fn ctl(args: CtlArgs) -> anyhow::Result<()> {
+    let secret = secret(args.cluster_secret_file.as_ref())?;
+    let me = PeerInfo::gateway(format!("ctl-{}", std::process::id()));
+    match args.command {
+        CtlCommand::Status => {
+            let s = node::status(&args.node, &secret, me).await.with_context(|| format!("node {}", args.node))?;
+            println!("node {} at {}: sluice {}, up {} s", s.node_id, s.listen, s.version, s.uptime_ms / 1000);
+            if !s.seeds.is_empty() {
+                println!("seeds: {}", s.seeds.join(", "));
+            }
+        }
+    }
+    Ok(())
+}
