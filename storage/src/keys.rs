@@ -34,6 +34,36 @@ pub(crate) const MSGS: &str = "msgs";
 pub(crate) const STATE: &str = "state";
 /// Keyspace holding the caller's opaque definitions.
 pub(crate) const META: &str = "meta";
+/// Keyspace holding replicated logs (one per Raft group): `log u64 BE ‖
+/// index u64 BE` → entry. Unlike `msgs`, an index may be written again
+/// (a follower's conflicting tail is truncated and rewritten), so removes
+/// here are strong tombstones.
+pub(crate) const LOGS: &str = "logs";
+
+const LOG_FIRST_TAG: u8 = b'L';
+const LOG_META_TAG: u8 = b'm';
+
+/// `logs` key of entry `index` of `log`.
+pub(crate) fn log_key(log: u64, index: u64) -> [u8; MSG_KEY_LEN] {
+    msg_key(log, index)
+}
+
+/// `state` key of a log's first index (entries below were compacted away).
+pub(crate) fn log_first_key(log: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = LOG_FIRST_TAG;
+    k[1..].copy_from_slice(&log.to_be_bytes());
+    k
+}
+
+/// `state` key of one of a log's small records (hard state, snapshot meta).
+pub(crate) fn log_meta_key(log: u64, tag: u8) -> [u8; 10] {
+    let mut k = [0u8; 10];
+    k[0] = LOG_META_TAG;
+    k[1..9].copy_from_slice(&log.to_be_bytes());
+    k[9] = tag;
+    k
+}
 
 /// Length of a `msgs` key.
 pub(crate) const MSG_KEY_LEN: usize = 16;

@@ -105,6 +105,42 @@ pub enum Op {
         /// First seq that may still be live.
         floor: u64,
     },
+    /// Appends (or overwrites) entry `index` of replicated log `log`.
+    LogAppend {
+        /// Log id (a Raft group).
+        log: u64,
+        /// Entry index.
+        index: u64,
+        /// The entry, opaque.
+        data: Bytes,
+    },
+    /// Removes every entry of `log` with index >= `from` (a conflicting
+    /// tail).
+    LogTruncate {
+        /// Log id.
+        log: u64,
+        /// First index removed.
+        from: u64,
+    },
+    /// Removes every entry of `log` with index < `below` (after a
+    /// snapshot); the log's first index becomes `below`, and later
+    /// compactions start their scan there.
+    LogCompact {
+        /// Log id.
+        log: u64,
+        /// First index kept.
+        below: u64,
+    },
+    /// Sets (or with `None` removes) a small record of `log` (hard state,
+    /// snapshot metadata), identified by `tag`.
+    LogMeta {
+        /// Log id.
+        log: u64,
+        /// Which record.
+        tag: u8,
+        /// Its value.
+        value: Option<Vec<u8>>,
+    },
     /// Removes every message of `queue` at or above its floor, and the
     /// floor. Cost: one tombstone per message, in one atomic batch. The
     /// queue's next seq survives, so a reused id keeps the write-once rule
@@ -144,6 +180,9 @@ impl Op {
             Op::PutMeta { value, .. } if value.len() > MAX_VALUE => {
                 bad(format!("meta value of {} bytes is too large", value.len()))
             }
+            Op::LogAppend { data, .. } if data.len() > MAX_VALUE => {
+                bad(format!("log entry of {} bytes is too large", data.len()))
+            }
             _ => Ok(()),
         }
     }
@@ -159,6 +198,8 @@ impl Op {
         match self {
             Op::PutMessage { record, .. } => record.data.len(),
             Op::PutMeta { key, value } => key.len() + value.len(),
+            Op::LogAppend { data, .. } => data.len(),
+            Op::LogMeta { value, .. } => value.as_ref().map_or(0, Vec::len),
             Op::DeleteMeta { key } => key.len(),
             _ => 0,
         }
@@ -171,6 +212,7 @@ pub(crate) struct Keyspaces {
     pub msgs: Keyspace,
     pub state: Keyspace,
     pub meta: Keyspace,
+    pub logs: Keyspace,
 }
 
 /// Handle to the node-local database. Cheap to clone; all clones share one
@@ -231,6 +273,7 @@ impl Store {
                 KeyspaceCreateOptions::default().manual_journal_persist(true).max_memtable_size(8 << 20)
             })?,
             meta: db.keyspace(keys::META, || KeyspaceCreateOptions::default().manual_journal_persist(true))?,
+            logs: db.keyspace(keys::LOGS, || KeyspaceCreateOptions::default().manual_journal_persist(true))?,
         };
 
         let counters = Arc::new(Counters::default());
@@ -341,6 +384,50 @@ impl Store {
     /// unbounded, so producers must slow down when this grows.
     pub fn queued_bytes(&self) -> u64 {
         self.inner.counters.queued_bytes.load(Relaxed)
+    }
+
+    /// Entries `lo..hi` of `log` that exist, in index order, zero-copy.
+    pub fn log_entries(&self, log: u64, lo: u64, hi: u64) -> Result<Vec<(u64, Bytes)>> {
+        let mut out = Vec::new();
+        if lo >= hi {
+            return Ok(out);
+        }
+        for guard in self.inner.ks.logs.range(keys::log_key(log, lo)..keys::log_key(log, hi)) {
+            let (k, v) = guard.into_inner()?;
+            let (_, index) = keys::decode_msg_key(&k).ok_or_else(|| Error::Corrupt {
+                what: "log key",
+                key: k.to_vec(),
+                detail: "not 16 bytes".into(),
+            })?;
+            out.push((index, Bytes::from(v)));
+        }
+        Ok(out)
+    }
+
+    /// The highest index present in `log`, if any.
+    pub fn log_last_index(&self, log: u64) -> Result<Option<u64>> {
+        let first = self.log_first_index(log)?;
+        match self.inner.ks.logs.range(keys::log_key(log, first)..=keys::log_key(log, u64::MAX)).next_back() {
+            None => Ok(None),
+            Some(guard) => {
+                let k = guard.key()?;
+                Ok(keys::decode_msg_key(&k).map(|(_, i)| i))
+            }
+        }
+    }
+
+    /// The first index `log` may hold (set by `LogCompact`; 0 before).
+    pub fn log_first_index(&self, log: u64) -> Result<u64> {
+        let key = keys::log_first_key(log);
+        match self.inner.ks.state.get(key)? {
+            Some(v) => format::decode_u64("log first index", &key, &v),
+            None => Ok(0),
+        }
+    }
+
+    /// A small record of `log` written with `Op::LogMeta`.
+    pub fn log_meta(&self, log: u64, tag: u8) -> Result<Option<Bytes>> {
+        Ok(self.inner.ks.state.get(keys::log_meta_key(log, tag))?.map(Bytes::from))
     }
 
     /// Payload of message `seq` of `queue`, zero-copy. Does not look at the

@@ -49,6 +49,7 @@ enum MsgWrite {
 #[derive(Default)]
 struct Pending {
     msgs: BTreeMap<[u8; keys::MSG_KEY_LEN], MsgWrite>,
+    logs: BTreeMap<[u8; keys::MSG_KEY_LEN], Option<bytes::Bytes>>,
     state: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     meta: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     puts: u64,
@@ -202,6 +203,20 @@ impl Writer {
                     }
                 }
                 Op::DeleteQueue { queue } => self.delete_queue(&mut p, *queue)?,
+                Op::LogAppend { log, index, data } => {
+                    p.logs.insert(keys::log_key(*log, *index), Some(data.clone()));
+                }
+                Op::LogTruncate { log, from } => self.log_remove(&mut p, *log, *from, u64::MAX)?,
+                Op::LogCompact { log, below } => {
+                    let first = self.log_first(&p, *log)?;
+                    if *below > first {
+                        self.log_remove(&mut p, *log, first, below - 1)?;
+                        p.state.insert(keys::log_first_key(*log).to_vec(), Some(format::encode_u64(*below).to_vec()));
+                    }
+                }
+                Op::LogMeta { log, tag, value } => {
+                    p.state.insert(keys::log_meta_key(*log, *tag).to_vec(), value.clone());
+                }
                 Op::PutMeta { key, value } => {
                     p.meta.insert(key.clone(), Some(value.clone()));
                 }
@@ -211,6 +226,39 @@ impl Writer {
             }
         }
         Ok(p)
+    }
+
+    /// The first index of `log`, as this group leaves it.
+    fn log_first(&self, p: &Pending, log: u64) -> Result<u64> {
+        let key = keys::log_first_key(log);
+        if let Some(Some(v)) = p.state.get(key.as_slice()) {
+            return format::decode_u64("log first index", &key, v);
+        }
+        match self.ks.state.get(key)? {
+            Some(v) => format::decode_u64("log first index", &key, &v),
+            None => Ok(0),
+        }
+    }
+
+    /// Removes entries `lo..=hi` of `log`: those committed (strong
+    /// tombstones, since log indexes may be rewritten) and those put
+    /// earlier in this group.
+    fn log_remove(&self, p: &mut Pending, log: u64, lo: u64, hi: u64) -> Result<()> {
+        let range = keys::log_key(log, lo)..=keys::log_key(log, hi);
+        let pending: Vec<_> = p.logs.range(range.clone()).map(|(k, _)| *k).collect();
+        for key in pending {
+            p.logs.insert(key, None);
+        }
+        for guard in self.ks.logs.range(range) {
+            let key = guard.key()?;
+            let key: [u8; keys::MSG_KEY_LEN] = key.as_ref().try_into().map_err(|_| Error::Corrupt {
+                what: "log key",
+                key: key.to_vec(),
+                detail: "not 16 bytes".into(),
+            })?;
+            p.logs.insert(key, None);
+        }
+        Ok(())
     }
 
     /// The persisted next seq of `queue` (highest seq ever put + 1), cached.
@@ -290,6 +338,12 @@ impl Writer {
             match v {
                 Some(v) => batch.insert(&self.ks.meta, key, v),
                 None => batch.remove(&self.ks.meta, key),
+            }
+        }
+        for (key, v) in p.logs {
+            match v {
+                Some(v) => batch.insert(&self.ks.logs, key, v.as_ref()),
+                None => batch.remove(&self.ks.logs, key),
             }
         }
         if next != self.persisted {
