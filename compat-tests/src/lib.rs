@@ -5,6 +5,8 @@
 //! executable (`target/<profile>/sluice`); the README's test command builds
 //! it first.
 
+pub mod netns;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

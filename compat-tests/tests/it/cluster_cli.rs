@@ -131,3 +131,51 @@ fn node_stops_cleanly_on_sigterm() {
     }
     assert!(status.expect("node did not stop").success());
 }
+
+/// The partition harness itself, with real processes: a node in one
+/// namespace answers a ctl in another until the node's host is cut off,
+/// and again after healing.
+#[test]
+fn network_namespace_partition_cuts_and_heals_node_traffic() {
+    let net = sluice_compat_tests::netns::Net::new(1, 2).expect("network namespaces (needs root and iproute2)");
+    let home = tempfile::tempdir().unwrap();
+    let listen = format!("{}:25672", net.addrs[0]);
+    let mut node = net
+        .command(0, &sluice_bin())
+        .args(["node", "--id", "n0", "--listen", &listen, "--data-dir"])
+        .arg(home.path().join("n0"))
+        .env("XDG_CONFIG_HOME", home.path().join("config"))
+        .env("SLUICE_LOG", "error")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = node.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    assert!(lines.any(|l| l.map(|l| l.starts_with("node protocol listening")).unwrap_or(false)));
+    let status = || {
+        net.command(1, &sluice_bin())
+            .args(["ctl", "--node", &listen, "status"])
+            .env("XDG_CONFIG_HOME", home.path().join("config"))
+            .env("SLUICE_LOG", "error")
+            .output()
+            .unwrap()
+    };
+    let ok = status();
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    net.isolate(0).unwrap();
+    let cut = status();
+    assert!(!cut.status.success(), "a cut-off node must not answer");
+    net.heal(0).unwrap();
+    let mut healed = false;
+    for _ in 0..50 {
+        if status().status.success() {
+            healed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(healed, "traffic must flow again after healing");
+    let _ = node.kill();
+    let _ = node.wait();
+}
