@@ -15,6 +15,7 @@ pub mod local;
 pub mod node;
 pub mod placement;
 pub mod record;
+pub mod replica;
 pub mod rpc;
 
 pub use backend::{

@@ -1,0 +1,961 @@
+//! The queue state machine: what every replica of a queue applies, in log
+//! order, in the manner of RabbitMQ's `rabbit_fifo`.
+//!
+//! [`QueueSm::apply`] takes one [`Command`] and returns the [`Effect`]s the
+//! node must carry out (answer the requester, push deliveries, delete
+//! bodies). It is pure: no I/O, no clock, no randomness, no locks, so every
+//! replica that applies the same log holds the same state and emits the
+//! same effects. The leader decides *what* to deliver (credit, round robin)
+//! and logs the decision as a [`Command::Checkout`]; the state machine only
+//! checks that the decision is still possible when it is applied.
+//!
+//! The semantics are those of the single-node `LocalQueue`
+//! (`local/queue.rs`): the ready list is ordered by seq; a requeued message
+//! goes back to its original position with `redelivered = true`; purge
+//! drops ready messages only; a consumer that is detached keeps its
+//! unacknowledged messages (AMQP's basic.cancel), they return only when its
+//! channel or gateway goes away.
+//!
+//! Commands may be stale, duplicated or refer to things that no longer
+//! exist (the leader decided on a state that a failover or a concurrent
+//! command has changed since). They never panic and never break an
+//! invariant: whatever no longer applies is ignored.
+//!
+//! Invariants (checked by `cluster/tests/queue_sm.rs` against a naive
+//! model):
+//! - every seq is assigned once, in increasing order;
+//! - a message is in exactly one of: ready, held by one consumer, gone;
+//! - a requeued message returns to its position by seq, flagged redelivered;
+//! - [`QueueSm::ack_floor`] never decreases;
+//! - only a ready message can be checked out, so no message is ever held by
+//!   two consumers; only the consumer holding a message can settle it;
+//! - after [`Command::Delete`] every command is rejected;
+//! - [`QueueSm::snapshot`] then [`QueueSm::restore`] gives back the same
+//!   machine, so compaction never changes what happens next.
+//!
+//! Message bodies are not here: they stay in storage keyed by (queue, seq);
+//! the state machine keeps a few bytes of metadata per message.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+/// Position of a message in its queue's history: assigned once, increasing.
+pub type Seq = u64;
+
+/// Publisher ids remembered per publisher for deduplication: at most this
+/// many disjoint ranges (a publisher whose ids are contiguous needs one).
+/// When a publisher leaves more gaps than this, its oldest range is
+/// forgotten; a retry of an id in it would be enqueued again, a duplicate
+/// rather than a loss.
+pub const DEDUP_MAX_RANGES: usize = 64;
+
+/// Publishers remembered per queue for deduplication. Beyond it the one
+/// that enqueued least recently is forgotten (as above, its later retries
+/// may then duplicate).
+pub const DEDUP_MAX_PUBLISHERS: usize = 1024;
+
+/// Consumer identity across the cluster: gateway id, connection id,
+/// channel number, consumer tag.
+///
+/// The derived order (gateway first) keeps every consumer of one gateway
+/// together, which [`Command::GatewayDown`] relies on.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ConsumerId {
+    /// The gateway the consumer's connection is on.
+    pub gateway: String,
+    /// Connection id, unique within the gateway.
+    pub connection: u64,
+    /// Channel number within the connection.
+    pub channel: u16,
+    /// Consumer tag (for basic.get, whatever tag the gateway reserves for
+    /// the channel's gets: holders need not be attached consumers).
+    pub tag: String,
+}
+
+/// What the state machine keeps per message (the body is in storage).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MsgMeta {
+    /// Bytes of the body.
+    pub size: u32,
+    /// Published with delivery mode 2.
+    pub persistent: bool,
+    /// The message was handed to a consumer before and came back.
+    pub redelivered: bool,
+}
+
+/// Identifies one publish for deduplication of gateway retries.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PublishId {
+    /// The publisher (for instance gateway, connection and channel),
+    /// unique for as long as it may retry.
+    pub publisher: String,
+    /// The publisher's id for this message. Expected to grow, which keeps
+    /// the remembered set small; out-of-order ids are handled.
+    pub id: u64,
+}
+
+/// One message of an [`Command::Enqueue`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewMsg {
+    /// Bytes of the body.
+    pub size: u32,
+    /// Published with delivery mode 2.
+    pub persistent: bool,
+    /// Set when the gateway may retry this publish: a second enqueue with
+    /// the same id is not enqueued again.
+    pub publish_id: Option<PublishId>,
+}
+
+/// How a held message is settled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// Processed: remove it.
+    Ack,
+    /// Put it back where it was, flagged redelivered.
+    Requeue,
+    /// Rejected without requeue: remove it (dead-lettering later).
+    Discard,
+}
+
+impl From<crate::backend::Outcome> for Outcome {
+    fn from(o: crate::backend::Outcome) -> Self {
+        match o {
+            crate::backend::Outcome::Ack => Outcome::Ack,
+            crate::backend::Outcome::Requeue => Outcome::Requeue,
+            crate::backend::Outcome::Discard => Outcome::Discard,
+        }
+    }
+}
+
+/// How an attached consumer takes its messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ConsumerOpts {
+    /// No other consumer may be attached while this one is.
+    pub exclusive: bool,
+    /// Messages checked out to it are settled at once (removed), never
+    /// held.
+    pub no_ack: bool,
+}
+
+/// One entry of a queue's log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Appends messages to the ready list, in order.
+    Enqueue {
+        /// The messages, in publish order.
+        msgs: Vec<NewMsg>,
+    },
+    /// Registers a consumer (or changes the options of an attached one).
+    /// Refused when exclusivity conflicts with the other attached
+    /// consumers.
+    Attach {
+        /// Who.
+        consumer: ConsumerId,
+        /// Options.
+        opts: ConsumerOpts,
+    },
+    /// basic.cancel: no new checkouts to the consumer. What it holds stays
+    /// held, it may still be settled.
+    Detach {
+        /// Who.
+        consumer: ConsumerId,
+    },
+    /// The consumer's channel is gone: requeue everything it holds.
+    ReturnAll {
+        /// Whose messages.
+        consumer: ConsumerId,
+    },
+    /// The leader's delivery decision: these ready messages go to this
+    /// attached consumer. Seqs that are no longer ready are skipped.
+    Checkout {
+        /// Who receives them.
+        consumer: ConsumerId,
+        /// In delivery order.
+        seqs: Vec<Seq>,
+    },
+    /// basic.get: the first ready message, if any, goes to `holder`
+    /// (which need not be an attached consumer).
+    Get {
+        /// Who holds the message until it is settled.
+        holder: ConsumerId,
+        /// Remove the message at once instead of holding it.
+        no_ack: bool,
+    },
+    /// Ack, requeue or discard messages the consumer holds; other seqs are
+    /// skipped.
+    Settle {
+        /// Who settles.
+        consumer: ConsumerId,
+        /// The messages.
+        seqs: Vec<Seq>,
+        /// How.
+        outcome: Outcome,
+    },
+    /// A gateway is gone: its consumers are detached and everything they
+    /// hold is requeued.
+    GatewayDown {
+        /// The gateway id ([`ConsumerId::gateway`]).
+        gateway: String,
+    },
+    /// Drops every ready message (held ones stay).
+    Purge,
+    /// Deletes the queue: every message goes, consumers are cancelled,
+    /// every later command is rejected.
+    Delete,
+}
+
+/// Why a command changed nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rejection {
+    /// The queue was deleted.
+    QueueDeleted,
+    /// An exclusive consumer is attached, or an exclusive one was asked for
+    /// while others are (AMQP 403 access-refused).
+    ExclusiveConflict,
+    /// A checkout for a consumer that is not attached (any more).
+    NotAttached,
+    /// The queue ran out of seqs (2^64 messages).
+    SeqsExhausted,
+}
+
+/// What the node must do after applying a command. Effects are listed in
+/// the order they must be carried out: in particular a body is read for a
+/// delivery ([`Effect::Delivered`], [`Effect::Got`]) before the same
+/// command's [`Effect::Removed`] deletes it (no-ack). Effects that carry a
+/// list of messages are never emitted with an empty one: a command that
+/// turned out to change nothing (a stale settle, say) emits nothing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Effect {
+    /// The seq of each message of an enqueue, in order; `None` for a
+    /// duplicate that was enqueued before (confirm it, do not store its
+    /// body again).
+    Enqueued {
+        /// One per message of the command.
+        seqs: Vec<Option<Seq>>,
+    },
+    /// The consumer is attached with the options it asked for.
+    Attached {
+        /// Who.
+        consumer: ConsumerId,
+    },
+    /// The consumer is not attached (any more). Also emitted for a consumer
+    /// that was not attached, so a retried detach is answered alike.
+    Detached {
+        /// Who.
+        consumer: ConsumerId,
+    },
+    /// Messages that moved to the consumer, in the order of the checkout.
+    /// `redelivered` in the metadata is the flag to deliver with.
+    Delivered {
+        /// Who receives them.
+        consumer: ConsumerId,
+        /// Seq and metadata of each message.
+        msgs: Vec<(Seq, MsgMeta)>,
+    },
+    /// The answer to a [`Command::Get`].
+    Got {
+        /// Who asked.
+        holder: ConsumerId,
+        /// The message, or `None` when nothing was ready.
+        msg: Option<(Seq, MsgMeta)>,
+        /// Ready messages left (basic.get-ok's message count).
+        remaining: u32,
+    },
+    /// Messages back in the ready list (the leader may deliver again).
+    Requeued {
+        /// In increasing order for returns; in command order for a settle.
+        seqs: Vec<Seq>,
+    },
+    /// Messages gone for good: delete their bodies.
+    Removed {
+        /// The messages.
+        seqs: Vec<Seq>,
+    },
+    /// The answer to a [`Command::Purge`].
+    Purged {
+        /// Ready messages dropped.
+        count: u32,
+    },
+    /// The queue was deleted under this attached consumer (basic.cancel to
+    /// the client).
+    Cancelled {
+        /// Who.
+        consumer: ConsumerId,
+    },
+    /// The answer to a [`Command::Delete`]: delete every body of the queue.
+    Deleted {
+        /// Ready messages it held.
+        count: u32,
+    },
+    /// The command changed nothing.
+    Rejected {
+        /// Why.
+        reason: Rejection,
+    },
+}
+
+/// Ids seen from one publisher, as disjoint inclusive ranges.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Publisher {
+    /// start → end, inclusive; never overlapping nor adjacent.
+    ranges: BTreeMap<u64, u64>,
+    /// Enqueue commands applied when it was last seen (for eviction).
+    last_used: u64,
+}
+
+impl Publisher {
+    fn contains(&self, id: u64) -> bool {
+        self.ranges.range(..=id).next_back().is_some_and(|(_, &end)| id <= end)
+    }
+
+    /// Records `id` (not yet contained), merging with its neighbours.
+    fn insert(&mut self, id: u64) {
+        let below = self
+            .ranges
+            .range(..id)
+            .next_back()
+            .filter(|(_, &end)| end.checked_add(1) == Some(id))
+            .map(|(&start, _)| start);
+        let above = id.checked_add(1).and_then(|next| self.ranges.remove(&next));
+        self.ranges.insert(below.unwrap_or(id), above.unwrap_or(id));
+        while self.ranges.len() > DEDUP_MAX_RANGES {
+            self.ranges.pop_first();
+        }
+    }
+}
+
+/// The state of one queue, identical on every replica that applied the
+/// same log prefix.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct QueueSm {
+    /// The seq the next enqueued message gets.
+    next_seq: Seq,
+    /// Ready messages, ordered by seq: the delivery order.
+    ready: BTreeMap<Seq, MsgMeta>,
+    /// Held messages of every consumer (for counts and the ack floor).
+    unacked: BTreeMap<Seq, MsgMeta>,
+    /// Which consumer holds what; no empty sets. The sets partition the
+    /// keys of `unacked`.
+    held: BTreeMap<ConsumerId, BTreeSet<Seq>>,
+    /// Attached consumers. An exclusive one is always alone.
+    consumers: BTreeMap<ConsumerId, ConsumerOpts>,
+    /// Deduplication of publisher retries.
+    publishers: BTreeMap<String, Publisher>,
+    /// Enqueue commands applied: the deterministic clock of publisher
+    /// eviction.
+    enqueues: u64,
+    deleted: bool,
+}
+
+fn count(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+impl QueueSm {
+    /// An empty queue whose first message gets seq 0.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Applies one command and returns what the node must do about it.
+    /// Deterministic: the result depends only on the state and `cmd`.
+    pub fn apply(&mut self, cmd: Command) -> Vec<Effect> {
+        if self.deleted {
+            return vec![Effect::Rejected { reason: Rejection::QueueDeleted }];
+        }
+        let mut fx = Vec::new();
+        match cmd {
+            Command::Enqueue { msgs } => self.enqueue(msgs, &mut fx),
+            Command::Attach { consumer, opts } => self.attach(consumer, opts, &mut fx),
+            Command::Detach { consumer } => {
+                self.consumers.remove(&consumer);
+                fx.push(Effect::Detached { consumer });
+            }
+            Command::ReturnAll { consumer } => {
+                let seqs = self.return_all(&consumer);
+                if !seqs.is_empty() {
+                    fx.push(Effect::Requeued { seqs });
+                }
+            }
+            Command::Checkout { consumer, seqs } => self.checkout(consumer, seqs, &mut fx),
+            Command::Get { holder, no_ack } => self.get(holder, no_ack, &mut fx),
+            Command::Settle { consumer, seqs, outcome } => self.settle(&consumer, seqs, outcome, &mut fx),
+            Command::GatewayDown { gateway } => self.gateway_down(gateway, &mut fx),
+            Command::Purge => {
+                let ready = std::mem::take(&mut self.ready);
+                let seqs: Vec<Seq> = ready.into_keys().collect();
+                let n = count(seqs.len());
+                if !seqs.is_empty() {
+                    fx.push(Effect::Removed { seqs });
+                }
+                fx.push(Effect::Purged { count: n });
+            }
+            Command::Delete => {
+                let n = self.ready_count();
+                for consumer in std::mem::take(&mut self.consumers).into_keys() {
+                    fx.push(Effect::Cancelled { consumer });
+                }
+                self.ready.clear();
+                self.unacked.clear();
+                self.held.clear();
+                self.publishers.clear();
+                self.deleted = true;
+                fx.push(Effect::Deleted { count: n });
+            }
+        }
+        fx
+    }
+
+    fn enqueue(&mut self, msgs: Vec<NewMsg>, fx: &mut Vec<Effect>) {
+        // Checked up front so that a batch is taken whole or not at all.
+        let fits = u64::try_from(msgs.len()).ok().and_then(|n| self.next_seq.checked_add(n)).is_some();
+        if !fits {
+            fx.push(Effect::Rejected { reason: Rejection::SeqsExhausted });
+            return;
+        }
+        self.enqueues = self.enqueues.saturating_add(1);
+        let mut seqs = Vec::with_capacity(msgs.len());
+        for msg in msgs {
+            if let Some(pid) = msg.publish_id {
+                if self.seen_before(pid) {
+                    seqs.push(None);
+                    continue;
+                }
+            }
+            let seq = self.next_seq;
+            // Cannot overflow: the batch fitted above.
+            self.next_seq = seq.saturating_add(1);
+            self.ready.insert(seq, MsgMeta { size: msg.size, persistent: msg.persistent, redelivered: false });
+            seqs.push(Some(seq));
+        }
+        fx.push(Effect::Enqueued { seqs });
+    }
+
+    /// True if `pid` was enqueued before; otherwise remembers it.
+    fn seen_before(&mut self, pid: PublishId) -> bool {
+        let now = self.enqueues;
+        if let Some(publisher) = self.publishers.get_mut(&pid.publisher) {
+            publisher.last_used = now;
+            if publisher.contains(pid.id) {
+                return true;
+            }
+            publisher.insert(pid.id);
+            return false;
+        }
+        if self.publishers.len() >= DEDUP_MAX_PUBLISHERS {
+            // Least recently used first, ties by name: deterministic.
+            let oldest = self
+                .publishers
+                .iter()
+                .min_by(|a, b| a.1.last_used.cmp(&b.1.last_used).then_with(|| a.0.cmp(b.0)))
+                .map(|(name, _)| name.clone());
+            if let Some(name) = oldest {
+                self.publishers.remove(&name);
+            }
+        }
+        let mut publisher = Publisher { ranges: BTreeMap::new(), last_used: now };
+        publisher.insert(pid.id);
+        self.publishers.insert(pid.publisher, publisher);
+        false
+    }
+
+    fn attach(&mut self, consumer: ConsumerId, opts: ConsumerOpts, fx: &mut Vec<Effect>) {
+        // Judged against the *other* consumers, so that a retried attach is
+        // answered the same way and may change the consumer's own options.
+        let others = self.consumers.len() - usize::from(self.consumers.contains_key(&consumer));
+        // An exclusive consumer is always alone, so one can only be among
+        // the others when there is exactly one other.
+        let other_exclusive = others == 1 && self.consumers.iter().any(|(id, o)| o.exclusive && *id != consumer);
+        if others > 0 && (opts.exclusive || other_exclusive) {
+            fx.push(Effect::Rejected { reason: Rejection::ExclusiveConflict });
+            return;
+        }
+        self.consumers.insert(consumer.clone(), opts);
+        fx.push(Effect::Attached { consumer });
+    }
+
+    fn checkout(&mut self, consumer: ConsumerId, seqs: Vec<Seq>, fx: &mut Vec<Effect>) {
+        let Some(opts) = self.consumers.get(&consumer).copied() else {
+            fx.push(Effect::Rejected { reason: Rejection::NotAttached });
+            return;
+        };
+        let mut msgs = Vec::new();
+        for seq in seqs {
+            // Only a ready message moves: a seq checked out, settled or
+            // purged since the leader decided is skipped, and a seq listed
+            // twice moves once.
+            if let Some(meta) = self.ready.remove(&seq) {
+                msgs.push((seq, meta));
+            }
+        }
+        if msgs.is_empty() {
+            return;
+        }
+        if opts.no_ack {
+            let seqs = msgs.iter().map(|(seq, _)| *seq).collect();
+            fx.push(Effect::Delivered { consumer, msgs });
+            fx.push(Effect::Removed { seqs });
+        } else {
+            let held = self.held.entry(consumer.clone()).or_default();
+            for &(seq, meta) in &msgs {
+                held.insert(seq);
+                self.unacked.insert(seq, meta);
+            }
+            fx.push(Effect::Delivered { consumer, msgs });
+        }
+    }
+
+    fn get(&mut self, holder: ConsumerId, no_ack: bool, fx: &mut Vec<Effect>) {
+        let Some((seq, meta)) = self.ready.pop_first() else {
+            fx.push(Effect::Got { holder, msg: None, remaining: 0 });
+            return;
+        };
+        let remaining = self.ready_count();
+        if no_ack {
+            fx.push(Effect::Got { holder, msg: Some((seq, meta)), remaining });
+            fx.push(Effect::Removed { seqs: vec![seq] });
+        } else {
+            self.held.entry(holder.clone()).or_default().insert(seq);
+            self.unacked.insert(seq, meta);
+            fx.push(Effect::Got { holder, msg: Some((seq, meta)), remaining });
+        }
+    }
+
+    fn settle(&mut self, consumer: &ConsumerId, seqs: Vec<Seq>, outcome: Outcome, fx: &mut Vec<Effect>) {
+        let Some(held) = self.held.get_mut(consumer) else { return };
+        let mut done = Vec::new();
+        for seq in seqs {
+            // Only what this consumer holds: a stale or duplicated settle,
+            // or one for a message returned and redelivered elsewhere since,
+            // changes nothing.
+            if !held.remove(&seq) {
+                continue;
+            }
+            let Some(mut meta) = self.unacked.remove(&seq) else { continue };
+            if outcome == Outcome::Requeue {
+                meta.redelivered = true;
+                self.ready.insert(seq, meta);
+            }
+            done.push(seq);
+        }
+        if held.is_empty() {
+            self.held.remove(consumer);
+        }
+        if done.is_empty() {
+            return;
+        }
+        fx.push(match outcome {
+            Outcome::Requeue => Effect::Requeued { seqs: done },
+            Outcome::Ack | Outcome::Discard => Effect::Removed { seqs: done },
+        });
+    }
+
+    /// Requeues everything `consumer` holds; returns the seqs in order.
+    fn return_all(&mut self, consumer: &ConsumerId) -> Vec<Seq> {
+        let Some(held) = self.held.remove(consumer) else { return Vec::new() };
+        let mut seqs = Vec::with_capacity(held.len());
+        for seq in held {
+            if let Some(mut meta) = self.unacked.remove(&seq) {
+                meta.redelivered = true;
+                self.ready.insert(seq, meta);
+                seqs.push(seq);
+            }
+        }
+        seqs
+    }
+
+    fn gateway_down(&mut self, gateway: String, fx: &mut Vec<Effect>) {
+        let first = ConsumerId { gateway, connection: 0, channel: 0, tag: String::new() };
+        let gateway = &first.gateway;
+        // Every id of the gateway sorts at or after `first` and before any
+        // id of another gateway.
+        let detached: Vec<ConsumerId> =
+            self.consumers.range(&first..).map(|(id, _)| id).take_while(|id| id.gateway == *gateway).cloned().collect();
+        let holders: Vec<ConsumerId> =
+            self.held.range(&first..).map(|(id, _)| id).take_while(|id| id.gateway == *gateway).cloned().collect();
+        for consumer in detached {
+            self.consumers.remove(&consumer);
+            fx.push(Effect::Detached { consumer });
+        }
+        let mut seqs = Vec::new();
+        for holder in &holders {
+            seqs.extend(self.return_all(holder));
+        }
+        if !seqs.is_empty() {
+            seqs.sort_unstable();
+            fx.push(Effect::Requeued { seqs });
+        }
+    }
+
+    /// Ready messages.
+    pub fn ready_count(&self) -> u32 {
+        count(self.ready.len())
+    }
+
+    /// Attached consumers.
+    pub fn consumer_count(&self) -> u32 {
+        count(self.consumers.len())
+    }
+
+    /// Messages held by consumers (delivered, not settled).
+    pub fn unacked_count(&self) -> u32 {
+        count(self.unacked.len())
+    }
+
+    /// The seq the next enqueued message gets.
+    pub fn next_seq(&self) -> Seq {
+        self.next_seq
+    }
+
+    /// True once [`Command::Delete`] was applied.
+    pub fn is_deleted(&self) -> bool {
+        self.deleted
+    }
+
+    /// The first `n` ready messages, in delivery order: what the leader may
+    /// check out next.
+    pub fn next_ready(&self, n: usize) -> impl Iterator<Item = (Seq, &MsgMeta)> + '_ {
+        self.ready.iter().take(n).map(|(seq, meta)| (*seq, meta))
+    }
+
+    /// Attached consumers, in [`ConsumerId`] order.
+    pub fn consumers(&self) -> impl Iterator<Item = (&ConsumerId, ConsumerOpts)> + '_ {
+        self.consumers.iter().map(|(id, opts)| (id, *opts))
+    }
+
+    /// True if `consumer` is attached.
+    pub fn is_attached(&self, consumer: &ConsumerId) -> bool {
+        self.consumers.contains_key(consumer)
+    }
+
+    /// Everyone holding at least one message (attached or not), in
+    /// [`ConsumerId`] order.
+    pub fn holders(&self) -> impl Iterator<Item = &ConsumerId> + '_ {
+        self.held.keys()
+    }
+
+    /// The messages `consumer` holds, by seq.
+    pub fn held_by<'a>(&'a self, consumer: &ConsumerId) -> impl Iterator<Item = (Seq, &'a MsgMeta)> + 'a {
+        self.held.get(consumer).into_iter().flatten().filter_map(|seq| self.unacked.get(seq).map(|meta| (*seq, meta)))
+    }
+
+    /// The lowest seq still live (ready or held), or [`Self::next_seq`]
+    /// when there is none: every message below it is gone, so storage may
+    /// forget everything under it. Never decreases.
+    pub fn ack_floor(&self) -> Seq {
+        let ready = self.ready.keys().next();
+        let held = self.unacked.keys().next();
+        [ready, held].into_iter().flatten().min().copied().unwrap_or(self.next_seq)
+    }
+
+    /// The whole state, for Raft log compaction. Bodies are not in it;
+    /// it refers to them by seq.
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            next_seq: self.next_seq,
+            deleted: self.deleted,
+            enqueues: self.enqueues,
+            ready: self.ready.iter().map(|(seq, meta)| (*seq, *meta)).collect(),
+            consumers: self.consumers.iter().map(|(id, opts)| (id.clone(), *opts)).collect(),
+            held: self.held.keys().map(|id| (id.clone(), self.held_by(id).map(|(s, m)| (s, *m)).collect())).collect(),
+            publishers: self
+                .publishers
+                .iter()
+                .map(|(name, p)| PublisherSnapshot {
+                    publisher: name.clone(),
+                    last_used: p.last_used,
+                    ranges: p.ranges.iter().map(|(s, e)| (*s, *e)).collect(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Rebuilds the machine from [`Self::snapshot`]. A snapshot comes from
+    /// another node, so it is checked: one that would break an invariant
+    /// (a seq in two places, at or above `next_seq`, an exclusive consumer
+    /// that is not alone, ...) is refused.
+    pub fn restore(snap: Snapshot) -> Result<Self, SnapshotError> {
+        let Snapshot { next_seq, deleted, enqueues, ready, consumers, held, publishers } = snap;
+        let mut sm = QueueSm { next_seq, deleted, enqueues, ..QueueSm::default() };
+        for (seq, meta) in ready {
+            if seq >= next_seq {
+                return Err(SnapshotError("ready seq at or above next_seq"));
+            }
+            if sm.ready.insert(seq, meta).is_some() {
+                return Err(SnapshotError("ready seq listed twice"));
+            }
+        }
+        for (id, msgs) in held {
+            if msgs.is_empty() {
+                return Err(SnapshotError("holder without messages"));
+            }
+            let mut set = BTreeSet::new();
+            for (seq, meta) in msgs {
+                if seq >= next_seq {
+                    return Err(SnapshotError("held seq at or above next_seq"));
+                }
+                if sm.ready.contains_key(&seq) || sm.unacked.insert(seq, meta).is_some() {
+                    return Err(SnapshotError("seq in more than one place"));
+                }
+                set.insert(seq);
+            }
+            if sm.held.insert(id, set).is_some() {
+                return Err(SnapshotError("holder listed twice"));
+            }
+        }
+        let attached = consumers.len();
+        for (id, opts) in consumers {
+            if opts.exclusive && attached > 1 {
+                return Err(SnapshotError("exclusive consumer not alone"));
+            }
+            if sm.consumers.insert(id, opts).is_some() {
+                return Err(SnapshotError("consumer listed twice"));
+            }
+        }
+        if publishers.len() > DEDUP_MAX_PUBLISHERS {
+            return Err(SnapshotError("too many publishers"));
+        }
+        for p in publishers {
+            if p.ranges.is_empty() || p.ranges.len() > DEDUP_MAX_RANGES {
+                return Err(SnapshotError("publisher range count out of bounds"));
+            }
+            let mut prev_end: Option<u64> = None;
+            let mut ranges = BTreeMap::new();
+            for (start, end) in p.ranges {
+                let after_prev = prev_end.is_none_or(|e| e.checked_add(1).is_some_and(|n| n < start));
+                if start > end || !after_prev {
+                    return Err(SnapshotError("publisher ranges not sorted and disjoint"));
+                }
+                ranges.insert(start, end);
+                prev_end = Some(end);
+            }
+            if sm.publishers.insert(p.publisher, Publisher { ranges, last_used: p.last_used }).is_some() {
+                return Err(SnapshotError("publisher listed twice"));
+            }
+        }
+        if deleted
+            && (!sm.ready.is_empty() || !sm.held.is_empty() || !sm.consumers.is_empty() || !sm.publishers.is_empty())
+        {
+            return Err(SnapshotError("deleted queue with state"));
+        }
+        Ok(sm)
+    }
+}
+
+/// The serialisable state of a [`QueueSm`] (serde). Produced by
+/// [`QueueSm::snapshot`], consumed by [`QueueSm::restore`]; round-trips
+/// exactly. It carries no version of its own: its layout changes when, say,
+/// [`MsgMeta`] gains a field, so whoever stores or sends it must wrap it in
+/// a versioned envelope.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    next_seq: Seq,
+    deleted: bool,
+    enqueues: u64,
+    /// Increasing seq.
+    ready: Vec<(Seq, MsgMeta)>,
+    /// Attached consumers, increasing id.
+    consumers: Vec<(ConsumerId, ConsumerOpts)>,
+    /// Holders (increasing id) with what they hold (increasing seq).
+    held: Vec<(ConsumerId, Vec<(Seq, MsgMeta)>)>,
+    /// Increasing publisher name.
+    publishers: Vec<PublisherSnapshot>,
+}
+
+/// Dedup state of one publisher in a [`Snapshot`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct PublisherSnapshot {
+    publisher: String,
+    last_used: u64,
+    /// Inclusive, increasing, neither overlapping nor adjacent.
+    ranges: Vec<(u64, u64)>,
+}
+
+/// A [`Snapshot`] that would break an invariant of [`QueueSm`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid queue snapshot: {0}")]
+pub struct SnapshotError(&'static str);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pid(publisher: &str, id: u64) -> Option<PublishId> {
+        Some(PublishId { publisher: publisher.to_owned(), id })
+    }
+
+    fn enqueue_ids(sm: &mut QueueSm, publisher: &str, ids: &[u64]) -> Vec<Option<Seq>> {
+        let msgs =
+            ids.iter().map(|&id| NewMsg { size: 1, persistent: false, publish_id: pid(publisher, id) }).collect();
+        match sm.apply(Command::Enqueue { msgs }).as_slice() {
+            [Effect::Enqueued { seqs }] => seqs.clone(),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    fn consumer(tag: &str) -> ConsumerId {
+        ConsumerId { gateway: "g".into(), connection: 1, channel: 1, tag: tag.into() }
+    }
+
+    #[test]
+    fn publisher_ranges_merge() {
+        let mut p = Publisher::default();
+        for id in [5, 7, 6, 1, 3, 2, 0, 4, u64::MAX, u64::MAX - 1] {
+            assert!(!p.contains(id));
+            p.insert(id);
+            assert!(p.contains(id));
+        }
+        let ranges: Vec<_> = p.ranges.iter().map(|(s, e)| (*s, *e)).collect();
+        assert_eq!(ranges, vec![(0, 7), (u64::MAX - 1, u64::MAX)]);
+        assert!(!p.contains(8));
+        assert!(!p.contains(u64::MAX - 2));
+    }
+
+    #[test]
+    fn publisher_window_forgets_oldest_range() {
+        let mut p = Publisher::default();
+        // Every even id: one range each.
+        let ids: Vec<u64> = (0..=DEDUP_MAX_RANGES as u64).map(|i| i * 2).collect();
+        for &id in &ids {
+            p.insert(id);
+        }
+        assert_eq!(p.ranges.len(), DEDUP_MAX_RANGES);
+        assert!(!p.contains(0), "the oldest range is forgotten");
+        assert!(ids[1..].iter().all(|&id| p.contains(id)));
+    }
+
+    #[test]
+    fn dedup_window_bound_enqueues_forgotten_ids_again() {
+        let mut sm = QueueSm::new();
+        let ids: Vec<u64> = (0..=DEDUP_MAX_RANGES as u64).map(|i| i * 2).collect();
+        let first = enqueue_ids(&mut sm, "p", &ids);
+        assert!(first.iter().all(Option::is_some));
+        // id 0 fell out of the window: a duplicate rather than a loss.
+        let again = enqueue_ids(&mut sm, "p", &[0, 2]);
+        assert!(again[0].is_some());
+        assert_eq!(again[1], None);
+    }
+
+    #[test]
+    fn least_recently_used_publisher_is_forgotten() {
+        let mut sm = QueueSm::new();
+        for i in 0..DEDUP_MAX_PUBLISHERS {
+            enqueue_ids(&mut sm, &format!("p{i}"), &[7]);
+        }
+        // p0 used again: p1 is now the least recently used.
+        assert_eq!(enqueue_ids(&mut sm, "p0", &[7]), vec![None]);
+        enqueue_ids(&mut sm, "new", &[7]);
+        assert_eq!(sm.publishers.len(), DEDUP_MAX_PUBLISHERS);
+        assert!(!sm.publishers.contains_key("p1"));
+        assert_eq!(enqueue_ids(&mut sm, "p0", &[7]), vec![None]);
+        assert_eq!(enqueue_ids(&mut sm, "p2", &[7]), vec![None]);
+        assert!(enqueue_ids(&mut sm, "p1", &[7])[0].is_some(), "forgotten: enqueued again");
+        let back = QueueSm::restore(sm.snapshot());
+        assert_eq!(back, Ok(sm));
+    }
+
+    #[test]
+    fn seqs_exhausted_rejects_the_whole_batch() {
+        let mut snap = QueueSm::new().snapshot();
+        snap.next_seq = u64::MAX - 1;
+        let mut sm = QueueSm::restore(snap).unwrap();
+        let two = vec![NewMsg { size: 1, persistent: false, publish_id: None }; 2];
+        assert_eq!(
+            sm.apply(Command::Enqueue { msgs: two.clone() }),
+            vec![Effect::Rejected { reason: Rejection::SeqsExhausted }]
+        );
+        assert_eq!(sm.ready_count(), 0);
+        let one = two[..1].to_vec();
+        assert_eq!(
+            sm.apply(Command::Enqueue { msgs: one.clone() }),
+            vec![Effect::Enqueued { seqs: vec![Some(u64::MAX - 1)] }]
+        );
+        assert_eq!(sm.next_seq(), u64::MAX);
+        assert_eq!(
+            sm.apply(Command::Enqueue { msgs: one }),
+            vec![Effect::Rejected { reason: Rejection::SeqsExhausted }]
+        );
+        assert_eq!(sm.apply(Command::Enqueue { msgs: vec![] }), vec![Effect::Enqueued { seqs: vec![] }]);
+        assert_eq!(sm.ack_floor(), u64::MAX - 1);
+    }
+
+    #[test]
+    fn exclusive_shortcut_agrees_with_a_full_scan() {
+        // The attach check only scans when exactly one other consumer is
+        // attached; compare with the obvious rule on every small case.
+        let ids = [consumer("a"), consumer("b"), consumer("c")];
+        let all_opts =
+            [ConsumerOpts { exclusive: false, no_ack: false }, ConsumerOpts { exclusive: true, no_ack: false }];
+        for first in 0..3 {
+            for o1 in all_opts {
+                for second in 0..3 {
+                    for o2 in all_opts {
+                        for third in 0..3 {
+                            for o3 in all_opts {
+                                let mut sm = QueueSm::new();
+                                for (i, o) in [(first, o1), (second, o2), (third, o3)] {
+                                    let id = ids[i].clone();
+                                    let others: Vec<_> =
+                                        sm.consumers.iter().filter(|(c, _)| **c != id).map(|(_, o)| *o).collect();
+                                    let conflict =
+                                        !others.is_empty() && (o.exclusive || others.iter().any(|x| x.exclusive));
+                                    let fx = sm.apply(Command::Attach { consumer: id.clone(), opts: o });
+                                    if conflict {
+                                        assert_eq!(fx, vec![Effect::Rejected { reason: Rejection::ExclusiveConflict }]);
+                                    } else {
+                                        assert_eq!(fx, vec![Effect::Attached { consumer: id }]);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn valid() -> Snapshot {
+        let mut sm = QueueSm::new();
+        let msg = NewMsg { size: 3, persistent: true, publish_id: None };
+        sm.apply(Command::Enqueue { msgs: vec![msg; 4] });
+        sm.apply(Command::Attach { consumer: consumer("a"), opts: ConsumerOpts::default() });
+        sm.apply(Command::Checkout { consumer: consumer("a"), seqs: vec![1] });
+        enqueue_ids(&mut sm, "p", &[1, 3]);
+        sm.snapshot()
+    }
+
+    #[test]
+    fn restore_refuses_broken_snapshots() {
+        let ok = valid();
+        assert!(QueueSm::restore(ok.clone()).is_ok());
+        let meta = MsgMeta { size: 0, persistent: false, redelivered: false };
+        let excl = ConsumerOpts { exclusive: true, no_ack: false };
+        let cases: Vec<Box<dyn Fn(&mut Snapshot)>> = vec![
+            Box::new(|s| s.ready.push((s.next_seq, meta))),
+            Box::new(|s| s.ready.push((0, meta))),
+            Box::new(|s| s.held[0].1.push((0, meta))),
+            Box::new(|s| s.held[0].1.push((s.next_seq + 1, meta))),
+            Box::new(|s| s.held.push((consumer("b"), vec![]))),
+            Box::new(|s| s.held.push((consumer("a"), vec![(2, meta)]))),
+            Box::new(|s| s.held.push((consumer("b"), vec![(1, meta)]))),
+            Box::new(|s| s.consumers.push((consumer("a"), ConsumerOpts::default()))),
+            Box::new(|s| s.consumers.push((consumer("b"), excl))),
+            Box::new(|s| s.publishers[0].ranges = vec![]),
+            Box::new(|s| s.publishers[0].ranges = vec![(1, 1), (2, 2)]),
+            Box::new(|s| s.publishers[0].ranges = vec![(3, 3), (1, 1)]),
+            Box::new(|s| s.publishers[0].ranges = vec![(3, 1)]),
+            Box::new(|s| s.publishers[0].ranges = (0..=DEDUP_MAX_RANGES as u64).map(|i| (i * 2, i * 2)).collect()),
+            Box::new(|s| {
+                let p = s.publishers[0].clone();
+                s.publishers.push(p);
+            }),
+            Box::new(|s| s.deleted = true),
+        ];
+        for (i, break_it) in cases.iter().enumerate() {
+            let mut s = ok.clone();
+            break_it(&mut s);
+            assert!(QueueSm::restore(s).is_err(), "case {i} restored");
+        }
+    }
+}
