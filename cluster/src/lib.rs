@@ -12,6 +12,7 @@
 pub mod backend;
 pub mod error;
 pub mod local;
+pub mod meta;
 pub mod node;
 pub mod placement;
 pub mod record;

@@ -33,9 +33,6 @@ impl BrokerError {
     pub fn precondition(detail: impl AsRef<str>) -> Self {
         Self::channel(code::PRECONDITION_FAILED, detail)
     }
-    pub fn locked(detail: impl AsRef<str>) -> Self {
-        Self::channel(code::RESOURCE_LOCKED, detail)
-    }
     pub fn internal(detail: impl AsRef<str>) -> Self {
         Self::connection(code::INTERNAL_ERROR, detail)
     }

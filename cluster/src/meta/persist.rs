@@ -1,4 +1,5 @@
-//! How durable definitions are written through the backend.
+//! How durable definitions are laid out as opaque key/value pairs (the
+//! backend stores them; [`super::Topology::load`] reads them back).
 //!
 //! Keys: one tag byte (`x` exchange, `q` queue, `b` binding) followed by
 //! length-prefixed components (vhost, names, routing key, arguments), so no
@@ -8,7 +9,7 @@
 use bytes::BytesMut;
 use sluice_codecs::command::{Arguments, FieldValue};
 
-use super::{Binding, Dest, Exchange, ExchangeKind};
+use super::topology::{Binding, Dest, Exchange, ExchangeKind};
 
 fn put(out: &mut Vec<u8>, s: &[u8]) {
     out.extend_from_slice(&(s.len() as u32).to_be_bytes());
@@ -21,6 +22,7 @@ fn table_bytes(t: &Arguments) -> Vec<u8> {
     b.to_vec()
 }
 
+/// Key of an exchange definition.
 pub fn exchange_key(vhost: &str, name: &str) -> Vec<u8> {
     let mut k = vec![b'x'];
     put(&mut k, vhost.as_bytes());
@@ -28,6 +30,7 @@ pub fn exchange_key(vhost: &str, name: &str) -> Vec<u8> {
     k
 }
 
+/// Key of a queue definition.
 pub fn queue_key(vhost: &str, name: &str) -> Vec<u8> {
     let mut k = vec![b'q'];
     put(&mut k, vhost.as_bytes());
@@ -35,6 +38,8 @@ pub fn queue_key(vhost: &str, name: &str) -> Vec<u8> {
     k
 }
 
+/// Key of a binding definition: every part of the binding, arguments
+/// included, since two bindings differing only there are distinct.
 pub fn binding_key(vhost: &str, source: &str, b: &Binding) -> Vec<u8> {
     let mut k = vec![b'b'];
     put(&mut k, vhost.as_bytes());
@@ -54,6 +59,7 @@ fn s(v: &str) -> FieldValue {
     FieldValue::LongString(v.to_string().into_bytes().into())
 }
 
+/// Value of an exchange definition (its bindings are stored separately).
 pub fn exchange_value(vhost: &str, e: &Exchange) -> Vec<u8> {
     let t: Arguments = [
         ("vhost", s(vhost)),
@@ -70,7 +76,8 @@ pub fn exchange_value(vhost: &str, e: &Exchange) -> Vec<u8> {
 }
 
 /// A stored queue definition.
-pub struct QueueDef {
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredQueue {
     pub vhost: String,
     pub name: String,
     /// One queue id per partition (one for a plain queue).
@@ -79,7 +86,8 @@ pub struct QueueDef {
     pub arguments: Arguments,
 }
 
-pub fn queue_value(d: &QueueDef) -> Vec<u8> {
+/// Value of a queue definition.
+pub fn queue_value(d: &StoredQueue) -> Vec<u8> {
     let t: Arguments = [
         ("vhost", s(&d.vhost)),
         ("name", s(&d.name)),
@@ -93,6 +101,7 @@ pub fn queue_value(d: &QueueDef) -> Vec<u8> {
     table_bytes(&t)
 }
 
+/// Value of a binding definition.
 pub fn binding_value(vhost: &str, source: &str, b: &Binding) -> Vec<u8> {
     let (kind, dest) = match &b.dest {
         Dest::Queue(q) => ("queue", q),
@@ -112,9 +121,13 @@ pub fn binding_value(vhost: &str, source: &str, b: &Binding) -> Vec<u8> {
 }
 
 /// A definition read back at startup.
+#[derive(Clone, Debug, PartialEq)]
 pub enum Stored {
+    /// An exchange, without its bindings.
     Exchange { vhost: String, exchange: Exchange },
-    Queue(QueueDef),
+    /// A queue.
+    Queue(StoredQueue),
+    /// A binding of exchange `source`.
     Binding { vhost: String, source: String, binding: Binding },
 }
 
@@ -144,7 +157,6 @@ pub fn decode(key: &[u8], value: &[u8]) -> Result<Stored, String> {
                     internal: get_bool(&t, "internal")?,
                     arguments: get_table(&t, "arguments")?,
                     bindings: Vec::new(),
-                    ever_bound: false,
                 },
             })
         }
@@ -169,7 +181,7 @@ pub fn decode(key: &[u8], value: &[u8]) -> Result<Stored, String> {
     }
 }
 
-fn queue_def(t: &Arguments) -> Result<QueueDef, String> {
+fn queue_def(t: &Arguments) -> Result<StoredQueue, String> {
     let ids: Vec<u64> = match t.get("partition_ids") {
         Some(FieldValue::Array(ids)) => {
             ids.iter().map(|v| v.as_i64().map(|n| n as u64).ok_or("bad partition id")).collect::<Result<_, _>>()?
@@ -179,7 +191,7 @@ fn queue_def(t: &Arguments) -> Result<QueueDef, String> {
     if ids.is_empty() {
         return Err("queue definition without an id".into());
     }
-    Ok(QueueDef {
+    Ok(StoredQueue {
         vhost: get_str(t, "vhost")?,
         name: get_str(t, "name")?,
         ids,

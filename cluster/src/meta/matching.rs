@@ -1,4 +1,5 @@
-//! Binding matching for topic and headers exchanges.
+//! Binding matching for topic and headers exchanges (pure functions, used
+//! by [`super::Topology::route`]).
 
 use sluice_codecs::command::{Arguments, FieldValue};
 
