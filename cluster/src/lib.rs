@@ -10,6 +10,7 @@
 //! never sees AMQP (records are opaque bytes to it).
 
 pub mod backend;
+pub mod consensus;
 pub mod error;
 pub mod local;
 pub mod meta;
