@@ -1,13 +1,21 @@
-//! sluice-cluster: the backend the router calls.
+//! sluice-cluster: where queues live, and the storage cluster.
 //!
-//! - `backend.rs`: the [`Backend`] and [`Queue`] traits, consumer credit.
-//! - `local/`: [`LocalBackend`], an in-process node on node-local storage;
-//!   `sluice serve` runs it as a cluster of one.
-//! - `record.rs`: how a message is laid out as an opaque storage record.
+//! - `backend.rs`: the [`Backend`] and [`Queue`] traits the gateway calls,
+//!   consumer credit.
+//! - `local/`: [`LocalBackend`], the in-process node `sluice serve` runs.
+//! - `record.rs`: a message as an opaque storage record.
+//! - `meta/`: the metadata (vhosts, exchanges, bindings, queues) as a pure,
+//!   deterministic state machine with RabbitMQ's declare rules.
+//! - `replica/`: the pure queue state machine every replica applies.
+//! - `consensus/`: the raft-rs driver for one group (persist-before-send,
+//!   async persistence) and its deterministic simulation (`sim`).
+//! - `placement.rs`: rendezvous hashing of queues onto nodes.
+//! - `rpc/`: the node protocol (handshake with the cluster secret, frames,
+//!   pipelined calls); `node/`: `sluice node`.
 //! - `error.rs`: [`Error`].
 //!
-//! Invariant: the gateway only uses the traits in `backend.rs`; storage
-//! never sees AMQP (records are opaque bytes to it).
+//! Invariant: the gateway only uses the traits in `backend.rs` (plus the
+//! pure `meta` rules); storage never sees AMQP (records are opaque bytes).
 
 pub mod backend;
 pub mod consensus;
