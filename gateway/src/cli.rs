@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use sluice_cluster::node::{self, Node, NodeOptions};
+use sluice_cluster::node::{self, MemberView, MembershipOptions, Node, NodeOptions};
 use sluice_cluster::rpc::{PeerInfo, Secret};
 
 use crate::config::{CtlArgs, CtlCommand, NodeConfig};
@@ -24,6 +24,7 @@ pub async fn node(config: NodeConfig) -> anyhow::Result<()> {
         listen: config.listen.clone(),
         seeds: config.seeds.clone(),
         secret,
+        membership: MembershipOptions::default(),
     })
     .await?;
     println!("sluice node {} ({}) serving; data dir {}", config.id, env!("CARGO_PKG_VERSION"), config.data_dir.display());
@@ -46,6 +47,37 @@ pub async fn ctl(args: CtlArgs) -> anyhow::Result<()> {
                 println!("seeds: {}", s.seeds.join(", "));
             }
         }
+        CtlCommand::Members => {
+            let rows = node::members(&args.node, &secret, me).await.with_context(|| format!("node {}", args.node))?;
+            print!("{}", members_table(&rows));
+        }
     }
     Ok(())
 }
+
+/// `sluice ctl members`: one line per member, columns aligned:
+/// `ID ADDRESS STATE LAST-HEARD INCARNATION`, where LAST-HEARD is
+/// `N ms ago`, `never`, or `self` for the node that answered.
+fn members_table(rows: &[MemberView]) -> String {
+    let heard = |r: &MemberView| match (r.is_self, r.last_heard_ms) {
+        (true, _) => "self".to_string(),
+        (false, Some(ms)) => format!("{ms} ms ago"),
+        (false, None) => "never".to_string(),
+    };
+    let id_w = rows.iter().map(|r| r.id.len()).chain([2]).max().unwrap_or(2);
+    let addr_w = rows.iter().map(|r| r.addr.len()).chain([7]).max().unwrap_or(7);
+    let heard_w = rows.iter().map(|r| heard(r).len()).chain([10]).max().unwrap_or(10);
+    let mut out = format!("{:<id_w$}  {:<addr_w$}  {:<5}  {:<heard_w$}  INCARNATION\n", "ID", "ADDRESS", "STATE", "LAST-HEARD");
+    for r in rows {
+        out.push_str(&format!(
+            "{:<id_w$}  {:<addr_w$}  {:<5}  {:<heard_w$}  {}\n",
+            r.id,
+            r.addr,
+            r.state.to_string(),
+            heard(r),
+            r.incarnation
+        ));
+    }
+    out
+}
+

@@ -216,4 +216,7 @@ pub struct CtlArgs {
 pub enum CtlCommand {
     /// Show a node's identity and version.
     Status,
+    /// Show the member table as that node sees it: id, address, up/down,
+    /// when it last heard from each member.
+    Members,
 }

@@ -1,25 +1,39 @@
 //! `sluice node`: a storage node of the cluster.
 //!
-//! Today it opens (and locks) its data directory, loads the cluster secret
-//! and serves the node protocol with the status messages below; replicas
-//! of queues and the metadata group are added on this skeleton (see
-//! docs/cluster.md).
+//! Today it opens (and locks) its data directory, loads the cluster secret,
+//! serves the node protocol with the messages below and runs membership
+//! and failure detection (`membership.rs`: nodes started with seeds find
+//! each other and heartbeat each other). Replicas of queues and the
+//! metadata group are added on this skeleton (see docs/cluster.md).
+
+pub mod membership;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-use sluice_storage::{Store, StoreOptions};
+use sluice_storage::{Op, Store, StoreOptions};
 use tokio::net::TcpListener;
+
+pub use membership::{MemberInfo, MemberState, MemberView, Membership, MembershipOptions};
 
 use crate::rpc::{self, Client, Handler, PeerInfo, Secret, Versioned};
 
-/// Requests a node answers.
+/// Requests a node answers. Postcard encodes the variant index: new
+/// variants go at the end.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum NodeRequest {
     /// Who are you? (`sluice ctl status`, gateways checking their nodes.)
     Status,
+    /// Liveness and discovery between nodes, every heartbeat interval:
+    /// the sender (`from.id` must be the id it authenticated with) and
+    /// every member it knows besides itself. Answered with
+    /// [`NodeResponse::Heartbeat`] or [`NodeResponse::Refused`].
+    Heartbeat { from: MemberInfo, members: Vec<MemberInfo> },
+    /// The member table as this node sees it (`sluice ctl members`).
+    Members,
 }
 
 impl Versioned for NodeRequest {}
@@ -28,6 +42,13 @@ impl Versioned for NodeRequest {}
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum NodeResponse {
     Status(NodeStatus),
+    /// The answering node and every other member it knows.
+    Heartbeat { from: MemberInfo, members: Vec<MemberInfo> },
+    /// The member table, this node included, sorted by id.
+    Members(Vec<MemberView>),
+    /// The request was not taken (a heartbeat from a second node with
+    /// this node's id, from a stale incarnation, or not from a node).
+    Refused { reason: String },
 }
 
 impl Versioned for NodeResponse {}
@@ -53,6 +74,8 @@ pub struct NodeOptions {
     pub listen: String,
     pub seeds: Vec<String>,
     pub secret: Secret,
+    /// Heartbeat interval and failure timeout.
+    pub membership: MembershipOptions,
 }
 
 /// Errors starting a node.
@@ -64,19 +87,52 @@ pub enum NodeError {
     DataDir { dir: PathBuf, source: sluice_storage::Error },
 }
 
-struct StatusHandler {
-    status: NodeStatus,
-    started: Instant,
+/// The meta key holding the node's last incarnation (u64 big-endian).
+const INCARNATION_KEY: &[u8] = b"\0node/incarnation";
+
+/// Picks this start's incarnation: above the one stored, and at least the
+/// wall-clock milliseconds (so a node whose data dir was replaced still
+/// starts above its previous life unless the clock went back), and
+/// stores it durably before the node says anything.
+fn next_incarnation(store: &Store, now_ms: u64) -> Result<u64, sluice_storage::Error> {
+    let previous = store
+        .list_meta(INCARNATION_KEY)?
+        .into_iter()
+        .find(|(k, _)| k == INCARNATION_KEY)
+        .and_then(|(_, v)| <[u8; 8]>::try_from(v.as_slice()).ok())
+        .map_or(0, u64::from_be_bytes);
+    let incarnation = previous.saturating_add(1).max(now_ms);
+    store
+        .write(vec![Op::PutMeta { key: INCARNATION_KEY.to_vec(), value: incarnation.to_be_bytes().to_vec() }], true)
+        .wait_blocking()?;
+    Ok(incarnation)
 }
 
-impl Handler<NodeRequest, NodeResponse> for StatusHandler {
-    async fn handle(&self, _conn: &Client<NodeRequest, NodeResponse>, req: NodeRequest) -> NodeResponse {
+struct NodeHandler {
+    status: NodeStatus,
+    started: Instant,
+    membership: Arc<Membership>,
+}
+
+impl Handler<NodeRequest, NodeResponse> for NodeHandler {
+    async fn handle(&self, conn: &Client<NodeRequest, NodeResponse>, req: NodeRequest) -> NodeResponse {
         match req {
             NodeRequest::Status => {
                 let mut status = self.status.clone();
                 status.uptime_ms = self.started.elapsed().as_millis() as u64;
                 NodeResponse::Status(status)
             }
+            NodeRequest::Heartbeat { from, members } => {
+                match self.membership.on_heartbeat(conn.peer(), conn.peer_addr().ip(), from, members) {
+                    Ok((from, members)) => NodeResponse::Heartbeat { from, members },
+                    Err(e) => {
+                        tracing::warn!(peer = %conn.peer().node_id, addr = %conn.peer_addr(), error = %e,
+                            "membership: heartbeat refused");
+                        NodeResponse::Refused { reason: e.to_string() }
+                    }
+                }
+            }
+            NodeRequest::Members => NodeResponse::Members(self.membership.view()),
         }
     }
 }
@@ -86,26 +142,35 @@ pub struct Node {
     /// The address actually bound (port 0 picks a free one).
     pub addr: SocketAddr,
     store: Store,
+    membership: Arc<Membership>,
     serve: tokio::task::JoinHandle<()>,
+    heartbeats: tokio::task::JoinHandle<()>,
 }
 
 impl Node {
-    /// Opens the data directory, binds the listener and starts serving.
+    /// Opens the data directory, binds the listener, starts serving and
+    /// starts membership (contacting `seeds`).
     pub async fn start(options: NodeOptions) -> Result<Node, NodeError> {
         let listener = TcpListener::bind(&options.listen)
             .await
             .map_err(|source| NodeError::Listen { addr: options.listen.clone(), source })?;
         let addr = listener.local_addr().map_err(|source| NodeError::Listen { addr: options.listen.clone(), source })?;
-        let dir = options.data_dir.clone();
-        let store = tokio::task::spawn_blocking(move || Store::open(&dir, StoreOptions::default()))
-            .await
-            .map_err(|e| NodeError::DataDir {
-                dir: options.data_dir.clone(),
-                source: sluice_storage::Error::InvalidOp(e.to_string()),
-            })?
-            .map_err(|source| NodeError::DataDir { dir: options.data_dir.clone(), source })?;
         let started_at_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
-        let handler = StatusHandler {
+        let dir = options.data_dir.clone();
+        let (store, incarnation) = tokio::task::spawn_blocking(move || {
+            let store = Store::open(&dir, StoreOptions::default())?;
+            let incarnation = next_incarnation(&store, started_at_ms)?;
+            Ok::<_, sluice_storage::Error>((store, incarnation))
+        })
+        .await
+        .map_err(|e| NodeError::DataDir {
+            dir: options.data_dir.clone(),
+            source: sluice_storage::Error::InvalidOp(e.to_string()),
+        })?
+        .map_err(|source| NodeError::DataDir { dir: options.data_dir.clone(), source })?;
+        let me = MemberInfo { id: options.id.clone(), addr: addr.to_string(), incarnation };
+        let membership = Membership::new(me, options.secret.clone(), options.membership.clone());
+        let handler = NodeHandler {
             status: NodeStatus {
                 node_id: options.id.clone(),
                 version: env!("CARGO_PKG_VERSION").to_string(),
@@ -115,15 +180,30 @@ impl Node {
                 started_at_ms,
             },
             started: Instant::now(),
+            membership: membership.clone(),
         };
-        let me = PeerInfo::node(options.id.clone());
-        let serve = tokio::spawn(rpc::serve(listener, options.secret.clone(), me, handler));
-        Ok(Node { addr, store, serve })
+        let peer = PeerInfo::node(options.id.clone());
+        let serve = tokio::spawn(rpc::serve(listener, options.secret.clone(), peer, handler));
+        let heartbeats = tokio::spawn(membership.clone().run(options.seeds.clone()));
+        Ok(Node { addr, store, membership, serve, heartbeats })
     }
 
-    /// Stops serving and closes storage (flushing it).
+    /// This node as members know it (id, address, incarnation).
+    pub fn member_info(&self) -> MemberInfo {
+        self.membership.me()
+    }
+
+    /// The member table as this node sees it.
+    pub fn members(&self) -> Vec<MemberView> {
+        self.membership.view()
+    }
+
+    /// Stops heartbeats and serving, and closes storage (flushing it).
     pub async fn stop(self) -> Result<(), sluice_storage::Error> {
+        self.heartbeats.abort();
         self.serve.abort();
+        let _ = self.heartbeats.await;
+        let _ = self.serve.await;
         let store = self.store;
         tokio::task::spawn_blocking(move || store.close())
             .await
@@ -131,10 +211,33 @@ impl Node {
     }
 }
 
+async fn ask(addr: &str, secret: &Secret, me: PeerInfo, req: NodeRequest) -> Result<NodeResponse, rpc::Error> {
+    let (client, _incoming) = rpc::connect::<NodeRequest, NodeResponse>(addr, secret, me).await?;
+    let resp = client.call(req).await;
+    client.close();
+    match resp? {
+        NodeResponse::Refused { reason } => Err(rpc::Error::Refused { reason }),
+        resp => Ok(resp),
+    }
+}
+
 /// Asks the node at `addr` for its status (used by `sluice ctl status`).
 pub async fn status(addr: &str, secret: &Secret, me: PeerInfo) -> Result<NodeStatus, rpc::Error> {
-    let (client, _incoming) = rpc::connect::<NodeRequest, NodeResponse>(addr, secret, me).await?;
-    let NodeResponse::Status(status) = client.call(NodeRequest::Status).await?;
-    client.close();
-    Ok(status)
+    match ask(addr, secret, me, NodeRequest::Status).await? {
+        NodeResponse::Status(status) => Ok(status),
+        other => Err(rpc::Error::Protocol(format!("unexpected answer to Status: {other:?}"))),
+    }
 }
+
+/// Asks the node at `addr` for its member table (used by `sluice ctl
+/// members`).
+pub async fn members(addr: &str, secret: &Secret, me: PeerInfo) -> Result<Vec<MemberView>, rpc::Error> {
+    match ask(addr, secret, me, NodeRequest::Members).await? {
+        NodeResponse::Members(rows) => Ok(rows),
+        other => Err(rpc::Error::Protocol(format!("unexpected answer to Members: {other:?}"))),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests;

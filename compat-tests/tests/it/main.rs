@@ -11,6 +11,7 @@ mod amqp_partitions;
 mod amqp_queues;
 mod cli;
 mod cluster_cli;
+mod cluster_membership;
 mod clients;
 mod crash;
 mod raw;
