@@ -5,6 +5,9 @@
 //!   (hard state, entries, snapshot, apply state), with asynchronous
 //!   durability; [`MemLogStore`]; [`RaftStore`], the `raft::Storage`
 //!   adapter.
+//! - `fjall_store.rs`: [`FjallLogStore`], the durable [`LogStore`] of one
+//!   group on the node's shared `sluice_storage::Store` (many groups, one
+//!   fsync per round).
 //! - `group.rs`: [`Group`], which wraps raft-rs's `RawNode` and turns each
 //!   `Ready` into an [`Output`] of plain data (what to send, what is
 //!   committed, which proposals finished) while enforcing raft-rs's ordering
@@ -13,16 +16,19 @@
 //!   simulation of several replicas driving the real [`Group`] through
 //!   crashes, partitions, lossy networks and membership changes.
 //!
-//! Invariant: nothing here does I/O, reads a clock or draws from an
-//! unseeded random source (when `GroupConfig::timeout_seed` is set); the
-//! caller feeds ticks, messages and durability reports, and performs the
-//! writes and sends the output asks for.
+//! Invariant: apart from `fjall_store.rs` (the storage boundary), nothing
+//! here does I/O, reads a clock or draws from an unseeded random source
+//! (when `GroupConfig::timeout_seed` is set); the caller feeds ticks,
+//! messages and durability reports, and performs the writes and sends the
+//! output asks for.
 
+pub mod fjall_store;
 pub mod group;
 pub mod log_store;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
 
+pub use fjall_store::{FjallLogStore, FjallLogStoreError};
 pub use group::{
     Committed, Group, GroupConfig, Output, Payload, PersistTicket, ProposalId, ProposalOutcome,
     Role, RoleChange,
