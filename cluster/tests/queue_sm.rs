@@ -1,6 +1,7 @@
 //! The queue state machine (`replica::queue_sm`): one scenario per command,
 //! then property tests against a deliberately naive model (a `Vec` indexed
 //! by seq), across snapshot/restore, and for determinism.
+#![allow(clippy::expect_used)]
 
 use std::collections::BTreeSet;
 
@@ -16,7 +17,7 @@ fn cid(gateway: &str, connection: u64, tag: &str) -> ConsumerId {
 }
 
 fn plain(size: u32) -> NewMsg {
-    NewMsg { size, persistent: size % 2 == 0, publish_id: None }
+    NewMsg { size, persistent: size.is_multiple_of(2), publish_id: None }
 }
 
 fn published(publisher: &str, id: u64) -> NewMsg {

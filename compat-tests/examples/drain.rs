@@ -62,7 +62,7 @@ async fn main() {
             while done.load(Ordering::Relaxed) < n {
                 let Ok(Some(Ok(d))) = tokio::time::timeout(std::time::Duration::from_secs(2), c.next()).await else { break };
                 k += 1;
-                if k % ack_every == 0 {
+                if k.is_multiple_of(ack_every) {
                     d.ack(BasicAckOptions { multiple: ack_every > 1 }).await.unwrap();
                 }
                 done.fetch_add(1, Ordering::Relaxed);

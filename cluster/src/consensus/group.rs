@@ -736,25 +736,23 @@ impl<S: LogStore> Group<S> {
                     }
                 }
             }
-            MessageType::MsgSnapshot => {
-                if message.get_snapshot().get_metadata().index == 0 {
+            MessageType::MsgSnapshot
+                if message.get_snapshot().get_metadata().index == 0 => {
                     return invalid("snapshot without metadata".to_owned());
                 }
-            }
-            MessageType::MsgHeartbeat => {
+            MessageType::MsgHeartbeat
                 // A leader sends min(match, commit), which our log reaches.
                 // A larger commit index from a current leader would make
                 // raft-rs commit entries we may not share with it (raft-rs
                 // panics on it). A stale leader's heartbeat may be larger
                 // after our log was repaired; raft-rs ignores those.
-                if message.term >= self.term() && message.commit > self.last_index() {
+                if message.term >= self.term() && message.commit > self.last_index() => {
                     return invalid(format!(
                         "heartbeat commit {} beyond the last index {}",
                         message.commit,
                         self.last_index()
                     ));
                 }
-            }
             _ => {}
         }
         Ok(())

@@ -356,7 +356,7 @@ impl Sm {
     }
 
     fn decode(data: &[u8]) -> Result<Self, String> {
-        if data.len() % 16 != 0 {
+        if !data.len().is_multiple_of(16) {
             return Err(format!(
                 "snapshot of {} bytes is not a whole number of entries",
                 data.len()
@@ -616,11 +616,11 @@ impl Sim {
         self.run_disks()?;
         self.run_ticks();
         self.clients()?;
-        if self.now % (5 * STEPS_PER_TICK) == 0 {
+        if self.now.is_multiple_of(5 * STEPS_PER_TICK) {
             self.operator(fault_phase)?;
         }
         self.drive_all()?;
-        if self.now % STEPS_PER_TICK == 0 {
+        if self.now.is_multiple_of(STEPS_PER_TICK) {
             self.checkpoints()?;
         }
         Ok(())
@@ -882,7 +882,7 @@ impl Sim {
     fn run_ticks(&mut self) {
         let now = self.now;
         for node in self.nodes.values_mut() {
-            if (now + node.phase) % STEPS_PER_TICK == 0 {
+            if (now + node.phase).is_multiple_of(STEPS_PER_TICK) {
                 if let Some(up) = node.up.as_mut() {
                     up.group.tick();
                 }

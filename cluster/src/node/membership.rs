@@ -631,7 +631,7 @@ impl Membership {
                     return;
                 }
                 Err(e) => {
-                    if failures % 10 == 0 {
+                    if failures.is_multiple_of(10) {
                         tracing::warn!(%seed, error = %e, "membership: no accepted answer from seed; retrying");
                     }
                     failures = failures.saturating_add(1);
@@ -682,7 +682,7 @@ impl Membership {
                 }
                 Err(e) => {
                     let quiet = matches!(e, ExchangeError::Rpc(_));
-                    if !quiet && refusals % 10 == 0 {
+                    if !quiet && refusals.is_multiple_of(10) {
                         tracing::warn!(member = %id, %addr, error = %e, "membership: heartbeat not accepted");
                     } else {
                         tracing::debug!(member = %id, %addr, error = %e, "membership: heartbeat failed");
