@@ -24,7 +24,12 @@ pub async fn node(config: NodeConfig) -> anyhow::Result<()> {
         listen: config.listen.clone(),
         seeds: config.seeds.clone(),
         secret,
-        membership: MembershipOptions::default(),
+        advertise: config.advertise.clone(),
+        membership: MembershipOptions {
+            heartbeat_interval: std::time::Duration::from_millis(config.heartbeat_ms),
+            failure_timeout: std::time::Duration::from_millis(config.failure_timeout_ms),
+            ..MembershipOptions::default()
+        },
     })
     .await?;
     println!("sluice node {} ({}) serving; data dir {}", config.id, env!("CARGO_PKG_VERSION"), config.data_dir.display());

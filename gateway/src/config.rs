@@ -129,6 +129,9 @@ pub struct NodeFile {
     pub id: Option<String>,
     pub data_dir: Option<PathBuf>,
     pub listen: Option<String>,
+    pub advertise: Option<String>,
+    pub heartbeat_ms: Option<u64>,
+    pub failure_timeout_ms: Option<u64>,
     pub seeds: Option<Vec<String>>,
     pub cluster_secret_file: Option<PathBuf>,
 }
@@ -145,9 +148,18 @@ pub struct NodeArgs {
     /// Node protocol listener (default 0.0.0.0:25672; port 0 picks a free port).
     #[arg(long, env = "SLUICE_LISTEN")]
     pub listen: Option<String>,
+    /// Address other nodes should use for this one (default: the listen address).
+    #[arg(long, env = "SLUICE_ADVERTISE")]
+    pub advertise: Option<String>,
     /// Other nodes, HOST:PORT, comma separated.
     #[arg(long, env = "SLUICE_SEEDS", value_delimiter = ',')]
     pub seeds: Option<Vec<String>>,
+    /// Heartbeat interval between members in milliseconds (default 100).
+    #[arg(long, env = "SLUICE_HEARTBEAT_MS")]
+    pub heartbeat_ms: Option<u64>,
+    /// Silence after which a member is down, in milliseconds (default 500).
+    #[arg(long, env = "SLUICE_FAILURE_TIMEOUT_MS")]
+    pub failure_timeout_ms: Option<u64>,
     /// The shared cluster secret (default: ~/.config/sluice/cluster-secret, created on first start).
     #[arg(long, env = "SLUICE_CLUSTER_SECRET_FILE")]
     pub cluster_secret_file: Option<PathBuf>,
@@ -162,6 +174,9 @@ pub struct NodeConfig {
     pub id: String,
     pub data_dir: PathBuf,
     pub listen: String,
+    pub advertise: Option<String>,
+    pub heartbeat_ms: u64,
+    pub failure_timeout_ms: u64,
     pub seeds: Vec<String>,
     pub cluster_secret_file: Option<PathBuf>,
 }
@@ -185,11 +200,21 @@ impl NodeArgs {
         let config = NodeConfig {
             data_dir: self.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from(format!("sluice-node-{id}"))),
             listen: self.listen.or(file.listen).unwrap_or_else(|| "0.0.0.0:25672".into()),
+            advertise: self.advertise.or(file.advertise),
+            heartbeat_ms: self.heartbeat_ms.or(file.heartbeat_ms).unwrap_or(100),
+            failure_timeout_ms: self.failure_timeout_ms.or(file.failure_timeout_ms).unwrap_or(500),
             seeds: self.seeds.or(file.seeds).unwrap_or_default(),
             cluster_secret_file: self.cluster_secret_file.or(file.cluster_secret_file),
             id,
         };
-        for addr in std::iter::once(&config.listen).chain(&config.seeds) {
+        if config.heartbeat_ms == 0 || config.failure_timeout_ms <= config.heartbeat_ms {
+            anyhow::bail!(
+                "failure timeout ({} ms) must be longer than the heartbeat interval ({} ms), which must be above 0",
+                config.failure_timeout_ms,
+                config.heartbeat_ms
+            );
+        }
+        for addr in std::iter::once(&config.listen).chain(&config.seeds).chain(&config.advertise) {
             if addr.parse::<std::net::SocketAddr>().is_err() && !addr.contains(':') {
                 anyhow::bail!("'{addr}' is not HOST:PORT");
             }

@@ -72,6 +72,10 @@ pub struct NodeOptions {
     pub id: String,
     pub data_dir: PathBuf,
     pub listen: String,
+    /// The address other members should use for this node, when it differs
+    /// from the bound one (a wildcard listen address, NAT). `None`: the
+    /// bound address.
+    pub advertise: Option<String>,
     pub seeds: Vec<String>,
     pub secret: Secret,
     /// Heartbeat interval and failure timeout.
@@ -168,7 +172,8 @@ impl Node {
             source: sluice_storage::Error::InvalidOp(e.to_string()),
         })?
         .map_err(|source| NodeError::DataDir { dir: options.data_dir.clone(), source })?;
-        let me = MemberInfo { id: options.id.clone(), addr: addr.to_string(), incarnation };
+        let advertised = options.advertise.clone().unwrap_or_else(|| addr.to_string());
+        let me = MemberInfo { id: options.id.clone(), addr: advertised, incarnation };
         let membership = Membership::new(me, options.secret.clone(), options.membership.clone());
         let handler = NodeHandler {
             status: NodeStatus {

@@ -22,6 +22,7 @@ async fn start(dir: &Path, id: &str, listen: &str, seeds: &[&Node], secret: &Sec
         id: id.into(),
         data_dir: dir.join(id),
         listen: listen.into(),
+        advertise: None,
         seeds: seeds.iter().map(|n| n.addr.to_string()).collect(),
         secret: secret.clone(),
         membership: fast(),

@@ -223,3 +223,39 @@ fn a_second_node_with_an_existing_id_is_refused() {
     assert_eq!(states(&rows), [("n1", "up")], "the twin learns nothing");
     assert_eq!(rows[0].addr, twin.addr);
 }
+
+#[test]
+fn advertise_address_and_membership_timings_are_configurable() {
+    let home = tempfile::tempdir().unwrap();
+    let bad = Command::new(sluice_bin())
+        .args(["node", "--id", "x", "--listen", "127.0.0.1:0", "--heartbeat-ms", "500", "--failure-timeout-ms", "400", "--data-dir"])
+        .arg(home.path().join("x"))
+        .env("XDG_CONFIG_HOME", home.path().join("config"))
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("failure timeout"), "{}", String::from_utf8_lossy(&bad.stderr));
+
+    // b listens on every loopback address and advertises 127.0.0.2: the
+    // other node lists it (and reaches it) there.
+    let a = start(home.path(), "a", "a", "127.0.0.1:0", &[]);
+    let port = {
+        let l = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let advertised = format!("127.0.0.2:{port}");
+    let _b = start(
+        home.path(),
+        "b",
+        "b",
+        &format!("0.0.0.0:{port}"),
+        &["--advertise", &advertised, "--seeds", &a.addr, "--heartbeat-ms", "50", "--failure-timeout-ms", "400"],
+    );
+    wait_until(Duration::from_secs(5), "b up at its advertised address", || {
+        let rows = members(home.path(), &a.addr, &[]).ok_or("ctl failed")?;
+        match rows.iter().find(|r| r.id == "b") {
+            Some(r) if r.addr == advertised && r.state == "up" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+}
