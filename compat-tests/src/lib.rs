@@ -209,3 +209,45 @@ pub fn run_sluice(args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// A running `sluice node`.
+pub struct NodeProcess {
+    /// The process (tests signal and wait on it).
+    pub child: Child,
+    /// The address its node protocol listens on.
+    pub addr: String,
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `sluice node --id id --listen listen` with its data in
+/// `home/dir` and the per-user config (so the default cluster secret)
+/// under `home/config`, plus `extra` flags; waits for its listening line.
+pub fn start_node(home: &Path, id: &str, dir: &str, listen: &str, extra: &[&str]) -> NodeProcess {
+    let mut child = Command::new(sluice_bin())
+        .args(["node", "--id", id, "--listen", listen, "--data-dir"])
+        .arg(home.join(dir))
+        .args(extra)
+        .env("XDG_CONFIG_HOME", home.join("config"))
+        .env("SLUICE_LOG", "error")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn sluice node");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(a) = line.strip_prefix("node protocol listening on ") {
+                let _ = tx.send(a.to_string());
+            }
+        }
+    });
+    let addr = rx.recv_timeout(Duration::from_secs(30)).expect("node did not start");
+    NodeProcess { child, addr }
+}

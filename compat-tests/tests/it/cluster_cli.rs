@@ -4,45 +4,15 @@
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use sluice_compat_tests::sluice_bin;
 
-struct Node {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use sluice_compat_tests::NodeProcess as Node;
 
 fn start_node(home: &std::path::Path, id: &str, extra: &[&str]) -> Node {
-    let mut child = Command::new(sluice_bin())
-        .args(["node", "--id", id, "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(home.join(id))
-        .args(extra)
-        .env("XDG_CONFIG_HOME", home.join("config"))
-        .env("SLUICE_LOG", "error")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(a) = line.strip_prefix("node protocol listening on ") {
-                let _ = tx.send(a.to_string());
-            }
-        }
-    });
-    let addr = rx.recv_timeout(Duration::from_secs(30)).expect("node did not start");
-    Node { child, addr }
+    sluice_compat_tests::start_node(home, id, id, "127.0.0.1:0", extra)
 }
 
 fn ctl(home: &std::path::Path, args: &[&str]) -> (i32, String, String) {

@@ -3,50 +3,13 @@
 //! detection time, rejoin after a restart, and nodes that must not get in
 //! (another secret, a second node with an existing id).
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use sluice_compat_tests::sluice_bin;
 
-struct Node {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts `sluice node --id id` with its data in `home/dir`, the default
-/// secret under `home/config` unless `extra` names another.
-fn start(home: &Path, id: &str, dir: &str, listen: &str, extra: &[&str]) -> Node {
-    let mut child = Command::new(sluice_bin())
-        .args(["node", "--id", id, "--listen", listen, "--data-dir"])
-        .arg(home.join(dir))
-        .args(extra)
-        .env("XDG_CONFIG_HOME", home.join("config"))
-        .env("SLUICE_LOG", "error")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(a) = line.strip_prefix("node protocol listening on ") {
-                let _ = tx.send(a.to_string());
-            }
-        }
-    });
-    let addr = rx.recv_timeout(Duration::from_secs(30)).expect("node did not start");
-    Node { child, addr }
-}
+use sluice_compat_tests::{start_node as start, NodeProcess as Node};
 
 #[derive(Debug, Clone, PartialEq)]
 struct Row {
