@@ -140,9 +140,9 @@ impl NodeHasher<NodeId> for PlacementHasher {
     /// Hashes the item first, then the node, as the crate's default does.
     ///
     /// The crate hands the item over as `T: Hash`, so the bytes it feeds are
-    /// up to its `Hash` impl; placement only ever passes [`KeyBytes`], whose
+    /// up to its `Hash` impl; placement only ever passes `KeyBytes`, whose
     /// impl writes the documented encoding through `write` alone. The
-    /// [`StableHasher`] wrapper pins the integer methods too, in case some
+    /// `StableHasher` wrapper pins the integer methods too, in case some
     /// other item type reaches this impl.
     fn hash<T: Hash>(&self, node: &NodeId, item: &T) -> u64 {
         let mut state = StableHasher::new();
