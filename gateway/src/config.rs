@@ -145,7 +145,7 @@ pub struct NodeArgs {
     /// Directory for this node's data.
     #[arg(long, env = "SLUICE_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Node protocol listener (default 0.0.0.0:25672; port 0 picks a free port).
+    /// Node protocol listener (default 0.0.0.0:25680, chosen not to collide with RabbitMQ's 25672 inter-node port so both can run on one machine; port 0 picks a free port).
     #[arg(long, env = "SLUICE_LISTEN")]
     pub listen: Option<String>,
     /// Address other nodes should use for this one (default: the listen address).
@@ -199,7 +199,7 @@ impl NodeArgs {
         }
         let config = NodeConfig {
             data_dir: self.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from(format!("sluice-node-{id}"))),
-            listen: self.listen.or(file.listen).unwrap_or_else(|| "0.0.0.0:25672".into()),
+            listen: self.listen.or(file.listen).unwrap_or_else(|| "0.0.0.0:25680".into()),
             advertise: self.advertise.or(file.advertise),
             heartbeat_ms: self.heartbeat_ms.or(file.heartbeat_ms).unwrap_or(100),
             failure_timeout_ms: self.failure_timeout_ms.or(file.failure_timeout_ms).unwrap_or(500),
@@ -227,7 +227,7 @@ impl NodeArgs {
 #[derive(Debug, Clone, clap::Args)]
 pub struct CtlArgs {
     /// A node of the cluster, HOST:PORT.
-    #[arg(long, env = "SLUICE_NODE", default_value = "127.0.0.1:25672")]
+    #[arg(long, env = "SLUICE_NODE", default_value = "127.0.0.1:25680")]
     pub node: String,
     /// The shared cluster secret (default: ~/.config/sluice/cluster-secret).
     #[arg(long, env = "SLUICE_CLUSTER_SECRET_FILE")]

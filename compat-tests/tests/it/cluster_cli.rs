@@ -109,7 +109,7 @@ fn node_stops_cleanly_on_sigterm() {
 fn network_namespace_partition_cuts_and_heals_node_traffic() {
     let net = sluice_compat_tests::netns::Net::new(1, 2).expect("network namespaces (needs root and iproute2)");
     let home = tempfile::tempdir().unwrap();
-    let listen = format!("{}:25672", net.addrs[0]);
+    let listen = format!("{}:25680", net.addrs[0]);
     let mut node = net
         .command(0, &sluice_bin())
         .args(["node", "--id", "n0", "--listen", &listen, "--data-dir"])
