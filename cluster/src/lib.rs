@@ -6,7 +6,9 @@
 //! - `record.rs`: a message as an opaque storage record.
 //! - `meta/`: the metadata (vhosts, exchanges, bindings, queues) as a pure,
 //!   deterministic state machine with RabbitMQ's declare rules.
-//! - `replica/`: the pure queue state machine every replica applies.
+//! - `replica/`: the pure queue state machine every replica applies;
+//!   `replicated.rs`: `ReplicatedQueue`, that state machine on a Raft group
+//!   behind the `Queue` trait (first cut: single voter).
 //! - `consensus/`: the raft-rs driver for one group (persist-before-send,
 //!   async persistence) and its deterministic simulation (`sim`).
 //! - `placement.rs`: rendezvous hashing of queues onto nodes.
@@ -26,6 +28,7 @@ pub mod node;
 pub mod placement;
 pub mod record;
 pub mod replica;
+pub mod replicated;
 pub mod rpc;
 
 pub use backend::{
