@@ -57,18 +57,26 @@ impl Raw {
         }
     }
 
-    /// Handshake with PLAIN guest/guest and the given heartbeat.
-    fn open(s: &Server, heartbeat: u16) -> Raw {
+    /// Protocol header, connection.start, and a start-ok with `mechanism`
+    /// and `response`; returns the server's next method (tune on success).
+    fn start(s: &Server, mechanism: &str, response: bytes::Bytes) -> (Raw, Method) {
         let mut r = Raw::connect(s);
         r.sock.write_all(&PROTOCOL_HEADER).unwrap();
         assert!(matches!(r.read_method(), Method::ConnectionStart(_)));
         r.method(0, Method::ConnectionStartOk(ConnectionStartOk {
             client_properties: FieldTable::default(),
-            mechanism: "PLAIN".into(),
-            response: bytes::Bytes::from_static(b"\0guest\0guest"),
+            mechanism: mechanism.into(),
+            response,
             locale: "en_US".into(),
         }));
-        let Method::ConnectionTune(t) = r.read_method() else { panic!("expected tune") };
+        let next = r.read_method();
+        (r, next)
+    }
+
+    /// Handshake with PLAIN guest/guest and the given heartbeat.
+    fn open(s: &Server, heartbeat: u16) -> Raw {
+        let (mut r, next) = Raw::start(s, "PLAIN", bytes::Bytes::from_static(b"\0guest\0guest"));
+        let Method::ConnectionTune(t) = next else { panic!("expected tune") };
         r.method(0, Method::ConnectionTuneOk(ConnectionTuneOk { channel_max: t.channel_max, frame_max: t.frame_max, heartbeat }));
         r.method(0, Method::ConnectionOpen(ConnectionOpen { virtual_host: "/".into(), ..Default::default() }));
         assert!(matches!(r.read_method(), Method::ConnectionOpenOk(_)));
@@ -213,22 +221,14 @@ fn second_channel_open_is_504_and_channel_max_is_enforced() {
 #[test]
 fn amqplain_login_works() {
     let s = Server::start();
-    let mut r = Raw::connect(&s);
-    r.sock.write_all(&PROTOCOL_HEADER).unwrap();
-    assert!(matches!(r.read_method(), Method::ConnectionStart(_)));
     let mut t = FieldTable::default();
     t.insert("LOGIN", FieldValue::LongString(bytes::Bytes::from_static(b"guest")));
     t.insert("PASSWORD", FieldValue::LongString(bytes::Bytes::from_static(b"guest")));
     let mut enc = BytesMut::new();
     t.encode(&mut enc);
     let response = enc.split_off(4).freeze(); // AMQPLAIN: the table without its length
-    r.method(0, Method::ConnectionStartOk(ConnectionStartOk {
-        client_properties: FieldTable::default(),
-        mechanism: "AMQPLAIN".into(),
-        response,
-        locale: "en_US".into(),
-    }));
-    assert!(matches!(r.read_method(), Method::ConnectionTune(_)));
+    let (_r, next) = Raw::start(&s, "AMQPLAIN", response);
+    assert!(matches!(next, Method::ConnectionTune(_)));
 }
 
 #[test]
@@ -303,16 +303,8 @@ fn server_only_method_from_a_client_is_503() {
 fn tune_ok_outside_the_offer_is_530() {
     let s = Server::start();
     for (channel_max, frame_max) in [(2047u16, 1024u32), (2047, 1 << 30), (9999, 131072)] {
-        let mut r = Raw::connect(&s);
-        r.sock.write_all(&PROTOCOL_HEADER).unwrap();
-        assert!(matches!(r.read_method(), Method::ConnectionStart(_)));
-        r.method(0, Method::ConnectionStartOk(ConnectionStartOk {
-            client_properties: FieldTable::default(),
-            mechanism: "PLAIN".into(),
-            response: bytes::Bytes::from_static(b"\0guest\0guest"),
-            locale: "en_US".into(),
-        }));
-        assert!(matches!(r.read_method(), Method::ConnectionTune(_)));
+        let (mut r, next) = Raw::start(&s, "PLAIN", bytes::Bytes::from_static(b"\0guest\0guest"));
+        assert!(matches!(next, Method::ConnectionTune(_)));
         r.method(0, Method::ConnectionTuneOk(ConnectionTuneOk { channel_max, frame_max, heartbeat: 0 }));
         assert_eq!(r.expect_close(), 530, "channel_max {channel_max} frame_max {frame_max}");
     }
