@@ -18,6 +18,15 @@ use crate::Error;
 /// Resolves once a write is durable (or failed).
 pub type Durable = Pin<Box<dyn Future<Output = Result<(), Error>> + Send + 'static>>;
 
+/// The answer of a queue operation that may need a round trip (a remote
+/// queue, or a replicated one that must commit first).
+pub type Reply<T> = Pin<Box<dyn Future<Output = Result<T, Error>> + Send + 'static>>;
+
+/// A [`Reply`] that is already there.
+pub fn ready<T: Send + 'static>(value: Result<T, Error>) -> Reply<T> {
+    Box::pin(std::future::ready(value))
+}
+
 /// Stable identity of a queue, chosen at creation and stored with its
 /// definition. A queue re-created under the same name gets a new id, so old
 /// messages can never reappear in it.
@@ -231,18 +240,18 @@ pub trait Queue: Send + Sync {
     /// Enqueues a message. `Some(durable)` when the publisher must wait for
     /// it before confirming (persistent message on a durable queue).
     fn publish(&self, message: Message) -> Result<Option<Durable>, Error>;
-    /// Attaches a consumer; deliveries start immediately.
-    fn consume(&self, consumer: Arc<Consumer>) -> Result<(), Error>;
+    /// Attaches a consumer; deliveries start once the reply is `Ok`.
+    fn consume(&self, consumer: Arc<Consumer>) -> Reply<()>;
     /// Detaches a consumer. Its unacknowledged deliveries stay unacknowledged.
     fn cancel(&self, consumer: &Arc<Consumer>) -> bool;
     /// Takes the first ready message, with the number of messages left.
-    fn get(&self, no_ack: bool) -> Result<Option<(Delivery, u32)>, Error>;
+    fn get(&self, no_ack: bool) -> Reply<Option<(Delivery, u32)>>;
     /// Settles delivered messages.
     fn settle(&self, msg_ids: &[u64], outcome: Outcome);
     /// Drops every ready message and returns how many.
-    fn purge(&self) -> Result<u32, Error>;
+    fn purge(&self) -> Reply<u32>;
     /// Ready messages and attached consumers.
-    fn counts(&self) -> (u32, u32);
+    fn counts(&self) -> Reply<(u32, u32)>;
     /// Tries to deliver to consumers that have credit again.
     fn kick(&self);
 }
@@ -262,7 +271,7 @@ pub trait Backend: Send + Sync {
     fn open_queue(&self, spec: QueueSpec) -> Result<Arc<dyn Queue>, Error>;
     /// Deletes a queue and its messages; cancels its consumers. Returns the
     /// number of ready messages it held.
-    fn delete_queue(&self, id: QueueId) -> Result<u32, Error>;
+    fn delete_queue(&self, id: QueueId) -> Reply<u32>;
     /// Bytes of writes waiting for storage. Sessions stop reading from
     /// their sockets while it is above their limit (backpressure).
     fn backlog_bytes(&self) -> u64;

@@ -32,6 +32,7 @@ pub mod replicated;
 pub mod rpc;
 
 pub use backend::{
+    ready, Reply,
     Backend, ChannelFlow, Consumer, Credit, Delivery, DeliverySink, Durable, Outcome, Queue, QueueId,
     QueueSpec,
 };

@@ -74,7 +74,7 @@ use tokio::task::JoinHandle;
 use crate::replica::queue_sm::{
     Command, ConsumerId, ConsumerOpts, Effect, NewMsg, QueueSm, Rejection, Seq,
 };
-use crate::backend::{Consumer, Delivery, Durable, Outcome, Queue, QueueId, QueueSpec};
+use crate::backend::{ready, Consumer, Delivery, Durable, Outcome, Queue, QueueId, QueueSpec, Reply};
 use crate::consensus::{
     Committed, FjallLogStore, FjallLogStoreError, Group, GroupConfig, Payload, ProposalId,
     ProposalOutcome, Role,
@@ -738,7 +738,57 @@ impl Queue for ReplicatedQueue {
         Ok(durable)
     }
 
-    fn consume(&self, consumer: Arc<Consumer>) -> Result<(), Error> {
+    fn consume(&self, consumer: Arc<Consumer>) -> Reply<()> {
+        ready(self.consume_now(consumer))
+    }
+
+    fn get(&self, no_ack: bool) -> Reply<Option<(Delivery, u32)>> {
+        ready(self.get_now(no_ack))
+    }
+
+    fn purge(&self) -> Reply<u32> {
+        ready(self.purge_now())
+    }
+
+    fn counts(&self) -> Reply<(u32, u32)> {
+        ready(Ok(self.counts_now()))
+    }
+
+    fn cancel(&self, consumer: &Arc<Consumer>) -> bool {
+        let mut inner = self.lock();
+        let id = inner.consumers.iter().find(|(_, c)| Arc::ptr_eq(c, consumer)).map(|(id, _)| id.clone());
+        let Some(id) = id else { return false };
+        inner.consumers.remove(&id);
+        inner.cursor = 0;
+        if let Err(e) = self.propose_and_wake(&mut inner, Command::Detach { consumer: id }) {
+            tracing::warn!(queue = %self.spec.name, error = %e, "detach not proposed");
+        }
+        true
+    }
+
+    fn settle(&self, msg_ids: &[u64], outcome: Outcome) {
+        let mut inner = self.lock();
+        let mut by_holder: BTreeMap<ConsumerId, Vec<Seq>> = BTreeMap::new();
+        for seq in msg_ids {
+            if let Some(holder) = inner.holder_of.get(seq) {
+                by_holder.entry(holder.clone()).or_default().push(*seq);
+            }
+        }
+        for (consumer, seqs) in by_holder {
+            let cmd = Command::Settle { consumer, seqs, outcome: outcome.into() };
+            if let Err(e) = self.propose_and_wake(&mut inner, cmd) {
+                tracing::warn!(queue = %self.spec.name, error = %e, "settle not proposed");
+            }
+        }
+    }
+
+    fn kick(&self) {
+        self.wake.notify_one();
+    }
+}
+
+impl ReplicatedQueue {
+    fn consume_now(&self, consumer: Arc<Consumer>) -> Result<(), Error> {
         let mut inner = self.lock();
         inner.check()?;
         if inner.consumers.values().any(|c| c.exclusive) || (consumer.exclusive && !inner.consumers.is_empty()) {
@@ -762,19 +812,7 @@ impl Queue for ReplicatedQueue {
         Ok(())
     }
 
-    fn cancel(&self, consumer: &Arc<Consumer>) -> bool {
-        let mut inner = self.lock();
-        let id = inner.consumers.iter().find(|(_, c)| Arc::ptr_eq(c, consumer)).map(|(id, _)| id.clone());
-        let Some(id) = id else { return false };
-        inner.consumers.remove(&id);
-        inner.cursor = 0;
-        if let Err(e) = self.propose_and_wake(&mut inner, Command::Detach { consumer: id }) {
-            tracing::warn!(queue = %self.spec.name, error = %e, "detach not proposed");
-        }
-        true
-    }
-
-    fn get(&self, no_ack: bool) -> Result<Option<(Delivery, u32)>, Error> {
+    fn get_now(&self, no_ack: bool) -> Result<Option<(Delivery, u32)>, Error> {
         match self.propose_and_wait(Command::Get { holder: get_holder(), no_ack })? {
             Answer::Got(got) => Ok(got),
             Answer::Failed(e) => Err(e),
@@ -782,23 +820,7 @@ impl Queue for ReplicatedQueue {
         }
     }
 
-    fn settle(&self, msg_ids: &[u64], outcome: Outcome) {
-        let mut inner = self.lock();
-        let mut by_holder: BTreeMap<ConsumerId, Vec<Seq>> = BTreeMap::new();
-        for seq in msg_ids {
-            if let Some(holder) = inner.holder_of.get(seq) {
-                by_holder.entry(holder.clone()).or_default().push(*seq);
-            }
-        }
-        for (consumer, seqs) in by_holder {
-            let cmd = Command::Settle { consumer, seqs, outcome: outcome.into() };
-            if let Err(e) = self.propose_and_wake(&mut inner, cmd) {
-                tracing::warn!(queue = %self.spec.name, error = %e, "settle not proposed");
-            }
-        }
-    }
-
-    fn purge(&self) -> Result<u32, Error> {
+    fn purge_now(&self) -> Result<u32, Error> {
         match self.propose_and_wait(Command::Purge)? {
             Answer::Purged(n) => Ok(n),
             Answer::Failed(e) => Err(e),
@@ -806,12 +828,10 @@ impl Queue for ReplicatedQueue {
         }
     }
 
-    fn counts(&self) -> (u32, u32) {
+    /// Ready messages and consumers of the applied state.
+    pub fn counts_now(&self) -> (u32, u32) {
         let inner = self.lock();
         (inner.sm.ready_count(), inner.sm.consumer_count())
     }
 
-    fn kick(&self) {
-        self.wake.notify_one();
-    }
 }

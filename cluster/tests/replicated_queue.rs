@@ -109,7 +109,7 @@ async fn publishes_are_confirmed_and_counted() {
     let store = open_store(dir.path());
     let q = open(&store);
     publish_all(&q, 0..100).await;
-    assert_eq!(q.counts(), (100, 0));
+    assert_eq!(q.counts_now(), (100, 0));
     q.close().await;
 }
 
@@ -121,13 +121,13 @@ async fn credit_is_respected_and_order_kept() {
     publish_all(&q, 0..25).await;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let c = consumer("c", 10, 0, &tx);
-    q.consume(c.clone()).unwrap();
+    q.consume(c.clone()).await.unwrap();
     let mut got = Vec::new();
     for _ in 0..10 {
         got.push(recv(&mut rx, &[&c]).await.1);
     }
     nothing_more(&mut rx).await;
-    assert_eq!(q.counts(), (15, 1));
+    assert_eq!(q.counts_now(), (15, 1));
     assert_eq!(q.unacked_count(), 10);
     // Settling frees credit: the rest arrives, in order.
     let ids: Vec<u64> = got.iter().map(|d| d.msg_id).collect();
@@ -143,10 +143,10 @@ async fn credit_is_respected_and_order_kept() {
     assert!(got.iter().all(|d| !d.redelivered));
     nothing_more(&mut rx).await;
     eventually("everything acked", || q.unacked_count() == 0).await;
-    assert_eq!(q.counts(), (0, 1));
+    assert_eq!(q.counts_now(), (0, 1));
     assert!(q.cancel(&c));
     assert!(!q.cancel(&c));
-    eventually("consumer detached", || q.counts().1 == 0).await;
+    eventually("consumer detached", || q.counts_now().1 == 0).await;
     q.close().await;
 }
 
@@ -157,28 +157,28 @@ async fn requeue_get_and_purge() {
     let q = open(&store);
     publish_all(&q, 0..5).await;
     // get takes the first; requeue puts it back at its position.
-    let (first, left) = q.get(false).unwrap().unwrap();
+    let (first, left) = q.get(false).await.unwrap().unwrap();
     assert_eq!((body(&first).as_str(), left, first.redelivered), ("m0", 4, false));
-    let (second, left) = q.get(false).unwrap().unwrap();
+    let (second, left) = q.get(false).await.unwrap().unwrap();
     assert_eq!((body(&second).as_str(), left), ("m1", 3));
     q.settle(&[first.msg_id], Outcome::Requeue);
-    eventually("requeued", || q.counts().0 == 4).await;
-    let (again, _) = q.get(true).unwrap().unwrap();
+    eventually("requeued", || q.counts_now().0 == 4).await;
+    let (again, _) = q.get(true).await.unwrap().unwrap();
     assert_eq!((body(&again).as_str(), again.redelivered, again.msg_id), ("m0", true, first.msg_id));
     // A consumer sees the requeued one first too.
     let (tx, mut rx) = mpsc::unbounded_channel();
     let c = consumer("c", 1, 0, &tx);
     q.settle(&[second.msg_id], Outcome::Requeue);
-    eventually("requeued", || q.counts().0 == 4).await;
-    q.consume(c.clone()).unwrap();
+    eventually("requeued", || q.counts_now().0 == 4).await;
+    q.consume(c.clone()).await.unwrap();
     let d = recv(&mut rx, &[&c]).await.1;
     assert_eq!((body(&d).as_str(), d.redelivered), ("m1", true));
     assert!(q.cancel(&c));
     // Purge drops the ready ones only (m2..m4), not the held m1.
-    assert_eq!(q.purge().unwrap(), 3);
-    assert_eq!(q.counts().0, 0);
+    assert_eq!(q.purge().await.unwrap(), 3);
+    assert_eq!(q.counts_now().0, 0);
     assert_eq!(q.unacked_count(), 1);
-    assert!(q.get(false).unwrap().is_none());
+    assert!(q.get(false).await.unwrap().is_none());
     q.close().await;
 }
 
@@ -192,7 +192,7 @@ async fn reopen_makes_unsettled_messages_ready_again() {
         publish_all(&q, 0..10).await;
         let (tx, mut rx) = mpsc::unbounded_channel();
         let c = consumer("c", 4, 0, &tx);
-        q.consume(c.clone()).unwrap();
+        q.consume(c.clone()).await.unwrap();
         let mut held = Vec::new();
         for _ in 0..4 {
             held.push(recv(&mut rx, &[&c]).await.1);
@@ -206,10 +206,10 @@ async fn reopen_makes_unsettled_messages_ready_again() {
         q.close().await;
     }
     let q = open(&store);
-    assert_eq!(q.counts(), (8, 0));
+    assert_eq!(q.counts_now(), (8, 0));
     assert_eq!(q.unacked_count(), 0);
     let mut seen = Vec::new();
-    while let Some((d, _)) = q.get(true).unwrap() {
+    while let Some((d, _)) = q.get(true).await.unwrap() {
         seen.push((body(&d), d.redelivered, d.msg_id));
     }
     let bodies: Vec<&str> = seen.iter().map(|s| s.0.as_str()).collect();
@@ -223,7 +223,7 @@ async fn reopen_makes_unsettled_messages_ready_again() {
     drop(q);
     // Everything was taken with no-ack: a third start finds it empty.
     let q = open(&store);
-    assert_eq!(q.counts(), (0, 0));
+    assert_eq!(q.counts_now(), (0, 0));
     q.close().await;
 }
 
@@ -234,12 +234,12 @@ async fn a_drop_without_close_reopens_too() {
     {
         let q = open(&store);
         publish_all(&q, 0..3).await;
-        let (d, _) = q.get(false).unwrap().unwrap();
+        let (d, _) = q.get(false).await.unwrap().unwrap();
         assert_eq!(body(&d), "m0");
     }
     let q = open(&store);
-    assert_eq!(q.counts(), (3, 0));
-    let (d, _) = q.get(false).unwrap().unwrap();
+    assert_eq!(q.counts_now(), (3, 0));
+    let (d, _) = q.get(false).await.unwrap().unwrap();
     assert_eq!((body(&d).as_str(), d.redelivered), ("m0", true));
     q.close().await;
 }
@@ -252,8 +252,8 @@ async fn no_message_goes_to_two_consumers() {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let a = consumer("a", 0, 0, &tx);
     let b = consumer("b", 0, 1, &tx);
-    q.consume(a.clone()).unwrap();
-    q.consume(b.clone()).unwrap();
+    q.consume(a.clone()).await.unwrap();
+    q.consume(b.clone()).await.unwrap();
     publish_all(&q, 0..200).await;
     let mut seen = BTreeSet::new();
     let mut per = [0usize; 2];
@@ -265,6 +265,6 @@ async fn no_message_goes_to_two_consumers() {
     nothing_more(&mut rx).await;
     assert!(per[0] > 0 && per[1] > 0, "both consumers got messages: {per:?}");
     assert_eq!(q.unacked_count(), 200);
-    assert_eq!(q.counts(), (0, 2));
+    assert_eq!(q.counts_now(), (0, 2));
     q.close().await;
 }

@@ -199,7 +199,7 @@ impl Channel {
                 let entry = router.queue(vh, conn, &queue)?;
                 let mut message_count = 0u32;
                 for p in &entry.partitions {
-                    message_count = message_count.saturating_add(p.purge()?);
+                    message_count = message_count.saturating_add(p.purge().await?);
                 }
                 Reply::QueuePurgeOk { message_count }
             }
@@ -247,7 +247,7 @@ impl Channel {
                 let mut rec = ConsumerRec { queue_name: queue.clone(), parts: Vec::with_capacity(entry.partitions.len()) };
                 for q in &entry.partitions {
                     let consumer = Consumer::new(tag.clone(), no_ack, exclusive, credit.clone(), self.flow.clone(), sink.clone());
-                    if let Err(e) = q.consume(consumer.clone()) {
+                    if let Err(e) = q.consume(consumer.clone()).await {
                         rec.cancel();
                         return Err(match e {
                             sluice_cluster::Error::ExclusiveConsumer => BrokerError::access_refused(format!(
@@ -278,7 +278,7 @@ impl Channel {
                 for i in 0..n {
                     let idx = (self.get_cursor + i) % n;
                     let Some(q) = entry.partitions.get(idx) else { continue };
-                    if let Some(found) = q.get(no_ack)? {
+                    if let Some(found) = q.get(no_ack).await? {
                         self.get_cursor = idx + 1;
                         got = Some((q.clone(), found));
                         break;
@@ -287,7 +287,7 @@ impl Channel {
                 match got {
                     None => Reply::GetEmpty,
                     Some((q, (d, _))) => {
-                        let message_count = entry.counts().0;
+                        let message_count = entry.counts().await?.0;
                         let tag = self.next_tag;
                         self.next_tag += 1;
                         if !no_ack {

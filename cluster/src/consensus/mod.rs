@@ -25,6 +25,7 @@
 pub mod fjall_store;
 pub mod group;
 pub mod log_store;
+pub mod transport;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
 
@@ -33,6 +34,7 @@ pub use group::{
     Committed, Group, GroupConfig, Output, Payload, PersistTicket, ProposalId, ProposalOutcome,
     Role, RoleChange,
 };
+pub use transport::{raft_id, GroupId, MemNet, Transport, META_GROUP};
 pub use log_store::{
     bootstrap_snapshot, ApplyState, LogStore, LogStoreError, LogWrite, MemLogStore, RaftStore,
     BOOTSTRAP_INDEX, BOOTSTRAP_TERM,

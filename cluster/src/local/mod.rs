@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use sluice_storage::{Op, Store, StoreOptions};
 
-use crate::backend::{Backend, Durable, Queue, QueueId, QueueSpec};
+use crate::backend::{ready, Backend, Durable, Queue, QueueId, QueueSpec, Reply};
 use crate::Error;
 pub use queue::LocalQueue;
 
@@ -137,15 +137,15 @@ impl Backend for LocalBackend {
         Ok(q)
     }
 
-    fn delete_queue(&self, id: QueueId) -> Result<u32, Error> {
+    fn delete_queue(&self, id: QueueId) -> Reply<u32> {
         let q = self.queues().remove(&id);
-        match q {
-            Some(q) => Ok(q.delete()),
+        ready(Ok(match q {
+            Some(q) => q.delete(),
             None => {
                 self.store.write_nowait(vec![Op::DeleteQueue { queue: id.0 }]);
-                Ok(0)
+                0
             }
-        }
+        }))
     }
 
     fn backlog_bytes(&self) -> u64 {

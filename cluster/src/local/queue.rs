@@ -20,7 +20,7 @@ use sluice_codecs::command::Message;
 use sluice_storage::{Applied, MessageRecord, Op, Store};
 
 use super::BodyBudget;
-use crate::backend::{Consumer, Delivery, Durable, Outcome, Queue, QueueId, QueueSpec};
+use crate::backend::{ready, Consumer, Delivery, Durable, Outcome, Queue, QueueId, QueueSpec, Reply};
 use crate::{record, Error};
 
 /// Messages read per storage scan while recovering a queue.
@@ -341,7 +341,62 @@ impl Queue for LocalQueue {
         Ok(wait)
     }
 
-    fn consume(&self, consumer: Arc<Consumer>) -> Result<(), Error> {
+    fn consume(&self, consumer: Arc<Consumer>) -> Reply<()> {
+        ready(self.consume_now(consumer))
+    }
+
+    fn get(&self, no_ack: bool) -> Reply<Option<(Delivery, u32)>> {
+        ready(self.get_now(no_ack))
+    }
+
+    fn purge(&self) -> Reply<u32> {
+        ready(self.purge_now())
+    }
+
+    fn counts(&self) -> Reply<(u32, u32)> {
+        ready(Ok(self.counts_now()))
+    }
+
+    fn cancel(&self, consumer: &Arc<Consumer>) -> bool {
+        let mut st = self.lock();
+        let before = st.consumers.len();
+        st.consumers.retain(|c| !Arc::ptr_eq(c, consumer));
+        st.cursor = 0;
+        before != st.consumers.len()
+    }
+
+    fn settle(&self, msg_ids: &[u64], outcome: Outcome) {
+        let mut st = self.lock();
+        let mut ops = Vec::new();
+        for &seq in msg_ids {
+            let Some(mut entry) = st.unacked.remove(&seq) else { continue };
+            match outcome {
+                Outcome::Ack | Outcome::Discard => self.forget(seq, entry, &mut ops),
+                Outcome::Requeue => {
+                    entry.redelivered = true;
+                    st.ready.insert(seq, entry);
+                }
+            }
+        }
+        if outcome == Outcome::Requeue {
+            self.dispatch(&mut st, &mut ops);
+        }
+        self.advance_floor(&mut st, &mut ops, false);
+        drop(st);
+        self.flush_ops(ops);
+    }
+
+    fn kick(&self) {
+        let mut st = self.lock();
+        let mut ops = Vec::new();
+        self.dispatch(&mut st, &mut ops);
+        drop(st);
+        self.flush_ops(ops);
+    }
+}
+
+impl LocalQueue {
+    fn consume_now(&self, consumer: Arc<Consumer>) -> Result<(), Error> {
         let mut st = self.lock();
         if st.deleted {
             return Err(Error::QueueDeleted);
@@ -359,15 +414,7 @@ impl Queue for LocalQueue {
         Ok(())
     }
 
-    fn cancel(&self, consumer: &Arc<Consumer>) -> bool {
-        let mut st = self.lock();
-        let before = st.consumers.len();
-        st.consumers.retain(|c| !Arc::ptr_eq(c, consumer));
-        st.cursor = 0;
-        before != st.consumers.len()
-    }
-
-    fn get(&self, no_ack: bool) -> Result<Option<(Delivery, u32)>, Error> {
+    fn get_now(&self, no_ack: bool) -> Result<Option<(Delivery, u32)>, Error> {
         let mut st = self.lock();
         let mut ops = Vec::new();
         let result = loop {
@@ -395,28 +442,7 @@ impl Queue for LocalQueue {
         Ok(result)
     }
 
-    fn settle(&self, msg_ids: &[u64], outcome: Outcome) {
-        let mut st = self.lock();
-        let mut ops = Vec::new();
-        for &seq in msg_ids {
-            let Some(mut entry) = st.unacked.remove(&seq) else { continue };
-            match outcome {
-                Outcome::Ack | Outcome::Discard => self.forget(seq, entry, &mut ops),
-                Outcome::Requeue => {
-                    entry.redelivered = true;
-                    st.ready.insert(seq, entry);
-                }
-            }
-        }
-        if outcome == Outcome::Requeue {
-            self.dispatch(&mut st, &mut ops);
-        }
-        self.advance_floor(&mut st, &mut ops, false);
-        drop(st);
-        self.flush_ops(ops);
-    }
-
-    fn purge(&self) -> Result<u32, Error> {
+    fn purge_now(&self) -> Result<u32, Error> {
         let mut st = self.lock();
         let ready = std::mem::take(&mut st.ready);
         let count = ready.len() as u32;
@@ -430,16 +456,9 @@ impl Queue for LocalQueue {
         Ok(count)
     }
 
-    fn counts(&self) -> (u32, u32) {
+    fn counts_now(&self) -> (u32, u32) {
         let st = self.lock();
         (st.ready.len() as u32, st.consumers.len() as u32)
     }
 
-    fn kick(&self) {
-        let mut st = self.lock();
-        let mut ops = Vec::new();
-        self.dispatch(&mut st, &mut ops);
-        drop(st);
-        self.flush_ops(ops);
-    }
 }

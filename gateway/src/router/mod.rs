@@ -17,7 +17,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use futures_util::future::join_all;
 use sluice_cluster::meta::{self, Command, DefChange, MetaError, Outcome, Owner, Topology};
-use sluice_cluster::{Backend, Durable, Queue, QueueId, QueueSpec};
+use sluice_cluster::{Backend, Durable, Queue, QueueId, QueueSpec, Reply};
 use sluice_codecs::command::{Arguments, Properties};
 
 use crate::error::BrokerError;
@@ -43,19 +43,19 @@ pub struct QueueEntry {
 impl QueueEntry {
     /// Ready messages and consumers, summed over partitions (a consumer of
     /// a partitioned queue counts once per partition it is attached to).
-    pub fn counts(&self) -> (u32, u32) {
-        counts(&self.partitions)
+    pub async fn counts(&self) -> Result<(u32, u32), BrokerError> {
+        counts(&self.partitions).await
     }
 }
 
-fn counts(partitions: &[Arc<dyn Queue>]) -> (u32, u32) {
+async fn counts(partitions: &[Arc<dyn Queue>]) -> Result<(u32, u32), BrokerError> {
     let (mut m, mut c) = (0u32, 0u32);
-    for p in partitions {
-        let (pm, pc) = p.counts();
+    for r in join_all(partitions.iter().map(|p| p.counts())).await {
+        let (pm, pc) = r?;
         m = m.saturating_add(pm);
         c = c.max(pc);
     }
-    (m, c)
+    Ok((m, c))
 }
 
 /// Name of partition `i` of queue `name`, for logs and metrics.
@@ -101,15 +101,39 @@ impl State {
     }
 }
 
-/// What carrying out an outcome left to do or to report.
+/// What carrying out an outcome left to do: definition writes and queue
+/// deletions, awaited after the lock is released ([`Done::finish`]).
 struct Done {
-    /// Ready messages dropped with the removed queues.
-    dropped: u32,
     /// Definition writes to await.
     writes: Vec<Durable>,
-    /// The first backend error deleting a removed queue (each is logged;
-    /// the other queues are deleted anyway).
+    /// Deletions of removed queues: (name, ready messages dropped).
+    deletes: Vec<(String, Reply<u32>)>,
+}
+
+/// What a finished command dropped, and the first backend error deleting
+/// a removed queue (each is logged; the other queues are deleted anyway).
+struct Finished {
+    dropped: u32,
     failed: Option<sluice_cluster::Error>,
+}
+
+impl Done {
+    /// Awaits the deletions, then the definition writes.
+    async fn finish(self) -> Result<Finished, BrokerError> {
+        let mut dropped = 0u32;
+        let mut failed = None;
+        for (name, r) in self.deletes {
+            match r.await {
+                Ok(n) => dropped = dropped.saturating_add(n),
+                Err(e) => {
+                    tracing::warn!(queue = name, error = %e, "queue delete failed");
+                    failed.get_or_insert(e);
+                }
+            }
+        }
+        wait_all(self.writes).await?;
+        Ok(Finished { dropped, failed })
+    }
 }
 
 /// The router shared by every connection.
@@ -202,21 +226,14 @@ impl Router {
                 DefChange::Delete { key } => self.backend.delete_definition(key),
             })
             .collect();
-        let mut dropped = 0u32;
-        let mut failed = None;
+        let mut deletes = Vec::new();
         for q in &outcome.removed {
             for id in &q.ids {
                 st.queues.remove(id);
-                match self.backend.delete_queue(QueueId(*id)) {
-                    Ok(n) => dropped = dropped.saturating_add(n),
-                    Err(e) => {
-                        tracing::warn!(queue = q.name, error = %e, "queue delete failed");
-                        failed.get_or_insert(e);
-                    }
-                }
+                deletes.push((q.name.clone(), self.backend.delete_queue(QueueId(*id))));
             }
         }
-        Ok(Done { dropped, writes, failed })
+        Ok(Done { writes, deletes })
     }
 
     /// Opens the backend queues of the queues `outcome` created. If one
@@ -250,7 +267,8 @@ impl Router {
         let Err(e) = result else { return Ok(()) };
         for id in opened {
             st.queues.remove(&id);
-            let _ = self.backend.delete_queue(QueueId(id));
+            // Fire and forget: the queue was never used.
+            drop(tokio::spawn(self.backend.delete_queue(QueueId(id))));
         }
         for q in &outcome.created {
             let owner = st.topo.vhost(&q.vhost).and_then(|vh| vh.queues.get(&q.name)).and_then(|d| d.exclusive_owner);
@@ -294,13 +312,13 @@ impl Router {
             arguments,
         };
         let done = self.run(&mut self.write(), cmd)?;
-        wait_all(done.writes).await
+        done.finish().await.map(|_| ())
     }
 
     pub async fn delete_exchange(&self, vh: &VHost, name: &str, if_unused: bool) -> Result<(), BrokerError> {
         let cmd = Command::DeleteExchange { vhost: vh.name.clone(), name: name.to_string(), if_unused };
         let done = self.run(&mut self.write(), cmd)?;
-        wait_all(done.writes).await
+        done.finish().await.map(|_| ())
     }
 
     // ---- bindings --------------------------------------------------------
@@ -324,7 +342,7 @@ impl Router {
             conn: Owner(conn),
         };
         let done = self.run(&mut self.write(), cmd)?;
-        wait_all(done.writes).await
+        done.finish().await.map(|_| ())
     }
 
     pub async fn unbind(
@@ -345,7 +363,7 @@ impl Router {
             conn: Owner(conn),
         };
         let done = self.run(&mut self.write(), cmd)?;
-        wait_all(done.writes).await
+        done.finish().await.map(|_| ())
     }
 
     // ---- queues ----------------------------------------------------------
@@ -369,13 +387,13 @@ impl Router {
             arguments: d.arguments,
             new_ids,
         };
-        let (partitions, writes) = {
+        let (partitions, done) = {
             let mut st = self.write();
             let done = self.run(&mut st, cmd)?;
-            (st.partitions(&vh.name, &name), done.writes)
+            (st.partitions(&vh.name, &name), done)
         };
-        wait_all(writes).await?;
-        let (m, c) = counts(&partitions);
+        done.finish().await?;
+        let (m, c) = counts(&partitions).await?;
         Ok((name, m, c))
     }
 
@@ -388,11 +406,13 @@ impl Router {
 
     /// queue.delete: returns the number of ready messages dropped.
     pub async fn delete_queue(&self, vh: &VHost, conn: ConnId, name: &str, if_unused: bool, if_empty: bool) -> Result<u32, BrokerError> {
+        // if-unused and if-empty are decided on counts only the queue
+        // knows, measured just before (a publish racing with the delete
+        // may land in between, as with RabbitMQ's quorum queues).
+        let partitions = self.read().partitions(&vh.name, name);
+        let counts = counts(&partitions).await?;
         let done = {
             let mut st = self.write();
-            // if-unused and if-empty are decided on counts only the queue
-            // knows, measured under the lock so they cannot go stale.
-            let counts = counts(&st.partitions(&vh.name, name));
             let cmd = Command::DeleteQueue {
                 vhost: vh.name.clone(),
                 name: name.to_string(),
@@ -403,52 +423,55 @@ impl Router {
             };
             self.run(&mut st, cmd)?
         };
-        if let Some(e) = done.failed {
+        let finished = done.finish().await?;
+        if let Some(e) = finished.failed {
             return Err(e.into());
         }
-        wait_all(done.writes).await?;
-        Ok(done.dropped)
+        Ok(finished.dropped)
     }
 
     /// Auto-delete: called when a consumer of `name` went away.
     pub async fn consumer_gone(&self, vh: &VHost, name: &str) {
-        let writes = {
-            let mut st = self.write();
+        let handles = {
+            let st = self.read();
             let Some(q) = st.topo.vhost(&vh.name).and_then(|v| v.queues.get(name)) else { return };
-            // Counting consumers locks every partition: skip it when the
+            // Counting consumers asks every partition: skip it when the
             // queue cannot be auto-deleted anyway.
             if !q.auto_delete {
                 return;
             }
-            let consumers = counts(&st.handles(&q.ids)).1;
-            let cmd = Command::ConsumerGone { vhost: vh.name.clone(), name: name.to_string(), consumers };
-            match self.run(&mut st, cmd) {
-                Ok(Done { failed: None, writes, .. }) => writes,
-                Ok(Done { failed: Some(_), .. }) => return,
-                Err(err) => {
-                    tracing::warn!(queue = name, error = %err, "auto-delete failed");
-                    return;
-                }
+            st.handles(&q.ids)
+        };
+        let consumers = match counts(&handles).await {
+            Ok((_, c)) => c,
+            Err(e) => {
+                tracing::warn!(queue = name, error = %e, "auto-delete: cannot count consumers");
+                return;
             }
         };
-        if let Err(e) = wait_all(writes).await {
+        let cmd = Command::ConsumerGone { vhost: vh.name.clone(), name: name.to_string(), consumers };
+        let done = match self.run(&mut self.write(), cmd) {
+            Ok(done) => done,
+            Err(err) => {
+                tracing::warn!(queue = name, error = %err, "auto-delete failed");
+                return;
+            }
+        };
+        if let Err(e) = done.finish().await {
             tracing::warn!(queue = name, error = %e, "auto-delete not persisted");
         }
     }
 
     /// Deletes the exclusive queues of a closed connection.
     pub async fn connection_closed(&self, conn: ConnId) {
-        let writes = {
-            let mut st = self.write();
-            match self.run(&mut st, Command::ConnectionClosed { owner: Owner(conn) }) {
-                Ok(done) => done.writes,
-                Err(e) => {
-                    tracing::warn!(error = %e, "exclusive queue delete failed");
-                    return;
-                }
+        let done = match self.run(&mut self.write(), Command::ConnectionClosed { owner: Owner(conn) }) {
+            Ok(done) => done,
+            Err(e) => {
+                tracing::warn!(error = %e, "exclusive queue delete failed");
+                return;
             }
         };
-        if let Err(e) = wait_all(writes).await {
+        if let Err(e) = done.finish().await {
             tracing::warn!(error = %e, "exclusive queue delete not persisted");
         }
     }
