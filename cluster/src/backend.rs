@@ -185,6 +185,17 @@ impl Consumer {
         true
     }
 
+    /// Takes one unit of credit whatever the limits: for a delivery another
+    /// process already decided (a remote queue's leader, which enforces the
+    /// consumer's own prefetch), so that the usual releases balance.
+    pub fn force_acquire(&self) {
+        if !self.no_ack {
+            self.credit.unacked.fetch_add(1, Ordering::AcqRel);
+            self.channel.unacked.fetch_add(1, Ordering::AcqRel);
+        }
+        self.pending.fetch_add(1, Ordering::AcqRel);
+    }
+
     /// Returns the credit taken by `try_acquire` when the delivery did not
     /// happen. Never wakes the queue: the caller holds the queue's lock.
     pub fn undo_acquire(&self) {

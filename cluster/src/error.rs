@@ -19,4 +19,15 @@ pub enum Error {
     /// The backend is shutting down.
     #[error("shutting down")]
     ShuttingDown,
+    /// The cluster could not be reached or has no leader for the queue or
+    /// the metadata right now; the text says what was tried.
+    #[error("cluster unavailable: {0}")]
+    Unavailable(String),
+    /// Only the leader of the Raft group accepts this; this replica is
+    /// not it. `leader` is the raft id of the leader it knows of, if any.
+    #[error("not the leader (leader: {leader:?})")]
+    NotLeader {
+        /// The leader's raft id, if known.
+        leader: Option<u64>,
+    },
 }

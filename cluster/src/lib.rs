@@ -28,6 +28,7 @@ pub mod node;
 pub mod placement;
 pub mod record;
 pub mod replica;
+pub mod remote;
 pub mod replicated;
 pub mod rpc;
 

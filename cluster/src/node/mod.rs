@@ -19,6 +19,7 @@ use tokio::net::TcpListener;
 
 pub use membership::{MemberInfo, MemberState, MemberView, Membership, MembershipOptions};
 
+use crate::replica::queue_sm::ConsumerId;
 use crate::rpc::{self, Client, Handler, PeerInfo, Secret, Versioned};
 
 /// Requests a node answers. Postcard encodes the variant index: new
@@ -34,9 +35,88 @@ pub enum NodeRequest {
     Heartbeat { from: MemberInfo, members: Vec<MemberInfo> },
     /// The member table as this node sees it (`sluice ctl members`).
     Members,
+    /// One-way, node to node: Raft messages of group `group`, each a
+    /// protobuf-encoded `eraftpb::Message`.
+    Raft { group: u64, msgs: Vec<serde_bytes::ByteBuf> },
+    /// One-way, gateway to the queue's leader, handled in arrival order (so
+    /// a channel's publishes stay in order): enqueue `message` (a
+    /// [`crate::record`]) unless (`publisher`, `id`) was enqueued before.
+    /// Answered by a one-way [`NodeRequest::Confirm`].
+    Publish { queue: u64, publisher: String, id: u64, message: serde_bytes::ByteBuf },
+    /// One-way, node to gateway: the outcome of a [`NodeRequest::Publish`].
+    Confirm { queue: u64, publisher: String, id: u64, result: QueueResult },
+    /// Request, gateway to leader: attach (or re-attach after a failover)
+    /// a consumer; `held` are the seqs the gateway delivered to it and has
+    /// not settled. Answered with `Done` or an error.
+    Attach { queue: u64, consumer: ConsumerId, no_ack: bool, exclusive: bool, prefetch: u32, held: Vec<u64> },
+    /// One-way, gateway to leader: basic.cancel.
+    Detach { queue: u64, consumer: ConsumerId },
+    /// One-way, gateway to leader: ack / requeue / discard.
+    Settle { queue: u64, consumer: ConsumerId, seqs: Vec<u64>, outcome: WireOutcome },
+    /// One-way, leader to gateway: a message for a consumer.
+    Deliver { queue: u64, consumer: ConsumerId, seq: u64, redelivered: bool, message: serde_bytes::ByteBuf },
+    /// One-way, leader to gateway: the queue cancelled the consumer.
+    Cancelled { queue: u64, consumer: ConsumerId },
+    /// Request, gateway to leader: basic.get. Answered with `Got`.
+    Get { queue: u64, holder: ConsumerId, no_ack: bool },
+    /// Request, gateway to leader: queue.purge. Answered with `Count`.
+    Purge { queue: u64 },
+    /// Request, gateway to leader: (ready, consumers). Answered with
+    /// `Counts`; also how a gateway finds a queue's leader.
+    Counts { queue: u64 },
 }
 
 impl Versioned for NodeRequest {}
+
+/// Why a queue request was not carried out.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum QueueResult {
+    Ok,
+    /// Ask `leader` (a node id) instead, or find the leader if `None`.
+    NotLeader { leader: Option<String> },
+    /// The queue is not hosted on this node (not created yet, or deleted).
+    NoSuchQueue,
+    /// An exclusive consumer conflict.
+    Exclusive,
+    /// Anything else; the text explains.
+    Failed(String),
+}
+
+/// How a delivery is settled, on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WireOutcome {
+    Ack,
+    Requeue,
+    Discard,
+}
+
+impl From<crate::Outcome> for WireOutcome {
+    fn from(o: crate::Outcome) -> Self {
+        match o {
+            crate::Outcome::Ack => WireOutcome::Ack,
+            crate::Outcome::Requeue => WireOutcome::Requeue,
+            crate::Outcome::Discard => WireOutcome::Discard,
+        }
+    }
+}
+
+impl From<WireOutcome> for crate::Outcome {
+    fn from(o: WireOutcome) -> Self {
+        match o {
+            WireOutcome::Ack => crate::Outcome::Ack,
+            WireOutcome::Requeue => crate::Outcome::Requeue,
+            WireOutcome::Discard => crate::Outcome::Discard,
+        }
+    }
+}
+
+/// A message handed out by basic.get: seq, redelivered, record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireDelivery {
+    pub seq: u64,
+    pub redelivered: bool,
+    pub message: serde_bytes::ByteBuf,
+}
 
 /// Answers of a node.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -49,6 +129,15 @@ pub enum NodeResponse {
     /// The request was not taken (a heartbeat from a second node with
     /// this node's id, from a stale incarnation, or not from a node).
     Refused { reason: String },
+    /// A queue request's outcome when it has no other answer (`Attach`), or
+    /// why it was not carried out.
+    Queue(QueueResult),
+    /// basic.get's answer: the message, if any, and how many are left.
+    Got { delivery: Option<WireDelivery>, left: u32 },
+    /// A count (purge).
+    Count(u32),
+    /// Ready messages and consumers.
+    Counts(u32, u32),
 }
 
 impl Versioned for NodeResponse {}
@@ -137,6 +226,7 @@ impl Handler<NodeRequest, NodeResponse> for NodeHandler {
                 }
             }
             NodeRequest::Members => NodeResponse::Members(self.membership.view()),
+            _ => NodeResponse::Refused { reason: "not a request this node answers yet".to_owned() },
         }
     }
 }

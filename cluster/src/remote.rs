@@ -1,0 +1,776 @@
+//! [`RemoteBackend`]: the gateway's side of the cluster. It implements the
+//! same [`Backend`]/[`Queue`] traits as the in-process backend by talking
+//! to the nodes over the node protocol, so the router and the AMQP session
+//! code do not change.
+//!
+//! - **Links.** One authenticated connection per node address (role
+//!   gateway), opened on first use and again after it drops. A task per
+//!   link reads what the node pushes (confirms, deliveries, cancellations)
+//!   and hands it to the queue it names.
+//! - **Leaders.** Each [`RemoteQueue`] sends to its queue's leader. It
+//!   finds it by asking nodes for the queue's counts (a follower answers
+//!   `NotLeader` with a hint, a node without the queue `NoSuchQueue`) and
+//!   looks again when the leader's link drops or a node says it no longer
+//!   leads.
+//! - **Publishes** are one-way messages with a per-queue-handle publisher id
+//!   and a growing number; the leader answers each with a `Confirm` once it
+//!   is committed (durable on a majority). Until then the message stays in
+//!   the handle's in-flight table; after a failover every in-flight publish
+//!   is sent again, in order, to the new leader, whose state machine drops
+//!   the ones it already has (same publisher and number). Nothing is
+//!   confirmed that a majority does not hold, and nothing confirmed is lost.
+//! - **Consumers** stay in the gateway (their credit, channel and sink);
+//!   the leader gets an `Attach` with the consumer's prefetch and enforces
+//!   it, pushing `Deliver`s. After a failover the handle re-attaches every
+//!   consumer with the seqs it holds (delivered, not settled); the new
+//!   leader requeues whatever else the old one had checked out to it.
+//!   Settles made while no leader is known wait and go to the new one.
+//! - **Order.** One task per queue handle (the driver) sends everything
+//!   one-way to the leader, in the order the session produced it, and
+//!   re-synchronises after a failover before sending anything new.
+//!
+//! Limits (see docs/cluster.md): a channel-wide prefetch (`basic.qos`
+//! global) is not enforced across queues (RabbitMQ's quorum queues ignore
+//! it too); deliveries to consumers without a prefetch are bounded only by
+//! the leader's per-consumer pending window and TCP.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde_bytes::ByteBuf;
+use sluice_codecs::command::Message;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::backend::{ready, Backend, Consumer, Definitions, Delivery, Durable, Outcome, Queue, QueueId, QueueSpec, Reply};
+use crate::node::{NodeRequest, NodeResponse, QueueResult, WireOutcome};
+use crate::replica::queue_sm::ConsumerId;
+use crate::rpc::{self, Inbound, Incoming, PeerInfo, Secret};
+use crate::{record, Error};
+
+type Client = rpc::Client<NodeRequest, NodeResponse>;
+
+/// How a gateway reaches the cluster.
+#[derive(Clone, Debug)]
+pub struct RemoteOptions {
+    /// This gateway's id in the cluster: unique per process (include an
+    /// incarnation), since nodes requeue a vanished gateway's messages.
+    pub gateway_id: String,
+    /// Node addresses to start from (`--nodes`).
+    pub nodes: Vec<String>,
+    pub secret: Secret,
+    /// How long an operation waits for a queue's leader before failing.
+    pub leader_timeout: Duration,
+    /// Deadline of one request to a node.
+    pub call_timeout: Duration,
+}
+
+impl RemoteOptions {
+    pub fn new(gateway_id: String, nodes: Vec<String>, secret: Secret) -> Self {
+        RemoteOptions {
+            gateway_id,
+            nodes,
+            secret,
+            leader_timeout: Duration::from_secs(15),
+            call_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The connection to one node address, opened lazily.
+type LinkSlot = Arc<tokio::sync::Mutex<Option<Client>>>;
+
+struct Cluster {
+    opts: RemoteOptions,
+    links: Mutex<HashMap<String, LinkSlot>>,
+    /// Node id -> address, from the nodes' answers and the metadata.
+    addrs: Mutex<BTreeMap<String, String>>,
+    queues: Mutex<HashMap<u64, Weak<RemoteQueue>>>,
+    /// Bytes of publishes not yet confirmed (backpressure).
+    inflight_bytes: AtomicU64,
+    /// Distinguishes consumers and publishers of this gateway.
+    next_handle: AtomicU64,
+    /// Pushes that are not about a queue (the metadata stream) go here.
+    other: Mutex<Option<mpsc::UnboundedSender<NodeRequest>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Cluster {
+    /// Every address worth asking: the seeds and the nodes learned since.
+    fn addresses(&self) -> Vec<String> {
+        let mut all: Vec<String> = self.opts.nodes.clone();
+        for addr in lock(&self.addrs).values() {
+            if !all.contains(addr) {
+                all.push(addr.clone());
+            }
+        }
+        all
+    }
+
+    fn addr_of(&self, node_id: &str) -> Option<String> {
+        lock(&self.addrs).get(node_id).cloned()
+    }
+
+    /// Records where a node is (from the metadata's member list).
+    fn learn(&self, node_id: &str, addr: &str) {
+        lock(&self.addrs).insert(node_id.to_owned(), addr.to_owned());
+    }
+
+    /// The link to `addr`, connecting if needed.
+    async fn link(self: &Arc<Self>, addr: &str) -> Result<Client, Error> {
+        let slot = lock(&self.links).entry(addr.to_owned()).or_default().clone();
+        let mut guard = slot.lock().await;
+        if let Some(c) = guard.as_ref() {
+            if !c.is_closed() {
+                return Ok(c.clone());
+            }
+        }
+        let me = PeerInfo::gateway(self.opts.gateway_id.clone());
+        let (client, incoming) = rpc::connect::<NodeRequest, NodeResponse>(addr, &self.opts.secret, me)
+            .await
+            .map_err(|e| Error::Unavailable(format!("node {addr}: {e}")))?;
+        self.learn(&client.peer().node_id, addr);
+        tokio::spawn(read_pushes(Arc::downgrade(self), client.clone(), incoming));
+        *guard = Some(client.clone());
+        Ok(client)
+    }
+
+    fn queue(&self, id: u64) -> Option<Arc<RemoteQueue>> {
+        lock(&self.queues).get(&id).and_then(Weak::upgrade)
+    }
+}
+
+/// Reads one link's pushes until it closes, then tells the queues led
+/// through it to look for their leader again.
+async fn read_pushes(cluster: Weak<Cluster>, client: Client, mut incoming: Incoming<NodeRequest, NodeResponse>) {
+    while let Some(inbound) = incoming.recv().await {
+        let Some(cluster) = cluster.upgrade() else { return };
+        match inbound {
+            Inbound::Message(msg) => on_push(&cluster, &client, msg),
+            Inbound::Request { responder, .. } => {
+                let _ = responder.respond(NodeResponse::Refused { reason: "gateways answer no requests".to_owned() }).await;
+            }
+        }
+    }
+    let Some(cluster) = cluster.upgrade() else { return };
+    let queues: Vec<Arc<RemoteQueue>> = lock(&cluster.queues).values().filter_map(Weak::upgrade).collect();
+    for q in queues {
+        q.link_lost(&client);
+    }
+}
+
+fn on_push(cluster: &Arc<Cluster>, from: &Client, msg: NodeRequest) {
+    match msg {
+        NodeRequest::Confirm { queue, publisher, id, result } => {
+            if let Some(q) = cluster.queue(queue) {
+                q.on_confirm(from, &publisher, id, result);
+            }
+        }
+        NodeRequest::Deliver { queue, consumer, seq, redelivered, message } => match cluster.queue(queue) {
+            Some(q) => q.on_deliver(consumer, seq, redelivered, message),
+            None => {
+                // The handle is gone (queue deleted or gateway shutting
+                // down): give the message back.
+                let client = from.clone();
+                tokio::spawn(async move {
+                    let msg = NodeRequest::Settle { queue, consumer, seqs: vec![seq], outcome: WireOutcome::Requeue };
+                    let _ = client.send(msg).await;
+                });
+            }
+        },
+        NodeRequest::Cancelled { queue, consumer } => {
+            if let Some(q) = cluster.queue(queue) {
+                q.on_cancelled(&consumer);
+            }
+        }
+        other => {
+            if let Some(tx) = lock(&cluster.other).as_ref() {
+                let _ = tx.send(other);
+            }
+        }
+    }
+}
+
+/// The gateway's [`Backend`] on a cluster of nodes.
+pub struct RemoteBackend {
+    cluster: Arc<Cluster>,
+}
+
+impl RemoteBackend {
+    pub fn new(opts: RemoteOptions) -> Arc<Self> {
+        Arc::new(RemoteBackend {
+            cluster: Arc::new(Cluster {
+                opts,
+                links: Mutex::new(HashMap::new()),
+                addrs: Mutex::new(BTreeMap::new()),
+                queues: Mutex::new(HashMap::new()),
+                inflight_bytes: AtomicU64::new(0),
+                next_handle: AtomicU64::new(1),
+                other: Mutex::new(None),
+            }),
+        })
+    }
+
+    /// Where pushes that are not about a queue go (the metadata stream).
+    pub fn set_push_handler(&self, tx: mpsc::UnboundedSender<NodeRequest>) {
+        *lock(&self.cluster.other) = Some(tx);
+    }
+
+    /// Records a node's address (from the metadata's member list).
+    pub fn learn_node(&self, node_id: &str, addr: &str) {
+        self.cluster.learn(node_id, addr);
+    }
+
+    /// Every node address known.
+    pub fn node_addresses(&self) -> Vec<String> {
+        self.cluster.addresses()
+    }
+
+    /// The address of node `node_id`, if known.
+    pub fn node_address(&self, node_id: &str) -> Option<String> {
+        self.cluster.addr_of(node_id)
+    }
+
+    /// A request to the node at `addr`.
+    pub async fn call(&self, addr: &str, req: NodeRequest) -> Result<NodeResponse, Error> {
+        let client = self.cluster.link(addr).await?;
+        client
+            .call_timeout(req, self.cluster.opts.call_timeout)
+            .await
+            .map_err(|e| Error::Unavailable(format!("node {addr}: {e}")))
+    }
+
+    /// This gateway's id.
+    pub fn gateway_id(&self) -> &str {
+        &self.cluster.opts.gateway_id
+    }
+}
+
+impl Backend for RemoteBackend {
+    /// Definitions live in the metadata group, not here.
+    fn definitions(&self) -> Result<Definitions, Error> {
+        Ok(Vec::new())
+    }
+
+    fn put_definition(&self, _key: Vec<u8>, _value: Vec<u8>) -> Durable {
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn delete_definition(&self, _key: Vec<u8>) -> Durable {
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn open_queue(&self, spec: QueueSpec) -> Result<Arc<dyn Queue>, Error> {
+        if let Some(q) = self.cluster.queue(spec.id.0) {
+            return Ok(q);
+        }
+        let q = RemoteQueue::start(self.cluster.clone(), spec);
+        lock(&self.cluster.queues).insert(q.id.0, Arc::downgrade(&q));
+        Ok(q)
+    }
+
+    /// The nodes delete a queue's replicas when they apply its deletion
+    /// from the metadata log; the gateway only forgets its handle.
+    fn delete_queue(&self, id: QueueId) -> Reply<u32> {
+        lock(&self.cluster.queues).remove(&id.0);
+        ready(Ok(0))
+    }
+
+    fn backlog_bytes(&self) -> u64 {
+        self.cluster.inflight_bytes.load(Ordering::Acquire)
+    }
+
+    fn shutdown(&self) -> Result<(), Error> {
+        for slot in lock(&self.cluster.links).values() {
+            if let Ok(guard) = slot.try_lock() {
+                if let Some(c) = guard.as_ref() {
+                    c.close();
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A publish waiting for its confirm.
+struct InFlight {
+    record: Bytes,
+    done: Option<oneshot::Sender<Result<(), Error>>>,
+}
+
+/// A consumer attached through this handle.
+struct Attached {
+    consumer: Arc<Consumer>,
+}
+
+/// What the driver sends to the leader, in order.
+enum Out {
+    Publish(u64),
+    Settle { consumer: ConsumerId, seqs: Vec<u64>, outcome: WireOutcome },
+    Detach(ConsumerId),
+    /// The leader (this link) is gone or no longer leads: find it again.
+    LeaderLost(Option<Client>),
+}
+
+#[derive(Default)]
+struct QState {
+    next_id: u64,
+    inflight: BTreeMap<u64, InFlight>,
+    consumers: BTreeMap<ConsumerId, Attached>,
+    /// Seq -> the consumer holding it (delivered, not settled).
+    held: HashMap<u64, ConsumerId>,
+}
+
+/// One queue (or partition) of the cluster, as a gateway sees it.
+pub struct RemoteQueue {
+    id: QueueId,
+    name: String,
+    cluster: Arc<Cluster>,
+    publisher: String,
+    st: Mutex<QState>,
+    out: mpsc::UnboundedSender<Out>,
+    /// The leader's link, once known.
+    leader: watch::Sender<Option<Client>>,
+}
+
+impl std::fmt::Debug for RemoteQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteQueue").field("name", &self.name).field("id", &self.id).finish()
+    }
+}
+
+impl Drop for RemoteQueue {
+    fn drop(&mut self) {
+        let st = self.st.get_mut().unwrap_or_else(|p| p.into_inner());
+        for (_, f) in std::mem::take(&mut st.inflight) {
+            self.cluster.inflight_bytes.fetch_sub(f.record.len() as u64, Ordering::AcqRel);
+            if let Some(tx) = f.done {
+                let _ = tx.send(Err(Error::QueueDeleted));
+            }
+        }
+    }
+}
+
+impl RemoteQueue {
+    fn start(cluster: Arc<Cluster>, spec: QueueSpec) -> Arc<Self> {
+        let handle = cluster.next_handle.fetch_add(1, Ordering::Relaxed);
+        let (out, rx) = mpsc::unbounded_channel();
+        let q = Arc::new(RemoteQueue {
+            id: spec.id,
+            name: spec.name,
+            publisher: format!("{}/{handle}", cluster.opts.gateway_id),
+            cluster,
+            st: Mutex::new(QState { next_id: 1, ..QState::default() }),
+            out,
+            leader: watch::channel(None).0,
+        });
+        tokio::spawn(drive(Arc::downgrade(&q), rx));
+        q
+    }
+
+    fn lock(&self) -> MutexGuard<'_, QState> {
+        lock(&self.st)
+    }
+
+    fn consumer_id(&self, tag: &str) -> ConsumerId {
+        ConsumerId {
+            gateway: self.cluster.opts.gateway_id.clone(),
+            connection: self.cluster.next_handle.fetch_add(1, Ordering::Relaxed),
+            channel: 0,
+            tag: tag.to_owned(),
+        }
+    }
+
+    fn get_holder(&self) -> ConsumerId {
+        ConsumerId { gateway: self.cluster.opts.gateway_id.clone(), connection: 0, channel: 0, tag: "basic.get".to_owned() }
+    }
+
+    fn link_lost(&self, client: &Client) {
+        let ours = self.leader.borrow().as_ref().is_some_and(|c| same(c, client));
+        if ours {
+            let _ = self.out.send(Out::LeaderLost(Some(client.clone())));
+        }
+    }
+
+    fn on_confirm(&self, from: &Client, publisher: &str, id: u64, result: QueueResult) {
+        if publisher != self.publisher {
+            return;
+        }
+        let outcome = match result {
+            QueueResult::Ok => Ok(()),
+            QueueResult::NotLeader { .. } | QueueResult::NoSuchQueue => {
+                // Sent again to the leader once found.
+                let _ = self.out.send(Out::LeaderLost(Some(from.clone())));
+                return;
+            }
+            QueueResult::Exclusive => Err(Error::ExclusiveConsumer),
+            QueueResult::Failed(why) => Err(Error::Unavailable(why)),
+        };
+        let done = self.lock().inflight.remove(&id);
+        if let Some(f) = done {
+            self.cluster.inflight_bytes.fetch_sub(f.record.len() as u64, Ordering::AcqRel);
+            if let Some(tx) = f.done {
+                let _ = tx.send(outcome);
+            }
+        }
+    }
+
+    fn on_deliver(&self, consumer: ConsumerId, seq: u64, redelivered: bool, message: ByteBuf) {
+        let message = record::decode(&Bytes::from(message.into_vec()));
+        let target = {
+            let mut st = self.lock();
+            let target = st.consumers.get(&consumer).map(|a| a.consumer.clone());
+            if let Some(c) = &target {
+                if !c.no_ack {
+                    st.held.insert(seq, consumer.clone());
+                }
+            }
+            target
+        };
+        let delivered = match (target, message) {
+            (Some(c), Ok(message)) => {
+                c.force_acquire();
+                c.sink.deliver(&c, Delivery { msg_id: seq, redelivered, message })
+            }
+            (_, Err(e)) => {
+                tracing::error!(queue = %self.name, seq, error = %e, "undecodable delivery; requeued");
+                false
+            }
+            (None, _) => false,
+        };
+        if !delivered {
+            self.lock().held.remove(&seq);
+            let _ = self.out.send(Out::Settle { consumer, seqs: vec![seq], outcome: WireOutcome::Requeue });
+        }
+    }
+
+    fn on_cancelled(&self, consumer: &ConsumerId) {
+        let gone = self.lock().consumers.remove(consumer);
+        if let Some(a) = gone {
+            a.consumer.sink.cancelled(&a.consumer);
+        }
+    }
+
+    /// The leader's link, waiting for the driver to find it.
+    async fn leader_client(&self) -> Result<Client, Error> {
+        let mut rx = self.leader.subscribe();
+        let wait = async move {
+            rx.wait_for(|c| c.as_ref().is_some_and(|c| !c.is_closed())).await.map(|c| c.clone())
+        };
+        match tokio::time::timeout(self.cluster.opts.leader_timeout, wait).await {
+            Ok(Ok(c)) => c.ok_or_else(|| Error::Unavailable("no leader".to_owned())),
+            Ok(Err(_)) => Err(Error::ShuttingDown),
+            Err(_) => Err(Error::Unavailable(format!("no leader for queue {} within {:?}", self.name, self.cluster.opts.leader_timeout))),
+        }
+    }
+
+    /// A request to the leader, retried at the next leader when the one
+    /// asked no longer leads.
+    async fn call_leader(&self, make: impl Fn() -> NodeRequest) -> Result<NodeResponse, Error> {
+        let deadline = tokio::time::Instant::now() + self.cluster.opts.leader_timeout;
+        loop {
+            let client = self.leader_client().await?;
+            let answer = client.call_timeout(make(), self.cluster.opts.call_timeout).await;
+            match answer {
+                Ok(NodeResponse::Queue(QueueResult::NotLeader { .. } | QueueResult::NoSuchQueue)) | Err(_) => {
+                    let _ = self.out.send(Out::LeaderLost(Some(client)));
+                    if tokio::time::Instant::now() > deadline {
+                        return Err(Error::Unavailable(format!("queue {}: no leader answered", self.name)));
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Ok(resp) => return Ok(resp),
+            }
+        }
+    }
+}
+
+fn same(a: &Client, b: &Client) -> bool {
+    a.peer_addr() == b.peer_addr() && a.peer().node_id == b.peer().node_id
+}
+
+fn queue_error(r: QueueResult) -> Error {
+    match r {
+        QueueResult::Exclusive => Error::ExclusiveConsumer,
+        QueueResult::Failed(why) => Error::Unavailable(why),
+        other => Error::Unavailable(format!("{other:?}")),
+    }
+}
+
+/// The driver of one queue handle: finds the leader, re-synchronises after
+/// a failover, and sends one-way messages in order.
+async fn drive(q: Weak<RemoteQueue>, mut rx: mpsc::UnboundedReceiver<Out>) {
+    // Settles and detaches that could not be sent: sent after the resync.
+    let mut backlog: Vec<NodeRequest> = Vec::new();
+    let mut leader: Option<Client> = None;
+    let mut hint: Option<String> = None;
+    loop {
+        if leader.is_none() {
+            let Some(queue) = q.upgrade() else { return };
+            match find_and_resync(&queue, hint.take(), &mut backlog).await {
+                Some(c) => {
+                    leader = Some(c.clone());
+                    queue.leader.send_replace(Some(c));
+                }
+                None => {
+                    drop(queue);
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                    continue;
+                }
+            }
+        }
+        let Some(out) = rx.recv().await else { return };
+        let Some(queue) = q.upgrade() else { return };
+        let Some(client) = leader.clone() else { continue };
+        let msg = match out {
+            Out::LeaderLost(who) => {
+                if who.as_ref().is_none_or(|w| same(w, &client)) {
+                    leader = None;
+                    queue.leader.send_replace(None);
+                }
+                continue;
+            }
+            Out::Publish(id) => {
+                let record = queue.lock().inflight.get(&id).map(|f| f.record.clone());
+                let Some(record) = record else { continue };
+                NodeRequest::Publish {
+                    queue: queue.id.0,
+                    publisher: queue.publisher.clone(),
+                    id,
+                    message: ByteBuf::from(record.to_vec()),
+                }
+            }
+            Out::Settle { consumer, seqs, outcome } => NodeRequest::Settle { queue: queue.id.0, consumer, seqs, outcome },
+            Out::Detach(consumer) => NodeRequest::Detach { queue: queue.id.0, consumer },
+        };
+        if client.send(msg.clone()).await.is_err() {
+            if !matches!(msg, NodeRequest::Publish { .. }) {
+                backlog.push(msg);
+            }
+            leader = None;
+            queue.leader.send_replace(None);
+        }
+    }
+}
+
+/// Finds the queue's leader (trying `hint` first), re-attaches the
+/// consumers, sends the backlog and every in-flight publish. `None` if no
+/// leader answered this round.
+async fn find_and_resync(queue: &Arc<RemoteQueue>, hint: Option<String>, backlog: &mut Vec<NodeRequest>) -> Option<Client> {
+    let cluster = &queue.cluster;
+    let mut candidates = cluster.addresses();
+    if let Some(addr) = hint.and_then(|h| cluster.addr_of(&h)) {
+        candidates.retain(|a| a != &addr);
+        candidates.insert(0, addr);
+    }
+    let mut found = None;
+    let mut i = 0;
+    while let Some(addr) = candidates.get(i).cloned() {
+        i += 1;
+        let Ok(client) = cluster.link(&addr).await else { continue };
+        match client.call_timeout(NodeRequest::Counts { queue: queue.id.0 }, Duration::from_millis(500)).await {
+            Ok(NodeResponse::Counts(..)) => {
+                found = Some(client);
+                break;
+            }
+            Ok(NodeResponse::Queue(QueueResult::NotLeader { leader: Some(id) })) => {
+                if let Some(addr) = cluster.addr_of(&id) {
+                    if !candidates[i..].contains(&addr) {
+                        candidates.insert(i, addr);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let client = found?;
+    // Re-attach every consumer with what it holds.
+    let attached: Vec<(ConsumerId, Arc<Consumer>, Vec<u64>)> = {
+        let st = queue.lock();
+        st.consumers
+            .iter()
+            .map(|(id, a)| {
+                let held = st.held.iter().filter(|(_, h)| *h == id).map(|(s, _)| *s).collect();
+                (id.clone(), a.consumer.clone(), held)
+            })
+            .collect()
+    };
+    for (id, consumer, held) in attached {
+        let req = attach_request(queue.id.0, &id, &consumer, held);
+        match client.call_timeout(req, cluster.opts.call_timeout).await {
+            Ok(NodeResponse::Queue(QueueResult::Ok)) => {}
+            Ok(NodeResponse::Queue(QueueResult::Exclusive)) => queue.on_cancelled(&id),
+            _ => return None,
+        }
+    }
+    for msg in std::mem::take(backlog) {
+        if client.send(msg).await.is_err() {
+            return None;
+        }
+    }
+    let inflight: Vec<(u64, Bytes)> = queue.lock().inflight.iter().map(|(id, f)| (*id, f.record.clone())).collect();
+    for (id, record) in inflight {
+        let msg = NodeRequest::Publish {
+            queue: queue.id.0,
+            publisher: queue.publisher.clone(),
+            id,
+            message: ByteBuf::from(record.to_vec()),
+        };
+        if client.send(msg).await.is_err() {
+            return None;
+        }
+    }
+    Some(client)
+}
+
+fn attach_request(queue: u64, id: &ConsumerId, consumer: &Consumer, held: Vec<u64>) -> NodeRequest {
+    NodeRequest::Attach {
+        queue,
+        consumer: id.clone(),
+        no_ack: consumer.no_ack,
+        exclusive: consumer.exclusive,
+        prefetch: consumer.credit.prefetch,
+        held,
+    }
+}
+
+impl Queue for RemoteQueue {
+    fn id(&self) -> QueueId {
+        self.id
+    }
+
+    /// Always confirmable: the returned future resolves when a majority of
+    /// the queue's replicas hold the message.
+    fn publish(&self, message: Message) -> Result<Option<Durable>, Error> {
+        let record = record::encode(&message);
+        let (tx, rx) = oneshot::channel();
+        let id = {
+            let mut st = self.lock();
+            let id = st.next_id;
+            st.next_id += 1;
+            self.cluster.inflight_bytes.fetch_add(record.len() as u64, Ordering::AcqRel);
+            st.inflight.insert(id, InFlight { record, done: Some(tx) });
+            id
+        };
+        let _ = self.out.send(Out::Publish(id));
+        Ok(Some(Box::pin(async move { rx.await.unwrap_or(Err(Error::ShuttingDown)) })))
+    }
+
+    fn consume(&self, consumer: Arc<Consumer>) -> Reply<()> {
+        let id = self.consumer_id(&consumer.tag);
+        self.lock().consumers.insert(id.clone(), Attached { consumer: consumer.clone() });
+        let Some(me) = self.cluster.queue(self.id.0) else {
+            return ready(Err(Error::QueueDeleted));
+        };
+        let as_queue: Arc<dyn Queue> = me.clone();
+        consumer.attach(Arc::downgrade(&as_queue));
+        Box::pin(async move {
+            let queue = me.id.0;
+            let answer = me.call_leader(|| attach_request(queue, &id, &consumer, Vec::new())).await;
+            match answer {
+                Ok(NodeResponse::Queue(QueueResult::Ok)) => Ok(()),
+                other => {
+                    me.lock().consumers.remove(&id);
+                    Err(match other {
+                        Ok(NodeResponse::Queue(r)) => queue_error(r),
+                        Ok(r) => Error::Unavailable(format!("unexpected answer to Attach: {r:?}")),
+                        Err(e) => e,
+                    })
+                }
+            }
+        })
+    }
+
+    fn cancel(&self, consumer: &Arc<Consumer>) -> bool {
+        let id = {
+            let mut st = self.lock();
+            let id = st.consumers.iter().find(|(_, a)| Arc::ptr_eq(&a.consumer, consumer)).map(|(id, _)| id.clone());
+            if let Some(id) = &id {
+                st.consumers.remove(id);
+            }
+            id
+        };
+        match id {
+            Some(id) => {
+                let _ = self.out.send(Out::Detach(id));
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn get(&self, no_ack: bool) -> Reply<Option<(Delivery, u32)>> {
+        let Some(me) = self.cluster.queue(self.id.0) else {
+            return ready(Err(Error::QueueDeleted));
+        };
+        Box::pin(async move {
+            let holder = me.get_holder();
+            let queue = me.id.0;
+            let answer = me.call_leader(|| NodeRequest::Get { queue, holder: holder.clone(), no_ack }).await?;
+            match answer {
+                NodeResponse::Got { delivery: None, .. } => Ok(None),
+                NodeResponse::Got { delivery: Some(d), left } => {
+                    let message = record::decode(&Bytes::from(d.message.into_vec()))?;
+                    if !no_ack {
+                        me.lock().held.insert(d.seq, holder);
+                    }
+                    Ok(Some((Delivery { msg_id: d.seq, redelivered: d.redelivered, message }, left)))
+                }
+                NodeResponse::Queue(r) => Err(queue_error(r)),
+                other => Err(Error::Unavailable(format!("unexpected answer to Get: {other:?}"))),
+            }
+        })
+    }
+
+    fn settle(&self, msg_ids: &[u64], outcome: Outcome) {
+        let mut by_holder: BTreeMap<ConsumerId, Vec<u64>> = BTreeMap::new();
+        {
+            let mut st = self.lock();
+            for seq in msg_ids {
+                if let Some(holder) = st.held.remove(seq) {
+                    by_holder.entry(holder).or_default().push(*seq);
+                }
+            }
+        }
+        for (consumer, seqs) in by_holder {
+            let _ = self.out.send(Out::Settle { consumer, seqs, outcome: outcome.into() });
+        }
+    }
+
+    fn purge(&self) -> Reply<u32> {
+        let Some(me) = self.cluster.queue(self.id.0) else {
+            return ready(Err(Error::QueueDeleted));
+        };
+        Box::pin(async move {
+            let queue = me.id.0;
+            match me.call_leader(|| NodeRequest::Purge { queue }).await? {
+                NodeResponse::Count(n) => Ok(n),
+                NodeResponse::Queue(r) => Err(queue_error(r)),
+                other => Err(Error::Unavailable(format!("unexpected answer to Purge: {other:?}"))),
+            }
+        })
+    }
+
+    fn counts(&self) -> Reply<(u32, u32)> {
+        let Some(me) = self.cluster.queue(self.id.0) else {
+            return ready(Err(Error::QueueDeleted));
+        };
+        Box::pin(async move {
+            let queue = me.id.0;
+            match me.call_leader(|| NodeRequest::Counts { queue }).await? {
+                NodeResponse::Counts(m, c) => Ok((m, c)),
+                NodeResponse::Queue(r) => Err(queue_error(r)),
+                other => Err(Error::Unavailable(format!("unexpected answer to Counts: {other:?}"))),
+            }
+        })
+    }
+
+    /// The leader schedules deliveries against the prefetch it was given;
+    /// credit freed here reaches it with the settle.
+    fn kick(&self) {}
+}
