@@ -29,6 +29,7 @@ pub mod placement;
 pub mod record;
 pub mod replica;
 pub mod remote;
+pub mod remote_meta;
 pub mod replicated;
 pub mod rpc;
 

@@ -245,6 +245,19 @@ impl RemoteBackend {
             .map_err(|e| Error::Unavailable(format!("node {addr}: {e}")))
     }
 
+    /// Resolves when the link to `addr` is closed (at once if there is
+    /// none).
+    pub async fn link_closed(&self, addr: &str) {
+        let slot = lock(&self.cluster.links).get(addr).cloned();
+        let client = match slot {
+            Some(slot) => slot.lock().await.clone(),
+            None => None,
+        };
+        if let Some(c) = client {
+            c.closed().await;
+        }
+    }
+
     /// This gateway's id.
     pub fn gateway_id(&self) -> &str {
         &self.cluster.opts.gateway_id
@@ -315,6 +328,8 @@ enum Out {
     Detach(ConsumerId),
     /// The leader (this link) is gone or no longer leads: find it again.
     LeaderLost(Option<Client>),
+    /// A request, answered in order with the one-way messages.
+    Call { req: NodeRequest, deadline: tokio::time::Instant, done: oneshot::Sender<Result<NodeResponse, Error>> },
 }
 
 #[derive(Default)]
@@ -456,37 +471,17 @@ impl RemoteQueue {
         }
     }
 
-    /// The leader's link, waiting for the driver to find it.
-    async fn leader_client(&self) -> Result<Client, Error> {
-        let mut rx = self.leader.subscribe();
-        let wait = async move {
-            rx.wait_for(|c| c.as_ref().is_some_and(|c| !c.is_closed())).await.map(|c| c.clone())
-        };
-        match tokio::time::timeout(self.cluster.opts.leader_timeout, wait).await {
-            Ok(Ok(c)) => c.ok_or_else(|| Error::Unavailable("no leader".to_owned())),
-            Ok(Err(_)) => Err(Error::ShuttingDown),
-            Err(_) => Err(Error::Unavailable(format!("no leader for queue {} within {:?}", self.name, self.cluster.opts.leader_timeout))),
-        }
-    }
-
-    /// A request to the leader, retried at the next leader when the one
-    /// asked no longer leads.
-    async fn call_leader(&self, make: impl Fn() -> NodeRequest) -> Result<NodeResponse, Error> {
+    /// A request to the leader, sent by the driver after everything the
+    /// session sent before it (so a basic.get sees the channel's earlier
+    /// publishes), and retried at the next leader when the one asked no
+    /// longer leads.
+    async fn call_leader(&self, req: NodeRequest) -> Result<NodeResponse, Error> {
+        let (tx, rx) = oneshot::channel();
         let deadline = tokio::time::Instant::now() + self.cluster.opts.leader_timeout;
-        loop {
-            let client = self.leader_client().await?;
-            let answer = client.call_timeout(make(), self.cluster.opts.call_timeout).await;
-            match answer {
-                Ok(NodeResponse::Queue(QueueResult::NotLeader { .. } | QueueResult::NoSuchQueue)) | Err(_) => {
-                    let _ = self.out.send(Out::LeaderLost(Some(client)));
-                    if tokio::time::Instant::now() > deadline {
-                        return Err(Error::Unavailable(format!("queue {}: no leader answered", self.name)));
-                    }
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                Ok(resp) => return Ok(resp),
-            }
-        }
+        self.out
+            .send(Out::Call { req, deadline, done: tx })
+            .map_err(|_| Error::ShuttingDown)?;
+        rx.await.unwrap_or(Err(Error::ShuttingDown))
     }
 }
 
@@ -509,7 +504,47 @@ async fn drive(q: Weak<RemoteQueue>, mut rx: mpsc::UnboundedReceiver<Out>) {
     let mut backlog: Vec<NodeRequest> = Vec::new();
     let mut leader: Option<Client> = None;
     let mut hint: Option<String> = None;
+    // A request waiting for a leader (it blocks everything behind it).
+    let mut call: Option<(NodeRequest, tokio::time::Instant, oneshot::Sender<Result<NodeResponse, Error>>)> = None;
     loop {
+        if let Some((req, deadline, done)) = call.take() {
+            if tokio::time::Instant::now() > deadline {
+                let _ = done.send(Err(Error::Unavailable("no leader answered in time".to_owned())));
+                continue;
+            }
+            if done.is_closed() {
+                continue;
+            }
+            let Some(client) = leader.clone() else {
+                call = Some((req, deadline, done));
+                let Some(queue) = q.upgrade() else { return };
+                if let Some(c) = find_and_resync(&queue, hint.take(), &mut backlog).await {
+                    leader = Some(c.clone());
+                    queue.leader.send_replace(Some(c));
+                } else {
+                    drop(queue);
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                }
+                continue;
+            };
+            let timeout = deadline.saturating_duration_since(tokio::time::Instant::now()).min(Duration::from_secs(5));
+            match client.call_timeout(req.clone(), timeout).await {
+                Ok(NodeResponse::Queue(QueueResult::NotLeader { leader: l })) => {
+                    hint = l;
+                    leader = None;
+                    call = Some((req, deadline, done));
+                }
+                Ok(NodeResponse::Queue(QueueResult::NoSuchQueue)) | Err(_) => {
+                    leader = None;
+                    call = Some((req, deadline, done));
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                }
+                Ok(resp) => {
+                    let _ = done.send(Ok(resp));
+                }
+            }
+            continue;
+        }
         if leader.is_none() {
             let Some(queue) = q.upgrade() else { return };
             match find_and_resync(&queue, hint.take(), &mut backlog).await {
@@ -547,6 +582,10 @@ async fn drive(q: Weak<RemoteQueue>, mut rx: mpsc::UnboundedReceiver<Out>) {
             }
             Out::Settle { consumer, seqs, outcome } => NodeRequest::Settle { queue: queue.id.0, consumer, seqs, outcome },
             Out::Detach(consumer) => NodeRequest::Detach { queue: queue.id.0, consumer },
+            Out::Call { req, deadline, done } => {
+                call = Some((req, deadline, done));
+                continue;
+            }
         };
         if client.send(msg.clone()).await.is_err() {
             if !matches!(msg, NodeRequest::Publish { .. }) {
@@ -671,7 +710,7 @@ impl Queue for RemoteQueue {
         consumer.attach(Arc::downgrade(&as_queue));
         Box::pin(async move {
             let queue = me.id.0;
-            let answer = me.call_leader(|| attach_request(queue, &id, &consumer, Vec::new())).await;
+            let answer = me.call_leader(attach_request(queue, &id, &consumer, Vec::new())).await;
             match answer {
                 Ok(NodeResponse::Queue(QueueResult::Ok)) => Ok(()),
                 other => {
@@ -711,7 +750,7 @@ impl Queue for RemoteQueue {
         Box::pin(async move {
             let holder = me.get_holder();
             let queue = me.id.0;
-            let answer = me.call_leader(|| NodeRequest::Get { queue, holder: holder.clone(), no_ack }).await?;
+            let answer = me.call_leader(NodeRequest::Get { queue, holder: holder.clone(), no_ack }).await?;
             match answer {
                 NodeResponse::Got { delivery: None, .. } => Ok(None),
                 NodeResponse::Got { delivery: Some(d), left } => {
@@ -748,7 +787,7 @@ impl Queue for RemoteQueue {
         };
         Box::pin(async move {
             let queue = me.id.0;
-            match me.call_leader(|| NodeRequest::Purge { queue }).await? {
+            match me.call_leader(NodeRequest::Purge { queue }).await? {
                 NodeResponse::Count(n) => Ok(n),
                 NodeResponse::Queue(r) => Err(queue_error(r)),
                 other => Err(Error::Unavailable(format!("unexpected answer to Purge: {other:?}"))),
@@ -762,7 +801,7 @@ impl Queue for RemoteQueue {
         };
         Box::pin(async move {
             let queue = me.id.0;
-            match me.call_leader(|| NodeRequest::Counts { queue }).await? {
+            match me.call_leader(NodeRequest::Counts { queue }).await? {
                 NodeResponse::Counts(m, c) => Ok((m, c)),
                 NodeResponse::Queue(r) => Err(queue_error(r)),
                 other => Err(Error::Unavailable(format!("unexpected answer to Counts: {other:?}"))),

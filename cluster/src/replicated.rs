@@ -1,96 +1,148 @@
-//! [`ReplicatedQueue`]: a queue behind the [`Queue`] trait whose every
-//! change is an entry of its own Raft group, applied by the pure
-//! [`QueueSm`] (first cut: a group with a single voter, this node: the
-//! "cluster of one" `sluice serve` will run).
+//! [`ReplicatedQueue`]: one replica of a queue whose every change is an
+//! entry of the queue's Raft group (group id = queue id), applied by the
+//! pure [`QueueSm`] on every replica. The group's voters are on several
+//! nodes; a group with a single voter (this node) is the "cluster of one"
+//! `sluice serve` will run.
 //!
 //! How it works:
-//! - **Publish** proposes a [`Command::Enqueue`] whose log entry also holds
-//!   the message (as a [`crate::record`] encoding). The returned
-//!   [`Durable`] resolves when the entry is committed and applied; with a
-//!   single voter that is when the local log write is durable. A publish
-//!   that needs no confirm returns `None` at once and the message becomes
-//!   visible when its entry applies.
-//! - **Consumers** are mapped to [`ConsumerId`]s (gateway [`GATEWAY`],
-//!   connection = a counter of this handle, channel 0, the consumer's tag);
-//!   `consume` proposes [`Command::Attach`]. Acting as leader, the queue
-//!   takes credit from consumers ([`Consumer::try_acquire`], round robin,
-//!   one message at a time as `LocalQueue` does) for ready seqs that are not
-//!   already in a pending checkout, and proposes one [`Command::Checkout`]
-//!   per consumer. When it applies, the moved messages go to the consumer's
-//!   sink (under the queue's lock, as `LocalQueue` does; sinks never call
-//!   back); credit of seqs the checkout did not move is given back with
-//!   [`Consumer::undo_acquire`].
-//! - `settle` proposes one [`Command::Settle`] per holder (this handle
-//!   remembers who holds which seq); `cancel` proposes [`Command::Detach`];
-//!   `get` and `purge` propose [`Command::Get`] / [`Command::Purge`] and wait
-//!   for their result; `counts` reads the applied state machine.
-//! - **Effects** of each applied entry are carried out in the order the
-//!   state machine emits them.
-//! - **Driving.** A tokio task owns the clock: it ticks the group, and
-//!   while raft writes are in flight it awaits an empty marker write on the
-//!   storage (the writer answers in submission order, so when the marker is
-//!   answered every earlier raft write is settled), then reports durability
-//!   to the group, applies what committed and proposes new checkouts. Every
-//!   public method also pumps the group under the lock, so writes reach the
-//!   storage without waiting for the task.
-//! - **Restart.** [`ReplicatedQueue::open`] on an existing log re-applies it
-//!   from the start (no checkpoint yet), then proposes
-//!   [`Command::GatewayDown`] for [`GATEWAY`]: consumers of the previous
-//!   process are detached and what they held is ready again with
-//!   `redelivered = true`.
+//! - **Raft.** Each replica drives its own [`crate::consensus::Group`] on the node's shared
+//!   [`FjallLogStore`] (one storage writer thread, group commit across
+//!   groups). Outgoing raft messages go to [`ReplicaOptions::transport`]
+//!   (snapshot messages are reported delivered as soon as they are handed
+//!   over); incoming ones arrive through [`ReplicatedQueue::step`].
+//!   Elections are left to raft-rs's clock (a tokio task ticks every
+//!   [`ReplicaOptions::tick`]); only a group whose only voter is this
+//!   replica campaigns by itself.
+//! - **Every replica applies everything**: the state machine, the bodies
+//!   (kept in RAM, by seq) and who holds which seq. Only the leader holds
+//!   consumer handles (`Arc<Consumer>`), decides checkouts and pushes
+//!   deliveries; followers never talk to consumers.
+//! - **Publish** ([`ReplicatedQueue::publish_as`], leader only) proposes a
+//!   [`Command::Enqueue`] whose log entry also holds the message (as a
+//!   [`crate::record`] encoding). Its [`Durable`] resolves when the entry
+//!   is committed (durable on a majority) and applied here, or fails with
+//!   [`Error::NotLeader`] if this replica stopped leading first: the entry
+//!   may still commit under the next leader, so the gateway retries there
+//!   with the same [`PublishId`] and the state machine drops the duplicate.
+//! - **Consumers.** [`ReplicatedQueue::attach`] proposes
+//!   [`Command::Attach`] with the gateway's [`ConsumerId`]; once it
+//!   applies, the handle is kept and deliveries start. On a re-attach after
+//!   a failover the gateway passes the seqs it delivered and still holds;
+//!   seqs the state machine says that consumer holds but which are not in
+//!   that list never reached the client and are requeued (redelivered);
+//!   the attach answers, and deliveries start, once that requeue applied,
+//!   so those go out before newer messages. The gateway charges the new
+//!   [`Consumer`]'s window with what it still holds.
+//!   The leader takes credit ([`Consumer::try_acquire`], round robin, one
+//!   message at a time as `LocalQueue` does) for ready seqs that are not
+//!   already in a pending checkout and proposes one [`Command::Checkout`]
+//!   per consumer. When it applies, the moved messages go to the sink
+//!   (under the replica's lock; sinks never call back), and credit of
+//!   seqs the checkout did not move is given back
+//!   ([`Consumer::undo_acquire`]).
+//! - **Leadership lost**: every waiting proposal fails with
+//!   [`Error::NotLeader`] (publishes, gets, attaches...), the credit of
+//!   pending checkouts is given back and the consumer handles are dropped
+//!   *without* calling `DeliverySink::cancelled`: a consumer did not go
+//!   away, its queue moved, and the gateway notices through
+//!   [`ReplicatedQueue::leader`] / `NotLeader` answers and re-attaches at
+//!   the new leader.
+//! - **Leadership gained**: no consumer handles until gateways re-attach.
+//!   Consumers of the state machine not re-attached within
+//!   [`ReplicaOptions::reattach_grace`] get [`Command::Detach`] +
+//!   [`Command::ReturnAll`], so their messages go to other consumers.
+//! - **Delete** ([`ReplicatedQueue::delete`]) proposes [`Command::Delete`];
+//!   every replica that applies it stops and removes its log and raft
+//!   records from the store. The leader lingers a few ticks first (or until
+//!   it loses its quorum) so that followers learn that the entry committed.
+//!   [`ReplicatedQueue::destroy`] does the same for one replica, without a
+//!   log entry (the node host's cleanup of replicas it no longer hosts).
+//! - **Driving.** The tick task also waits, while raft writes are in flight,
+//!   for an empty marker write on the storage (the writer answers in
+//!   submission order, so when the marker is answered every earlier raft
+//!   write is settled), then reports durability to the group, sends what
+//!   became sendable, applies what committed and proposes new checkouts.
+//!   Every public method pumps the group under the lock too, so writes and
+//!   messages leave without waiting for the task.
+//! - **Restart.** [`ReplicatedQueue::open`] on an existing log re-applies
+//!   it from the start (no checkpoint yet) as raft-rs hands the committed
+//!   entries out. With a single voter, `open` blocks until that is done and
+//!   [`Command::GatewayDown`] for [`ReplicaOptions::gateway`] has committed
+//!   (consumers of the previous process are detached, what they held is
+//!   ready again with `redelivered = true`). With several voters `open`
+//!   returns at once; the replica catches up from the leader.
+//! - The [`Queue`] trait (in-process use) maps to the methods above, with
+//!   consumer ids under [`ReplicaOptions::gateway`]. None of its methods
+//!   blocks: `consume`, `get` and `purge` answer with futures that resolve
+//!   when their entry applies.
 //!
-//! Not done yet (see docs/cluster.md, "Replicated queue, single voter"):
-//! - one voter only: no peers, no transport, `Output::send` is ignored;
-//!   leadership loss is handled only as a failed proposal;
-//! - no checkpoints, snapshots or log compaction: the log grows forever and
-//!   `open` replays all of it; a received snapshot is refused;
+//! Not done yet (see docs/cluster.md, "Replicated queue"):
+//! - no checkpoints, snapshots or log compaction: the log grows forever,
+//!   `open` replays all of it, and a received snapshot other than the
+//!   (empty) bootstrap one is refused; `Output::snapshot_wanted` is
+//!   ignored;
+//! - no membership changes (the voters are fixed at bootstrap);
 //! - **message bodies live in RAM** (rebuilt from the log on open), not in
 //!   the `msgs` keyspace: writing them there on apply needs the checkpoint
 //!   first (a (queue, seq) key may be written only once, so a replay from
 //!   the start must not write it again);
 //! - every publish is its own log entry (no batching beyond the storage's
 //!   group commit across entries);
-//! - `get` and `purge` block the calling thread until their entry commits
-//!   (about one fsync), polling the storage: the trait is synchronous there;
+//! - a replica that was down while its queue was deleted keeps its log
+//!   (nobody is left to tell it the delete committed): the node host must
+//!   remove replicas of queues the metadata no longer has;
+//! - `settle_as`, `detach`, `return_all` and `gateway_down` on a replica
+//!   that is not the leader are dropped (logged): the gateway re-sends them
+//!   to the new leader;
+//! - a `get_as` that fails with `NotLeader` may still commit later: the
+//!   message is then held by `holder` until the gateway settles it or calls
+//!   `return_all(holder)` / `gateway_down`;
 //! - transient messages and non-durable queues survive a restart (the log
-//!   keeps them), unlike `LocalQueue`; no `delete` yet;
-//! - the group id is the queue id, in the same `logs` id space as any other
-//!   group of the store;
+//!   keeps them), unlike `LocalQueue`;
+//! - a re-attach while the same consumer is still attached here with
+//!   checkouts in flight: those deliveries go to the old handle;
 //! - consensus and log-store failures surface as [`Error::Corrupt`] (or
-//!   [`Error::Storage`]), and after one the queue refuses everything.
+//!   [`Error::Storage`]), and after one the replica refuses everything.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use raft::eraftpb::MessageType;
 use serde::{Deserialize, Serialize};
 use sluice_codecs::command::Message;
-use sluice_storage::{Completion, Store};
+use sluice_storage::{Completion, Op, Store};
 use tokio::sync::{oneshot, Notify};
 use tokio::task::JoinHandle;
 
-use crate::replica::queue_sm::{
-    Command, ConsumerId, ConsumerOpts, Effect, NewMsg, QueueSm, Rejection, Seq,
-};
 use crate::backend::{ready, Consumer, Delivery, Durable, Outcome, Queue, QueueId, QueueSpec, Reply};
+use crate::consensus::fjall_store::{TAG_APPLY_STATE, TAG_HARD_STATE, TAG_SNAPSHOT_DATA, TAG_SNAPSHOT_META};
 use crate::consensus::{
-    Committed, FjallLogStore, FjallLogStoreError, Group, GroupConfig, Payload, ProposalId,
-    ProposalOutcome, Role,
+    Committed, FjallLogStore, FjallLogStoreError, GroupConfig, GroupId, Output, Payload, ProposalId, ProposalOutcome,
+    Role, Transport,
 };
+use crate::replica::queue_sm::{Command, ConsumerOpts, Effect, NewMsg, QueueSm, Rejection};
+pub use crate::replica::queue_sm::{ConsumerId, PublishId, Seq};
 use crate::{record, Error};
 
-/// The gateway id of every consumer of this process (see the module docs).
+type Group = crate::consensus::Group<FjallLogStore>;
+
+/// The gateway id `sluice serve`'s in-process gateway uses.
 pub const GATEWAY: &str = "local";
 
-/// This node's raft id in its single-voter groups.
-const NODE: u64 = 1;
+/// Default tick of the group's logical clock.
+pub const DEFAULT_TICK: Duration = Duration::from_millis(50);
 
-/// Tick of the group's logical clock.
-const TICK: Duration = Duration::from_millis(50);
+/// Default time a new leader gives gateways to re-attach their consumers.
+pub const DEFAULT_REATTACH_GRACE: Duration = Duration::from_secs(3);
 
-/// How long a blocking wait (open, get, purge) may take before it fails.
+/// Ticks a leader keeps running after applying `Delete`, so that its
+/// heartbeats tell the followers the entry committed.
+const DELETE_LINGER_TICKS: u32 = 10;
+
+/// How long a blocking wait (single-voter open) may take before it fails.
 const BLOCKING_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Poll interval of blocking waits.
@@ -99,12 +151,82 @@ const BLOCKING_POLL: Duration = Duration::from_micros(50);
 /// Version byte in front of every log entry.
 const ENTRY_VERSION: u8 = 1;
 
+/// A transport for groups without peers (a single voter): drops
+/// everything (a single voter sends nothing).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoPeers;
+
+impl Transport for NoPeers {
+    fn send(&self, group: GroupId, msgs: Vec<raft::eraftpb::Message>) {
+        if !msgs.is_empty() {
+            tracing::debug!(group, count = msgs.len(), "raft messages for a group without peers dropped");
+        }
+    }
+}
+
+/// How a replica runs.
+#[derive(Clone)]
+pub struct ReplicaOptions {
+    /// This node's raft id ([`crate::consensus::raft_id`] of the node id).
+    pub me: u64,
+    /// The group's voters when it is created here (bootstrap); ignored when
+    /// the store already holds the group's log. Empty means `[me]`.
+    pub voters: Vec<u64>,
+    /// Where outgoing raft messages go.
+    pub transport: Arc<dyn Transport>,
+    /// Gateway id of consumers attached through the [`Queue`] trait (the
+    /// in-process gateway; `sluice serve` uses [`GATEWAY`]).
+    pub gateway: String,
+    /// Tick of the group's logical clock (election timeouts are 3..6 ticks).
+    pub tick: Duration,
+    /// How long a new leader waits for gateways to re-attach the consumers
+    /// of the state machine before returning their messages.
+    pub reattach_grace: Duration,
+}
+
+impl std::fmt::Debug for ReplicaOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicaOptions")
+            .field("me", &self.me)
+            .field("voters", &self.voters)
+            .field("gateway", &self.gateway)
+            .field("tick", &self.tick)
+            .field("reattach_grace", &self.reattach_grace)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ReplicaOptions {
+    /// A replica `me` of a group of `voters`, with the default tick and grace.
+    pub fn new(me: u64, voters: Vec<u64>, transport: Arc<dyn Transport>, gateway: impl Into<String>) -> Self {
+        ReplicaOptions {
+            me,
+            voters,
+            transport,
+            gateway: gateway.into(),
+            tick: DEFAULT_TICK,
+            reattach_grace: DEFAULT_REATTACH_GRACE,
+        }
+    }
+
+    /// The only voter of its group (`sluice serve`), without peers.
+    pub fn single_voter(me: u64, gateway: impl Into<String>) -> Self {
+        Self::new(me, vec![me], Arc::new(NoPeers), gateway)
+    }
+}
+
 /// One log entry: a command plus, for an enqueue, the messages' records
 /// (one per message of the command, in order).
 #[derive(Serialize, Deserialize)]
 struct LogEntry {
     cmd: Command,
     bodies: Vec<serde_bytes::ByteBuf>,
+}
+
+impl LogEntry {
+    fn cmd(cmd: Command) -> Self {
+        LogEntry { cmd, bodies: Vec::new() }
+    }
 }
 
 fn encode_entry(entry: &LogEntry) -> Result<Vec<u8>, Error> {
@@ -116,14 +238,18 @@ fn encode_entry(entry: &LogEntry) -> Result<Vec<u8>, Error> {
 
 fn decode_entry(index: u64, data: &[u8]) -> Result<LogEntry, Error> {
     match data.split_first() {
-        Some((&ENTRY_VERSION, rest)) => postcard::from_bytes(rest)
-            .map_err(|e| Error::Corrupt(format!("queue log entry {index}: {e}"))),
+        Some((&ENTRY_VERSION, rest)) => {
+            postcard::from_bytes(rest).map_err(|e| Error::Corrupt(format!("queue log entry {index}: {e}")))
+        }
         _ => Err(Error::Corrupt(format!("queue log entry {index}: unknown version"))),
     }
 }
 
 fn consensus_error(e: crate::consensus::Error) -> Error {
-    Error::Corrupt(format!("queue raft group: {e}"))
+    match e {
+        crate::consensus::Error::NotLeader { leader } => Error::NotLeader { leader },
+        other => Error::Corrupt(format!("queue raft group: {other}")),
+    }
 }
 
 fn log_error(e: FjallLogStoreError) -> Error {
@@ -142,42 +268,72 @@ fn rejection_error(reason: Rejection) -> Error {
     }
 }
 
-/// The holder of basic.get deliveries of this process.
-fn get_holder() -> ConsumerId {
-    ConsumerId { gateway: GATEWAY.to_owned(), connection: 0, channel: 0, tag: "basic.get".to_owned() }
+/// The storage ops that remove every raft record of `group` and the
+/// queue's messages (a deleted queue's replica).
+fn destroy_ops(group: u64) -> Vec<Op> {
+    let mut ops = vec![Op::LogTruncate { log: group, from: 0 }];
+    for tag in [TAG_HARD_STATE, TAG_APPLY_STATE, TAG_SNAPSHOT_META, TAG_SNAPSHOT_DATA] {
+        ops.push(Op::LogMeta { log: group, tag, value: None });
+    }
+    ops.push(Op::DeleteQueue { queue: group });
+    ops
 }
 
-/// Who waits for a proposal of this handle.
+type Tx<T> = oneshot::Sender<Result<T, Error>>;
+
+fn reply<T: Send + 'static>(rx: oneshot::Receiver<Result<T, Error>>) -> Reply<T> {
+    Box::pin(async move { rx.await.unwrap_or(Err(Error::ShuttingDown)) })
+}
+
+/// Who waits for a proposal of this replica (always proposed as leader).
 enum Waiter {
-    /// A confirmed publish.
-    Publish(oneshot::Sender<Result<(), Error>>),
+    /// A publish whose confirm someone awaits.
+    Publish(Tx<()>),
     /// A checkout: credit was taken from `consumer` for each of `seqs`.
-    Checkout { consumer: Arc<Consumer>, seqs: Vec<Seq> },
-    /// A blocking caller (get, purge, open) polls `Inner::answers`.
-    Answer,
-}
-
-/// The result of a proposal someone blocks on.
-enum Answer {
-    Got(Option<(Delivery, u32)>),
-    Purged(u32),
-    Done,
-    Failed(Error),
+    Checkout {
+        consumer: Arc<Consumer>,
+        seqs: Vec<Seq>,
+    },
+    /// An attach; `held` is what the gateway still holds (a re-attach) or
+    /// `None` (a new in-process consumer).
+    Attach {
+        id: ConsumerId,
+        consumer: Arc<Consumer>,
+        held: Option<Vec<Seq>>,
+        tx: Tx<()>,
+    },
+    /// The requeue of what a re-attached consumer never received; the
+    /// attach answers when it applies.
+    Requeued {
+        id: ConsumerId,
+        consumer: Arc<Consumer>,
+        tx: Tx<()>,
+    },
+    Get(Tx<Option<(Delivery, u32)>>),
+    Purge(Tx<u32>),
+    Delete(Tx<u32>),
+    /// Anything else someone waits for.
+    Done(Tx<()>),
 }
 
 struct Inner {
-    group: Group<FjallLogStore>,
+    group: Group,
     sm: QueueSm,
     /// Bodies of live messages (ready or held), by seq.
     bodies: HashMap<Seq, Message>,
-    /// Consumers attached through this handle.
-    consumers: BTreeMap<ConsumerId, Arc<Consumer>>,
-    /// Who holds each held seq (for `settle`, which only names seqs).
+    /// Who holds each held seq (for [`Queue::settle`], which only names seqs).
     holder_of: HashMap<Seq, ConsumerId>,
-    /// Seqs in a checkout proposed but not applied yet.
+    /// Leader only: consumers attached here, with their handles.
+    consumers: BTreeMap<ConsumerId, Arc<Consumer>>,
+    /// Leader only: consumers whose attach is proposed, not applied.
+    attaching: BTreeSet<ConsumerId>,
+    /// Leader only: seqs in a checkout proposed but not applied yet.
     in_checkout: BTreeSet<Seq>,
     waiters: HashMap<ProposalId, Waiter>,
-    answers: HashMap<ProposalId, Answer>,
+    /// Whether this replica acted as leader at the last pump.
+    leading: bool,
+    /// Set when this replica became leader, until the re-attach grace ran.
+    leader_since: Option<Instant>,
     next_connection: u64,
     /// Round-robin position among `consumers`.
     cursor: usize,
@@ -185,6 +341,12 @@ struct Inner {
     failed: Option<String>,
     /// `close` was called.
     closed: bool,
+    /// `Delete` applied: everything is refused.
+    deleted: bool,
+    /// Ticks the leader still runs after `Delete` before it stops.
+    linger: u32,
+    /// Deleted and removed from the store: the group is never touched again.
+    stopped: bool,
 }
 
 impl Inner {
@@ -192,28 +354,49 @@ impl Inner {
         if let Some(why) = &self.failed {
             return Err(Error::Corrupt(why.clone()));
         }
+        if self.deleted || self.stopped {
+            return Err(Error::QueueDeleted);
+        }
         if self.closed {
             return Err(Error::ShuttingDown);
         }
         Ok(())
     }
 
-    fn propose(&mut self, entry: &LogEntry) -> Result<ProposalId, Error> {
-        let data = encode_entry(entry)?;
-        self.group.propose(data).map_err(consensus_error)
+    fn inert(&self) -> bool {
+        self.failed.is_some() || self.stopped
     }
 
-    /// Fails every waiter (the group or its store failed).
-    fn fail_all(&mut self, why: &str) {
-        self.failed.get_or_insert_with(|| why.to_owned());
-        for (id, waiter) in std::mem::take(&mut self.waiters) {
-            self.finish_failed(id, waiter, Error::Corrupt(why.to_owned()));
+    fn single_voter(&self) -> bool {
+        let voters = &self.group.conf_state().voters;
+        voters.len() == 1 && voters.first() == Some(&self.group.id())
+    }
+
+    fn not_leader(&self) -> Error {
+        Error::NotLeader { leader: self.group.leader() }
+    }
+
+    fn propose(&mut self, entry: &LogEntry) -> Result<ProposalId, Error> {
+        let data = encode_entry(entry)?;
+        match self.group.propose(data) {
+            Ok(id) => Ok(id),
+            // A leadership transfer, or the uncommitted log at its limit:
+            // try again (there or at the next leader).
+            Err(crate::consensus::Error::ProposalDropped) => Err(self.not_leader()),
+            Err(e) => Err(consensus_error(e)),
         }
     }
 
-    fn finish_failed(&mut self, id: ProposalId, waiter: Waiter, error: Error) {
+    /// Fails every waiter with `error()`.
+    fn fail_waiters(&mut self, error: impl Fn() -> Error) {
+        for (_, waiter) in std::mem::take(&mut self.waiters) {
+            self.finish_failed(waiter, error());
+        }
+    }
+
+    fn finish_failed(&mut self, waiter: Waiter, error: Error) {
         match waiter {
-            Waiter::Publish(tx) => {
+            Waiter::Publish(tx) | Waiter::Done(tx) => {
                 let _ = tx.send(Err(error));
             }
             Waiter::Checkout { consumer, seqs } => {
@@ -222,18 +405,36 @@ impl Inner {
                     consumer.undo_acquire();
                 }
             }
-            Waiter::Answer => {
-                self.answers.insert(id, Answer::Failed(error));
+            Waiter::Attach { id, tx, .. } | Waiter::Requeued { id, tx, .. } => {
+                self.attaching.remove(&id);
+                let _ = tx.send(Err(error));
+            }
+            Waiter::Get(tx) => {
+                let _ = tx.send(Err(error));
+            }
+            Waiter::Purge(tx) | Waiter::Delete(tx) => {
+                let _ = tx.send(Err(error));
             }
         }
     }
+
+    /// Forgets everything only a leader keeps.
+    fn drop_leader_state(&mut self) {
+        let leader = self.group.leader();
+        self.fail_waiters(move || Error::NotLeader { leader });
+        self.consumers.clear();
+        self.attaching.clear();
+        self.in_checkout.clear();
+        self.cursor = 0;
+        self.leader_since = None;
+    }
 }
 
-/// A queue replicated by one Raft group with a single voter. See the
-/// module docs.
+/// One replica of a replicated queue. See the module docs.
 pub struct ReplicatedQueue {
     spec: QueueSpec,
     store: Store,
+    opts: ReplicaOptions,
     // std Mutex: never held across .await.
     inner: Mutex<Inner>,
     wake: Arc<Notify>,
@@ -243,17 +444,40 @@ pub struct ReplicatedQueue {
 
 impl std::fmt::Debug for ReplicatedQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ReplicatedQueue").field("name", &self.spec.name).field("id", &self.spec.id).finish()
+        f.debug_struct("ReplicatedQueue")
+            .field("name", &self.spec.name)
+            .field("id", &self.spec.id)
+            .field("me", &self.opts.me)
+            .finish()
     }
 }
 
+/// What the driver does next.
+enum Drive {
+    /// Await this marker write (raft writes are in flight).
+    Marker(Completion),
+    Idle,
+    /// The replica is closed, deleted or failed.
+    Stop,
+}
+
 impl ReplicatedQueue {
-    /// Opens the queue's group on `store` (creating it with this node as
-    /// its only voter if the store holds none), re-applies its log, returns
-    /// what the previous process's consumers held, and starts the driver
-    /// task on `runtime`. Blocks until that is done (replay plus one
-    /// commit). A previous handle of the same queue must be dropped first.
-    pub fn open(spec: QueueSpec, store: Store, runtime: &tokio::runtime::Handle) -> Result<Arc<Self>, Error> {
+    /// Opens this node's replica of the queue's group on `store` (creating
+    /// the group with `opts.voters` if the store holds none) and starts its
+    /// driver task on `runtime`. A previous handle of the same replica must
+    /// be dropped first.
+    ///
+    /// A group whose only voter is this replica is made ready here: `open`
+    /// blocks until the log is re-applied and `GatewayDown` for
+    /// `opts.gateway` has committed (consumers of the previous process give
+    /// back what they held). With several voters it returns at once; the
+    /// replica follows or leads once raft-rs has elected someone.
+    pub fn open(
+        spec: QueueSpec,
+        store: Store,
+        opts: ReplicaOptions,
+        runtime: &tokio::runtime::Handle,
+    ) -> Result<Arc<Self>, Error> {
         // Every write of an earlier handle was submitted before it was
         // dropped; wait until the storage has applied them all, so that
         // opening the log sees them.
@@ -269,70 +493,299 @@ impl ReplicatedQueue {
         let log = if FjallLogStore::exists(&store, group_id).map_err(log_error)? {
             FjallLogStore::open(store.clone(), group_id).map_err(log_error)?
         } else {
-            FjallLogStore::bootstrap(store.clone(), group_id, &[NODE], &[], Bytes::new()).map_err(log_error)?
+            let voters = if opts.voters.is_empty() { vec![opts.me] } else { opts.voters.clone() };
+            FjallLogStore::bootstrap(store.clone(), group_id, &voters, &[], Bytes::new()).map_err(log_error)?
         };
         let logger = slog::Logger::root(slog::Discard, slog::o!());
-        let group = Group::open(&GroupConfig::new(NODE), log, &logger).map_err(consensus_error)?;
+        let group = Group::open(&GroupConfig::new(opts.me), log, &logger).map_err(consensus_error)?;
+        let tick = opts.tick;
         let queue = Arc::new_cyclic(|me| ReplicatedQueue {
             spec,
             store,
+            opts,
             inner: Mutex::new(Inner {
                 group,
                 sm: QueueSm::new(),
                 bodies: HashMap::new(),
-                consumers: BTreeMap::new(),
                 holder_of: HashMap::new(),
+                consumers: BTreeMap::new(),
+                attaching: BTreeSet::new(),
                 in_checkout: BTreeSet::new(),
                 waiters: HashMap::new(),
-                answers: HashMap::new(),
-                next_connection: 1,
+                leading: false,
+                leader_since: None,
+                // Ids of in-process consumers must not collide with those
+                // of an earlier leadership of this replica.
+                next_connection: rand::random::<u64>() >> 16,
                 cursor: 0,
                 failed: None,
                 closed: false,
+                deleted: false,
+                linger: 0,
+                stopped: false,
             }),
             wake: Arc::new(Notify::new()),
             driver: Mutex::new(None),
             me: me.clone(),
         });
-        queue.wait_until(|inner| inner.group.is_leader())?;
-        // Proposed as leader, so after every entry of the old log: once it
-        // applies, the replay is complete.
-        let id = {
-            let mut inner = queue.lock();
-            let entry = LogEntry { cmd: Command::GatewayDown { gateway: GATEWAY.to_owned() }, bodies: Vec::new() };
-            let id = inner.propose(&entry)?;
-            inner.waiters.insert(id, Waiter::Answer);
-            id
-        };
-        match queue.wait_answer(id)? {
-            Answer::Failed(e) => return Err(e),
-            Answer::Got(_) | Answer::Purged(_) | Answer::Done => {}
+        let single = queue.lock().single_voter();
+        if single {
+            queue.open_single_voter()?;
         }
-        let handle = runtime.spawn(drive(Arc::downgrade(&queue), queue.wake.clone()));
+        let handle = runtime.spawn(drive(Arc::downgrade(&queue), queue.wake.clone(), tick));
         *queue.driver.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
         Ok(queue)
     }
 
+    /// Single voter: replay, become leader, commit `GatewayDown` for our
+    /// gateway, blocking the thread meanwhile.
+    fn open_single_voter(&self) -> Result<(), Error> {
+        self.wait_blocking(|inner| Ok(inner.group.is_leader().then_some(())))?;
+        // Proposed as leader, so after every entry of the old log: once it
+        // applies, the replay is complete.
+        let mut rx = {
+            let mut inner = self.lock();
+            let (tx, rx) = oneshot::channel();
+            let cmd = Command::GatewayDown { gateway: self.opts.gateway.clone() };
+            self.propose_entry(&mut inner, &LogEntry::cmd(cmd), Some(Waiter::Done(tx)))?;
+            rx
+        };
+        self.wait_blocking(|_| match rx.try_recv() {
+            Ok(result) => result.map(Some),
+            Err(oneshot::error::TryRecvError::Empty) => Ok(None),
+            Err(oneshot::error::TryRecvError::Closed) => Err(Error::ShuttingDown),
+        })
+    }
+
     /// Stops accepting work, waits until every raft write submitted so
-    /// far is settled and stops the driver. Dropping the queue without it
-    /// is safe too (`open` waits for the storage), but in-flight publishes
-    /// then fail with [`Error::ShuttingDown`] even if they commit.
+    /// far is settled and stops the driver; waiters still pending fail
+    /// with [`Error::ShuttingDown`]. Dropping the replica without it is
+    /// safe too (`open` waits for the storage).
     pub async fn close(&self) {
         loop {
             let marker = {
                 let mut inner = self.lock();
                 inner.closed = true;
                 self.pump(&mut inner);
-                if inner.failed.is_some() || inner.group.store().in_flight() == 0 {
+                if inner.inert() || inner.group.store().in_flight() == 0 {
                     break;
                 }
                 self.store.write(Vec::new(), false)
             };
             let _ = marker.await;
         }
+        {
+            let mut inner = self.lock();
+            if inner.deleted {
+                self.stop_deleted(&mut inner);
+            }
+            inner.fail_waiters(|| Error::ShuttingDown);
+            inner.consumers.clear();
+            inner.attaching.clear();
+            inner.in_checkout.clear();
+        }
         if let Some(handle) = self.driver.lock().unwrap_or_else(|p| p.into_inner()).take() {
             handle.abort();
         }
+    }
+
+    /// Removes this replica from the node: [`Self::close`], then deletes
+    /// its raft log and records (and the queue's messages) from the store,
+    /// waiting for that write. For a replica whose queue the metadata no
+    /// longer has (deleted while this replica was down, or moved away).
+    /// The handle refuses everything afterwards.
+    pub async fn destroy(&self) {
+        self.close().await;
+        {
+            let mut inner = self.lock();
+            inner.stopped = true;
+        }
+        if let Err(e) = self.store.write(destroy_ops(self.spec.id.0), true).await {
+            tracing::warn!(queue = %self.spec.name, error = %e, "replica records not removed");
+        }
+    }
+
+    /// Feeds a raft message from a peer. Messages that are not valid peer
+    /// messages are dropped (logged); so is everything after `close`.
+    pub fn step(&self, msg: raft::eraftpb::Message) {
+        let mut inner = self.lock();
+        if inner.inert() || inner.closed {
+            return;
+        }
+        if let Err(e) = inner.group.step(msg) {
+            tracing::debug!(queue = %self.spec.name, error = %e, "raft message dropped");
+            return;
+        }
+        self.pump(&mut inner);
+        let writing = inner.group.store().in_flight() > 0;
+        drop(inner);
+        if writing {
+            self.wake.notify_one();
+        }
+    }
+
+    /// The leader this replica knows of (itself when leading).
+    pub fn leader(&self) -> Option<u64> {
+        self.lock().group.leader()
+    }
+
+    /// Whether this replica is the group's leader (as far as it knows: an
+    /// isolated old leader believes it is until its election timeout).
+    pub fn is_leader(&self) -> bool {
+        self.lock().group.is_leader()
+    }
+
+    /// This replica's raft id.
+    pub fn raft_id(&self) -> u64 {
+        self.opts.me
+    }
+
+    /// The queue (= group) id.
+    pub fn queue_id(&self) -> QueueId {
+        self.spec.id
+    }
+
+    /// The current raft term.
+    pub fn term(&self) -> u64 {
+        self.lock().group.term()
+    }
+
+    /// The index of the last entry applied here.
+    pub fn applied_index(&self) -> u64 {
+        self.lock().group.applied().index
+    }
+
+    /// Whether `Delete` has been applied here (the replica stops, or has
+    /// stopped, and its log is, or is being, removed).
+    pub fn is_deleted(&self) -> bool {
+        let inner = self.lock();
+        inner.deleted || inner.stopped
+    }
+
+    /// Proposes a publish (leader only: otherwise [`Error::NotLeader`]).
+    /// Always returns `Some`: the [`Durable`] resolves `Ok` once the entry
+    /// is committed and applied, and fails with `NotLeader` if this
+    /// replica stopped leading first (the entry may still commit: retry at
+    /// the new leader with the same `publish_id`).
+    pub fn publish_as(&self, message: Message, publish_id: Option<PublishId>) -> Result<Option<Durable>, Error> {
+        let (tx, rx) = oneshot::channel();
+        self.propose_publish(&message, publish_id, Some(tx))?;
+        Ok(Some(reply(rx)))
+    }
+
+    fn propose_publish(
+        &self,
+        message: &Message,
+        publish_id: Option<PublishId>,
+        tx: Option<Tx<()>>,
+    ) -> Result<(), Error> {
+        let size = u32::try_from(message.body.len()).unwrap_or(u32::MAX);
+        let entry = LogEntry {
+            cmd: Command::Enqueue { msgs: vec![NewMsg { size, persistent: message.is_persistent(), publish_id }] },
+            bodies: vec![serde_bytes::ByteBuf::from(record::encode(message).to_vec())],
+        };
+        let mut inner = self.lock();
+        self.propose_entry(&mut inner, &entry, tx.map(Waiter::Publish))?;
+        Ok(())
+    }
+
+    /// (Re)attaches a consumer with the gateway's id (leader only). Resolves
+    /// once the attach is applied; deliveries start then. `held`: the seqs
+    /// the gateway delivered to it and still holds (empty for a new
+    /// consumer); whatever else the state machine shows it holding never
+    /// reached the client and is requeued. An exclusivity conflict fails
+    /// with [`Error::ExclusiveConsumer`].
+    pub fn attach(&self, id: ConsumerId, consumer: Arc<Consumer>, held: Vec<Seq>) -> Reply<()> {
+        self.propose_attach(id, consumer, Some(held))
+    }
+
+    fn propose_attach(&self, id: ConsumerId, consumer: Arc<Consumer>, held: Option<Vec<Seq>>) -> Reply<()> {
+        let (tx, rx) = oneshot::channel();
+        let opts = ConsumerOpts { exclusive: consumer.exclusive, no_ack: consumer.no_ack };
+        let cmd = Command::Attach { consumer: id.clone(), opts };
+        let mut inner = self.lock();
+        let waiter = Waiter::Attach { id: id.clone(), consumer, held, tx };
+        match self.propose_entry(&mut inner, &LogEntry::cmd(cmd), Some(waiter)) {
+            Ok(_) => {
+                inner.attaching.insert(id);
+                reply(rx)
+            }
+            Err(e) => ready(Err(e)),
+        }
+    }
+
+    /// basic.cancel: no more deliveries to `id`; what it holds stays held.
+    pub fn detach(&self, id: &ConsumerId) {
+        let mut inner = self.lock();
+        inner.consumers.remove(id);
+        inner.cursor = 0;
+        self.propose_logged(&mut inner, Command::Detach { consumer: id.clone() }, "detach");
+    }
+
+    /// Settles seqs `id` holds (stale ones are ignored by the state machine).
+    pub fn settle_as(&self, id: &ConsumerId, seqs: Vec<Seq>, outcome: Outcome) {
+        if seqs.is_empty() {
+            return;
+        }
+        let mut inner = self.lock();
+        let cmd = Command::Settle { consumer: id.clone(), seqs, outcome: outcome.into() };
+        self.propose_logged(&mut inner, cmd, "settle");
+    }
+
+    /// The consumer's channel is closed: detach it and requeue everything
+    /// it holds.
+    pub fn return_all(&self, id: &ConsumerId) {
+        let mut inner = self.lock();
+        inner.consumers.remove(id);
+        inner.cursor = 0;
+        self.propose_logged(&mut inner, Command::Detach { consumer: id.clone() }, "detach");
+        self.propose_logged(&mut inner, Command::ReturnAll { consumer: id.clone() }, "return");
+    }
+
+    /// The gateway is gone: detach its consumers, requeue what they hold.
+    pub fn gateway_down(&self, gateway: &str) {
+        let mut inner = self.lock();
+        inner.consumers.retain(|id, _| id.gateway != gateway);
+        inner.cursor = 0;
+        self.propose_logged(&mut inner, Command::GatewayDown { gateway: gateway.to_owned() }, "gateway down");
+    }
+
+    /// basic.get for `holder` (leader only).
+    pub fn get_as(&self, holder: ConsumerId, no_ack: bool) -> Reply<Option<(Delivery, u32)>> {
+        let (tx, rx) = oneshot::channel();
+        self.propose_reply(Command::Get { holder, no_ack }, Waiter::Get(tx), rx)
+    }
+
+    /// Deletes the queue (leader only). Every replica that applies it stops
+    /// and removes its log and data from the store. Resolves with the
+    /// number of ready messages dropped.
+    pub fn delete(&self) -> Reply<u32> {
+        let (tx, rx) = oneshot::channel();
+        self.propose_reply(Command::Delete, Waiter::Delete(tx), rx)
+    }
+
+    fn purge_reply(&self) -> Reply<u32> {
+        let (tx, rx) = oneshot::channel();
+        self.propose_reply(Command::Purge, Waiter::Purge(tx), rx)
+    }
+
+    fn propose_reply<T: Send + 'static>(
+        &self,
+        cmd: Command,
+        waiter: Waiter,
+        rx: oneshot::Receiver<Result<T, Error>>,
+    ) -> Reply<T> {
+        let mut inner = self.lock();
+        match self.propose_entry(&mut inner, &LogEntry::cmd(cmd), Some(waiter)) {
+            Ok(_) => reply(rx),
+            Err(e) => ready(Err(e)),
+        }
+    }
+
+    /// Ready messages and attached consumers of the applied state.
+    pub fn counts_now(&self) -> (u32, u32) {
+        let inner = self.lock();
+        (inner.sm.ready_count(), inner.sm.consumer_count())
     }
 
     /// The applied state's held (delivered, unsettled) messages.
@@ -344,8 +797,27 @@ impl ReplicatedQueue {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Pumps until `done` holds, blocking the thread between polls.
-    fn wait_until(&self, done: impl Fn(&Inner) -> bool) -> Result<(), Error> {
+    /// Proposes `entry` with its waiter, then pumps and wakes the driver.
+    fn propose_entry(&self, inner: &mut Inner, entry: &LogEntry, waiter: Option<Waiter>) -> Result<ProposalId, Error> {
+        inner.check()?;
+        let id = inner.propose(entry)?;
+        if let Some(waiter) = waiter {
+            inner.waiters.insert(id, waiter);
+        }
+        self.pump(inner);
+        self.wake.notify_one();
+        Ok(id)
+    }
+
+    /// Proposes `cmd` without a waiter; a failure is only logged.
+    fn propose_logged(&self, inner: &mut Inner, cmd: Command, what: &str) {
+        if let Err(e) = self.propose_entry(inner, &LogEntry::cmd(cmd), None) {
+            tracing::debug!(queue = %self.spec.name, error = %e, "{what} not proposed");
+        }
+    }
+
+    /// Pumps until `done` answers, blocking the thread between polls.
+    fn wait_blocking<T>(&self, mut done: impl FnMut(&mut Inner) -> Result<Option<T>, Error>) -> Result<T, Error> {
         let deadline = Instant::now() + BLOCKING_TIMEOUT;
         loop {
             {
@@ -354,8 +826,11 @@ impl ReplicatedQueue {
                 if let Some(why) = &inner.failed {
                     return Err(Error::Corrupt(why.clone()));
                 }
-                if done(&inner) {
-                    return Ok(());
+                if inner.stopped {
+                    return Err(Error::QueueDeleted);
+                }
+                if let Some(value) = done(&mut inner)? {
+                    return Ok(value);
                 }
             }
             if Instant::now() > deadline {
@@ -365,39 +840,48 @@ impl ReplicatedQueue {
         }
     }
 
-    /// Pumps until proposal `id` has an answer and returns it.
-    fn wait_answer(&self, id: ProposalId) -> Result<Answer, Error> {
-        self.wait_until(|inner| inner.answers.contains_key(&id) || !inner.waiters.contains_key(&id))?;
-        let answer = self.lock().answers.remove(&id);
-        answer.ok_or_else(|| Error::Corrupt("proposal finished without an answer".to_owned()))
-    }
-
     /// One tick of the logical clock.
     fn tick(&self) {
         let mut inner = self.lock();
+        if inner.inert() || inner.closed {
+            return;
+        }
         inner.group.tick();
+        inner.linger = inner.linger.saturating_sub(1);
         self.pump(&mut inner);
     }
 
-    /// Pumps, and (if `want_marker`) returns a marker write to await when
-    /// raft writes are in flight (the driver's next wake-up).
-    fn drive_once(&self, want_marker: bool) -> Option<Completion> {
+    /// Pumps and says what the driver should wait for (a marker write only
+    /// if `want_marker` and raft writes are in flight).
+    fn drive_once(&self, want_marker: bool) -> Drive {
         let mut inner = self.lock();
+        if inner.inert() || inner.closed {
+            return Drive::Stop;
+        }
         self.pump(&mut inner);
-        let in_flight = inner.failed.is_none() && inner.group.store().in_flight() > 0;
-        (want_marker && in_flight).then(|| self.store.write(Vec::new(), false))
+        if inner.inert() {
+            return Drive::Stop;
+        }
+        if want_marker && inner.group.store().in_flight() > 0 {
+            Drive::Marker(self.store.write(Vec::new(), false))
+        } else {
+            Drive::Idle
+        }
     }
 
-    /// Reports durable writes, campaigns if needed, proposes checkouts and
-    /// applies whatever the group hands out, until it has nothing more.
-    /// A failure poisons the queue (see `Inner::failed`).
+    /// Reports durable writes, campaigns (single voter), proposes
+    /// checkouts, sends and applies whatever the group hands out, until it
+    /// has nothing more. A failure poisons the replica (`Inner::failed`).
     fn pump(&self, inner: &mut Inner) {
-        if inner.failed.is_some() {
+        if inner.inert() {
             return;
         }
         if let Err(e) = self.try_pump(inner) {
             tracing::error!(queue = %self.spec.name, error = %e, "replicated queue failed");
-            inner.fail_all(&e.to_string());
+            let why = e.to_string();
+            inner.failed.get_or_insert_with(|| why.clone());
+            inner.fail_waiters(|| Error::Corrupt(why.clone()));
+            inner.consumers.clear();
         }
     }
 
@@ -406,35 +890,129 @@ impl ReplicatedQueue {
             if let Some(n) = inner.group.store_mut().poll_persisted().map_err(log_error)? {
                 inner.group.on_persisted(n).map_err(consensus_error)?;
             }
-            if inner.group.role() == Role::Follower {
+            if inner.single_voter() && inner.group.role() == Role::Follower {
                 inner.group.campaign().map_err(consensus_error)?;
             }
-            if inner.group.is_leader() && !inner.closed {
+            self.note_role(inner);
+            if inner.leading && !inner.closed && !inner.deleted {
+                self.expire_unattached(inner);
                 self.schedule(inner);
             }
             if !inner.group.has_ready() {
-                return Ok(());
+                break;
             }
-            let out = inner.group.ready().map_err(consensus_error)?;
+            let Output { send, restore, committed, proposals, .. } = inner.group.ready().map_err(consensus_error)?;
             // `persist`: the writes are with the storage already; the
-            // marker writes of the driver wait for them. `send`: no peers.
-            if out.restore.is_some() {
-                return Err(Error::Corrupt("snapshots are not supported by the replicated queue yet".to_owned()));
+            // driver's marker writes wait for them.
+            if !send.is_empty() {
+                let snapshots: Vec<u64> =
+                    send.iter().filter(|m| m.get_msg_type() == MessageType::MsgSnapshot).map(|m| m.to).collect();
+                self.opts.transport.send(self.spec.id.0, send);
+                for to in snapshots {
+                    inner.group.report_snapshot(to, true);
+                }
+            }
+            if let Some(snapshot) = restore {
+                Self::restore(inner, snapshot.get_data())?;
             }
             let mut gone = Vec::new();
-            for committed in out.committed {
+            for committed in committed {
                 self.apply(inner, committed, &mut gone)?;
             }
-            for (id, outcome) in out.proposals {
+            for (id, outcome) in proposals {
                 if outcome == ProposalOutcome::Committed {
                     continue;
                 }
                 if let Some(waiter) = inner.waiters.remove(&id) {
-                    inner.finish_failed(id, waiter, Error::Corrupt(format!("proposal ended: {outcome:?}")));
+                    let error = match outcome {
+                        ProposalOutcome::Rejected => Error::Corrupt("proposal rejected".to_owned()),
+                        ProposalOutcome::LeadershipLost | ProposalOutcome::Superseded | ProposalOutcome::Committed => {
+                            inner.not_leader()
+                        }
+                    };
+                    inner.finish_failed(waiter, error);
                 }
             }
             self.drop_gone_consumers(inner, gone);
+            self.note_role(inner);
         }
+        if inner.deleted && (!inner.leading || inner.linger == 0 || inner.single_voter()) {
+            self.stop_deleted(inner);
+        }
+        Ok(())
+    }
+
+    /// Loads a snapshot received from the leader. Only the bootstrap
+    /// snapshot (empty data: the empty queue) exists so far.
+    fn restore(inner: &mut Inner, data: &[u8]) -> Result<(), Error> {
+        if !data.is_empty() {
+            return Err(Error::Corrupt("queue snapshots are not supported yet".to_owned()));
+        }
+        inner.sm = QueueSm::new();
+        inner.bodies.clear();
+        inner.holder_of.clear();
+        Ok(())
+    }
+
+    /// Notices a change of leadership (see the module docs).
+    fn note_role(&self, inner: &mut Inner) {
+        let leading = inner.group.is_leader();
+        if leading == inner.leading {
+            return;
+        }
+        inner.leading = leading;
+        if leading {
+            tracing::debug!(queue = %self.spec.name, me = self.opts.me, term = inner.group.term(), "leading");
+            inner.leader_since = Some(Instant::now());
+        } else {
+            tracing::debug!(queue = %self.spec.name, me = self.opts.me, leader = ?inner.group.leader(), "not leading");
+            inner.drop_leader_state();
+        }
+    }
+
+    /// After the re-attach grace of a new leadership: consumers of the
+    /// state machine that nobody re-attached are detached and what they
+    /// hold is returned.
+    fn expire_unattached(&self, inner: &mut Inner) {
+        let Some(since) = inner.leader_since else { return };
+        if since.elapsed() < self.opts.reattach_grace {
+            return;
+        }
+        inner.leader_since = None;
+        let stale: Vec<ConsumerId> = inner
+            .sm
+            .consumers()
+            .map(|(id, _)| id)
+            .filter(|id| !inner.consumers.contains_key(*id) && !inner.attaching.contains(*id))
+            .cloned()
+            .collect();
+        for id in stale {
+            tracing::debug!(queue = %self.spec.name, consumer = ?id, "not re-attached: returning its messages");
+            for cmd in [Command::Detach { consumer: id.clone() }, Command::ReturnAll { consumer: id }] {
+                if let Err(e) = inner.propose(&LogEntry::cmd(cmd)) {
+                    tracing::debug!(queue = %self.spec.name, error = %e, "expiry not proposed");
+                }
+            }
+        }
+    }
+
+    /// The replica applied `Delete`: stop for good and remove its records
+    /// from the store (after every raft write already submitted: the
+    /// storage writer applies writes in order).
+    fn stop_deleted(&self, inner: &mut Inner) {
+        if inner.stopped {
+            return;
+        }
+        inner.stopped = true;
+        inner.fail_waiters(|| Error::QueueDeleted);
+        inner.consumers.clear();
+        inner.attaching.clear();
+        inner.in_checkout.clear();
+        inner.bodies.clear();
+        inner.holder_of.clear();
+        // Dropping the completion does not cancel the write.
+        drop(self.store.write(destroy_ops(self.spec.id.0), true));
+        tracing::debug!(queue = %self.spec.name, me = self.opts.me, "replica deleted");
     }
 
     /// Consumers whose sink refused a delivery: detach them, requeue what
@@ -442,11 +1020,10 @@ impl ReplicatedQueue {
     fn drop_gone_consumers(&self, inner: &mut Inner, gone: Vec<(ConsumerId, Vec<Seq>)>) {
         for (id, seqs) in gone {
             inner.consumers.remove(&id);
-            let settle = LogEntry {
-                cmd: Command::Settle { consumer: id.clone(), seqs, outcome: Outcome::Requeue.into() },
-                bodies: Vec::new(),
-            };
-            let detach = LogEntry { cmd: Command::Detach { consumer: id }, bodies: Vec::new() };
+            inner.cursor = 0;
+            let settle =
+                LogEntry::cmd(Command::Settle { consumer: id.clone(), seqs, outcome: Outcome::Requeue.into() });
+            let detach = LogEntry::cmd(Command::Detach { consumer: id });
             for entry in [settle, detach] {
                 if let Err(e) = inner.propose(&entry) {
                     tracing::warn!(queue = %self.spec.name, error = %e, "cannot detach a gone consumer");
@@ -473,10 +1050,8 @@ impl ReplicatedQueue {
             while ready.peek().is_some() && misses < n {
                 let idx = cursor % n;
                 cursor = cursor.wrapping_add(1);
-                let acquired = ids
-                    .get(idx)
-                    .and_then(|id| inner.consumers.get(id))
-                    .is_some_and(|consumer| consumer.try_acquire());
+                let acquired =
+                    ids.get(idx).and_then(|id| inner.consumers.get(id)).is_some_and(|consumer| consumer.try_acquire());
                 if !acquired {
                     misses += 1;
                     continue;
@@ -493,7 +1068,7 @@ impl ReplicatedQueue {
                 continue;
             }
             let Some(consumer) = inner.consumers.get(&id).cloned() else { continue };
-            let entry = LogEntry { cmd: Command::Checkout { consumer: id, seqs: seqs.clone() }, bodies: Vec::new() };
+            let entry = LogEntry::cmd(Command::Checkout { consumer: id, seqs: seqs.clone() });
             match inner.propose(&entry) {
                 Ok(pid) => {
                     inner.in_checkout.extend(seqs.iter().copied());
@@ -510,6 +1085,9 @@ impl ReplicatedQueue {
     }
 
     /// Applies one committed entry and carries out its effects in order.
+    /// Every replica keeps the state machine, the bodies and `holder_of`;
+    /// only the proposer of an entry (the leader that waits for it) pushes
+    /// deliveries and answers.
     fn apply(
         &self,
         inner: &mut Inner,
@@ -520,22 +1098,20 @@ impl ReplicatedQueue {
         let waiter = inner.waiters.remove(&pid);
         let Payload::Data(data) = committed.payload else {
             if let Some(waiter) = waiter {
-                inner.finish_failed(pid, waiter, Error::Corrupt("superseded by a non-data entry".to_owned()));
+                inner.finish_failed(waiter, Error::Corrupt("superseded by a non-data entry".to_owned()));
             }
             return Ok(());
         };
         let LogEntry { cmd, bodies } = decode_entry(committed.index, &data)?;
-        let get_no_ack = match &cmd {
-            Command::Get { no_ack, .. } => *no_ack,
-            _ => false,
-        };
-        let checkout_no_ack = match (&cmd, &waiter) {
-            (Command::Checkout { .. }, Some(Waiter::Checkout { consumer, .. })) => consumer.no_ack,
-            _ => false,
+        let checkout = match &waiter {
+            Some(Waiter::Checkout { consumer, .. }) => Some(consumer.clone()),
+            _ => None,
         };
         let effects = inner.sm.apply(cmd);
         let mut delivered = 0usize;
-        let mut answer = Answer::Done;
+        let mut got = None;
+        let mut count = 0;
+        let mut attached = false;
         let mut error = None;
         for effect in effects {
             match effect {
@@ -547,18 +1123,24 @@ impl ReplicatedQueue {
                         }
                     }
                 }
-                Effect::Attached { .. } | Effect::Detached { .. } => {}
+                Effect::Attached { .. } => attached = true,
+                Effect::Detached { consumer } => {
+                    // Also covers a detach proposed while its attach was
+                    // still pending (the handle is inserted when the attach
+                    // applies, before this).
+                    inner.consumers.remove(&consumer);
+                }
                 Effect::Delivered { consumer: id, msgs } => {
+                    for (seq, _) in &msgs {
+                        inner.holder_of.insert(*seq, id.clone());
+                    }
                     // Our own checkout: deliver to the consumer it was
                     // decided for, even if it was cancelled since (it holds
-                    // the messages now). Replayed checkouts of an earlier
-                    // process have nobody to go to.
-                    let Some(Waiter::Checkout { consumer, .. }) = &waiter else { continue };
+                    // the messages now). Other replicas, and checkouts of
+                    // an earlier leadership, have nobody to deliver to.
+                    let Some(consumer) = &checkout else { continue };
                     let mut refused = Vec::new();
                     for (seq, meta) in msgs {
-                        if !checkout_no_ack {
-                            inner.holder_of.insert(seq, id.clone());
-                        }
                         if !refused.is_empty() {
                             consumer.undo_acquire();
                             refused.push(seq);
@@ -578,16 +1160,14 @@ impl ReplicatedQueue {
                         }
                     }
                     delivered += refused.len();
-                    if !refused.is_empty() && !checkout_no_ack {
+                    if !refused.is_empty() && !consumer.no_ack {
                         gone.push((id, refused));
                     }
                 }
                 Effect::Got { holder, msg, remaining } => {
-                    let got = match msg {
+                    got = Some(match msg {
                         Some((seq, meta)) => {
-                            if !get_no_ack {
-                                inner.holder_of.insert(seq, holder);
-                            }
+                            inner.holder_of.insert(seq, holder);
                             match inner.bodies.get(&seq).cloned() {
                                 Some(message) => {
                                     Some((Delivery { msg_id: seq, redelivered: meta.redelivered, message }, remaining))
@@ -599,8 +1179,7 @@ impl ReplicatedQueue {
                             }
                         }
                         None => None,
-                    };
-                    answer = Answer::Got(got);
+                    });
                 }
                 Effect::Requeued { seqs } => {
                     for seq in seqs {
@@ -613,26 +1192,34 @@ impl ReplicatedQueue {
                         inner.bodies.remove(&seq);
                     }
                 }
-                Effect::Purged { count } => answer = Answer::Purged(count),
+                Effect::Purged { count: n } => count = n,
                 Effect::Cancelled { consumer } => {
-                    inner.consumers.remove(&consumer);
+                    if let Some(c) = inner.consumers.remove(&consumer) {
+                        c.sink.cancelled(&c);
+                    }
                 }
-                Effect::Deleted { .. } => {
+                Effect::Deleted { count: n } => {
+                    count = n;
                     inner.bodies.clear();
                     inner.holder_of.clear();
+                    inner.deleted = true;
+                    inner.linger = DELETE_LINGER_TICKS;
                 }
                 Effect::Rejected { reason } => {
                     if reason == Rejection::ExclusiveConflict {
-                        tracing::warn!(queue = %self.spec.name, "attach refused by the state machine");
+                        tracing::debug!(queue = %self.spec.name, "attach refused by the state machine");
                     }
                     error = Some(rejection_error(reason));
                 }
             }
         }
+        fn result<T>(error: Option<Error>, value: T) -> Result<T, Error> {
+            error.map_or(Ok(value), Err)
+        }
         match waiter {
             None => {}
-            Some(Waiter::Publish(tx)) => {
-                let _ = tx.send(error.map_or(Ok(()), Err));
+            Some(Waiter::Publish(tx) | Waiter::Done(tx)) => {
+                let _ = tx.send(result(error, ()));
             }
             Some(Waiter::Checkout { consumer, seqs }) => {
                 for seq in &seqs {
@@ -642,42 +1229,77 @@ impl ReplicatedQueue {
                     consumer.undo_acquire();
                 }
             }
-            Some(Waiter::Answer) => {
-                let answer = match error {
-                    Some(e) => Answer::Failed(e),
-                    None => answer,
+            Some(Waiter::Attach { id, consumer, held, tx }) => {
+                if !attached {
+                    inner.attaching.remove(&id);
+                    let _ = tx.send(Err(error.unwrap_or_else(|| Error::Corrupt("attach not applied".to_owned()))));
+                    return Ok(());
+                }
+                // Proposed after every entry of earlier terms, so the state
+                // machine knows every checkout to this consumer: what it
+                // shows held that the gateway does not hold never reached
+                // the client. Requeue it first, and start delivering once
+                // that applied, so it goes out before newer messages.
+                let held: Option<HashSet<Seq>> = held.map(|held| held.into_iter().collect());
+                let lost: Vec<Seq> = match &held {
+                    Some(held) => inner.sm.held_by(&id).map(|(seq, _)| seq).filter(|seq| !held.contains(seq)).collect(),
+                    None => Vec::new(),
                 };
-                inner.answers.insert(pid, answer);
+                if lost.is_empty() {
+                    self.attached(inner, id, consumer, tx);
+                } else {
+                    let cmd = Command::Settle { consumer: id.clone(), seqs: lost, outcome: Outcome::Requeue.into() };
+                    match inner.propose(&LogEntry::cmd(cmd)) {
+                        Ok(pid) => {
+                            inner.waiters.insert(pid, Waiter::Requeued { id, consumer, tx });
+                        }
+                        Err(e) => {
+                            inner.attaching.remove(&id);
+                            let _ = tx.send(Err(e));
+                        }
+                    }
+                }
+            }
+            Some(Waiter::Requeued { id, consumer, tx }) => {
+                if inner.sm.is_attached(&id) {
+                    self.attached(inner, id, consumer, tx);
+                } else {
+                    inner.attaching.remove(&id);
+                    let _ = tx.send(Err(error.unwrap_or(Error::QueueDeleted)));
+                }
+            }
+            Some(Waiter::Get(tx)) => {
+                let _ = tx.send(result(error, got.flatten()));
+            }
+            Some(Waiter::Purge(tx) | Waiter::Delete(tx)) => {
+                let _ = tx.send(result(error, count));
             }
         }
         Ok(())
     }
+}
 
-    /// Proposes `cmd` and wakes the driver (fire and forget).
-    fn propose_and_wake(&self, inner: &mut Inner, cmd: Command) -> Result<ProposalId, Error> {
-        inner.check()?;
-        let id = inner.propose(&LogEntry { cmd, bodies: Vec::new() })?;
-        self.pump(inner);
-        self.wake.notify_one();
-        Ok(id)
-    }
-
-    /// Proposes `cmd`, then blocks until it is applied.
-    fn propose_and_wait(&self, cmd: Command) -> Result<Answer, Error> {
-        let id = {
-            let mut inner = self.lock();
-            inner.check()?;
-            let id = inner.propose(&LogEntry { cmd, bodies: Vec::new() })?;
-            inner.waiters.insert(id, Waiter::Answer);
-            id
-        };
-        self.wake.notify_one();
-        self.wait_answer(id)
+impl ReplicatedQueue {
+    /// An attach (and the requeue of what never reached the client) applied:
+    /// deliveries to the consumer start.
+    fn attached(&self, inner: &mut Inner, id: ConsumerId, consumer: Arc<Consumer>, tx: Tx<()>) {
+        inner.attaching.remove(&id);
+        let me: Weak<dyn Queue> = self.me.clone();
+        consumer.attach(me);
+        inner.consumers.insert(id, consumer);
+        let _ = tx.send(Ok(()));
     }
 }
 
 impl Drop for ReplicatedQueue {
     fn drop(&mut self) {
+        // A leader dropped while it lingers after `Delete` removes its
+        // records now.
+        let inner = self.inner.get_mut().unwrap_or_else(|p| p.into_inner());
+        if inner.deleted && !inner.stopped && inner.failed.is_none() {
+            inner.stopped = true;
+            drop(self.store.write(destroy_ops(self.spec.id.0), true));
+        }
         if let Some(handle) = self.driver.get_mut().unwrap_or_else(|p| p.into_inner()).take() {
             handle.abort();
         }
@@ -685,16 +1307,18 @@ impl Drop for ReplicatedQueue {
 }
 
 /// The driver task: ticks, and wakes up when raft writes settle or when a
-/// method asks for it (`kick`, proposals). Holds the queue only weakly.
-async fn drive(queue: Weak<ReplicatedQueue>, wake: Arc<Notify>) {
-    let mut tick = tokio::time::interval(TICK);
+/// method asks for it. Holds the replica only weakly.
+async fn drive(queue: Weak<ReplicatedQueue>, wake: Arc<Notify>, tick: Duration) {
+    let mut tick = tokio::time::interval(tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut marker: Option<Pin<Box<Completion>>> = None;
     loop {
         {
             let Some(q) = queue.upgrade() else { return };
-            if let Some(next) = q.drive_once(marker.is_none()) {
-                marker = Some(Box::pin(next));
+            match q.drive_once(marker.is_none()) {
+                Drive::Stop => return,
+                Drive::Marker(next) => marker = Some(Box::pin(next)),
+                Drive::Idle => {}
             }
         }
         tokio::select! {
@@ -716,38 +1340,32 @@ impl Queue for ReplicatedQueue {
     }
 
     fn publish(&self, message: Message) -> Result<Option<Durable>, Error> {
-        let confirm = self.spec.durable && message.is_persistent();
-        let size = u32::try_from(message.body.len()).unwrap_or(u32::MAX);
-        let entry = LogEntry {
-            cmd: Command::Enqueue { msgs: vec![NewMsg { size, persistent: message.is_persistent(), publish_id: None }] },
-            bodies: vec![serde_bytes::ByteBuf::from(record::encode(&message).to_vec())],
-        };
-        let mut inner = self.lock();
-        inner.check()?;
-        let id = inner.propose(&entry)?;
-        let durable = if confirm {
-            let (tx, rx) = oneshot::channel();
-            inner.waiters.insert(id, Waiter::Publish(tx));
-            Some(Box::pin(async move { rx.await.unwrap_or(Err(Error::ShuttingDown)) }) as Durable)
+        if self.spec.durable && message.is_persistent() {
+            self.publish_as(message, None)
         } else {
-            None
-        };
-        self.pump(&mut inner);
-        drop(inner);
-        self.wake.notify_one();
-        Ok(durable)
+            self.propose_publish(&message, None, None)?;
+            Ok(None)
+        }
     }
 
     fn consume(&self, consumer: Arc<Consumer>) -> Reply<()> {
-        ready(self.consume_now(consumer))
+        let id = {
+            let mut inner = self.lock();
+            let connection = inner.next_connection;
+            inner.next_connection = connection.wrapping_add(1);
+            ConsumerId { gateway: self.opts.gateway.clone(), connection, channel: 0, tag: consumer.tag.clone() }
+        };
+        self.propose_attach(id, consumer, None)
     }
 
     fn get(&self, no_ack: bool) -> Reply<Option<(Delivery, u32)>> {
-        ready(self.get_now(no_ack))
+        let holder =
+            ConsumerId { gateway: self.opts.gateway.clone(), connection: 0, channel: 0, tag: "basic.get".to_owned() };
+        self.get_as(holder, no_ack)
     }
 
     fn purge(&self) -> Reply<u32> {
-        ready(self.purge_now())
+        self.purge_reply()
     }
 
     fn counts(&self) -> Reply<(u32, u32)> {
@@ -755,83 +1373,31 @@ impl Queue for ReplicatedQueue {
     }
 
     fn cancel(&self, consumer: &Arc<Consumer>) -> bool {
-        let mut inner = self.lock();
-        let id = inner.consumers.iter().find(|(_, c)| Arc::ptr_eq(c, consumer)).map(|(id, _)| id.clone());
+        let id = {
+            let inner = self.lock();
+            inner.consumers.iter().find(|(_, c)| Arc::ptr_eq(c, consumer)).map(|(id, _)| id.clone())
+        };
         let Some(id) = id else { return false };
-        inner.consumers.remove(&id);
-        inner.cursor = 0;
-        if let Err(e) = self.propose_and_wake(&mut inner, Command::Detach { consumer: id }) {
-            tracing::warn!(queue = %self.spec.name, error = %e, "detach not proposed");
-        }
+        self.detach(&id);
         true
     }
 
     fn settle(&self, msg_ids: &[u64], outcome: Outcome) {
-        let mut inner = self.lock();
         let mut by_holder: BTreeMap<ConsumerId, Vec<Seq>> = BTreeMap::new();
-        for seq in msg_ids {
-            if let Some(holder) = inner.holder_of.get(seq) {
-                by_holder.entry(holder.clone()).or_default().push(*seq);
+        {
+            let inner = self.lock();
+            for seq in msg_ids {
+                if let Some(holder) = inner.holder_of.get(seq) {
+                    by_holder.entry(holder.clone()).or_default().push(*seq);
+                }
             }
         }
-        for (consumer, seqs) in by_holder {
-            let cmd = Command::Settle { consumer, seqs, outcome: outcome.into() };
-            if let Err(e) = self.propose_and_wake(&mut inner, cmd) {
-                tracing::warn!(queue = %self.spec.name, error = %e, "settle not proposed");
-            }
+        for (holder, seqs) in by_holder {
+            self.settle_as(&holder, seqs, outcome);
         }
     }
 
     fn kick(&self) {
         self.wake.notify_one();
     }
-}
-
-impl ReplicatedQueue {
-    fn consume_now(&self, consumer: Arc<Consumer>) -> Result<(), Error> {
-        let mut inner = self.lock();
-        inner.check()?;
-        if inner.consumers.values().any(|c| c.exclusive) || (consumer.exclusive && !inner.consumers.is_empty()) {
-            return Err(Error::ExclusiveConsumer);
-        }
-        let id = ConsumerId {
-            gateway: GATEWAY.to_owned(),
-            connection: inner.next_connection,
-            channel: 0,
-            tag: consumer.tag.clone(),
-        };
-        inner.next_connection += 1;
-        let opts = ConsumerOpts { exclusive: consumer.exclusive, no_ack: consumer.no_ack };
-        // Checkouts are proposed after this entry, so they apply after it.
-        self.propose_and_wake(&mut inner, Command::Attach { consumer: id.clone(), opts })?;
-        let me: Weak<dyn Queue> = self.me.clone();
-        consumer.attach(me);
-        inner.consumers.insert(id, consumer);
-        drop(inner);
-        self.wake.notify_one();
-        Ok(())
-    }
-
-    fn get_now(&self, no_ack: bool) -> Result<Option<(Delivery, u32)>, Error> {
-        match self.propose_and_wait(Command::Get { holder: get_holder(), no_ack })? {
-            Answer::Got(got) => Ok(got),
-            Answer::Failed(e) => Err(e),
-            Answer::Purged(_) | Answer::Done => Ok(None),
-        }
-    }
-
-    fn purge_now(&self) -> Result<u32, Error> {
-        match self.propose_and_wait(Command::Purge)? {
-            Answer::Purged(n) => Ok(n),
-            Answer::Failed(e) => Err(e),
-            Answer::Got(_) | Answer::Done => Ok(0),
-        }
-    }
-
-    /// Ready messages and consumers of the applied state.
-    pub fn counts_now(&self) -> (u32, u32) {
-        let inner = self.lock();
-        (inner.sm.ready_count(), inner.sm.consumer_count())
-    }
-
 }

@@ -2,7 +2,7 @@
 //! trait: confirms, credit, order, requeue, get, purge, restart, and no
 //! message with two consumers at once. Real fjall stores in temporary
 //! directories, a multi-threaded tokio runtime (the queue's driver task
-//! runs on it while `open`, `get` and `purge` block their caller).
+//! runs on it while `open` blocks its caller).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeSet;
@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use sluice_cluster::replicated::ReplicatedQueue;
+use sluice_cluster::replicated::{ReplicaOptions, ReplicatedQueue};
 use sluice_cluster::{ChannelFlow, Consumer, Credit, Delivery, DeliverySink, Outcome, Queue, QueueId, QueueSpec};
 use sluice_codecs::command::{Message, Properties};
 use sluice_storage::{Store, StoreOptions};
@@ -28,7 +28,13 @@ fn spec() -> QueueSpec {
 }
 
 fn open(store: &Store) -> Arc<ReplicatedQueue> {
-    ReplicatedQueue::open(spec(), store.clone(), &tokio::runtime::Handle::current()).unwrap()
+    ReplicatedQueue::open(
+        spec(),
+        store.clone(),
+        ReplicaOptions::single_voter(1, "local"),
+        &tokio::runtime::Handle::current(),
+    )
+    .unwrap()
 }
 
 fn msg(i: u32) -> Message {
@@ -266,5 +272,29 @@ async fn no_message_goes_to_two_consumers() {
     assert!(per[0] > 0 && per[1] > 0, "both consumers got messages: {per:?}");
     assert_eq!(q.unacked_count(), 200);
     assert_eq!(q.counts_now(), (0, 2));
+    q.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_stops_the_queue_and_removes_its_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    let q = open(&store);
+    publish_all(&q, 0..5).await;
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let c = consumer("c", 1, 0, &tx);
+    q.consume(c.clone()).await.unwrap();
+    assert_eq!(tokio::time::timeout(WAIT, q.delete()).await.unwrap().unwrap(), 4);
+    assert!(q.is_deleted());
+    assert!(matches!(q.publish(msg(9)), Err(sluice_cluster::Error::QueueDeleted)));
+    assert!(matches!(q.get(true).await, Err(sluice_cluster::Error::QueueDeleted)));
+    q.close().await;
+    drop(q);
+    let (_done, applied) = store.write_tracked(Vec::new(), false);
+    eventually("the delete write", || applied.is_settled()).await;
+    assert!(!sluice_cluster::consensus::FjallLogStore::exists(&store, 7).unwrap());
+    // Opening it again starts an empty queue.
+    let q = open(&store);
+    assert_eq!(q.counts_now(), (0, 0));
     q.close().await;
 }

@@ -251,3 +251,62 @@ pub fn start_node(home: &Path, id: &str, dir: &str, listen: &str, extra: &[&str]
     let addr = rx.recv_timeout(Duration::from_secs(30)).expect("node did not start");
     NodeProcess { child, addr }
 }
+
+/// A running `sluice gateway`.
+pub struct GatewayProcess {
+    pub child: Child,
+    /// The address its AMQP listener is bound to.
+    pub amqp: String,
+}
+
+impl GatewayProcess {
+    /// `amqp://guest:guest@ADDR/%2f`.
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@{}/%2f", self.amqp)
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `sluice gateway --nodes nodes --amqp 127.0.0.1:0` with the
+/// per-user config (so the default cluster secret) under `home/config`;
+/// waits for its listening line (it prints it once it has the metadata).
+pub fn start_gateway(home: &Path, nodes: &[&str], extra: &[&str]) -> GatewayProcess {
+    let mut child = Command::new(sluice_bin())
+        .args(["gateway", "--amqp", "127.0.0.1:0", "--nodes", &nodes.join(",")])
+        .args(extra)
+        .env("XDG_CONFIG_HOME", home.join("config"))
+        .env("SLUICE_LOG", "error")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn sluice gateway");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(a) = line.strip_prefix("AMQP listening on ") {
+                let _ = tx.send(a.to_string());
+            }
+        }
+    });
+    let amqp = rx.recv_timeout(Duration::from_secs(40)).expect("gateway did not start");
+    GatewayProcess { child, amqp }
+}
+
+/// `sluice ctl --node addr status` lines, with the per-user config under
+/// `home/config`; `None` if ctl failed.
+pub fn ctl_status(home: &Path, addr: &str) -> Option<String> {
+    let out = Command::new(sluice_bin())
+        .args(["ctl", "--node", addr, "status"])
+        .env("XDG_CONFIG_HOME", home.join("config"))
+        .env("SLUICE_LOG", "error")
+        .output()
+        .ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}

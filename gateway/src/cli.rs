@@ -51,6 +51,9 @@ pub async fn ctl(args: CtlArgs) -> anyhow::Result<()> {
             if !s.seeds.is_empty() {
                 println!("seeds: {}", s.seeds.join(", "));
             }
+            println!("cluster members: {}", s.members.join(", "));
+            println!("leading: {}", s.leading.join(", "));
+            println!("queue replicas: {}", s.replicas);
         }
         CtlCommand::Members => {
             let rows = node::members(&args.node, &secret, me).await.with_context(|| format!("node {}", args.node))?;

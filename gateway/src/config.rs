@@ -245,3 +245,123 @@ pub enum CtlCommand {
     /// when it last heard from each member.
     Members,
 }
+
+/// `sluice gateway` in a TOML file (every key optional; unknown keys are an error).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayFile {
+    pub id: Option<String>,
+    pub nodes: Option<Vec<String>>,
+    pub amqp: Option<String>,
+    pub stomp: Option<String>,
+    pub metrics: Option<String>,
+    pub cluster_secret_file: Option<PathBuf>,
+    pub channel_max: Option<u16>,
+    pub frame_max: Option<u32>,
+    pub heartbeat: Option<u16>,
+    pub max_message_size: Option<u64>,
+    pub users: Option<HashMap<String, String>>,
+}
+
+/// `sluice gateway` flags (each also `SLUICE_*` in the environment).
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct GatewayArgs {
+    /// Storage nodes to start from, HOST:PORT, comma separated (the others are learned from them).
+    #[arg(long, env = "SLUICE_NODES", value_delimiter = ',')]
+    pub nodes: Option<Vec<String>>,
+    /// AMQP listener address (default 0.0.0.0:5672; port 0 picks a free port).
+    #[arg(long, env = "SLUICE_AMQP")]
+    pub amqp: Option<String>,
+    /// STOMP listener address (default 0.0.0.0:61613; STOMP arrives with its own issue).
+    #[arg(long, env = "SLUICE_STOMP")]
+    pub stomp: Option<String>,
+    /// Prometheus metrics address (default 0.0.0.0:15692; metrics arrive with the operations issue).
+    #[arg(long, env = "SLUICE_METRICS")]
+    pub metrics: Option<String>,
+    /// This gateway's name in logs and in the cluster (default gateway-PID); a per-start incarnation is added.
+    #[arg(long, env = "SLUICE_ID")]
+    pub id: Option<String>,
+    /// The shared cluster secret (default: ~/.config/sluice/cluster-secret, created on first start).
+    #[arg(long, env = "SLUICE_CLUSTER_SECRET_FILE")]
+    pub cluster_secret_file: Option<PathBuf>,
+    /// TOML configuration file with the same keys.
+    #[arg(long, env = "SLUICE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Highest channel number offered to clients (default 2047).
+    #[arg(long, env = "SLUICE_CHANNEL_MAX")]
+    pub channel_max: Option<u16>,
+    /// Largest frame offered to clients in bytes (default 131072).
+    #[arg(long, env = "SLUICE_FRAME_MAX")]
+    pub frame_max: Option<u32>,
+    /// Heartbeat interval offered to clients in seconds (default 60; 0 = off).
+    #[arg(long, env = "SLUICE_HEARTBEAT")]
+    pub heartbeat: Option<u16>,
+    /// Largest message body accepted in bytes (default 128 MiB).
+    #[arg(long, env = "SLUICE_MAX_MESSAGE_SIZE")]
+    pub max_message_size: Option<u64>,
+}
+
+/// The validated configuration of `sluice gateway`.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    pub id: String,
+    pub nodes: Vec<String>,
+    pub amqp: String,
+    pub stomp: String,
+    pub metrics: String,
+    pub cluster_secret_file: Option<PathBuf>,
+    pub channel_max: u16,
+    pub frame_max: u32,
+    pub heartbeat: u16,
+    pub max_message_size: u64,
+    pub users: HashMap<String, String>,
+}
+
+impl GatewayArgs {
+    pub fn resolve(self) -> anyhow::Result<GatewayConfig> {
+        let file: GatewayFile = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read config file {}", path.display()))?;
+                toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))?
+            }
+            None => GatewayFile::default(),
+        };
+        let nodes = self.nodes.or(file.nodes).unwrap_or_default();
+        if nodes.is_empty() {
+            anyhow::bail!("a gateway needs storage nodes: give --nodes HOST:PORT,... (or SLUICE_NODES, or `nodes` in the config file)");
+        }
+        let frame_max = self.frame_max.or(file.frame_max).unwrap_or(131_072);
+        if frame_max < 4096 {
+            anyhow::bail!("frame_max must be at least 4096 (got {frame_max})");
+        }
+        let mut users = file.users.unwrap_or_default();
+        if users.is_empty() {
+            users.insert("guest".into(), "guest".into());
+        }
+        let config = GatewayConfig {
+            id: self.id.or(file.id).unwrap_or_else(|| format!("gateway-{}", std::process::id())),
+            nodes,
+            amqp: self.amqp.or(file.amqp).unwrap_or_else(|| "0.0.0.0:5672".into()),
+            stomp: self.stomp.or(file.stomp).unwrap_or_else(|| "0.0.0.0:61613".into()),
+            metrics: self.metrics.or(file.metrics).unwrap_or_else(|| "0.0.0.0:15692".into()),
+            cluster_secret_file: self.cluster_secret_file.or(file.cluster_secret_file),
+            channel_max: self.channel_max.or(file.channel_max).unwrap_or(2047),
+            frame_max,
+            heartbeat: self.heartbeat.or(file.heartbeat).unwrap_or(60),
+            max_message_size: self.max_message_size.or(file.max_message_size).unwrap_or(128 * 1024 * 1024),
+            users,
+        };
+        for (what, addr) in [("amqp", &config.amqp), ("stomp", &config.stomp), ("metrics", &config.metrics)] {
+            if addr.parse::<std::net::SocketAddr>().is_err() {
+                anyhow::bail!("{what} address '{addr}' is not HOST:PORT (for example 127.0.0.1:5672)");
+            }
+        }
+        for addr in &config.nodes {
+            if !addr.contains(':') {
+                anyhow::bail!("node address '{addr}' is not HOST:PORT");
+            }
+        }
+        Ok(config)
+    }
+}

@@ -36,8 +36,8 @@ enum Cmd {
     Serve(config::ServeArgs),
     /// Run a storage node of a cluster (today: identity, storage and the authenticated node protocol).
     Node(config::NodeArgs),
-    /// Run a stateless protocol gateway in front of storage nodes (not implemented yet).
-    Gateway,
+    /// Run a stateless protocol gateway (AMQP) in front of storage nodes.
+    Gateway(config::GatewayArgs),
     /// Administer a cluster.
     Ctl(config::CtlArgs),
     /// Load-test an AMQP or STOMP broker (not implemented yet).
@@ -61,7 +61,10 @@ fn main() {
         Cmd::Serve(args) => args.resolve().and_then(|config| runtime().and_then(|rt| rt.block_on(server::serve(config)))),
         Cmd::Node(args) => args.resolve().and_then(|config| runtime().and_then(|rt| rt.block_on(cli::node(config)))),
         Cmd::Ctl(args) => runtime().and_then(|rt| rt.block_on(cli::ctl(args))),
-        Cmd::Gateway | Cmd::Bench => {
+        Cmd::Gateway(args) => {
+            args.resolve().and_then(|config| runtime().and_then(|rt| rt.block_on(server::gateway(config))))
+        }
+        Cmd::Bench => {
             eprintln!("sluice: this subcommand is not implemented yet");
             std::process::exit(2);
         }

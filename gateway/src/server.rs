@@ -8,13 +8,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use sluice_cluster::remote::{RemoteBackend, RemoteOptions};
+use sluice_cluster::rpc::Secret;
 use sluice_cluster::{Backend, LocalBackend, LocalOptions};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::config::Config;
+use crate::config::{Config, GatewayConfig};
 use crate::router::Router;
 
 /// Negotiation limits offered to clients.
@@ -80,6 +82,53 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let signal = shutdown_signal()?;
     println!("sluice {} serving; data dir {}", env!("CARGO_PKG_VERSION"), config.data_dir.display());
     println!("AMQP listening on {addr}");
+    run(amqp, broker, signal).await
+}
+
+/// Runs a gateway in front of storage nodes until a shutdown signal.
+pub async fn gateway(config: GatewayConfig) -> anyhow::Result<()> {
+    let secret = Secret::load_or_create(config.cluster_secret_file.as_deref()).context("cluster secret")?;
+    let amqp = TcpListener::bind(&config.amqp)
+        .await
+        .with_context(|| format!("cannot listen on {} for AMQP", config.amqp))?;
+    // A restarted gateway is a new one to the nodes: the incarnation makes
+    // its id unique, so what the previous process's consumers held is
+    // requeued rather than handed to the new one.
+    let incarnation = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let gateway_id = format!("{}@{incarnation}", config.id);
+    let backend = RemoteBackend::new(RemoteOptions::new(gateway_id.clone(), config.nodes.clone(), secret));
+    let router = Router::open_cluster(backend)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach the storage nodes {}: {}", config.nodes.join(","), e.text))?;
+    let broker = Arc::new(Broker {
+        router,
+        users: config.users.clone(),
+        limits: Limits {
+            channel_max: config.channel_max,
+            frame_max: config.frame_max,
+            heartbeat: config.heartbeat,
+            max_message_size: config.max_message_size,
+        },
+        // Connection ids own exclusive queues across the cluster: start
+        // this gateway's at a random point.
+        next_conn: AtomicU64::new(rand::random::<u64>() >> 1),
+    });
+    let addr = amqp.local_addr()?;
+    let signal = shutdown_signal()?;
+    println!("sluice gateway {gateway_id} ({}) in front of {}", env!("CARGO_PKG_VERSION"), config.nodes.join(","));
+    println!("AMQP listening on {addr}");
+    if !config.stomp.is_empty() {
+        tracing::info!(stomp = config.stomp, "STOMP is not served yet (it arrives with its own issue)");
+    }
+    run(amqp, broker, signal).await
+}
+
+/// Accepts connections until `signal`, then drains them and shuts the
+/// backend down.
+async fn run(amqp: TcpListener, broker: Arc<Broker>, signal: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
 
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();

@@ -9,6 +9,10 @@
 //!   definitions.
 //! - `matching.rs`: topic and headers binding matching.
 //! - `persist.rs`: the key/value layout of stored definitions.
+//! - `replica.rs`: [`MetaReplica`], the replicated metadata group: one Raft
+//!   group whose state machine is [`MetaState`] (the topology plus the
+//!   committed member list), with checkpoints, compaction and a change
+//!   stream.
 //!
 //! The gateway's router holds a `Topology`, turns AMQP methods into
 //! commands (choosing generated names and queue ids itself, since the state
@@ -17,6 +21,7 @@
 mod args_serde;
 pub mod matching;
 pub mod persist;
+pub mod replica;
 pub mod topology;
 
 #[cfg(test)]
@@ -27,3 +32,4 @@ pub use topology::{
     partition_count, partition_hash, Binding, Command, CreatedQueue, DefChange, Dest, Exchange, ExchangeKind,
     MetaError, Outcome, Owner, QueueDef, RemovedQueue, Target, Topology, Vhost, MAX_PARTITIONS,
 };
+pub use replica::{Applied, MetaCommand, MetaOptions, MetaReplica, MetaResult, MetaState};

@@ -284,18 +284,19 @@ pub enum Command {
 }
 
 /// A queue [`Topology::apply`] created: the caller creates its storage.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CreatedQueue {
     pub vhost: String,
     pub name: String,
     pub ids: Vec<u64>,
     /// Whether its messages survive a restart (its definition is stored).
     pub durable: bool,
+    #[serde(with = "args_serde")]
     pub arguments: Arguments,
 }
 
 /// A queue [`Topology::apply`] removed: the caller deletes its storage.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RemovedQueue {
     pub vhost: String,
     pub name: String,
@@ -303,7 +304,7 @@ pub struct RemovedQueue {
 }
 
 /// A change to the stored definitions (keys and values of [`persist`]).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DefChange {
     Put { key: Vec<u8>, value: Vec<u8> },
     /// Deleting a key that was never written is harmless: bindings are
@@ -312,7 +313,7 @@ pub enum DefChange {
 }
 
 /// What a command changed, in the order the caller should carry it out.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Outcome {
     pub created: Vec<CreatedQueue>,
     pub removed: Vec<RemovedQueue>,
@@ -324,7 +325,7 @@ pub struct Outcome {
 /// A refused command: the AMQP reply code, the text RabbitMQ would send
 /// (with the code's name in front, as in "NOT_FOUND - no queue 'q' in vhost
 /// '/'"), and whether it closes the connection rather than the channel.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[error("{code} {text}")]
 pub struct MetaError {
     pub code: u16,

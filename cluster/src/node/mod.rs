@@ -6,6 +6,7 @@
 //! each other and heartbeat each other). Replicas of queues and the
 //! metadata group are added on this skeleton (see docs/cluster.md).
 
+pub mod host;
 pub mod membership;
 
 use std::net::SocketAddr;
@@ -19,6 +20,7 @@ use tokio::net::TcpListener;
 
 pub use membership::{MemberInfo, MemberState, MemberView, Membership, MembershipOptions};
 
+use crate::meta::replica::{Applied, MetaCommand, MetaResult};
 use crate::replica::queue_sm::ConsumerId;
 use crate::rpc::{self, Client, Handler, PeerInfo, Secret, Versioned};
 
@@ -64,6 +66,18 @@ pub enum NodeRequest {
     /// Request, gateway to leader: (ready, consumers). Answered with
     /// `Counts`; also how a gateway finds a queue's leader.
     Counts { queue: u64 },
+    /// Request, gateway to the metadata leader: commit `cmd`. Answered
+    /// with `MetaDone` (or `Queue(NotLeader)`).
+    Meta { cmd: MetaCommand },
+    /// Request, gateway to any node: the metadata state now (`MetaState`),
+    /// then every entry applied after it as one-way `MetaApplied`
+    /// messages, in order, on this connection.
+    MetaSubscribe,
+    /// One-way, node to gateway: the next applied metadata entry.
+    MetaApplied(Box<Applied>),
+    /// Request, node to a member: admit node `id` at `addr` to the
+    /// metadata (member and voter). Answered `Queue(Ok)` by the leader.
+    Join { id: String, addr: String },
 }
 
 impl Versioned for NodeRequest {}
@@ -138,6 +152,10 @@ pub enum NodeResponse {
     Count(u32),
     /// Ready messages and consumers.
     Counts(u32, u32),
+    /// A metadata command committed at `index` with `result`.
+    MetaDone { index: u64, result: MetaResult },
+    /// The metadata at `index`.
+    MetaState { index: u64, state: Box<crate::meta::replica::MetaState> },
 }
 
 impl Versioned for NodeResponse {}
@@ -153,6 +171,13 @@ pub struct NodeStatus {
     pub uptime_ms: u64,
     /// Wall-clock start time, milliseconds since the Unix epoch.
     pub started_at_ms: u64,
+    /// The cluster's committed members (from the metadata), sorted.
+    pub members: Vec<String>,
+    /// What this node leads: `meta` for the metadata group, then queue
+    /// names.
+    pub leading: Vec<String>,
+    /// Queue replicas hosted here.
+    pub replicas: u64,
 }
 
 /// How to run a node.
@@ -178,6 +203,8 @@ pub enum NodeError {
     Listen { addr: String, source: std::io::Error },
     #[error("cannot open data dir {}: {source}", .dir.display())]
     DataDir { dir: PathBuf, source: sluice_storage::Error },
+    #[error("cannot open the replicas: {0}")]
+    Host(String),
 }
 
 /// The meta key holding the node's last incarnation (u64 big-endian).
@@ -205,6 +232,8 @@ struct NodeHandler {
     status: NodeStatus,
     started: Instant,
     membership: Arc<Membership>,
+    host: Arc<host::Host>,
+    pushes: host::Pushes,
 }
 
 impl Handler<NodeRequest, NodeResponse> for NodeHandler {
@@ -213,6 +242,9 @@ impl Handler<NodeRequest, NodeResponse> for NodeHandler {
             NodeRequest::Status => {
                 let mut status = self.status.clone();
                 status.uptime_ms = self.started.elapsed().as_millis() as u64;
+                status.members = self.host.members();
+                status.leading = self.host.led();
+                status.replicas = self.host.replica_count() as u64;
                 NodeResponse::Status(status)
             }
             NodeRequest::Heartbeat { from, members } => {
@@ -226,8 +258,16 @@ impl Handler<NodeRequest, NodeResponse> for NodeHandler {
                 }
             }
             NodeRequest::Members => NodeResponse::Members(self.membership.view()),
-            _ => NodeResponse::Refused { reason: "not a request this node answers yet".to_owned() },
+            other => self.host.request(conn, other, &self.pushes).await,
         }
+    }
+
+    async fn message(&self, conn: &Client<NodeRequest, NodeResponse>, msg: NodeRequest) {
+        self.host.message(conn, msg, &self.pushes).await;
+    }
+
+    fn connected(&self, conn: &Client<NodeRequest, NodeResponse>) {
+        self.host.gateway_connected(conn);
     }
 }
 
@@ -237,6 +277,7 @@ pub struct Node {
     pub addr: SocketAddr,
     store: Store,
     membership: Arc<Membership>,
+    host: Arc<host::Host>,
     serve: tokio::task::JoinHandle<()>,
     heartbeats: tokio::task::JoinHandle<()>,
 }
@@ -263,8 +304,22 @@ impl Node {
         })?
         .map_err(|source| NodeError::DataDir { dir: options.data_dir.clone(), source })?;
         let advertised = options.advertise.clone().unwrap_or_else(|| addr.to_string());
-        let me = MemberInfo { id: options.id.clone(), addr: advertised, incarnation };
+        let me = MemberInfo { id: options.id.clone(), addr: advertised.clone(), incarnation };
         let membership = Membership::new(me, options.secret.clone(), options.membership.clone());
+        let host = {
+            let (id, addr, store, secret, membership, seeds) = (
+                options.id.clone(),
+                advertised.clone(),
+                store.clone(),
+                options.secret.clone(),
+                membership.clone(),
+                options.seeds.clone(),
+            );
+            tokio::task::spawn_blocking(move || host::Host::start(id, addr, store, secret, membership, seeds))
+                .await
+                .map_err(|e| NodeError::Host(e.to_string()))?
+                .map_err(|e| NodeError::Host(e.to_string()))?
+        };
         let handler = NodeHandler {
             status: NodeStatus {
                 node_id: options.id.clone(),
@@ -273,14 +328,19 @@ impl Node {
                 seeds: options.seeds.clone(),
                 uptime_ms: 0,
                 started_at_ms,
+                members: Vec::new(),
+                leading: Vec::new(),
+                replicas: 0,
             },
             started: Instant::now(),
             membership: membership.clone(),
+            host: host.clone(),
+            pushes: host::Pushes::default(),
         };
         let peer = PeerInfo::node(options.id.clone());
         let serve = tokio::spawn(rpc::serve(listener, options.secret.clone(), peer, handler));
         let heartbeats = tokio::spawn(membership.clone().run(options.seeds.clone()));
-        Ok(Node { addr, store, membership, serve, heartbeats })
+        Ok(Node { addr, store, membership, host, serve, heartbeats })
     }
 
     /// This node as members know it (id, address, incarnation).
@@ -299,6 +359,7 @@ impl Node {
         self.serve.abort();
         let _ = self.heartbeats.await;
         let _ = self.serve.await;
+        self.host.close().await;
         let store = self.store;
         tokio::task::spawn_blocking(move || store.close())
             .await

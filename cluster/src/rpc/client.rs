@@ -147,6 +147,12 @@ impl<Req, Resp> Client<Req, Resp> {
         self.shared.version
     }
 
+    /// Identifies the connection (equal for every handle of it) while it
+    /// exists.
+    pub fn id(&self) -> usize {
+        Arc::as_ptr(&self.shared) as *const () as usize
+    }
+
     /// The authenticated peer.
     pub fn peer(&self) -> &PeerInfo {
         &self.shared.peer

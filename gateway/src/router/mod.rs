@@ -17,7 +17,11 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use futures_util::future::join_all;
 use sluice_cluster::meta::{self, Command, DefChange, MetaError, Outcome, Owner, Topology};
+use sluice_cluster::meta::replica::{Applied, MetaCommand, MetaResult};
+use sluice_cluster::remote::RemoteBackend;
+use sluice_cluster::remote_meta::RemoteMeta;
 use sluice_cluster::{Backend, Durable, Queue, QueueId, QueueSpec, Reply};
+use tokio::sync::watch;
 use sluice_codecs::command::{Arguments, Properties};
 
 use crate::error::BrokerError;
@@ -140,7 +144,20 @@ impl Done {
 pub struct Router {
     backend: Arc<dyn Backend>,
     state: RwLock<State>,
+    /// In a gateway: the metadata group (commands go there; the topology
+    /// above is a copy fed by its change stream). `None` in `sluice serve`.
+    cluster: Option<ClusterMeta>,
 }
+
+/// A gateway's link to the metadata group.
+struct ClusterMeta {
+    meta: Arc<RemoteMeta>,
+    /// The metadata log index the local copy has applied.
+    applied: watch::Sender<u64>,
+}
+
+/// How long a gateway waits for its copy to reach its own write.
+const APPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// Waits for durable writes. A storage failure is a 506 RESOURCE_ERROR on
 /// the connection: the broker cannot keep what the client asked it to keep.
@@ -151,8 +168,9 @@ pub async fn wait_all(writes: Vec<Durable>) -> Result<(), BrokerError> {
     Ok(())
 }
 
+/// A new queue id: random, never 0 (the metadata group's id).
 fn random_id() -> u64 {
-    rand::random::<u64>()
+    rand::random::<u64>().max(1)
 }
 
 /// `amq.gen-` + 22 URL-safe characters, like RabbitMQ's generated names.
@@ -192,7 +210,116 @@ impl Router {
                 }
             }
         }
-        Ok(Arc::new(Router { backend, state: RwLock::new(State { topo, queues }) }))
+        Ok(Arc::new(Router { backend, state: RwLock::new(State { topo, queues }), cluster: None }))
+    }
+
+    /// The router of a gateway: metadata from the cluster's metadata group
+    /// (followed on a task), queues on the nodes. Returns once the first
+    /// copy of the metadata has arrived.
+    pub async fn open_cluster(backend: Arc<RemoteBackend>) -> Result<Arc<Router>, BrokerError> {
+        let meta = RemoteMeta::new(backend.clone());
+        let (applied, mut seen) = watch::channel(0u64);
+        let router = Arc::new(Router {
+            backend: backend.clone(),
+            state: RwLock::new(State { topo: Topology::default(), queues: HashMap::new() }),
+            cluster: Some(ClusterMeta { meta: meta.clone(), applied }),
+        });
+        let (on_reset, on_applied) = (Arc::downgrade(&router), Arc::downgrade(&router));
+        tokio::spawn(meta.follow(
+            move |index, state| {
+                if let Some(r) = on_reset.upgrade() {
+                    r.reset(index, state.topology);
+                }
+            },
+            move |entry| {
+                if let Some(r) = on_applied.upgrade() {
+                    r.apply_remote(entry);
+                }
+            },
+        ));
+        let first = async move { seen.wait_for(|i| *i > 0).await.is_ok() };
+        match tokio::time::timeout(std::time::Duration::from_secs(30), first).await {
+            Ok(true) => Ok(router),
+            _ => Err(BrokerError::internal("no storage node answered with the metadata within 30 s")),
+        }
+    }
+
+    /// Replaces the local copy of the metadata (first subscription, or a
+    /// new one after a lost link): keeps the handles of queues that still
+    /// exist, opens the others.
+    fn reset(&self, index: u64, topo: Topology) {
+        let mut st = self.write();
+        let mut queues = HashMap::new();
+        for vh in topo.vhosts() {
+            for q in vh.queues.values() {
+                let n = q.ids.len();
+                for (i, id) in q.ids.iter().enumerate() {
+                    let handle = match st.queues.get(id) {
+                        Some(h) => Some(h.clone()),
+                        None => self
+                            .backend
+                            .open_queue(QueueSpec {
+                                id: QueueId(*id),
+                                name: partition_name(&q.name, i, n),
+                                durable: q.durable,
+                                arguments: q.arguments.clone(),
+                            })
+                            .ok(),
+                    };
+                    if let Some(h) = handle {
+                        queues.insert(*id, h);
+                    }
+                }
+            }
+        }
+        st.topo = topo;
+        st.queues = queues;
+        drop(st);
+        if let Some(c) = &self.cluster {
+            c.applied.send_replace(index);
+        }
+    }
+
+    /// Applies one entry of the metadata stream to the local copy.
+    fn apply_remote(&self, entry: Applied) {
+        let index = entry.index();
+        match entry {
+            Applied::Command { cmd: MetaCommand::Topology(cmd), .. } => {
+                let mut st = self.write();
+                // The same command on the same state: the same outcome as
+                // on the nodes (refusals included, which change nothing).
+                // Definition writes and queue deletions are the nodes'
+                // business: the remote backend makes them no-ops.
+                if let Ok(done) = self.run(&mut st, cmd) {
+                    drop(done);
+                }
+            }
+            Applied::Reset { index, state } => return self.reset(index, state.topology),
+            _ => {}
+        }
+        if let Some(c) = &self.cluster {
+            c.applied.send_replace(index);
+        }
+    }
+
+    /// Carries out `cmd`: in `sluice serve` on the local topology and
+    /// storage; in a gateway through the metadata group, returning once
+    /// the local copy has applied it.
+    async fn execute(&self, cmd: Command) -> Result<Finished, BrokerError> {
+        let Some(c) = &self.cluster else {
+            let done = self.run(&mut self.write(), cmd)?;
+            return done.finish().await;
+        };
+        let (index, result) = c.meta.propose(MetaCommand::Topology(cmd)).await?;
+        let mut seen = c.applied.subscribe();
+        let caught_up = async move { seen.wait_for(|i| *i >= index).await.is_ok() };
+        if !tokio::time::timeout(APPLY_TIMEOUT, caught_up).await.unwrap_or(false) {
+            return Err(BrokerError::internal("the metadata change did not reach this gateway in time"));
+        }
+        match result {
+            MetaResult::Topology(Err(e)) => Err(e.into()),
+            _ => Ok(Finished { dropped: 0, failed: None }),
+        }
     }
 
     fn read(&self) -> RwLockReadGuard<'_, State> {
@@ -311,14 +438,12 @@ impl Router {
             internal,
             arguments,
         };
-        let done = self.run(&mut self.write(), cmd)?;
-        done.finish().await.map(|_| ())
+        self.execute(cmd).await.map(|_| ())
     }
 
     pub async fn delete_exchange(&self, vh: &VHost, name: &str, if_unused: bool) -> Result<(), BrokerError> {
         let cmd = Command::DeleteExchange { vhost: vh.name.clone(), name: name.to_string(), if_unused };
-        let done = self.run(&mut self.write(), cmd)?;
-        done.finish().await.map(|_| ())
+        self.execute(cmd).await.map(|_| ())
     }
 
     // ---- bindings --------------------------------------------------------
@@ -341,8 +466,7 @@ impl Router {
             arguments,
             conn: Owner(conn),
         };
-        let done = self.run(&mut self.write(), cmd)?;
-        done.finish().await.map(|_| ())
+        self.execute(cmd).await.map(|_| ())
     }
 
     pub async fn unbind(
@@ -362,8 +486,7 @@ impl Router {
             arguments,
             conn: Owner(conn),
         };
-        let done = self.run(&mut self.write(), cmd)?;
-        done.finish().await.map(|_| ())
+        self.execute(cmd).await.map(|_| ())
     }
 
     // ---- queues ----------------------------------------------------------
@@ -387,12 +510,8 @@ impl Router {
             arguments: d.arguments,
             new_ids,
         };
-        let (partitions, done) = {
-            let mut st = self.write();
-            let done = self.run(&mut st, cmd)?;
-            (st.partitions(&vh.name, &name), done)
-        };
-        done.finish().await?;
+        self.execute(cmd).await?;
+        let partitions = self.read().partitions(&vh.name, &name);
         let (m, c) = counts(&partitions).await?;
         Ok((name, m, c))
     }
@@ -411,23 +530,21 @@ impl Router {
         // may land in between, as with RabbitMQ's quorum queues).
         let partitions = self.read().partitions(&vh.name, name);
         let counts = counts(&partitions).await?;
-        let done = {
-            let mut st = self.write();
-            let cmd = Command::DeleteQueue {
-                vhost: vh.name.clone(),
-                name: name.to_string(),
-                if_unused,
-                if_empty,
-                conn: Owner(conn),
-                counts,
-            };
-            self.run(&mut st, cmd)?
+        let cmd = Command::DeleteQueue {
+            vhost: vh.name.clone(),
+            name: name.to_string(),
+            if_unused,
+            if_empty,
+            conn: Owner(conn),
+            counts,
         };
-        let finished = done.finish().await?;
+        let finished = self.execute(cmd).await?;
         if let Some(e) = finished.failed {
             return Err(e.into());
         }
-        Ok(finished.dropped)
+        // In a gateway the nodes drop the messages: report the count
+        // measured just before.
+        Ok(if self.cluster.is_some() { counts.0 } else { finished.dropped })
     }
 
     /// Auto-delete: called when a consumer of `name` went away.
@@ -450,28 +567,20 @@ impl Router {
             }
         };
         let cmd = Command::ConsumerGone { vhost: vh.name.clone(), name: name.to_string(), consumers };
-        let done = match self.run(&mut self.write(), cmd) {
-            Ok(done) => done,
-            Err(err) => {
-                tracing::warn!(queue = name, error = %err, "auto-delete failed");
-                return;
-            }
-        };
-        if let Err(e) = done.finish().await {
-            tracing::warn!(queue = name, error = %e, "auto-delete not persisted");
+        if let Err(err) = self.execute(cmd).await {
+            tracing::warn!(queue = name, error = %err, "auto-delete failed");
         }
     }
 
     /// Deletes the exclusive queues of a closed connection.
     pub async fn connection_closed(&self, conn: ConnId) {
-        let done = match self.run(&mut self.write(), Command::ConnectionClosed { owner: Owner(conn) }) {
-            Ok(done) => done,
-            Err(e) => {
-                tracing::warn!(error = %e, "exclusive queue delete failed");
-                return;
-            }
-        };
-        if let Err(e) = done.finish().await {
+        // Nothing to do (and no round trip) if the connection owns no
+        // exclusive queue.
+        let owns = self.read().topo.vhosts().any(|vh| vh.queues.values().any(|q| q.exclusive_owner == Some(Owner(conn))));
+        if !owns {
+            return;
+        }
+        if let Err(e) = self.execute(Command::ConnectionClosed { owner: Owner(conn) }).await {
             tracing::warn!(error = %e, "exclusive queue delete not persisted");
         }
     }

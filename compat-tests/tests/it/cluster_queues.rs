@@ -1,0 +1,248 @@
+//! The storage cluster end to end, with real processes on 127.0.0.1: three
+//! `sluice node`s and two `sluice gateway`s, driven with lapin.
+//!
+//! - a queue declared through one gateway is used through the other;
+//! - kill -9 of the node leading a queue under confirmed publishing and a
+//!   consumer acking: every confirmed message is delivered, service resumes
+//!   (the longest pause between two confirms is printed), and the killed
+//!   node catches up after its restart.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use lapin::options::*;
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use sluice_compat_tests::{ctl_status, start_gateway, start_node, GatewayProcess, NodeProcess};
+
+/// The value of `key: ...` in `sluice ctl status` output.
+fn status_field(home: &Path, addr: &str, key: &str) -> Option<Vec<String>> {
+    let text = ctl_status(home, addr)?;
+    let line = text.lines().find_map(|l| l.strip_prefix(&format!("{key}: ")).map(str::to_owned))?;
+    Some(line.split(", ").filter(|s| !s.is_empty()).map(str::to_owned).collect())
+}
+
+/// Three nodes (n1 founds the cluster, n2 and n3 join through it), once
+/// every node lists all three as members.
+fn three_nodes(home: &Path) -> Vec<NodeProcess> {
+    let n1 = start_node(home, "n1", "n1", "127.0.0.1:0", &[]);
+    let seed = n1.addr.clone();
+    let n2 = start_node(home, "n2", "n2", "127.0.0.1:0", &["--seeds", &seed]);
+    let n3 = start_node(home, "n3", "n3", "127.0.0.1:0", &["--seeds", &seed]);
+    let nodes = vec![n1, n2, n3];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let all = nodes.iter().all(|n| status_field(home, &n.addr, "cluster members").is_some_and(|m| m.len() == 3));
+        if all {
+            return nodes;
+        }
+        assert!(Instant::now() < deadline, "the three nodes did not form a cluster");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+async fn open(gw: &GatewayProcess) -> (Connection, Channel) {
+    let conn = Connection::connect(&gw.url(), ConnectionProperties::default()).await.expect("connect to gateway");
+    let ch = conn.create_channel().await.expect("channel");
+    (conn, ch)
+}
+
+fn durable() -> QueueDeclareOptions {
+    QueueDeclareOptions { durable: true, ..Default::default() }
+}
+
+fn persistent() -> BasicProperties {
+    BasicProperties::default().with_delivery_mode(2)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declare_through_one_gateway_use_through_the_other() {
+    let home = tempfile::tempdir().unwrap();
+    let nodes = three_nodes(home.path());
+    let addrs: Vec<&str> = nodes.iter().map(|n| n.addr.as_str()).collect();
+    let g1 = start_gateway(home.path(), &addrs[..1], &[]);
+    let g2 = start_gateway(home.path(), &addrs[1..2], &[]);
+    let (_c1, ch1) = open(&g1).await;
+    let (_c2, ch2) = open(&g2).await;
+
+    ch1.queue_declare("orders".into(), durable(), FieldTable::default()).await.unwrap();
+    ch1.exchange_declare("ex".into(), lapin::ExchangeKind::Direct, ExchangeDeclareOptions { durable: true, ..Default::default() }, FieldTable::default())
+        .await
+        .unwrap();
+    ch1.queue_bind("orders".into(), "ex".into(), "new".into(), QueueBindOptions::default(), FieldTable::default()).await.unwrap();
+    // Visible at once through the other gateway: a passive declare.
+    let ok = ch2
+        .queue_declare("orders".into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+        .await
+        .unwrap();
+    assert_eq!(ok.message_count(), 0);
+    // A different definition through the other gateway is refused (406),
+    // as RabbitMQ refuses it: both gateways see one metadata.
+    let (_c3, ch3) = open(&g2).await;
+    let err = ch3.queue_declare("orders".into(), QueueDeclareOptions::default(), FieldTable::default()).await.unwrap_err();
+    assert!(err.to_string().contains("PRECONDITION_FAILED"), "{err}");
+
+    ch2.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    for i in 0..50u32 {
+        let c = ch2.basic_publish("ex".into(), "new".into(), BasicPublishOptions::default(), &i.to_be_bytes(), persistent()).await.unwrap();
+        assert!(c.await.unwrap().is_ack());
+    }
+    let ok = ch1
+        .queue_declare("orders".into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+        .await
+        .unwrap();
+    assert_eq!(ok.message_count(), 50);
+
+    ch1.basic_qos(10, BasicQosOptions::default()).await.unwrap();
+    let mut consumer = ch1.basic_consume("orders".into(), "c".into(), BasicConsumeOptions::default(), FieldTable::default()).await.unwrap();
+    for i in 0..50u32 {
+        let d = tokio::time::timeout(Duration::from_secs(10), consumer.next()).await.expect("delivery").unwrap().unwrap();
+        assert_eq!(d.data, i.to_be_bytes(), "in order");
+        d.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    // basic.get and purge through the other gateway.
+    for i in 0..5u32 {
+        let c = ch2.basic_publish("".into(), "orders2".into(), BasicPublishOptions::default(), &i.to_be_bytes(), persistent()).await.unwrap();
+        assert!(c.await.unwrap().is_ack(), "unroutable publishes are confirmed too");
+    }
+    ch2.queue_declare("q2".into(), durable(), FieldTable::default()).await.unwrap();
+    for i in 0..5u32 {
+        let c = ch2.basic_publish("".into(), "q2".into(), BasicPublishOptions::default(), &i.to_be_bytes(), persistent()).await.unwrap();
+        assert!(c.await.unwrap().is_ack());
+    }
+    let got = ch1.basic_get("q2".into(), BasicGetOptions { no_ack: true }).await.unwrap().expect("a message");
+    assert_eq!(got.delivery.data, 0u32.to_be_bytes());
+    assert_eq!(got.message_count, 4);
+    assert_eq!(ch2.queue_purge("q2".into(), QueuePurgeOptions::default()).await.unwrap(), 4);
+    assert_eq!(ch1.queue_delete("q2".into(), QueueDeleteOptions::default()).await.unwrap(), 0);
+    let err = ch2
+        .queue_declare("q2".into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("NOT_FOUND"), "{err}");
+    drop(nodes);
+}
+
+/// Publishes `total` numbered persistent messages with confirms, one at a
+/// time, retrying a nacked or failed one on a new connection; returns the
+/// confirmed numbers and the longest pause between two confirms.
+async fn publish_confirmed(gw: String, queue: &'static str, total: u32, started: tokio::sync::watch::Sender<u32>) -> (BTreeSet<u32>, Duration) {
+    publish_confirmed_from(gw, queue, 0, total, started).await
+}
+
+/// [`publish_confirmed`] of the numbers `from..total`.
+async fn publish_confirmed_from(
+    gw: String,
+    queue: &'static str,
+    from: u32,
+    total: u32,
+    started: tokio::sync::watch::Sender<u32>,
+) -> (BTreeSet<u32>, Duration) {
+    let mut confirmed = BTreeSet::new();
+    let mut longest = Duration::ZERO;
+    let mut last = Instant::now();
+    let mut i = from;
+    while i < total {
+        let Ok(conn) = Connection::connect(&gw, ConnectionProperties::default()).await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let Ok(ch) = conn.create_channel().await else { continue };
+        if ch.confirm_select(ConfirmSelectOptions::default()).await.is_err() {
+            continue;
+        }
+        while i < total {
+            let sent = ch.basic_publish("".into(), queue.into(), BasicPublishOptions::default(), &i.to_be_bytes(), persistent()).await;
+            let Ok(confirm) = sent else { break };
+            match confirm.await {
+                Ok(c) if c.is_ack() => {
+                    confirmed.insert(i);
+                    let now = Instant::now();
+                    longest = longest.max(now - last);
+                    last = now;
+                    i += 1;
+                    started.send_replace(i);
+                }
+                Ok(_) => {} // nacked: publish it again
+                Err(_) => break,
+            }
+        }
+    }
+    (confirmed, longest)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_the_leader_under_confirmed_load_loses_nothing() {
+    let home = tempfile::tempdir().unwrap();
+    let mut nodes = three_nodes(home.path());
+    let addrs: Vec<String> = nodes.iter().map(|n| n.addr.clone()).collect();
+    let all: Vec<&str> = addrs.iter().map(String::as_str).collect();
+    let g1 = start_gateway(home.path(), &all, &[]);
+    let g2 = start_gateway(home.path(), &all, &[]);
+    let (_c, ch) = open(&g1).await;
+    ch.queue_declare("work".into(), durable(), FieldTable::default()).await.unwrap();
+
+    // A consumer through the other gateway, acking everything.
+    let (_cc, cch) = open(&g2).await;
+    cch.basic_qos(50, BasicQosOptions::default()).await.unwrap();
+    let mut consumer = cch.basic_consume("work".into(), "w".into(), BasicConsumeOptions::default(), FieldTable::default()).await.unwrap();
+    let received = tokio::spawn(async move {
+        let mut seen: BTreeMap<u32, u32> = BTreeMap::new();
+        let mut dup_without_flag = 0u32;
+        while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(8), consumer.next()).await {
+            let n = u32::from_be_bytes(d.data[..4].try_into().unwrap());
+            let count = seen.entry(n).or_default();
+            *count += 1;
+            if *count > 1 && !d.redelivered {
+                dup_without_flag += 1;
+            }
+            let _ = d.ack(BasicAckOptions::default()).await;
+        }
+        (seen, dup_without_flag)
+    });
+
+    const TOTAL: u32 = 1500;
+    let (progress, mut watch) = tokio::sync::watch::channel(0u32);
+    let publisher = tokio::spawn(publish_confirmed(g1.url(), "work", TOTAL, progress));
+    watch.wait_for(|n| *n >= TOTAL / 3).await.unwrap();
+
+    // Kill -9 the node leading the queue.
+    let leader = (0..3)
+        .find(|i| status_field(home.path(), &addrs[*i], "leading").is_some_and(|l| l.iter().any(|q| q == "work")))
+        .expect("some node leads the queue");
+    let killed_at = Instant::now();
+    nodes[leader].child.kill().unwrap();
+    nodes[leader].child.wait().unwrap();
+    let at_kill = *watch.borrow();
+    watch.wait_for(|n| *n > at_kill + 10).await.unwrap();
+    let resumed = killed_at.elapsed();
+
+    let (confirmed, longest) = tokio::time::timeout(Duration::from_secs(120), publisher).await.expect("publisher finished").unwrap();
+    assert_eq!(confirmed.len() as u32, TOTAL);
+    println!("kill -9 of the leader: 10 more confirms {resumed:?} after the kill; longest pause between confirms {longest:?}");
+
+    // Restart the killed node, then kill another one: the queue can only
+    // go on with the restarted node in its majority, so confirms now prove
+    // that it caught up.
+    let restarted = start_node(home.path(), &format!("n{}", leader + 1), &format!("n{}", leader + 1), &addrs[leader], &[]);
+    nodes[leader] = restarted;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let other = (leader + 1) % 3;
+    nodes[other].child.kill().unwrap();
+    nodes[other].child.wait().unwrap();
+    let (progress, _watch) = tokio::sync::watch::channel(0u32);
+    let more = tokio::time::timeout(Duration::from_secs(60), publish_confirmed_from(g1.url(), "work", TOTAL, TOTAL + 100, progress))
+        .await
+        .expect("confirms resume with the restarted node in the majority");
+    assert_eq!(more.0.len(), 100);
+
+    let (seen, dup_without_flag) = received.await.unwrap();
+    let missing: Vec<u32> = confirmed.iter().chain(&more.0).filter(|n| !seen.contains_key(n)).copied().collect();
+    assert!(missing.is_empty(), "confirmed but never delivered: {} of them, first {:?}", missing.len(), &missing[..missing.len().min(10)]);
+    assert_eq!(dup_without_flag, 0, "a message was delivered twice without redelivered=true");
+    let extra: Vec<u32> = seen.keys().filter(|n| **n >= TOTAL + 100).copied().collect();
+    assert!(extra.is_empty(), "messages from nowhere: {extra:?}");
+    drop(nodes);
+}
