@@ -136,12 +136,39 @@ impl Cluster {
             .map_err(|e| Error::Unavailable(format!("node {addr}: {e}")))?;
         self.learn(&client.peer().node_id, addr);
         tokio::spawn(read_pushes(Arc::downgrade(self), client.clone(), incoming));
+        tokio::spawn(watchdog(client.clone()));
         *guard = Some(client.clone());
         Ok(client)
     }
 
     fn queue(&self, id: u64) -> Option<Arc<RemoteQueue>> {
         lock(&self.queues).get(&id).and_then(Weak::upgrade)
+    }
+}
+
+/// How often a link is checked, and how long its node may take to answer.
+const PING_EVERY: Duration = Duration::from_millis(200);
+const PING_TIMEOUT: Duration = Duration::from_millis(600);
+
+/// Closes a link whose node stops answering (a partition leaves the TCP
+/// connection open but silent), so the queues led through it look for
+/// their leader elsewhere: the gateway notices within about
+/// `PING_EVERY + PING_TIMEOUT`.
+async fn watchdog(client: Client) {
+    loop {
+        tokio::time::sleep(PING_EVERY).await;
+        if client.is_closed() {
+            return;
+        }
+        match client.call_timeout(NodeRequest::Status, PING_TIMEOUT).await {
+            Ok(_) => {}
+            Err(rpc::Error::Timeout) => {
+                tracing::warn!(node = %client.peer().node_id, addr = %client.peer_addr(), "node stopped answering; link closed");
+                client.close();
+                return;
+            }
+            Err(_) => return,
+        }
     }
 }
 

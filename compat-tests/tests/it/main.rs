@@ -12,6 +12,7 @@ mod amqp_queues;
 mod cli;
 mod cluster_cli;
 mod cluster_membership;
+mod cluster_partition;
 mod cluster_queues;
 mod clients;
 mod crash;
