@@ -79,6 +79,16 @@ impl RemoteOptions {
     }
 }
 
+/// The tag of a gateway's connection ids (their high 32 bits): the nodes
+/// find a vanished gateway's exclusive queues by it. Never 0, so `sluice
+/// serve`'s small connection ids never match a gateway.
+pub fn owner_tag(gateway_id: &str) -> u32 {
+    use std::hash::Hasher;
+    let mut h = siphasher::sip::SipHasher13::new_with_keys(0x736c_7569_6365_2d6f, 0x776e_6572_2d74_6167);
+    h.write(gateway_id.as_bytes());
+    (h.finish() as u32).max(1)
+}
+
 /// The connection to one node address, opened lazily.
 type LinkSlot = Arc<tokio::sync::Mutex<Option<Client>>>;
 

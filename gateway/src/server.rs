@@ -112,9 +112,10 @@ pub async fn gateway(config: GatewayConfig) -> anyhow::Result<()> {
             heartbeat: config.heartbeat,
             max_message_size: config.max_message_size,
         },
-        // Connection ids own exclusive queues across the cluster: start
-        // this gateway's at a random point.
-        next_conn: AtomicU64::new(rand::random::<u64>() >> 1),
+        // Connection ids own exclusive queues across the cluster: the
+        // gateway's tag in the high half lets the nodes delete a vanished
+        // gateway's exclusive queues.
+        next_conn: AtomicU64::new((u64::from(sluice_cluster::remote::owner_tag(&gateway_id)) << 32) | 1),
     });
     let addr = amqp.local_addr()?;
     let signal = shutdown_signal()?;

@@ -393,7 +393,35 @@ impl Host {
                     q.gateway_down(&gateway);
                 }
             }
+            h.drop_exclusive_queues_of(&gateway).await;
         });
+    }
+
+    /// The exclusive queues owned by connections of a vanished gateway
+    /// are deleted, as RabbitMQ deletes them when their connection's node
+    /// goes down. Done by the metadata leader (every gateway that declares
+    /// has a link to it); connection ids carry their gateway's
+    /// [`crate::remote::owner_tag`] in the high 32 bits.
+    async fn drop_exclusive_queues_of(&self, gateway: &str) {
+        if !self.meta.is_leader() {
+            return;
+        }
+        let tag = u64::from(crate::remote::owner_tag(gateway));
+        let (_, state) = self.meta.state();
+        let mut owners: Vec<crate::meta::Owner> = state
+            .topology
+            .vhosts()
+            .flat_map(|vh| vh.queues.values().filter_map(|q| q.exclusive_owner))
+            .filter(|o| o.0 >> 32 == tag)
+            .collect();
+        owners.sort();
+        owners.dedup();
+        for owner in owners {
+            let cmd = MetaCommand::Topology(crate::meta::Command::ConnectionClosed { owner });
+            if let Err(e) = self.meta.propose(cmd).await {
+                tracing::warn!(gateway, error = %e, "cannot delete a vanished gateway's exclusive queues");
+            }
+        }
     }
 
     /// One-way messages: Raft traffic, publishes, settles, detaches.

@@ -246,3 +246,67 @@ async fn kill_the_leader_under_confirmed_load_loses_nothing() {
     assert!(extra.is_empty(), "messages from nowhere: {extra:?}");
     drop(nodes);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_gateway_loses_its_exclusive_queues_and_its_held_messages_return() {
+    let home = tempfile::tempdir().unwrap();
+    let nodes = three_nodes(home.path());
+    let addrs: Vec<&str> = nodes.iter().map(|n| n.addr.as_str()).collect();
+    let mut g1 = start_gateway(home.path(), &addrs, &[]);
+    let g2 = start_gateway(home.path(), &addrs, &[]);
+    let (_c1, ch1) = open(&g1).await;
+    let (_c2, ch2) = open(&g2).await;
+    ch1.queue_declare("mine".into(), QueueDeclareOptions { exclusive: true, ..Default::default() }, FieldTable::default())
+        .await
+        .unwrap();
+    ch1.queue_declare("shared".into(), durable(), FieldTable::default()).await.unwrap();
+    ch1.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    for i in 0..10u32 {
+        let c = ch1.basic_publish("".into(), "shared".into(), BasicPublishOptions::default(), &i.to_be_bytes(), persistent()).await.unwrap();
+        assert!(c.await.unwrap().is_ack());
+    }
+    ch1.basic_qos(5, BasicQosOptions::default()).await.unwrap();
+    let mut held = ch1.basic_consume("shared".into(), "holder".into(), BasicConsumeOptions::default(), FieldTable::default()).await.unwrap();
+    for _ in 0..5 {
+        tokio::time::timeout(Duration::from_secs(10), held.next()).await.expect("delivery").unwrap().unwrap();
+    }
+    // The exclusive queue is someone else's while its owner lives.
+    let err = ch2
+        .queue_declare("mine".into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("RESOURCE_LOCKED"), "{err}");
+
+    g1.child.kill().unwrap();
+    g1.child.wait().unwrap();
+    let killed = Instant::now();
+
+    // Every message comes back to a consumer on the other gateway; the
+    // five that were held are flagged redelivered.
+    let (_c3, ch3) = open(&g2).await;
+    let mut consumer = ch3.basic_consume("shared".into(), "taker".into(), BasicConsumeOptions::default(), FieldTable::default()).await.unwrap();
+    let mut redelivered = 0;
+    let mut got = BTreeSet::new();
+    while got.len() < 10 {
+        let d = tokio::time::timeout(Duration::from_secs(20), consumer.next()).await.expect("all messages back").unwrap().unwrap();
+        got.insert(u32::from_be_bytes(d.data[..4].try_into().unwrap()));
+        redelivered += u32::from(d.redelivered);
+        d.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    assert_eq!(redelivered, 5);
+    println!("held messages of a killed gateway back {:?} after the kill", killed.elapsed());
+    // And its exclusive queue is gone.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_c, ch) = open(&g2).await;
+        let r = ch
+            .queue_declare("mine".into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+            .await;
+        match r {
+            Err(e) if e.to_string().contains("NOT_FOUND") => break,
+            _ => assert!(Instant::now() < deadline, "the vanished gateway's exclusive queue is still there"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(nodes);
+}
