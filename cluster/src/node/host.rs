@@ -725,20 +725,32 @@ impl Host {
         }
     }
 
-    /// After a snapshot: drop replicas of queues that no longer exist.
-    /// (Queues created meanwhile with a replica on this node are not opened
-    /// here yet; see docs/cluster.md.)
+    /// After a snapshot (or a lagging stream): drops the replicas of queues
+    /// that no longer exist, and opens those of queues placed on this node
+    /// that it does not host yet (created while it was away; with the
+    /// placement over today's members, which is the creation-time one
+    /// unless the members changed since).
     fn reconcile(&self, state: &MetaState) {
-        let live: std::collections::HashSet<u64> =
-            queue_specs(&state.topology).into_iter().map(|(s, _)| s.id.0).collect();
+        let specs = queue_specs(&state.topology);
+        let live: std::collections::HashSet<u64> = specs.iter().map(|(s, _)| s.id.0).collect();
         let ours: Vec<u64> = self.queues.read().unwrap_or_else(|p| p.into_inner()).keys().copied().collect();
-        for id in ours {
-            if !live.contains(&id) {
-                self.drop_queue(id);
+        for id in &ours {
+            if !live.contains(id) {
+                self.drop_queue(*id);
             }
         }
         for m in state.members.keys() {
             self.links.learn(m);
+        }
+        for (spec, key) in specs {
+            if ours.contains(&spec.id.0) {
+                continue;
+            }
+            let set = replica_set(&state.members, &key, &spec);
+            if set.contains(&self.node_id) {
+                let voters = set.iter().map(|m| raft_id(m)).collect();
+                self.open_queue(spec, voters);
+            }
         }
     }
 }
