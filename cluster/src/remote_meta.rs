@@ -18,7 +18,8 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use crate::meta::replica::{Applied, MetaCommand, MetaResult, MetaState};
+use crate::meta::client::{BoxFuture, MetaClient, OnApplied, OnReset};
+use crate::meta::replica::{Applied, MetaCommand, MetaResult};
 use crate::node::{NodeRequest, NodeResponse, QueueResult};
 use crate::remote::RemoteBackend;
 use crate::Error;
@@ -29,11 +30,12 @@ pub struct RemoteMeta {
     /// The address that answered the last proposal as leader.
     leader: Mutex<Option<String>>,
     timeout: Duration,
+    me: std::sync::Weak<RemoteMeta>,
 }
 
 impl RemoteMeta {
     pub fn new(backend: Arc<RemoteBackend>) -> Arc<Self> {
-        Arc::new(RemoteMeta { backend, leader: Mutex::new(None), timeout: Duration::from_secs(15) })
+        Arc::new_cyclic(|me| RemoteMeta { backend, leader: Mutex::new(None), timeout: Duration::from_secs(15), me: me.clone() })
     }
 
     fn leader_hint(&self) -> Option<String> {
@@ -45,7 +47,7 @@ impl RemoteMeta {
     }
 
     /// Commits `cmd` in the metadata group: (log index, result).
-    pub async fn propose(&self, cmd: MetaCommand) -> Result<(u64, MetaResult), Error> {
+    pub async fn propose_cmd(&self, cmd: MetaCommand) -> Result<(u64, MetaResult), Error> {
         let deadline = tokio::time::Instant::now() + self.timeout;
         let mut delay = Duration::from_millis(10);
         loop {
@@ -84,9 +86,8 @@ impl RemoteMeta {
         }
     }
 
-    /// Follows the metadata forever (until the receiver side of the
-    /// callbacks is gone): see the module docs.
-    pub async fn follow(self: Arc<Self>, mut reset: impl FnMut(u64, MetaState) + Send, mut applied: impl FnMut(Applied) + Send) {
+    /// Follows the metadata forever: see the module docs.
+    pub async fn follow_forever(self: Arc<Self>, mut reset: OnReset, mut applied: OnApplied) {
         let (tx, mut rx) = mpsc::unbounded_channel::<NodeRequest>();
         self.backend.set_push_handler(tx);
         let mut delay = Duration::from_millis(20);
@@ -141,5 +142,21 @@ impl RemoteMeta {
                 applied(entry);
             }
         }
+    }
+}
+
+impl MetaClient for RemoteMeta {
+    fn propose(&self, cmd: MetaCommand) -> BoxFuture<Result<(u64, MetaResult), Error>> {
+        let me = self.me.upgrade();
+        Box::pin(async move {
+            match me {
+                Some(me) => me.propose_cmd(cmd).await,
+                None => Err(Error::ShuttingDown),
+            }
+        })
+    }
+
+    fn follow(self: Arc<Self>, reset: OnReset, applied: OnApplied) -> BoxFuture<()> {
+        Box::pin(self.follow_forever(reset, applied))
     }
 }

@@ -9,6 +9,8 @@
 //!   definitions.
 //! - `matching.rs`: topic and headers binding matching.
 //! - `persist.rs`: the key/value layout of stored definitions.
+//! - `client.rs`: [`client::MetaClient`], how a router reaches the group
+//!   (over the network from a gateway, or in process).
 //! - `replica.rs`: [`MetaReplica`], the replicated metadata group: one Raft
 //!   group whose state machine is [`MetaState`] (the topology plus the
 //!   committed member list), with checkpoints, compaction and a change
@@ -19,6 +21,7 @@
 //! machine has no randomness), and carries out the outcomes on the backend.
 
 mod args_serde;
+pub mod client;
 pub mod matching;
 pub mod persist;
 pub mod replica;

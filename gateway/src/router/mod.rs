@@ -17,6 +17,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use futures_util::future::join_all;
 use sluice_cluster::meta::{self, Command, DefChange, MetaError, Outcome, Owner, Topology};
+use sluice_cluster::meta::client::MetaClient;
 use sluice_cluster::meta::replica::{Applied, MetaCommand, MetaResult};
 use sluice_cluster::remote::RemoteBackend;
 use sluice_cluster::remote_meta::RemoteMeta;
@@ -149,9 +150,9 @@ pub struct Router {
     cluster: Option<ClusterMeta>,
 }
 
-/// A gateway's link to the metadata group.
+/// A router's link to the metadata group.
 struct ClusterMeta {
-    meta: Arc<RemoteMeta>,
+    meta: Arc<dyn MetaClient>,
     /// The metadata log index the local copy has applied.
     applied: watch::Sender<u64>,
 }
@@ -218,6 +219,12 @@ impl Router {
     /// copy of the metadata has arrived.
     pub async fn open_cluster(backend: Arc<RemoteBackend>) -> Result<Arc<Router>, BrokerError> {
         let meta = RemoteMeta::new(backend.clone());
+        Self::open_with_meta(backend, meta).await
+    }
+
+    /// A router whose metadata is the group behind `meta` (a gateway's
+    /// remote one, or the in-process one of a cluster of one).
+    pub async fn open_with_meta(backend: Arc<dyn Backend>, meta: Arc<dyn MetaClient>) -> Result<Arc<Router>, BrokerError> {
         let (applied, mut seen) = watch::channel(0u64);
         let router = Arc::new(Router {
             backend: backend.clone(),
@@ -226,16 +233,16 @@ impl Router {
         });
         let (on_reset, on_applied) = (Arc::downgrade(&router), Arc::downgrade(&router));
         tokio::spawn(meta.follow(
-            move |index, state| {
+            Box::new(move |index, state| {
                 if let Some(r) = on_reset.upgrade() {
                     r.reset(index, state.topology);
                 }
-            },
-            move |entry| {
+            }),
+            Box::new(move |entry| {
                 if let Some(r) = on_applied.upgrade() {
                     r.apply_remote(entry);
                 }
-            },
+            }),
         ));
         let first = async move { seen.wait_for(|i| *i > 0).await.is_ok() };
         match tokio::time::timeout(std::time::Duration::from_secs(30), first).await {
