@@ -77,6 +77,9 @@ impl Cluster {
         let store = open_store(self.dirs[i].path()).await;
         let mut opts = ReplicaOptions::new(self.ids[i], self.ids.clone(), self.net.transport(self.ids[i]), "local");
         opts.reattach_grace = self.grace;
+        // Small intervals: every test also runs checkpoints and compactions.
+        opts.checkpoint_entries = 32;
+        opts.checkpoint_bytes = 16 << 10;
         let replica = ReplicatedQueue::open(spec(), store, opts, &tokio::runtime::Handle::current()).unwrap();
         let weak = Arc::downgrade(&replica);
         self.net.register(self.ids[i], move |group, m| {
@@ -632,5 +635,66 @@ async fn a_reattach_requeues_what_never_reached_the_client() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(rx2.try_recv().is_err(), "credit respected: 3 held + 2 redelivered");
     assert!(rx.try_recv().is_err(), "nothing to the old handle");
+    c.close_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_behind_the_compaction_catches_up_by_snapshot_and_serves_everything() {
+    let mut c = Cluster::start(3, Duration::from_millis(300)).await;
+    let l = c.leader(None).await;
+    let f = (l + 1) % 3;
+    let g = (l + 2) % 3;
+    let f_last = c.get(f).stats().last_index;
+    c.kill(f).await;
+    // 600 confirmed publishes, then the first 400 consumed: the oldest live
+    // message is far beyond everything `f` has, so the others compact past it.
+    let published = publish_stream(c.replicas.clone(), 600, 32, Arc::new(AtomicUsize::new(0))).await;
+    assert_eq!(published.confirmed.len(), 600);
+    let l = c.leader(None).await;
+    let q = c.get(l);
+    for i in 0..400u64 {
+        let (d, _) = tokio::time::timeout(WAIT, q.get_as(holder(), true)).await.unwrap().unwrap().unwrap();
+        assert_eq!(id_of(&d), i);
+    }
+    drop(q);
+    eventually("the running replicas compacted past the stopped one", || {
+        [l, g].iter().all(|i| c.get(*i).stats().first_index > f_last + 1)
+    })
+    .await;
+    let compacted = c.get(l).stats();
+    c.restart(f).await;
+    eventually("the stopped replica catches up", || c.get(f).counts_now() == (200, 0)).await;
+    assert_eq!(converged(&c).await, (200, 0));
+    let fs = c.get(f).stats();
+    println!("leader {compacted:?}; follower after catching up {fs:?}");
+    assert!(fs.first_index > f_last + 1, "the follower did not get a snapshot: {fs:?}");
+    // Only `f` keeps the data: the others go, one comes back with an
+    // empty disk (so it votes for `f`, which then leads and serves).
+    let other = (f + 1) % 3;
+    for i in 0..3 {
+        if i != f {
+            c.kill(i).await;
+        }
+    }
+    c.dirs[other] = tempfile::tempdir().unwrap();
+    c.restart(other).await;
+    let leader = c.leader(None).await;
+    assert_eq!(leader, f, "only the caught-up replica has the log");
+    let q = c.get(f);
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let cons = consumer("after-snapshot", 50, &tx);
+    tokio::time::timeout(WAIT, q.attach(cid("after-snapshot"), cons.clone(), Vec::new())).await.unwrap().unwrap();
+    let mut got = Vec::new();
+    while got.len() < 200 {
+        let d = recv(&mut rx, &cons).await;
+        cons.release_unacked();
+        q.settle_as(&cid("after-snapshot"), vec![d.msg_id], Outcome::Ack);
+        q.kick();
+        got.push(id_of(&d));
+    }
+    assert_eq!(got, (400..600).collect::<Vec<_>>());
+    eventually("acks applied", || q.unacked_count() == 0).await;
+    drop(q);
+    assert_eq!(converged(&c).await, (0, 1));
     c.close_all().await;
 }

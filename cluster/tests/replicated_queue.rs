@@ -298,3 +298,203 @@ async fn delete_stops_the_queue_and_removes_its_log() {
     assert_eq!(q.counts_now(), (0, 0));
     q.close().await;
 }
+
+// ---- long-running use: checkpoints, compaction, bounded log, crashes ----
+
+/// Small checkpoint intervals, so a few thousand messages see many
+/// checkpoints and compactions.
+fn open_tuned(store: &Store) -> Arc<ReplicatedQueue> {
+    let mut opts = ReplicaOptions::single_voter(1, "local");
+    opts.checkpoint_entries = 16;
+    opts.checkpoint_bytes = 16 << 10;
+    opts.body_cache_bytes = 64 << 10;
+    ReplicatedQueue::open(spec(), store.clone(), opts, &tokio::runtime::Handle::current()).unwrap()
+}
+
+/// Publishes `range` with up to `window` confirms outstanding.
+async fn publish_window(q: &ReplicatedQueue, range: std::ops::Range<u32>, window: usize) {
+    let mut inflight = std::collections::VecDeque::new();
+    for i in range {
+        inflight.push_back(q.publish(msg(i)).unwrap().unwrap());
+        if inflight.len() >= window {
+            tokio::time::timeout(WAIT, inflight.pop_front().unwrap()).await.unwrap().unwrap();
+        }
+    }
+    for d in inflight {
+        tokio::time::timeout(WAIT, d).await.unwrap().unwrap();
+    }
+}
+
+/// Consumes and acks `n` messages with a consumer of prefetch 50; returns
+/// their bodies.
+async fn consume_ack(q: &Arc<ReplicatedQueue>, n: usize) -> Vec<String> {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let c = consumer("ca", 50, 0, &tx);
+    q.consume(c.clone()).await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < n {
+        let d = recv(&mut rx, &[&c]).await.1;
+        settle(q, &c, &[d.msg_id], Outcome::Ack);
+        got.push(body(&d));
+    }
+    assert!(q.cancel(&c));
+    // Whatever else was delivered goes back.
+    let mut rest = Vec::new();
+    while let Ok((_, d)) = rx.try_recv() {
+        rest.push(d.msg_id);
+    }
+    settle(q, &c, &rest, Outcome::Requeue);
+    got
+}
+
+async fn drain_bodies(q: &ReplicatedQueue) -> Vec<String> {
+    let mut out = Vec::new();
+    while let Some((d, _)) = tokio::time::timeout(WAIT, q.get(true)).await.unwrap().unwrap() {
+        out.push(body(&d));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_replays_only_the_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    let before;
+    {
+        let q = open_tuned(&store);
+        publish_window(&q, 0..2000, 64).await;
+        let got = consume_ack(&q, 1500).await;
+        assert_eq!(got, (0..1500).map(|i| format!("m{i}")).collect::<Vec<_>>());
+        eventually("acks applied", || q.unacked_count() == 0 && q.counts_now() == (500, 0)).await;
+        before = q.stats();
+        // Dropped without close: no final checkpoint.
+    }
+    // 2000 publishes and 1500 acks went into well under 300 entries
+    // (batching); the log starts at the entry of message 1500.
+    assert!(before.last_index < 300, "not batched: {before:?}");
+    assert!(before.first_index > 10, "log not compacted: {before:?}");
+    assert!(before.checkpoint_index > before.first_index, "no checkpoint: {before:?}");
+    assert_eq!(store.log_first_index(7).unwrap(), before.first_index);
+    let q = open_tuned(&store);
+    let after = q.stats();
+    println!("before restart {before:?}, after {after:?}");
+    // Resumed from the checkpoint: the log before it is gone, and what
+    // is left of it to replay is the tail since the checkpoint.
+    assert!(after.first_index >= before.first_index);
+    assert!(after.checkpoint_index >= before.checkpoint_index);
+    assert_eq!(q.counts_now(), (500, 0));
+    assert_eq!(drain_bodies(&q).await, (1500..2000).map(|i| format!("m{i}")).collect::<Vec<_>>());
+    q.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_stays_bounded_while_a_consumer_keeps_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    let q = open_tuned(&store);
+    let total = 20_000u32;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let c = consumer("steady", 100, 0, &tx);
+    q.consume(c.clone()).await.unwrap();
+    let consumer_q = q.clone();
+    let consumer_c = c.clone();
+    let consuming = tokio::spawn(async move {
+        let mut max_len = 0;
+        let mut next = 0u32;
+        while next < total {
+            let d = recv(&mut rx, &[&consumer_c]).await.1;
+            assert_eq!(body(&d), format!("m{next}"));
+            next += 1;
+            settle(&consumer_q, &consumer_c, &[d.msg_id], Outcome::Ack);
+            if next > 2000 {
+                let s = consumer_q.stats();
+                max_len = max_len.max(s.last_index + 1 - s.first_index);
+            }
+        }
+        max_len
+    });
+    publish_window(&q, 0..total, 32).await;
+    let max_len = tokio::time::timeout(Duration::from_secs(60), consuming).await.unwrap().unwrap();
+    let s = q.stats();
+    println!("20k messages: {s:?}, longest log after warm-up {max_len} entries");
+    assert!(s.last_index > 1000, "too few entries to tell: {s:?}");
+    assert!(max_len < 600, "the log grew to {max_len} entries");
+    eventually("everything acked", || q.unacked_count() == 0).await;
+    q.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_at_random_points_loses_nothing_confirmed() {
+    let seeds: u64 = std::env::var("CRASH_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(12);
+    for seed in 0..seeds {
+        let mut rng = sluice_cluster::consensus::SplitMix64::new(seed);
+        let dir = tempfile::tempdir().unwrap();
+        let mut confirmed = BTreeSet::new();
+        let mut acked = BTreeSet::new();
+        let mut next = 0u32;
+        for round in 0..3 {
+            let store = reopen_store(dir.path()).await;
+            let q = open_tuned(&store);
+            // A publisher with confirms and a consumer acking, cut off
+            // (queue and store dropped, nothing closed) at a random moment.
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            let c = consumer("crash", 20, 0, &tx);
+            q.consume(c.clone()).await.unwrap();
+            let crash_after = Duration::from_millis(rng.range(5, 80));
+            let work = async {
+                let mut inflight = std::collections::VecDeque::new();
+                loop {
+                    tokio::select! {
+                        Some((_, d)) = rx.recv() => {
+                            c.release_pending();
+                            let id: u32 = body(&d)[1..].parse().unwrap();
+                            settle(&q, &c, &[d.msg_id], Outcome::Ack);
+                            acked.insert(id);
+                        }
+                        _ = tokio::time::sleep(Duration::from_micros(200)) => {
+                            for _ in 0..8 {
+                                inflight.push_back((next, q.publish(msg(next)).unwrap().unwrap()));
+                                next += 1;
+                            }
+                            while inflight.len() > 64 {
+                                let (id, d) = inflight.pop_front().unwrap();
+                                d.await.unwrap();
+                                confirmed.insert(id);
+                            }
+                        }
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(crash_after, work).await;
+            drop(c);
+            drop(q);
+            drop(store);
+            let _ = round;
+        }
+        let store = reopen_store(dir.path()).await;
+        let q = open_tuned(&store);
+        let left: Vec<u32> = drain_bodies(&q).await.iter().map(|b| b[1..].parse().unwrap()).collect();
+        let set: BTreeSet<u32> = left.iter().copied().collect();
+        assert_eq!(set.len(), left.len(), "seed {seed}: duplicates");
+        let lost: Vec<_> = confirmed.iter().filter(|id| !set.contains(id) && !acked.contains(id)).collect();
+        assert!(lost.is_empty(), "seed {seed}: confirmed but lost: {lost:?}");
+        let mut sorted = left.clone();
+        sorted.sort_unstable();
+        assert_eq!(left, sorted, "seed {seed}: out of order");
+        println!("seed {seed}: {} confirmed, {} acked, {} left", confirmed.len(), acked.len(), left.len());
+        q.close().await;
+    }
+}
+
+async fn reopen_store(dir: &Path) -> Store {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match Store::open(dir, StoreOptions { sync: false, ..StoreOptions::default() }) {
+            Ok(store) => return store,
+            Err(e) => {
+                assert!(tokio::time::Instant::now() < deadline, "store did not reopen: {e}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}

@@ -655,6 +655,34 @@ impl<S: LogStore> Group<S> {
         Ok(())
     }
 
+    /// Like [`Group::compact`], but the snapshot is placed at `index`, at
+    /// or below the applied index, so the entries after `index` stay in the
+    /// log (a state machine that reads data back from its log entries keeps
+    /// the ones it still needs). `data` is the state machine as of the
+    /// applied index: whoever restores it must skip the entries between
+    /// `index` and the index its state reflects (the caller records that
+    /// index in `data`). The configuration stored with the snapshot is the
+    /// applied one, so the caller must not pass an `index` below a
+    /// configuration change it has applied.
+    pub fn compact_to(&mut self, index: u64, data: Bytes) -> Result<(), Error> {
+        if index > self.applied.index {
+            return Err(Error::Store(super::LogStoreError::BadCompaction {
+                index,
+                term: 0,
+                reason: "beyond the applied index",
+            }));
+        }
+        let term = self.store().term(index)?;
+        let mut snapshot = Snapshot::default();
+        snapshot.data = data;
+        let metadata = snapshot.mut_metadata();
+        metadata.index = index;
+        metadata.term = term;
+        metadata.set_conf_state(self.applied.conf_state.clone());
+        self.store_mut().compact(snapshot)?;
+        Ok(())
+    }
+
     fn role_now(&self) -> RoleChange {
         RoleChange { role: self.role(), term: self.term(), leader: self.leader() }
     }

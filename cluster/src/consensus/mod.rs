@@ -28,6 +28,8 @@ pub mod log_store;
 pub mod transport;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
+#[cfg(any(test, feature = "sim"))]
+pub mod queue_sim;
 
 pub use fjall_store::{FjallLogStore, FjallLogStoreError};
 pub use group::{

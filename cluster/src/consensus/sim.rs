@@ -156,6 +156,9 @@ impl Faults {
 /// One simulation run.
 #[derive(Debug, Clone)]
 pub struct SimConfig {
+    /// The integration test whose `replay` test replays a failing seed
+    /// (named in failures).
+    pub replay_test: &'static str,
     /// The seed; the same seed gives the same run.
     pub seed: u64,
     /// Voters the group starts with (it keeps that many through membership
@@ -179,6 +182,7 @@ impl SimConfig {
     /// A chaos run of `voters` replicas.
     pub fn chaos(seed: u64, voters: usize) -> Self {
         SimConfig {
+            replay_test: "raft_sim",
             seed,
             voters,
             fault_ticks: 400,
@@ -251,6 +255,8 @@ pub struct SimFailure {
     pub what: String,
     /// The last events, if tracing was on.
     pub trace: Vec<String>,
+    /// The command that replays the seed.
+    pub replay: String,
 }
 
 impl fmt::Display for SimFailure {
@@ -264,12 +270,7 @@ impl fmt::Display for SimFailure {
             self.step / STEPS_PER_TICK,
             self.what
         )?;
-        writeln!(
-            f,
-            "  replay: SIM_SEED={} SIM_VOTERS={} SIM_TRACE=1 cargo test -p sluice-cluster \
-             --test raft_sim replay -- --nocapture",
-            self.seed, self.voters
-        )?;
+        writeln!(f, "  replay: {}", self.replay)?;
         for line in &self.trace {
             writeln!(f, "  {line}")?;
         }
@@ -281,7 +282,7 @@ impl std::error::Error for SimFailure {}
 
 /// Runs one simulation.
 pub fn run(config: &SimConfig) -> Result<SimReport, SimFailure> {
-    let mut sim = Sim::new(config.clone());
+    let mut sim = Sim::new(config.clone(), Values);
     sim.run_chaos()
 }
 
@@ -315,7 +316,7 @@ impl SimConfig {
 /// of 30–50 ticks) and measures how long the group is without a working
 /// leader.
 pub fn measure_failover(config: &SimConfig) -> Result<FailoverSample, SimFailure> {
-    let mut sim = Sim::new(config.clone());
+    let mut sim = Sim::new(config.clone(), Values);
     sim.run_failover()
 }
 
@@ -325,20 +326,158 @@ const PAYLOAD_CONF: u64 = 1;
 const PAYLOAD_BOOT: u64 = 2;
 const PAYLOAD_VALUE_BASE: u64 = 16;
 
-/// The simulated state machine: the applied sequence itself, so that
-/// invariants can compare replicas index by index. `entries[i]` is the
-/// (term, payload) applied at index `i + 1`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-struct Sm {
-    entries: Vec<(u64, u64)>,
+/// What runs on top of the simulated group: the state machine every replica
+/// applies, and the clients around it. [`run`] uses [`Values`] (opaque
+/// values, applied as a sequence); `queue_sim` runs whole replicated queues.
+///
+/// Hooks get the simulation itself (the workload is taken out of it for the
+/// call) to propose, look at replicas, draw random numbers and trace.
+pub(crate) trait Workload: Sized {
+    /// The per-replica state machine. It is lost in a crash; checkpoints
+    /// and snapshots carry it ([`Workload::encode`]).
+    type State: Clone;
+
+    /// The state of a fresh group (and of a new replica before its first
+    /// snapshot).
+    fn initial(&self) -> Self::State;
+
+    /// The state's bytes inside a snapshot.
+    fn encode(state: &Self::State) -> Vec<u8>;
+
+    /// Reads [`Workload::encode`]'s bytes.
+    fn decode(bytes: &[u8]) -> Result<Self::State, String>;
+
+    /// A digest of a data entry for invariants (a) and (b) (at least
+    /// [`PAYLOAD_VALUE_BASE`]), or why the bytes are foreign.
+    fn digest(data: &[u8]) -> Result<u64, String>;
+
+    /// Replica `id` applies the entry at `index` (`data` is `None` for a
+    /// no-op or a configuration change). `up` is the replica (taken out of
+    /// the simulation for the call: propose through
+    /// [`Sim::propose_on`]); its state is `up.sm.app`.
+    fn apply(
+        &mut self,
+        sim: &mut Sim<Self>,
+        id: u64,
+        up: &mut Up<Self>,
+        index: u64,
+        data: Option<&[u8]>,
+    ) -> SimResult<()>;
+
+    /// Replica `id` restored a snapshot at `index`.
+    fn restored(&mut self, sim: &mut Sim<Self>, id: u64, index: u64, state: &Self::State) -> SimResult<()>;
+
+    /// One step of the clients (after the simulation's own).
+    fn step(&mut self, sim: &mut Sim<Self>) -> SimResult<()>;
+
+    /// The fault phase ended: everything heals.
+    fn healed(&mut self, sim: &mut Sim<Self>);
+
+    /// After healing: the run may end once this holds (and every member
+    /// has applied everything confirmed).
+    fn done(&mut self, sim: &mut Sim<Self>) -> bool;
+
+    /// The run ends: final checks.
+    fn finish(&mut self, sim: &mut Sim<Self>) -> SimResult<()>;
+
+    /// What is still missing when [`Workload::done`] never held.
+    fn describe(&self) -> String;
 }
 
-impl Sm {
-    fn bootstrap() -> Self {
-        Sm { entries: vec![(BOOTSTRAP_TERM, PAYLOAD_BOOT)] }
+/// The opaque values of [`run`]: the simulation's own clients propose them
+/// and the state machine is the applied sequence itself.
+pub(crate) struct Values;
+
+impl Workload for Values {
+    type State = ();
+
+    fn initial(&self) {}
+
+    fn encode(_: &()) -> Vec<u8> {
+        Vec::new()
     }
 
-    fn applied(&self) -> u64 {
+    fn decode(bytes: &[u8]) -> Result<(), String> {
+        if bytes.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{} bytes after the entries", bytes.len()))
+        }
+    }
+
+    fn digest(data: &[u8]) -> Result<u64, String> {
+        if data.len() != 8 {
+            return Err(format!("{} bytes of data", data.len()));
+        }
+        Ok(read_u64(data) + PAYLOAD_VALUE_BASE)
+    }
+
+    fn apply(&mut self, _: &mut Sim<Self>, _: u64, _: &mut Up<Self>, _: u64, _: Option<&[u8]>) -> SimResult<()> {
+        Ok(())
+    }
+
+    fn restored(&mut self, _: &mut Sim<Self>, _: u64, _: u64, _: &()) -> SimResult<()> {
+        Ok(())
+    }
+
+    fn step(&mut self, _: &mut Sim<Self>) -> SimResult<()> {
+        Ok(())
+    }
+
+    fn healed(&mut self, _: &mut Sim<Self>) {}
+
+    fn done(&mut self, _: &mut Sim<Self>) -> bool {
+        true
+    }
+
+    fn finish(&mut self, _: &mut Sim<Self>) -> SimResult<()> {
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        String::new()
+    }
+}
+
+/// How a workload's proposal ended, as [`Sim::take_outcomes`] reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Finished {
+    /// Committed: confirmed to the client.
+    Committed,
+    /// Leadership lost, or the replica crashed or was removed before
+    /// answering: it may still commit.
+    Failed,
+}
+
+/// A client proposal waiting for its outcome.
+#[derive(Debug, Clone, Copy)]
+struct InFlight {
+    /// The run's proposal number (liveness counts from it).
+    value: u64,
+    /// [`Workload::digest`] of the data.
+    payload: u64,
+    /// The workload's tag, if the workload proposed it.
+    tag: Option<u64>,
+}
+
+/// The simulated state machine: the applied sequence itself, so that
+/// invariants can compare replicas index by index, plus the workload's own
+/// state (`app`, `()` for the opaque values of [`run`]). `entries[i]` is the
+/// (term, payload) applied at index `i + 1`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Sm<S> {
+    entries: Vec<(u64, u64)>,
+    /// The workload's state machine.
+    pub(crate) app: S,
+}
+
+impl<S> Sm<S> {
+    fn bootstrap(app: S) -> Self {
+        Sm { entries: vec![(BOOTSTRAP_TERM, PAYLOAD_BOOT)], app }
+    }
+
+    /// The last index applied.
+    pub(crate) fn applied(&self) -> u64 {
         self.entries.len() as u64
     }
 
@@ -346,30 +485,38 @@ impl Sm {
         index.checked_sub(1).and_then(|i| self.entries.get(i as usize).copied())
     }
 
-    fn encode(&self) -> Bytes {
-        let mut bytes = Vec::with_capacity(self.entries.len() * 16);
+    /// Snapshot layout: entry count (8 bytes), the entries (term and
+    /// payload, 8 bytes each), then the workload's state.
+    fn encode(&self, app: Vec<u8>) -> Bytes {
+        let mut bytes = Vec::with_capacity(8 + self.entries.len() * 16 + app.len());
+        bytes.extend_from_slice(&(self.entries.len() as u64).to_be_bytes());
         for (term, payload) in &self.entries {
             bytes.extend_from_slice(&term.to_be_bytes());
             bytes.extend_from_slice(&payload.to_be_bytes());
         }
+        bytes.extend_from_slice(&app);
         Bytes::from(bytes)
     }
 
-    fn decode(data: &[u8]) -> Result<Self, String> {
-        if !data.len().is_multiple_of(16) {
-            return Err(format!(
-                "snapshot of {} bytes is not a whole number of entries",
-                data.len()
-            ));
-        }
+    fn decode(data: &[u8], app: impl FnOnce(&[u8]) -> Result<S, String>) -> Result<Self, String> {
+        let count = data.get(..8).map(read_u64).ok_or("snapshot shorter than its header")?;
+        let end = usize::try_from(count)
+            .ok()
+            .and_then(|n| n.checked_mul(16))
+            .and_then(|n| n.checked_add(8))
+            .filter(|end| *end <= data.len())
+            .ok_or_else(|| format!("snapshot of {} bytes cannot hold {count} entries", data.len()))?;
         let entries = data
+            .get(8..end)
+            .unwrap_or_default()
             .chunks_exact(16)
             .map(|chunk| {
                 let (term, payload) = chunk.split_at(8);
                 (read_u64(term), read_u64(payload))
             })
             .collect();
-        Ok(Sm { entries })
+        let app = app(data.get(end..).unwrap_or_default())?;
+        Ok(Sm { entries, app })
     }
 }
 
@@ -379,22 +526,25 @@ fn read_u64(bytes: &[u8]) -> u64 {
     u64::from_be_bytes(buffer)
 }
 
-struct Up {
-    group: Group<MemLogStore>,
-    sm: Sm,
+/// A running replica.
+pub(crate) struct Up<W: Workload> {
+    /// The Raft driver.
+    pub(crate) group: Group<MemLogStore>,
+    /// Its state machine.
+    pub(crate) sm: Sm<W::State>,
     /// Writes waiting for the disk: (due step, write number), in order.
     disk: VecDeque<(u64, u64)>,
 }
 
-struct Node {
+struct Node<W: Workload> {
     id: u64,
     incarnation: u64,
-    up: Option<Box<Up>>,
+    up: Option<Box<Up<W>>>,
     /// The disk while crashed, and when it comes back.
     down: Option<(MemLogStore, u64)>,
     destroyed: bool,
     /// The state machine's last checkpoint (durable).
-    checkpoint: Sm,
+    checkpoint: Sm<W::State>,
     /// Ticks fire when `(step + phase) % STEPS_PER_TICK == 0`: replicas'
     /// clocks are not aligned.
     phase: u64,
@@ -426,13 +576,14 @@ struct Watch {
     commit_at: Option<u64>,
 }
 
-struct Sim {
+/// The simulation of one group (see the module docs); `W` is what runs on it.
+pub(crate) struct Sim<W: Workload> {
     config: SimConfig,
     faults: Faults,
     rng: SplitMix64,
     logger: slog::Logger,
     now: u64,
-    nodes: BTreeMap<u64, Node>,
+    nodes: BTreeMap<u64, Node<W>>,
     next_id: u64,
     network: Vec<Packet>,
     /// Transport reports on snapshot messages: (sender, recipient, delivered).
@@ -443,11 +594,13 @@ struct Sim {
     applied_at: Vec<(u64, u64)>,
     /// (c): the leader of each term.
     leaders: HashMap<u64, u64>,
-    /// (a): confirmed values and their indexes.
-    confirmed: Vec<(u64, u64)>,
+    /// (a): confirmed proposals: (value, index, payload).
+    confirmed: Vec<(u64, u64, u64)>,
     next_value: u64,
     believed_leader: Option<u64>,
-    in_flight: HashMap<(u64, u64, ProposalId), u64>,
+    in_flight: HashMap<(u64, u64, ProposalId), InFlight>,
+    /// Outcomes of the workload's proposals, until it takes them.
+    outcomes: Vec<(u64, Finished)>,
     operator_in_flight: HashMap<(u64, u64, ProposalId), OperatorOp>,
     /// The newest configuration applied anywhere, with its index.
     latest_conf: (u64, ConfState),
@@ -456,20 +609,25 @@ struct Sim {
     watch: Option<Watch>,
     report: SimReport,
     trace: VecDeque<String>,
+    /// The workload (taken out while one of its hooks runs).
+    workload: Option<W>,
+    /// [`Workload::initial`], for replicas added later.
+    initial: W::State,
 }
 
-type SimResult<T> = Result<T, SimFailure>;
+/// What the simulation's steps return.
+pub(crate) type SimResult<T> = Result<T, SimFailure>;
 
 const TRACE_LINES: usize = 400;
 
-impl Sim {
-    fn new(config: SimConfig) -> Self {
+impl<W: Workload> Sim<W> {
+    pub(crate) fn new(config: SimConfig, workload: W) -> Self {
         let mut rng = SplitMix64::new(config.seed);
         let voters: Vec<u64> = (1..=config.voters as u64).collect();
-        let bootstrap = Sm::bootstrap();
+        let bootstrap = Sm::bootstrap(workload.initial());
         let mut nodes = BTreeMap::new();
         for &id in &voters {
-            let store = MemLogStore::bootstrap(&voters, &[], bootstrap.encode());
+            let store = MemLogStore::bootstrap(&voters, &[], bootstrap.encode(W::encode(&bootstrap.app)));
             let phase = rng.below(STEPS_PER_TICK);
             nodes.insert(
                 id,
@@ -484,8 +642,7 @@ impl Sim {
                 },
             );
         }
-        let mut conf = ConfState::default();
-        conf.voters = voters.clone();
+        let conf = ConfState { voters: voters.clone(), ..ConfState::default() };
         let faults = config.faults.clone();
         Sim {
             faults,
@@ -504,6 +661,7 @@ impl Sim {
             next_value: 0,
             believed_leader: None,
             in_flight: HashMap::new(),
+            outcomes: Vec::new(),
             operator_in_flight: HashMap::new(),
             latest_conf: (BOOTSTRAP_INDEX, conf),
             joining: None,
@@ -511,21 +669,31 @@ impl Sim {
             watch: None,
             report: SimReport { seed: config.seed, ..SimReport::default() },
             trace: VecDeque::new(),
+            initial: workload.initial(),
+            workload: Some(workload),
             config,
         }
     }
 
-    fn fail<T>(&self, what: impl Into<String>) -> SimResult<T> {
+    /// A failure at this step.
+    pub(crate) fn fail<T>(&self, what: impl Into<String>) -> SimResult<T> {
+        let (seed, voters) = (self.config.seed, self.config.voters);
         Err(SimFailure {
-            seed: self.config.seed,
-            voters: self.config.voters,
+            seed,
+            voters,
             step: self.now,
             what: what.into(),
             trace: self.trace.iter().cloned().collect(),
+            replay: format!(
+                "SIM_SEED={seed} SIM_VOTERS={voters} SIM_TRACE=1 cargo test -p sluice-cluster \
+                 --test {} replay -- --nocapture",
+                self.config.replay_test
+            ),
         })
     }
 
-    fn note(&mut self, line: impl FnOnce() -> String) {
+    /// Adds a line to the trace (when tracing).
+    pub(crate) fn note(&mut self, line: impl FnOnce() -> String) {
         if self.config.trace {
             if self.trace.len() == TRACE_LINES {
                 self.trace.pop_front();
@@ -541,7 +709,18 @@ impl Sim {
 
     // ---- the two scenarios -------------------------------------------------
 
-    fn run_chaos(&mut self) -> SimResult<SimReport> {
+    /// Runs a workload hook with the workload taken out of the simulation.
+    fn with_workload<T>(&mut self, hook: impl FnOnce(&mut W, &mut Self) -> SimResult<T>) -> SimResult<T> {
+        let Some(mut workload) = self.workload.take() else {
+            return self.fail("a workload hook re-entered the simulation");
+        };
+        let result = hook(&mut workload, self);
+        self.workload = Some(workload);
+        result
+    }
+
+    /// The fault phase, healing, and the settle phase (see the module docs).
+    pub(crate) fn run_chaos(&mut self) -> SimResult<SimReport> {
         let fault_end = self.config.fault_ticks * STEPS_PER_TICK;
         let settle_end = fault_end + self.config.settle_ticks * STEPS_PER_TICK;
         let mut liveness_from_value = None;
@@ -552,19 +731,27 @@ impl Sim {
                 self.inject_faults()?;
             } else if step == fault_end {
                 self.heal_everything();
+                self.with_workload(|workload, sim| {
+                    workload.healed(sim);
+                    Ok(())
+                })?;
                 liveness_from_value = Some(self.next_value);
             }
             self.step_world(step < fault_end)?;
             if let Some(first_value) = liveness_from_value {
                 if live_at.is_none()
-                    && self.confirmed.iter().any(|(value, _)| *value >= first_value)
+                    && self.confirmed.iter().any(|(value, _, _)| *value >= first_value)
                 {
                     live_at = Some(step);
                     self.report.liveness_ticks = (step - fault_end) / STEPS_PER_TICK;
                 }
-                if live_at.is_some() && self.caught_up() {
+                if live_at.is_some()
+                    && self.caught_up()
+                    && self.with_workload(|workload, sim| Ok(workload.done(sim)))?
+                {
                     self.report.catch_up_ticks = (step - fault_end) / STEPS_PER_TICK;
                     self.check_confirmed_everywhere()?;
+                    self.with_workload(|workload, sim| workload.finish(sim))?;
                     self.finish_report(step);
                     return Ok(self.report.clone());
                 }
@@ -576,8 +763,9 @@ impl Sim {
                 self.config.settle_ticks
             ));
         }
+        let workload = self.workload.as_ref().map(W::describe).unwrap_or_default();
         self.fail(format!(
-            "(e) members did not catch up within {} ticks after the last fault: {}",
+            "(e) members did not catch up within {} ticks after the last fault: {}; {workload}",
             self.config.settle_ticks,
             self.describe_progress()
         ))
@@ -616,6 +804,7 @@ impl Sim {
         self.run_disks()?;
         self.run_ticks();
         self.clients()?;
+        self.with_workload(|workload, sim| workload.step(sim))?;
         if self.now.is_multiple_of(5 * STEPS_PER_TICK) {
             self.operator(fault_phase)?;
         }
@@ -709,14 +898,34 @@ impl Sim {
         store.crash();
         node.down = Some((store, until));
         let incarnation = node.incarnation;
-        let before = self.in_flight.len();
-        self.in_flight.retain(|(node_id, inc, _), _| !(*node_id == id && *inc == incarnation));
-        self.report.unanswered += (before - self.in_flight.len()) as u64;
+        self.report.unanswered += self.forget_proposals_of(id, incarnation);
         self.operator_in_flight
             .retain(|(node_id, inc, _), _| !(*node_id == id && *inc == incarnation));
         self.report.crashes += 1;
         self.note(|| format!("crash {id} until step {until}"));
         Ok(())
+    }
+
+    /// Drops the client proposals a replica accepted in its incarnation
+    /// (it crashed or was removed); the workload's fail. Returns how many.
+    fn forget_proposals_of(&mut self, id: u64, incarnation: u64) -> u64 {
+        let mut gone: Vec<((u64, u64, ProposalId), InFlight)> = Vec::new();
+        self.in_flight.retain(|key, proposal| {
+            let (node_id, inc, _) = *key;
+            let mine = node_id == id && inc == incarnation;
+            if mine {
+                gone.push((*key, *proposal));
+            }
+            !mine
+        });
+        // HashMap order is not deterministic: report in proposal order.
+        gone.sort_by_key(|(_, proposal)| proposal.value);
+        for (_, proposal) in &gone {
+            if let Some(tag) = proposal.tag {
+                self.outcomes.push((tag, Finished::Failed));
+            }
+        }
+        gone.len() as u64
     }
 
     fn restart_due(&mut self) -> SimResult<()> {
@@ -911,7 +1120,8 @@ impl Sim {
             Ok(id) => {
                 self.next_value += 1;
                 self.report.proposed += 1;
-                self.in_flight.insert((target, incarnation, id), value);
+                let payload = value + PAYLOAD_VALUE_BASE;
+                self.in_flight.insert((target, incarnation, id), InFlight { value, payload, tag: None });
                 self.note(|| format!("client: v{value} accepted by {target} as {id:?}"));
             }
             Err(Error::NotLeader { leader }) => self.believed_leader = leader,
@@ -956,7 +1166,7 @@ impl Sim {
             }
             let result = up.group.save_apply_state().and_then(|()| {
                 if compact {
-                    up.group.compact(up.sm.encode())
+                    up.group.compact(up.sm.encode(W::encode(&up.sm.app)))
                 } else {
                     Ok(())
                 }
@@ -1046,7 +1256,7 @@ impl Sim {
                             up: None,
                             down: Some((MemLogStore::new(), self.now)),
                             destroyed: false,
-                            checkpoint: Sm::default(),
+                            checkpoint: Sm { entries: Vec::new(), app: self.initial.clone() },
                             phase,
                         },
                     );
@@ -1098,7 +1308,7 @@ impl Sim {
             node.up = None;
             node.down = None;
             let incarnation = node.incarnation;
-            self.in_flight.retain(|(node_id, inc, _), _| !(*node_id == id && *inc == incarnation));
+            self.forget_proposals_of(id, incarnation);
             self.operator_in_flight
                 .retain(|(node_id, inc, _), _| !(*node_id == id && *inc == incarnation));
             self.isolated.remove(&id);
@@ -1151,7 +1361,7 @@ impl Sim {
         &mut self,
         id: u64,
         incarnation: u64,
-        up: &mut Up,
+        up: &mut Up<W>,
         output: Output,
     ) -> SimResult<bool> {
         if let Some(ticket) = output.persist {
@@ -1168,7 +1378,7 @@ impl Sim {
             self.send(id, message);
         }
         if let Some(snapshot) = output.restore {
-            let sm = match Sm::decode(&snapshot.data) {
+            let sm = match Sm::decode(&snapshot.data, W::decode) {
                 Ok(sm) => sm,
                 Err(reason) => return self.fail(format!("replica {id}: bad snapshot: {reason}")),
             };
@@ -1185,6 +1395,8 @@ impl Sim {
             }
             self.observe_conf(metadata.index, metadata.get_conf_state());
             self.note(|| format!("replica {id} restored snapshot at {}", metadata.index));
+            let index = metadata.index;
+            self.with_workload(|workload, sim| workload.restored(sim, id, index, &sm.app))?;
             up.sm = sm;
             self.report.restores += 1;
         }
@@ -1198,13 +1410,15 @@ impl Sim {
             }
             let payload = match &committed.payload {
                 Payload::Noop => PAYLOAD_NOOP,
-                Payload::Data(data) => {
-                    if data.len() != 8 {
-                        return self
-                            .fail(format!("replica {id}: foreign data at {}", committed.index));
+                Payload::Data(data) => match W::digest(data) {
+                    Ok(digest) => digest,
+                    Err(reason) => {
+                        return self.fail(format!(
+                            "replica {id}: foreign data at {}: {reason}",
+                            committed.index
+                        ));
                     }
-                    read_u64(data) + PAYLOAD_VALUE_BASE
-                }
+                },
                 Payload::ConfChange { conf_state, .. } => {
                     if let Some(conf_state) = conf_state {
                         self.observe_conf(committed.index, conf_state);
@@ -1217,6 +1431,12 @@ impl Sim {
                 self.report.conf_changes += 1;
             }
             up.sm.entries.push((committed.term, payload));
+            let data = match &committed.payload {
+                Payload::Data(data) => Some(&data[..]),
+                _ => None,
+            };
+            let index = committed.index;
+            self.with_workload(|workload, sim| workload.apply(sim, id, up, index, data))?;
             if let Some(watch) = self.watch.as_mut() {
                 if Some(id) == watch.new_leader
                     && committed.term > watch.old_term
@@ -1261,7 +1481,7 @@ impl Sim {
     /// and an append acknowledgement only leave once what they promise is
     /// durable. (A later durable write can only have moved the hard state
     /// to a higher term, which is why a higher durable term also passes.)
-    fn check_persisted_before_send(&self, id: u64, up: &Up, message: &Message) -> SimResult<()> {
+    fn check_persisted_before_send(&self, id: u64, up: &Up<W>, message: &Message) -> SimResult<()> {
         let store = up.group.store();
         let durable = store.durable_hard_state();
         let kind = message.get_msg_type();
@@ -1296,9 +1516,12 @@ impl Sim {
     /// The leader needs a fresh snapshot for a follower: checkpoint and
     /// compact at once (a real state machine may take longer; raft-rs asks
     /// again until it gets one).
-    fn snapshot_now(&mut self, id: u64, up: &mut Up) -> SimResult<()> {
+    fn snapshot_now(&mut self, id: u64, up: &mut Up<W>) -> SimResult<()> {
         let applied = up.group.applied().index;
-        let result = up.group.save_apply_state().and_then(|()| up.group.compact(up.sm.encode()));
+        let result = up
+            .group
+            .save_apply_state()
+            .and_then(|()| up.group.compact(up.sm.encode(W::encode(&up.sm.app))));
         if let Err(error) = result {
             return self.fail(format!("replica {id}: snapshot at {applied}: {error}"));
         }
@@ -1314,7 +1537,7 @@ impl Sim {
         &mut self,
         id: u64,
         incarnation: u64,
-        up: &Up,
+        up: &Up<W>,
         proposal: ProposalId,
         outcome: ProposalOutcome,
     ) -> SimResult<()> {
@@ -1323,19 +1546,26 @@ impl Sim {
             self.note(|| format!("operator: {op:?} {proposal:?} -> {outcome:?}"));
             return Ok(());
         }
-        let Some(value) = self.in_flight.remove(&key) else {
+        let Some(InFlight { value, payload, tag }) = self.in_flight.remove(&key) else {
             return self.fail(format!("replica {id}: outcome for unknown proposal {proposal:?}"));
         };
+        if let Some(tag) = tag {
+            let finished = match outcome {
+                ProposalOutcome::Committed => Finished::Committed,
+                _ => Finished::Failed,
+            };
+            self.outcomes.push((tag, finished));
+        }
         match outcome {
             ProposalOutcome::Committed => {
-                let expected = (proposal.term, value + PAYLOAD_VALUE_BASE);
+                let expected = (proposal.term, payload);
                 if up.sm.at(proposal.index) != Some(expected) {
                     let found = up.sm.at(proposal.index);
                     return self.fail(format!(
                         "(a) replica {id} confirmed v{value} at {proposal:?} but applied {found:?} there"
                     ));
                 }
-                self.confirmed.push((value, proposal.index));
+                self.confirmed.push((value, proposal.index, payload));
                 self.report.confirmed += 1;
             }
             ProposalOutcome::LeadershipLost => self.report.leadership_lost += 1,
@@ -1389,9 +1619,9 @@ impl Sim {
             if !conf_contains(&self.latest_conf.1, node.id) {
                 continue;
             }
-            for &(value, index) in &self.confirmed {
+            for &(value, index, payload) in &self.confirmed {
                 let held = up.sm.at(index).map(|(_, payload)| payload);
-                if held != Some(value + PAYLOAD_VALUE_BASE) {
+                if held != Some(payload) {
                     return self.fail(format!(
                         "(a) confirmed v{value} at {index} is missing on replica {}: {held:?}",
                         node.id
@@ -1403,7 +1633,7 @@ impl Sim {
     }
 
     fn caught_up(&self) -> bool {
-        let target = self.confirmed.iter().map(|(_, index)| *index).max().unwrap_or(0);
+        let target = self.confirmed.iter().map(|(_, index, _)| *index).max().unwrap_or(0);
         let conf = &self.latest_conf.1;
         if !conf.voters_outgoing.is_empty() {
             return false;
@@ -1446,13 +1676,94 @@ impl Sim {
         self.report.digest = acc;
     }
 
+    // ---- for workloads ---------------------------------------------------------
+
+    /// The current step.
+    pub(crate) fn now(&self) -> u64 {
+        self.now
+    }
+
+    /// The run's random numbers.
+    pub(crate) fn rng(&mut self) -> &mut SplitMix64 {
+        &mut self.rng
+    }
+
+    /// Replica `id`'s incarnation (it grows with every restart).
+    pub(crate) fn incarnation(&self, id: u64) -> u64 {
+        self.nodes.get(&id).map_or(0, |node| node.incarnation)
+    }
+
+    /// The workload, once the run is over.
+    pub(crate) fn into_workload(self) -> Option<W> {
+        self.workload
+    }
+
+    /// Replicas of the newest configuration that are running.
+    pub(crate) fn member_ids(&self) -> Vec<u64> {
+        self.nodes
+            .values()
+            .filter(|node| node.up.is_some() && conf_contains(&self.latest_conf.1, node.id))
+            .map(|node| node.id)
+            .collect()
+    }
+
+    /// The workload's proposal outcomes since the last call, in the order
+    /// they happened.
+    pub(crate) fn take_outcomes(&mut self) -> Vec<(u64, Finished)> {
+        std::mem::take(&mut self.outcomes)
+    }
+
+    /// A client proposes `data` at replica `id`; its outcome comes back
+    /// under `tag` ([`Sim::take_outcomes`]). Returns the proposal's id, or
+    /// `None` when the replica is down or refused it (not the leader,
+    /// dropped): then no outcome follows.
+    pub(crate) fn propose(&mut self, id: u64, data: Vec<u8>, tag: u64) -> SimResult<Option<ProposalId>> {
+        let incarnation = self.incarnation(id);
+        let Some(mut up) = self.nodes.get_mut(&id).and_then(|node| node.up.take()) else {
+            return Ok(None);
+        };
+        let result = self.propose_on(id, incarnation, &mut up, data, tag);
+        if let Some(node) = self.nodes.get_mut(&id) {
+            node.up = Some(up);
+        }
+        result
+    }
+
+    /// [`Sim::propose`] at a replica taken out of the simulation (the one a
+    /// [`Workload::apply`] hook is given).
+    pub(crate) fn propose_on(
+        &mut self,
+        id: u64,
+        incarnation: u64,
+        up: &mut Up<W>,
+        data: Vec<u8>,
+        tag: u64,
+    ) -> SimResult<Option<ProposalId>> {
+        let payload = match W::digest(&data) {
+            Ok(payload) => payload,
+            Err(reason) => return self.fail(format!("workload proposes foreign data: {reason}")),
+        };
+        match up.group.propose(data) {
+            Ok(proposal) => {
+                let value = self.next_value;
+                self.next_value += 1;
+                self.report.proposed += 1;
+                self.in_flight.insert((id, incarnation, proposal), InFlight { value, payload, tag: Some(tag) });
+                Ok(Some(proposal))
+            }
+            Err(Error::NotLeader { .. } | Error::ProposalDropped) => Ok(None),
+            Err(error) => self.fail(format!("propose to {id}: {error}")),
+        }
+    }
+
     // ---- lookups --------------------------------------------------------------
 
-    fn up(&self, id: u64) -> Option<&Up> {
+    /// Replica `id`, if it is running (and not the one being handled).
+    pub(crate) fn up(&self, id: u64) -> Option<&Up<W>> {
         self.nodes.get(&id).and_then(|node| node.up.as_deref())
     }
 
-    fn up_mut(&mut self, id: u64) -> Option<&mut Up> {
+    fn up_mut(&mut self, id: u64) -> Option<&mut Up<W>> {
         self.nodes.get_mut(&id).and_then(|node| node.up.as_deref_mut())
     }
 
@@ -1469,7 +1780,7 @@ impl Sim {
     }
 
     /// The up replica that leads the highest term.
-    fn current_leader(&self) -> Option<u64> {
+    pub(crate) fn current_leader(&self) -> Option<u64> {
         self.nodes
             .values()
             .filter_map(|node| node.up.as_ref().map(|up| (node.id, up)))
@@ -1499,9 +1810,13 @@ mod tests {
 
     #[test]
     fn state_machine_snapshot_round_trips() {
-        let sm = Sm { entries: vec![(1, 2), (3, 40), (3, 0)] };
-        assert_eq!(Sm::decode(&sm.encode()).unwrap(), sm);
-        assert!(Sm::decode(&[0; 7]).is_err());
+        let sm = Sm { entries: vec![(1, 2), (3, 40), (3, 0)], app: () };
+        assert_eq!(Sm::decode(&sm.encode(Vec::new()), Values::decode).unwrap(), sm);
+        assert!(Sm::decode(&[0; 7], Values::decode).is_err());
+        assert!(Sm::decode(&sm.encode(vec![1]), Values::decode).is_err());
+        let mut short = sm.encode(Vec::new()).to_vec();
+        short.pop();
+        assert!(Sm::decode(&short, Values::decode).is_err());
     }
 
     #[test]

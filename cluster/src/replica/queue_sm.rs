@@ -640,6 +640,21 @@ impl QueueSm {
         self.held.get(consumer).into_iter().flatten().filter_map(|seq| self.unacked.get(seq).map(|meta| (*seq, meta)))
     }
 
+    /// Who holds `seq`, if anyone (a scan of the holders: few per queue).
+    pub fn holder_of(&self, seq: Seq) -> Option<&ConsumerId> {
+        self.held.iter().find(|(_, seqs)| seqs.contains(&seq)).map(|(id, _)| id)
+    }
+
+    /// Whether `seq` is live (ready or held).
+    pub fn is_live(&self, seq: Seq) -> bool {
+        self.ready.contains_key(&seq) || self.unacked.contains_key(&seq)
+    }
+
+    /// Live messages (ready and held).
+    pub fn live_count(&self) -> usize {
+        self.ready.len() + self.unacked.len()
+    }
+
     /// The lowest seq still live (ready or held), or [`Self::next_seq`]
     /// when there is none: every message below it is gone, so storage may
     /// forget everything under it. Never decreases.

@@ -13,13 +13,13 @@
 //!   Elections are left to raft-rs's clock (a tokio task ticks every
 //!   [`ReplicaOptions::tick`]); only a group whose only voter is this
 //!   replica campaigns by itself.
-//! - **Every replica applies everything**: the state machine, the bodies
-//!   (kept in RAM, by seq) and who holds which seq. Only the leader holds
+//! - **Every replica applies everything**: the state machine and where
+//!   each live message's body is in the log (below). Only the leader holds
 //!   consumer handles (`Arc<Consumer>`), decides checkouts and pushes
 //!   deliveries; followers never talk to consumers.
-//! - **Publish** ([`ReplicatedQueue::publish_as`], leader only) proposes a
-//!   [`Command::Enqueue`] whose log entry also holds the message (as a
-//!   [`crate::record`] encoding). Its [`Durable`] resolves when the entry
+//! - **Publish** ([`ReplicatedQueue::publish_as`], leader only) adds the
+//!   message to the next [`Command::Enqueue`]; its log entry also holds the
+//!   message (as a [`crate::record`] encoding). Its [`Durable`] resolves when the entry
 //!   is committed (durable on a majority) and applied here, or fails with
 //!   [`Error::NotLeader`] if this replica stopped leading first: the entry
 //!   may still commit under the next leader, so the gateway retries there
@@ -36,7 +36,7 @@
 //!   The leader takes credit ([`Consumer::try_acquire`], round robin, one
 //!   message at a time as `LocalQueue` does) for ready seqs that are not
 //!   already in a pending checkout and proposes one [`Command::Checkout`]
-//!   per consumer. When it applies, the moved messages go to the sink
+//!   per consumer (batched like everything else). When it applies, the moved messages go to the sink
 //!   (under the replica's lock; sinks never call back), and credit of
 //!   seqs the checkout did not move is given back
 //!   ([`Consumer::undo_acquire`]).
@@ -64,30 +64,87 @@
 //!   became sendable, applies what committed and proposes new checkouts.
 //!   Every public method pumps the group under the lock too, so writes and
 //!   messages leave without waiting for the task.
-//! - **Restart.** [`ReplicatedQueue::open`] on an existing log re-applies
-//!   it from the start (no checkpoint yet) as raft-rs hands the committed
-//!   entries out. With a single voter, `open` blocks until that is done and
-//!   [`Command::GatewayDown`] for [`ReplicaOptions::gateway`] has committed
-//!   (consumers of the previous process are detached, what they held is
-//!   ready again with `redelivered = true`). With several voters `open`
-//!   returns at once; the replica catches up from the leader.
+//! - **Restart.** [`ReplicatedQueue::open`] loads the last checkpoint
+//!   (see below) and re-applies only the entries after it as raft-rs hands
+//!   the committed ones out. With a single voter, `open` blocks until that
+//!   is done and [`Command::GatewayDown`] for [`ReplicaOptions::gateway`]
+//!   has committed (consumers of the previous process are detached, what
+//!   they held is ready again with `redelivered = true`). With several
+//!   voters `open` returns at once; the replica catches up from the leader.
+//!
+//! **Bodies live in the log** (as in RabbitMQ's quorum queues: the log is
+//! the message store). An `Enqueue` entry carries the messages' records
+//! after its commands, with a table of offsets, so a body is a zero-copy
+//! slice of the entry (`log.rs`). Per live message a replica keeps only
+//! the state machine's few bytes (seq → size, flags); where its body is
+//! comes from [`log::Batches`]: one record (log index, body position,
+//! live count) per `Enqueue` that still has a live message, not per
+//! message. The leader keeps recently applied entries in a small cache
+//! ([`ReplicaOptions::body_cache_bytes`], oldest out first, and dropped
+//! once no live message is in them), so a consumer that keeps up never
+//! reads the disk; a consumer behind reads its entry back from the log
+//! (one read per entry, kept in a slot of its own). Followers cache
+//! nothing. Why not the `msgs` keyspace: writing bodies there on apply
+//! writes each body twice (log, then `msgs`) and removes it twice, needs
+//! the write-once rule to hold across replays (a replay after the last
+//! checkpoint would put the same (queue, seq) again), and a follower that
+//! catches up by snapshot would have no bodies for the messages the
+//! snapshot covers, so the snapshot would have to carry them (a 1 GiB
+//! snapshot for 1M queued 1 KiB messages). With bodies in the log, a body
+//! is written once (by the raft append that must happen anyway) and the
+//! snapshot stays small (it carries no body; the log keeps them).
+//!
+//! **Checkpoints and compaction.** After [`ReplicaOptions::
+//! checkpoint_entries`] entries or [`ReplicaOptions::checkpoint_bytes`]
+//! bytes applied (but never before twice the checkpoint's own size of log
+//! went by, so a big backlog is not rewritten too often), and on
+//! [`ReplicatedQueue::close`], a replica writes a [`log::Checkpoint`]
+//! (the state machine's snapshot, the batches and the log index the state
+//! reflects) under `LogMeta` tag [`TAG_QUEUE_CHECKPOINT`] in the same
+//! atomic write as its apply state (`save_apply_state_with`), so a restart
+//! resumes after it. It then compacts the log up to the entry before the
+//! oldest one holding a live message (`Group::compact_to`), never beyond:
+//! the raft snapshot is placed there, with the same checkpoint as its
+//! data, although the state it holds is newer. Whoever loads it (a
+//! follower that was behind the compaction point and gets it from the
+//! leader, or a replica whose snapshot is newer than its own checkpoint)
+//! skips the entries up to the checkpoint's index and applies the rest;
+//! the entries it skips still arrive, so it has every live body and can
+//! serve consumers as soon as it leads. `Output::snapshot_wanted` forces a
+//! checkpoint and compaction. Compaction never passes a configuration
+//! change the snapshot's configuration would not reflect.
+//!
+//! **Batching.** Commands are not proposed one by one: while a raft write
+//! of the group is in flight, publishes, settles, checkouts and the rest
+//! wait in a pending list, and go out as *one* entry when the write
+//! settles (or when the entry reaches [`ReplicaOptions::max_entry_bytes`]).
+//! Publishes merge into one `Enqueue`, settles of one consumer and outcome
+//! into one `Settle`, checkouts of one consumer into one `Checkout`, where
+//! moving the later command in front of those between changes nothing
+//! (`*_may_pass`); otherwise commands keep their order inside the entry.
+//! So the per-entry raft cost (a proposal, a ready, a log write, an
+//! apply) is paid once per batch, like the storage writer's group commit.
+//!
 //! - The [`Queue`] trait (in-process use) maps to the methods above, with
 //!   consumer ids under [`ReplicaOptions::gateway`]. None of its methods
 //!   blocks: `consume`, `get` and `purge` answer with futures that resolve
 //!   when their entry applies.
 //!
 //! Not done yet (see docs/cluster.md, "Replicated queue"):
-//! - no checkpoints, snapshots or log compaction: the log grows forever,
-//!   `open` replays all of it, and a received snapshot other than the
-//!   (empty) bootstrap one is refused; `Output::snapshot_wanted` is
-//!   ignored;
+//! - **a long-lived unconsumed message pins the log**: compaction never
+//!   passes the entry holding the oldest live message, so one message
+//!   nobody consumes (or a consumer holding one unacked forever) keeps
+//!   every later entry on disk, and the log grows with the traffic behind
+//!   it. The fix is to re-append old live bodies (a "move to the tail"
+//!   entry once the oldest live entry is far behind), or snapshots that
+//!   carry the few old live bodies; neither is built. RAM is not affected
+//!   (bodies are read back from the log, never kept);
+//! - the body cache is per queue, not a node-wide budget like
+//!   `LocalQueue`'s; the checkpoint is written twice when the log is
+//!   compacted (apply-state record and snapshot data), both in the small
+//!   `state` keyspace, which is fine for up to a few million live messages
+//!   (about 16 bytes each) but not beyond;
 //! - no membership changes (the voters are fixed at bootstrap);
-//! - **message bodies live in RAM** (rebuilt from the log on open), not in
-//!   the `msgs` keyspace: writing them there on apply needs the checkpoint
-//!   first (a (queue, seq) key may be written only once, so a replay from
-//!   the start must not write it again);
-//! - every publish is its own log entry (no batching beyond the storage's
-//!   group commit across entries);
 //! - a replica that was down while its queue was deleted keeps its log
 //!   (nobody is left to tell it the delete committed): the node host must
 //!   remove replicas of queues the metadata no longer has;
@@ -104,6 +161,8 @@
 //! - consensus and log-store failures surface as [`Error::Corrupt`] (or
 //!   [`Error::Storage`]), and after one the replica refuses everything.
 
+mod log;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -111,17 +170,17 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use raft::eraftpb::MessageType;
-use serde::{Deserialize, Serialize};
 use sluice_codecs::command::Message;
 use sluice_storage::{Completion, Op, Store};
 use tokio::sync::{oneshot, Notify};
 use tokio::task::JoinHandle;
 
+use self::log::{decode_commands, encode_entry, entry_body, Batches, BodyCache, Checkpoint};
 use crate::backend::{ready, Consumer, Delivery, Durable, Outcome, Queue, QueueId, QueueSpec, Reply};
 use crate::consensus::fjall_store::{TAG_APPLY_STATE, TAG_HARD_STATE, TAG_SNAPSHOT_DATA, TAG_SNAPSHOT_META};
 use crate::consensus::{
-    Committed, FjallLogStore, FjallLogStoreError, GroupConfig, GroupId, Output, Payload, ProposalId, ProposalOutcome,
-    Role, Transport,
+    Committed, FjallLogStore, FjallLogStoreError, GroupConfig, GroupId, LogStore, Output, Payload, ProposalId,
+    ProposalOutcome, Role, Transport, BOOTSTRAP_INDEX,
 };
 use crate::replica::queue_sm::{Command, ConsumerOpts, Effect, NewMsg, QueueSm, Rejection};
 pub use crate::replica::queue_sm::{ConsumerId, PublishId, Seq};
@@ -138,6 +197,22 @@ pub const DEFAULT_TICK: Duration = Duration::from_millis(50);
 /// Default time a new leader gives gateways to re-attach their consumers.
 pub const DEFAULT_REATTACH_GRACE: Duration = Duration::from_secs(3);
 
+/// Default [`ReplicaOptions::checkpoint_entries`].
+pub const DEFAULT_CHECKPOINT_ENTRIES: u64 = 4096;
+
+/// Default [`ReplicaOptions::checkpoint_bytes`].
+pub const DEFAULT_CHECKPOINT_BYTES: u64 = 64 << 20;
+
+/// Default [`ReplicaOptions::body_cache_bytes`].
+pub const DEFAULT_BODY_CACHE_BYTES: usize = 16 << 20;
+
+/// Default [`ReplicaOptions::max_entry_bytes`].
+pub const DEFAULT_MAX_ENTRY_BYTES: usize = 1 << 20;
+
+/// `Op::LogMeta` tag of a replica's checkpoint ([`log::Checkpoint`]),
+/// written in the same storage write as the apply state.
+pub const TAG_QUEUE_CHECKPOINT: u8 = b'q';
+
 /// Ticks a leader keeps running after applying `Delete`, so that its
 /// heartbeats tell the followers the entry committed.
 const DELETE_LINGER_TICKS: u32 = 10;
@@ -148,8 +223,10 @@ const BLOCKING_TIMEOUT: Duration = Duration::from_secs(30);
 /// Poll interval of blocking waits.
 const BLOCKING_POLL: Duration = Duration::from_micros(50);
 
-/// Version byte in front of every log entry.
-const ENTRY_VERSION: u8 = 1;
+/// Checkpoint bytes estimated per live message and per batch (for the
+/// rule that a checkpoint is written only after twice its size of log).
+const CHECKPOINT_BYTES_PER_MSG: u64 = 16;
+const CHECKPOINT_BYTES_PER_BATCH: u64 = 24;
 
 /// A transport for groups without peers (a single voter): drops
 /// everything (a single voter sends nothing).
@@ -182,6 +259,17 @@ pub struct ReplicaOptions {
     /// How long a new leader waits for gateways to re-attach the consumers
     /// of the state machine before returning their messages.
     pub reattach_grace: Duration,
+    /// A checkpoint (and a log compaction) is due after this many applied
+    /// entries...
+    pub checkpoint_entries: u64,
+    /// ...or this many bytes of applied entries, whichever comes first;
+    /// but never before twice the checkpoint's own size of log went by.
+    pub checkpoint_bytes: u64,
+    /// Bytes of recent log entries (hence bodies) the leader keeps in RAM.
+    pub body_cache_bytes: usize,
+    /// Commands waiting for the previous raft write go out without waiting
+    /// any longer once their entry reaches this size.
+    pub max_entry_bytes: usize,
 }
 
 impl std::fmt::Debug for ReplicaOptions {
@@ -192,6 +280,10 @@ impl std::fmt::Debug for ReplicaOptions {
             .field("gateway", &self.gateway)
             .field("tick", &self.tick)
             .field("reattach_grace", &self.reattach_grace)
+            .field("checkpoint_entries", &self.checkpoint_entries)
+            .field("checkpoint_bytes", &self.checkpoint_bytes)
+            .field("body_cache_bytes", &self.body_cache_bytes)
+            .field("max_entry_bytes", &self.max_entry_bytes)
             .finish_non_exhaustive()
     }
 }
@@ -206,42 +298,16 @@ impl ReplicaOptions {
             gateway: gateway.into(),
             tick: DEFAULT_TICK,
             reattach_grace: DEFAULT_REATTACH_GRACE,
+            checkpoint_entries: DEFAULT_CHECKPOINT_ENTRIES,
+            checkpoint_bytes: DEFAULT_CHECKPOINT_BYTES,
+            body_cache_bytes: DEFAULT_BODY_CACHE_BYTES,
+            max_entry_bytes: DEFAULT_MAX_ENTRY_BYTES,
         }
     }
 
     /// The only voter of its group (`sluice serve`), without peers.
     pub fn single_voter(me: u64, gateway: impl Into<String>) -> Self {
         Self::new(me, vec![me], Arc::new(NoPeers), gateway)
-    }
-}
-
-/// One log entry: a command plus, for an enqueue, the messages' records
-/// (one per message of the command, in order).
-#[derive(Serialize, Deserialize)]
-struct LogEntry {
-    cmd: Command,
-    bodies: Vec<serde_bytes::ByteBuf>,
-}
-
-impl LogEntry {
-    fn cmd(cmd: Command) -> Self {
-        LogEntry { cmd, bodies: Vec::new() }
-    }
-}
-
-fn encode_entry(entry: &LogEntry) -> Result<Vec<u8>, Error> {
-    let mut out = vec![ENTRY_VERSION];
-    let body = postcard::to_stdvec(entry).map_err(|e| Error::Corrupt(format!("encoding a log entry: {e}")))?;
-    out.extend_from_slice(&body);
-    Ok(out)
-}
-
-fn decode_entry(index: u64, data: &[u8]) -> Result<LogEntry, Error> {
-    match data.split_first() {
-        Some((&ENTRY_VERSION, rest)) => {
-            postcard::from_bytes(rest).map_err(|e| Error::Corrupt(format!("queue log entry {index}: {e}")))
-        }
-        _ => Err(Error::Corrupt(format!("queue log entry {index}: unknown version"))),
     }
 }
 
@@ -259,6 +325,19 @@ fn log_error(e: FjallLogStoreError) -> Error {
     }
 }
 
+/// A copy of `e` for one more waiter (`Error` is not `Clone`).
+fn dup(e: &Error) -> Error {
+    match e {
+        Error::Storage(e) => Error::Storage(e.clone()),
+        Error::Corrupt(s) => Error::Corrupt(s.clone()),
+        Error::QueueDeleted => Error::QueueDeleted,
+        Error::ExclusiveConsumer => Error::ExclusiveConsumer,
+        Error::ShuttingDown => Error::ShuttingDown,
+        Error::Unavailable(s) => Error::Unavailable(s.clone()),
+        Error::NotLeader { leader } => Error::NotLeader { leader: *leader },
+    }
+}
+
 fn rejection_error(reason: Rejection) -> Error {
     match reason {
         Rejection::QueueDeleted => Error::QueueDeleted,
@@ -272,7 +351,7 @@ fn rejection_error(reason: Rejection) -> Error {
 /// queue's messages (a deleted queue's replica).
 fn destroy_ops(group: u64) -> Vec<Op> {
     let mut ops = vec![Op::LogTruncate { log: group, from: 0 }];
-    for tag in [TAG_HARD_STATE, TAG_APPLY_STATE, TAG_SNAPSHOT_META, TAG_SNAPSHOT_DATA] {
+    for tag in [TAG_HARD_STATE, TAG_APPLY_STATE, TAG_SNAPSHOT_META, TAG_SNAPSHOT_DATA, TAG_QUEUE_CHECKPOINT] {
         ops.push(Op::LogMeta { log: group, tag, value: None });
     }
     ops.push(Op::DeleteQueue { queue: group });
@@ -285,10 +364,12 @@ fn reply<T: Send + 'static>(rx: oneshot::Receiver<Result<T, Error>>) -> Reply<T>
     Box::pin(async move { rx.await.unwrap_or(Err(Error::ShuttingDown)) })
 }
 
-/// Who waits for a proposal of this replica (always proposed as leader).
+/// Who waits for one command of a proposal of this replica (always
+/// proposed as leader).
 enum Waiter {
-    /// A publish whose confirm someone awaits.
-    Publish(Tx<()>),
+    /// The publishes of an `Enqueue`, one per message (`None`: nobody
+    /// waits for that one's confirm).
+    Enqueue(Vec<Option<Tx<()>>>),
     /// A checkout: credit was taken from `consumer` for each of `seqs`.
     Checkout {
         consumer: Arc<Consumer>,
@@ -316,20 +397,68 @@ enum Waiter {
     Done(Tx<()>),
 }
 
+/// A command waiting for the next entry (leader only).
+struct Pending {
+    cmd: Command,
+    /// The records of an `Enqueue`'s messages, in order.
+    bodies: Vec<Bytes>,
+    waiter: Option<Waiter>,
+}
+
+/// Whether a later command may be moved in front of `cmd` (merged into an
+/// earlier command of its kind) without changing what either does.
+fn enqueue_may_pass(cmd: &Command) -> bool {
+    // New messages are ready only after every held or ready one and are
+    // no one's yet: only commands that look at "the first ready message"
+    // or at all ready ones see the difference.
+    !matches!(cmd, Command::Get { .. } | Command::Purge | Command::Delete)
+}
+
+fn settle_may_pass(cmd: &Command) -> bool {
+    // A settle names seqs its consumer holds in the applied state; an
+    // enqueue, a checkout (of ready seqs) or another settle (of other
+    // seqs, or the same ones: the second is a no-op either way) cannot
+    // change that. Returns, detaches and the like can.
+    matches!(cmd, Command::Enqueue { .. } | Command::Checkout { .. } | Command::Settle { .. })
+}
+
+fn checkout_may_pass(cmd: &Command) -> bool {
+    // A checkout names seqs ready in the applied state and not in another
+    // pending checkout: an enqueue, another checkout or a settle (of held
+    // seqs) does not touch them.
+    matches!(cmd, Command::Enqueue { .. } | Command::Checkout { .. } | Command::Settle { .. })
+}
+
 struct Inner {
     group: Group,
     sm: QueueSm,
-    /// Bodies of live messages (ready or held), by seq.
-    bodies: HashMap<Seq, Message>,
-    /// Who holds each held seq (for [`Queue::settle`], which only names seqs).
-    holder_of: HashMap<Seq, ConsumerId>,
+    /// Where the body of every live message is (log index, position).
+    batches: Batches,
+    /// Leader only: recent entries carrying bodies.
+    cache: BodyCache,
+    /// The applied state reflects the log up to here: entries up to it are
+    /// not applied again (after a snapshot placed below the state it holds).
+    state_at: u64,
+    /// The last applied configuration change.
+    conf_changed_at: u64,
+    /// Applied index of the last checkpoint, and what was applied since.
+    checkpoint_at: u64,
+    bytes_since_checkpoint: u64,
+    /// A follower needs a snapshot: checkpoint and compact now.
+    snapshot_wanted: bool,
+    /// [`ReplicaOptions::max_entry_bytes`].
+    max_entry_bytes: usize,
     /// Leader only: consumers attached here, with their handles.
     consumers: BTreeMap<ConsumerId, Arc<Consumer>>,
     /// Leader only: consumers whose attach is proposed, not applied.
     attaching: BTreeSet<ConsumerId>,
-    /// Leader only: seqs in a checkout proposed but not applied yet.
+    /// Leader only: seqs in a checkout pending or proposed, not applied yet.
     in_checkout: BTreeSet<Seq>,
-    waiters: HashMap<ProposalId, Waiter>,
+    /// Leader only: commands for the next entry.
+    pending: Vec<Pending>,
+    pending_bytes: usize,
+    /// Per proposal, the waiter of each of its commands.
+    waiters: HashMap<ProposalId, Vec<Option<Waiter>>>,
     /// Whether this replica acted as leader at the last pump.
     leading: bool,
     /// Set when this replica became leader, until the re-attach grace ran.
@@ -376,27 +505,151 @@ impl Inner {
         Error::NotLeader { leader: self.group.leader() }
     }
 
-    fn propose(&mut self, entry: &LogEntry) -> Result<ProposalId, Error> {
-        let data = encode_entry(entry)?;
-        match self.group.propose(data) {
-            Ok(id) => Ok(id),
-            // A leadership transfer, or the uncommitted log at its limit:
-            // try again (there or at the next leader).
-            Err(crate::consensus::Error::ProposalDropped) => Err(self.not_leader()),
-            Err(e) => Err(consensus_error(e)),
+    /// Queues a command for the next entry, merging it into an earlier one
+    /// of its kind where that changes nothing (see `*_may_pass`).
+    fn push(&mut self, cmd: Command, bodies: Vec<Bytes>, waiter: Option<Waiter>) {
+        self.pending_bytes += bodies.iter().map(Bytes::len).sum::<usize>() + 32;
+        let target = match &cmd {
+            Command::Enqueue { .. } => self.merge_target(enqueue_may_pass, |c| matches!(c, Command::Enqueue { .. })),
+            Command::Settle { consumer, outcome, .. } => self.merge_target(settle_may_pass, |c| {
+                matches!(c, Command::Settle { consumer: c2, outcome: o2, .. } if c2 == consumer && o2 == outcome)
+            }),
+            Command::Checkout { consumer, .. } => self.merge_target(checkout_may_pass, |c| {
+                matches!(c, Command::Checkout { consumer: c2, .. } if c2 == consumer)
+            }),
+            _ => None,
+        };
+        let Some(at) = target else {
+            self.pending.push(Pending { cmd, bodies, waiter });
+            return;
+        };
+        let Some(into) = self.pending.get_mut(at) else { return };
+        match (&mut into.cmd, cmd) {
+            (Command::Enqueue { msgs }, Command::Enqueue { msgs: more }) => {
+                let n = more.len();
+                msgs.extend(more);
+                into.bodies.extend(bodies);
+                let txs = match waiter {
+                    Some(Waiter::Enqueue(txs)) => txs,
+                    _ => (0..n).map(|_| None).collect(),
+                };
+                match &mut into.waiter {
+                    Some(Waiter::Enqueue(all)) => all.extend(txs),
+                    other => {
+                        let mut all: Vec<Option<Tx<()>>> = Vec::new();
+                        all.resize_with(msgs.len() - n, || None);
+                        all.extend(txs);
+                        *other = Some(Waiter::Enqueue(all));
+                    }
+                }
+            }
+            (Command::Settle { seqs, .. }, Command::Settle { seqs: more, .. }) => seqs.extend(more),
+            (Command::Checkout { seqs, .. }, Command::Checkout { seqs: more, .. }) => {
+                seqs.extend(more.iter().copied());
+                match (&mut into.waiter, waiter) {
+                    (Some(Waiter::Checkout { seqs: taken, .. }), Some(Waiter::Checkout { seqs: more_taken, .. })) => {
+                        taken.extend(more_taken);
+                    }
+                    (_, Some(other)) => self.finish_failed(other, Error::Corrupt("checkout merge".to_owned())),
+                    _ => {}
+                }
+            }
+            (_, cmd) => self.pending.push(Pending { cmd, bodies, waiter }),
         }
     }
 
-    /// Fails every waiter with `error()`.
+    /// The pending command a new one may be merged into: the last one
+    /// matching `target`, with only commands that `may_pass` after it.
+    fn merge_target(&self, may_pass: fn(&Command) -> bool, target: impl Fn(&Command) -> bool) -> Option<usize> {
+        for (i, p) in self.pending.iter().enumerate().rev() {
+            if target(&p.cmd) {
+                return Some(i);
+            }
+            if !may_pass(&p.cmd) {
+                return None;
+            }
+        }
+        None
+    }
+
+    /// Whether the pending commands should go out now: nothing of this
+    /// group is being written (everything that arrived meanwhile goes in
+    /// one entry), or the entry is big enough.
+    fn flush_due(&self) -> bool {
+        !self.pending.is_empty()
+            && (self.group.store().in_flight() == 0 || self.pending_bytes >= self.max_entry_bytes())
+    }
+
+    fn max_entry_bytes(&self) -> usize {
+        self.max_entry_bytes
+    }
+
+    /// Proposes the pending commands as one entry.
+    fn flush(&mut self) {
+        let pending = std::mem::take(&mut self.pending);
+        self.pending_bytes = 0;
+        if pending.is_empty() {
+            return;
+        }
+        let mut cmds = Vec::with_capacity(pending.len());
+        let mut bodies = Vec::new();
+        let mut waiters = Vec::with_capacity(pending.len());
+        for p in pending {
+            cmds.push(p.cmd);
+            bodies.extend(p.bodies);
+            waiters.push(p.waiter);
+        }
+        let result = if self.group.is_leader() {
+            encode_entry(&cmds, &bodies).and_then(|data| match self.group.propose(data) {
+                Ok(id) => Ok(id),
+                // A leadership transfer, or the uncommitted log at its
+                // limit: try again (there or at the next leader).
+                Err(crate::consensus::Error::ProposalDropped) => Err(self.not_leader()),
+                Err(e) => Err(consensus_error(e)),
+            })
+        } else {
+            Err(self.not_leader())
+        };
+        match result {
+            Ok(id) => {
+                self.waiters.insert(id, waiters);
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "queue entry not proposed");
+                for waiter in waiters.into_iter().flatten() {
+                    self.finish_failed(waiter, dup(&e));
+                }
+            }
+        }
+    }
+
+    /// Fails every waiter (proposed and pending) with `error()`.
     fn fail_waiters(&mut self, error: impl Fn() -> Error) {
-        for (_, waiter) in std::mem::take(&mut self.waiters) {
-            self.finish_failed(waiter, error());
+        for (_, waiters) in std::mem::take(&mut self.waiters) {
+            for waiter in waiters.into_iter().flatten() {
+                self.finish_failed(waiter, error());
+            }
+        }
+        self.fail_pending(error);
+    }
+
+    fn fail_pending(&mut self, error: impl Fn() -> Error) {
+        self.pending_bytes = 0;
+        for p in std::mem::take(&mut self.pending) {
+            if let Some(waiter) = p.waiter {
+                self.finish_failed(waiter, error());
+            }
         }
     }
 
     fn finish_failed(&mut self, waiter: Waiter, error: Error) {
         match waiter {
-            Waiter::Publish(tx) | Waiter::Done(tx) => {
+            Waiter::Enqueue(txs) => {
+                for tx in txs.into_iter().flatten() {
+                    let _ = tx.send(Err(dup(&error)));
+                }
+            }
+            Waiter::Done(tx) => {
                 let _ = tx.send(Err(error));
             }
             Waiter::Checkout { consumer, seqs } => {
@@ -425,8 +678,54 @@ impl Inner {
         self.consumers.clear();
         self.attaching.clear();
         self.in_checkout.clear();
+        self.cache.clear();
         self.cursor = 0;
         self.leader_since = None;
+    }
+
+    /// Replaces the state with a checkpoint's (or, for `None`, the empty
+    /// queue of the bootstrap snapshot).
+    fn load(&mut self, checkpoint: Option<Checkpoint>) -> Result<(), Error> {
+        self.cache.clear();
+        match checkpoint {
+            None => {
+                self.sm = QueueSm::new();
+                self.batches.clear();
+                self.state_at = 0;
+            }
+            Some(cp) => {
+                self.sm = QueueSm::restore(cp.sm).map_err(|e| Error::Corrupt(format!("queue snapshot: {e:?}")))?;
+                self.batches = Batches::from_vec(cp.batches);
+                self.state_at = cp.state_at;
+                self.conf_changed_at = self.conf_changed_at.max(cp.conf_changed_at);
+            }
+        }
+        self.deleted = self.sm.is_deleted();
+        Ok(())
+    }
+
+    /// The message `seq`, read from the cache or back from its log entry.
+    fn message(&mut self, seq: Seq) -> Result<Message, Error> {
+        let (index, position) =
+            self.batches.locate(seq).ok_or_else(|| Error::Corrupt(format!("no log entry known for seq {seq}")))?;
+        let data = match self.cache.get(index) {
+            Some(data) => data,
+            None => {
+                let entries = self
+                    .group
+                    .store()
+                    .entries(index, index + 1, None)
+                    .map_err(|e| Error::Corrupt(format!("reading log entry {index}: {e}")))?;
+                let data = entries
+                    .into_iter()
+                    .next()
+                    .map(|entry| entry.data)
+                    .ok_or_else(|| Error::Corrupt(format!("log entry {index} missing")))?;
+                self.cache.read_back(index, data.clone());
+                data
+            }
+        };
+        record::decode(&entry_body(index, &data, position)?)
     }
 }
 
@@ -461,6 +760,23 @@ enum Drive {
     Stop,
 }
 
+/// Figures of a replica, for tests and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReplicaStats {
+    /// First index still in the log (entries below are compacted).
+    pub first_index: u64,
+    /// Last index of the log.
+    pub last_index: u64,
+    /// Applied index of the last checkpoint (where a restart resumes).
+    pub checkpoint_index: u64,
+    /// Log index up to which the state machine reflects the log.
+    pub applied_index: u64,
+    /// Batches of live messages (one per enqueue entry still needed).
+    pub batches: usize,
+    /// Bytes of log entries held in the body cache.
+    pub cached_bytes: usize,
+}
+
 impl ReplicatedQueue {
     /// Opens this node's replica of the queue's group on `store` (creating
     /// the group with `opts.voters` if the store holds none) and starts its
@@ -468,10 +784,11 @@ impl ReplicatedQueue {
     /// be dropped first.
     ///
     /// A group whose only voter is this replica is made ready here: `open`
-    /// blocks until the log is re-applied and `GatewayDown` for
-    /// `opts.gateway` has committed (consumers of the previous process give
-    /// back what they held). With several voters it returns at once; the
-    /// replica follows or leads once raft-rs has elected someone.
+    /// blocks until the log after the last checkpoint is re-applied and
+    /// `GatewayDown` for `opts.gateway` has committed (consumers of the
+    /// previous process give back what they held). With several voters it
+    /// returns at once; the replica follows or leads once raft-rs has
+    /// elected someone.
     pub fn open(
         spec: QueueSpec,
         store: Store,
@@ -496,34 +813,70 @@ impl ReplicatedQueue {
             let voters = if opts.voters.is_empty() { vec![opts.me] } else { opts.voters.clone() };
             FjallLogStore::bootstrap(store.clone(), group_id, &voters, &[], Bytes::new()).map_err(log_error)?
         };
+        // The checkpoint written with the apply state, unless a newer
+        // snapshot replaces it (the group then hands that out first).
+        let restoring = log.snapshot_metadata().index > log.apply_state().index;
+        let resume_at = log.apply_state().index;
+        let checkpoint = if restoring {
+            None
+        } else {
+            match store.log_meta(group_id, TAG_QUEUE_CHECKPOINT).map_err(Error::Storage)? {
+                Some(data) => {
+                    let cp = Checkpoint::decode(&data)?;
+                    if cp.state_at != resume_at {
+                        return Err(Error::Corrupt(format!(
+                            "queue {}: checkpoint at {} but apply state at {resume_at}",
+                            spec.name, cp.state_at
+                        )));
+                    }
+                    Some(cp)
+                }
+                None if resume_at > BOOTSTRAP_INDEX => {
+                    return Err(Error::Corrupt(format!("queue {}: apply state without checkpoint", spec.name)));
+                }
+                None => None,
+            }
+        };
         let logger = slog::Logger::root(slog::Discard, slog::o!());
         let group = Group::open(&GroupConfig::new(opts.me), log, &logger).map_err(consensus_error)?;
         let tick = opts.tick;
+        let mut inner = Inner {
+            group,
+            sm: QueueSm::new(),
+            batches: Batches::default(),
+            cache: BodyCache::new(opts.body_cache_bytes),
+            state_at: 0,
+            conf_changed_at: 0,
+            checkpoint_at: resume_at,
+            bytes_since_checkpoint: 0,
+            snapshot_wanted: false,
+            max_entry_bytes: opts.max_entry_bytes,
+            consumers: BTreeMap::new(),
+            attaching: BTreeSet::new(),
+            in_checkout: BTreeSet::new(),
+            pending: Vec::new(),
+            pending_bytes: 0,
+            waiters: HashMap::new(),
+            leading: false,
+            leader_since: None,
+            // Ids of in-process consumers must not collide with those
+            // of an earlier leadership of this replica.
+            next_connection: rand::random::<u64>() >> 16,
+            cursor: 0,
+            failed: None,
+            closed: false,
+            deleted: false,
+            linger: 0,
+            stopped: false,
+        };
+        if checkpoint.is_some() {
+            inner.load(checkpoint)?;
+        }
         let queue = Arc::new_cyclic(|me| ReplicatedQueue {
             spec,
             store,
             opts,
-            inner: Mutex::new(Inner {
-                group,
-                sm: QueueSm::new(),
-                bodies: HashMap::new(),
-                holder_of: HashMap::new(),
-                consumers: BTreeMap::new(),
-                attaching: BTreeSet::new(),
-                in_checkout: BTreeSet::new(),
-                waiters: HashMap::new(),
-                leading: false,
-                leader_since: None,
-                // Ids of in-process consumers must not collide with those
-                // of an earlier leadership of this replica.
-                next_connection: rand::random::<u64>() >> 16,
-                cursor: 0,
-                failed: None,
-                closed: false,
-                deleted: false,
-                linger: 0,
-                stopped: false,
-            }),
+            inner: Mutex::new(inner),
             wake: Arc::new(Notify::new()),
             driver: Mutex::new(None),
             me: me.clone(),
@@ -547,7 +900,7 @@ impl ReplicatedQueue {
             let mut inner = self.lock();
             let (tx, rx) = oneshot::channel();
             let cmd = Command::GatewayDown { gateway: self.opts.gateway.clone() };
-            self.propose_entry(&mut inner, &LogEntry::cmd(cmd), Some(Waiter::Done(tx)))?;
+            self.propose_entry(&mut inner, cmd, Vec::new(), Some(Waiter::Done(tx)))?;
             rx
         };
         self.wait_blocking(|_| match rx.try_recv() {
@@ -557,18 +910,37 @@ impl ReplicatedQueue {
         })
     }
 
-    /// Stops accepting work, waits until every raft write submitted so
-    /// far is settled and stops the driver; waiters still pending fail
-    /// with [`Error::ShuttingDown`]. Dropping the replica without it is
-    /// safe too (`open` waits for the storage).
+    /// Stops accepting work, proposes what is pending, writes a checkpoint,
+    /// waits until every raft write submitted so far is settled and stops
+    /// the driver; waiters still pending fail with [`Error::ShuttingDown`].
+    /// Dropping the replica without it is safe too (`open` waits for the
+    /// storage, and replays the log after the last checkpoint).
     pub async fn close(&self) {
+        {
+            let mut inner = self.lock();
+            if !inner.inert() && !inner.closed && inner.leading {
+                inner.flush();
+                self.pump(&mut inner);
+            }
+            inner.closed = true;
+            self.pump(&mut inner);
+        }
+        let mut checkpointed = false;
         loop {
             let marker = {
                 let mut inner = self.lock();
-                inner.closed = true;
                 self.pump(&mut inner);
-                if inner.inert() || inner.group.store().in_flight() == 0 {
+                if inner.inert() {
                     break;
+                }
+                if inner.group.store().in_flight() == 0 {
+                    if checkpointed || inner.deleted {
+                        break;
+                    }
+                    // Once everything applied: the next open replays nothing.
+                    checkpointed = true;
+                    self.checkpoint(&mut inner, true);
+                    continue;
                 }
                 self.store.write(Vec::new(), false)
             };
@@ -583,6 +955,7 @@ impl ReplicatedQueue {
             inner.consumers.clear();
             inner.attaching.clear();
             inner.in_checkout.clear();
+            inner.cache.clear();
         }
         if let Some(handle) = self.driver.lock().unwrap_or_else(|p| p.into_inner()).take() {
             handle.abort();
@@ -655,6 +1028,20 @@ impl ReplicatedQueue {
         self.lock().group.applied().index
     }
 
+    /// Log, checkpoint and cache figures.
+    pub fn stats(&self) -> ReplicaStats {
+        let inner = self.lock();
+        let store = inner.group.store();
+        ReplicaStats {
+            first_index: store.first_index(),
+            last_index: store.last_index(),
+            checkpoint_index: inner.checkpoint_at,
+            applied_index: inner.group.applied().index.max(inner.state_at),
+            batches: inner.batches.len(),
+            cached_bytes: inner.cache.bytes(),
+        }
+    }
+
     /// Whether `Delete` has been applied here (the replica stops, or has
     /// stopped, and its log is, or is being, removed).
     pub fn is_deleted(&self) -> bool {
@@ -680,12 +1067,10 @@ impl ReplicatedQueue {
         tx: Option<Tx<()>>,
     ) -> Result<(), Error> {
         let size = u32::try_from(message.body.len()).unwrap_or(u32::MAX);
-        let entry = LogEntry {
-            cmd: Command::Enqueue { msgs: vec![NewMsg { size, persistent: message.is_persistent(), publish_id }] },
-            bodies: vec![serde_bytes::ByteBuf::from(record::encode(message).to_vec())],
-        };
+        let cmd = Command::Enqueue { msgs: vec![NewMsg { size, persistent: message.is_persistent(), publish_id }] };
+        let body = record::encode(message);
         let mut inner = self.lock();
-        self.propose_entry(&mut inner, &entry, tx.map(Waiter::Publish))?;
+        self.propose_entry(&mut inner, cmd, vec![body], Some(Waiter::Enqueue(vec![tx])))?;
         Ok(())
     }
 
@@ -705,8 +1090,8 @@ impl ReplicatedQueue {
         let cmd = Command::Attach { consumer: id.clone(), opts };
         let mut inner = self.lock();
         let waiter = Waiter::Attach { id: id.clone(), consumer, held, tx };
-        match self.propose_entry(&mut inner, &LogEntry::cmd(cmd), Some(waiter)) {
-            Ok(_) => {
+        match self.propose_entry(&mut inner, cmd, Vec::new(), Some(waiter)) {
+            Ok(()) => {
                 inner.attaching.insert(id);
                 reply(rx)
             }
@@ -776,8 +1161,8 @@ impl ReplicatedQueue {
         rx: oneshot::Receiver<Result<T, Error>>,
     ) -> Reply<T> {
         let mut inner = self.lock();
-        match self.propose_entry(&mut inner, &LogEntry::cmd(cmd), Some(waiter)) {
-            Ok(_) => reply(rx),
+        match self.propose_entry(&mut inner, cmd, Vec::new(), Some(waiter)) {
+            Ok(()) => reply(rx),
             Err(e) => ready(Err(e)),
         }
     }
@@ -797,21 +1182,31 @@ impl ReplicatedQueue {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Proposes `entry` with its waiter, then pumps and wakes the driver.
-    fn propose_entry(&self, inner: &mut Inner, entry: &LogEntry, waiter: Option<Waiter>) -> Result<ProposalId, Error> {
+    /// Queues `cmd` (with its bodies and waiter) for the next entry (leader
+    /// only), and proposes it now if nothing is being written.
+    fn propose_entry(
+        &self,
+        inner: &mut Inner,
+        cmd: Command,
+        bodies: Vec<Bytes>,
+        waiter: Option<Waiter>,
+    ) -> Result<(), Error> {
         inner.check()?;
-        let id = inner.propose(entry)?;
-        if let Some(waiter) = waiter {
-            inner.waiters.insert(id, waiter);
+        if !inner.group.is_leader() {
+            return Err(inner.not_leader());
         }
-        self.pump(inner);
-        self.wake.notify_one();
-        Ok(id)
+        inner.push(cmd, bodies, waiter);
+        if inner.flush_due() {
+            inner.flush();
+            self.pump(inner);
+            self.wake.notify_one();
+        }
+        Ok(())
     }
 
     /// Proposes `cmd` without a waiter; a failure is only logged.
     fn propose_logged(&self, inner: &mut Inner, cmd: Command, what: &str) {
-        if let Err(e) = self.propose_entry(inner, &LogEntry::cmd(cmd), None) {
+        if let Err(e) = self.propose_entry(inner, cmd, Vec::new(), None) {
             tracing::debug!(queue = %self.spec.name, error = %e, "{what} not proposed");
         }
     }
@@ -870,8 +1265,9 @@ impl ReplicatedQueue {
     }
 
     /// Reports durable writes, campaigns (single voter), proposes
-    /// checkouts, sends and applies whatever the group hands out, until it
-    /// has nothing more. A failure poisons the replica (`Inner::failed`).
+    /// checkouts and pending commands, sends and applies whatever the group
+    /// hands out, until it has nothing more; then checkpoints if due. A
+    /// failure poisons the replica (`Inner::failed`).
     fn pump(&self, inner: &mut Inner) {
         if inner.inert() {
             return;
@@ -897,11 +1293,15 @@ impl ReplicatedQueue {
             if inner.leading && !inner.closed && !inner.deleted {
                 self.expire_unattached(inner);
                 self.schedule(inner);
+                if inner.flush_due() {
+                    inner.flush();
+                }
             }
             if !inner.group.has_ready() {
                 break;
             }
-            let Output { send, restore, committed, proposals, .. } = inner.group.ready().map_err(consensus_error)?;
+            let Output { send, restore, committed, proposals, snapshot_wanted, .. } =
+                inner.group.ready().map_err(consensus_error)?;
             // `persist`: the writes are with the storage already; the
             // driver's marker writes wait for them.
             if !send.is_empty() {
@@ -912,8 +1312,11 @@ impl ReplicatedQueue {
                     inner.group.report_snapshot(to, true);
                 }
             }
+            inner.snapshot_wanted |= snapshot_wanted;
             if let Some(snapshot) = restore {
-                Self::restore(inner, snapshot.get_data())?;
+                let data = snapshot.get_data();
+                let checkpoint = if data.is_empty() { None } else { Some(Checkpoint::decode(data)?) };
+                inner.load(checkpoint)?;
             }
             let mut gone = Vec::new();
             for committed in committed {
@@ -923,14 +1326,16 @@ impl ReplicatedQueue {
                 if outcome == ProposalOutcome::Committed {
                     continue;
                 }
-                if let Some(waiter) = inner.waiters.remove(&id) {
+                if let Some(waiters) = inner.waiters.remove(&id) {
                     let error = match outcome {
                         ProposalOutcome::Rejected => Error::Corrupt("proposal rejected".to_owned()),
                         ProposalOutcome::LeadershipLost | ProposalOutcome::Superseded | ProposalOutcome::Committed => {
                             inner.not_leader()
                         }
                     };
-                    inner.finish_failed(waiter, error);
+                    for waiter in waiters.into_iter().flatten() {
+                        inner.finish_failed(waiter, dup(&error));
+                    }
                 }
             }
             self.drop_gone_consumers(inner, gone);
@@ -938,19 +1343,65 @@ impl ReplicatedQueue {
         }
         if inner.deleted && (!inner.leading || inner.linger == 0 || inner.single_voter()) {
             self.stop_deleted(inner);
+        } else if !inner.stopped {
+            if let Some(oldest) = inner.batches.oldest_index() {
+                inner.cache.trim_below(oldest);
+            } else {
+                inner.cache.clear();
+            }
+            let force = std::mem::take(&mut inner.snapshot_wanted);
+            self.checkpoint(inner, force);
         }
         Ok(())
     }
 
-    /// Loads a snapshot received from the leader. Only the bootstrap
-    /// snapshot (empty data: the empty queue) exists so far.
-    fn restore(inner: &mut Inner, data: &[u8]) -> Result<(), Error> {
-        if !data.is_empty() {
-            return Err(Error::Corrupt("queue snapshots are not supported yet".to_owned()));
+    /// Writes a checkpoint if one is due (or `force`), and compacts the log
+    /// up to the entry before the oldest one still holding a live message.
+    fn checkpoint(&self, inner: &mut Inner, force: bool) {
+        if let Err(e) = self.try_checkpoint(inner, force) {
+            tracing::error!(queue = %self.spec.name, error = %e, "checkpoint failed");
+            let why = e.to_string();
+            inner.failed.get_or_insert_with(|| why.clone());
+            inner.fail_waiters(|| Error::Corrupt(why.clone()));
+            inner.consumers.clear();
         }
-        inner.sm = QueueSm::new();
-        inner.bodies.clear();
-        inner.holder_of.clear();
+    }
+
+    fn try_checkpoint(&self, inner: &mut Inner, force: bool) -> Result<(), Error> {
+        if inner.inert() || inner.deleted {
+            return Ok(());
+        }
+        let applied = inner.group.applied().clone();
+        // A restored state ahead of the log: wait until the log caught up.
+        if inner.state_at > applied.index || applied.index <= inner.checkpoint_at {
+            return Ok(());
+        }
+        let entries = applied.index - inner.checkpoint_at;
+        let size = CHECKPOINT_BYTES_PER_MSG * inner.sm.live_count() as u64
+            + CHECKPOINT_BYTES_PER_BATCH * inner.batches.len() as u64;
+        let bytes = inner.bytes_since_checkpoint;
+        let due = (entries >= self.opts.checkpoint_entries || bytes >= self.opts.checkpoint_bytes) && bytes >= 2 * size;
+        if !force && !due {
+            return Ok(());
+        }
+        let checkpoint = Checkpoint {
+            state_at: applied.index,
+            conf_changed_at: inner.conf_changed_at,
+            sm: inner.sm.snapshot(),
+            batches: inner.batches.to_vec(),
+        };
+        let data = checkpoint.encode()?;
+        let op = Op::LogMeta { log: self.spec.id.0, tag: TAG_QUEUE_CHECKPOINT, value: Some(data.clone()) };
+        inner.group.store_mut().save_apply_state_with(&applied, vec![op]).map_err(log_error)?;
+        inner.checkpoint_at = applied.index;
+        inner.bytes_since_checkpoint = 0;
+        // Entries from the oldest one holding a live body on stay.
+        let upto = inner.batches.oldest_index().map_or(applied.index, |i| i.saturating_sub(1)).min(applied.index);
+        let compacted = inner.group.store().first_index().saturating_sub(1);
+        if upto > compacted && inner.conf_changed_at <= upto {
+            inner.group.compact_to(upto, Bytes::from(data)).map_err(consensus_error)?;
+            tracing::debug!(queue = %self.spec.name, upto, "log compacted");
+        }
         Ok(())
     }
 
@@ -988,11 +1439,8 @@ impl ReplicatedQueue {
             .collect();
         for id in stale {
             tracing::debug!(queue = %self.spec.name, consumer = ?id, "not re-attached: returning its messages");
-            for cmd in [Command::Detach { consumer: id.clone() }, Command::ReturnAll { consumer: id }] {
-                if let Err(e) = inner.propose(&LogEntry::cmd(cmd)) {
-                    tracing::debug!(queue = %self.spec.name, error = %e, "expiry not proposed");
-                }
-            }
+            inner.push(Command::Detach { consumer: id.clone() }, Vec::new(), None);
+            inner.push(Command::ReturnAll { consumer: id }, Vec::new(), None);
         }
     }
 
@@ -1008,8 +1456,8 @@ impl ReplicatedQueue {
         inner.consumers.clear();
         inner.attaching.clear();
         inner.in_checkout.clear();
-        inner.bodies.clear();
-        inner.holder_of.clear();
+        inner.batches.clear();
+        inner.cache.clear();
         // Dropping the completion does not cancel the write.
         drop(self.store.write(destroy_ops(self.spec.id.0), true));
         tracing::debug!(queue = %self.spec.name, me = self.opts.me, "replica deleted");
@@ -1021,14 +1469,8 @@ impl ReplicatedQueue {
         for (id, seqs) in gone {
             inner.consumers.remove(&id);
             inner.cursor = 0;
-            let settle =
-                LogEntry::cmd(Command::Settle { consumer: id.clone(), seqs, outcome: Outcome::Requeue.into() });
-            let detach = LogEntry::cmd(Command::Detach { consumer: id });
-            for entry in [settle, detach] {
-                if let Err(e) = inner.propose(&entry) {
-                    tracing::warn!(queue = %self.spec.name, error = %e, "cannot detach a gone consumer");
-                }
-            }
+            inner.push(Command::Settle { consumer: id.clone(), seqs, outcome: Outcome::Requeue.into() }, Vec::new(), None);
+            inner.push(Command::Detach { consumer: id }, Vec::new(), None);
         }
     }
 
@@ -1068,41 +1510,70 @@ impl ReplicatedQueue {
                 continue;
             }
             let Some(consumer) = inner.consumers.get(&id).cloned() else { continue };
-            let entry = LogEntry::cmd(Command::Checkout { consumer: id, seqs: seqs.clone() });
-            match inner.propose(&entry) {
-                Ok(pid) => {
-                    inner.in_checkout.extend(seqs.iter().copied());
-                    inner.waiters.insert(pid, Waiter::Checkout { consumer, seqs });
-                }
-                Err(e) => {
-                    tracing::warn!(queue = %self.spec.name, error = %e, "checkout not proposed");
-                    for _ in &seqs {
-                        consumer.undo_acquire();
-                    }
-                }
-            }
+            inner.in_checkout.extend(seqs.iter().copied());
+            let cmd = Command::Checkout { consumer: id, seqs: seqs.clone() };
+            inner.push(cmd, Vec::new(), Some(Waiter::Checkout { consumer, seqs }));
         }
     }
 
-    /// Applies one committed entry and carries out its effects in order.
-    /// Every replica keeps the state machine, the bodies and `holder_of`;
-    /// only the proposer of an entry (the leader that waits for it) pushes
-    /// deliveries and answers.
+    /// Applies one committed entry, command by command, and carries out
+    /// their effects in order. Every replica keeps the state machine and
+    /// the batches; only the proposer of an entry (the leader that waits
+    /// for it) pushes deliveries and answers.
     fn apply(
         &self,
         inner: &mut Inner,
         committed: Committed,
         gone: &mut Vec<(ConsumerId, Vec<Seq>)>,
     ) -> Result<(), Error> {
-        let pid = ProposalId { index: committed.index, term: committed.term };
-        let waiter = inner.waiters.remove(&pid);
-        let Payload::Data(data) = committed.payload else {
-            if let Some(waiter) = waiter {
-                inner.finish_failed(waiter, Error::Corrupt("superseded by a non-data entry".to_owned()));
+        let index = committed.index;
+        let pid = ProposalId { index, term: committed.term };
+        let waiters = inner.waiters.remove(&pid).unwrap_or_default();
+        let data = match committed.payload {
+            Payload::Data(data) if index > inner.state_at => data,
+            payload => {
+                if matches!(payload, Payload::ConfChange { .. }) {
+                    inner.conf_changed_at = index;
+                }
+                for waiter in waiters.into_iter().flatten() {
+                    inner.finish_failed(waiter, Error::Corrupt("superseded by a non-data entry".to_owned()));
+                }
+                return Ok(());
             }
-            return Ok(());
         };
-        let LogEntry { cmd, bodies } = decode_entry(committed.index, &data)?;
+        inner.bytes_since_checkpoint += data.len() as u64;
+        let cmds = decode_commands(index, &data)?;
+        let mut cached = false;
+        let mut waiters = waiters.into_iter();
+        let mut first_body = 0u32;
+        for cmd in cmds {
+            let waiter = waiters.next().flatten();
+            let bodies = match &cmd {
+                Command::Enqueue { msgs } => u32::try_from(msgs.len()).unwrap_or(u32::MAX),
+                _ => 0,
+            };
+            if bodies > 0 && inner.leading && !cached {
+                inner.cache.insert(index, data.clone());
+                cached = true;
+            }
+            self.apply_command(inner, index, first_body, cmd, waiter, gone)?;
+            first_body = first_body.saturating_add(bodies);
+        }
+        for waiter in waiters.flatten() {
+            inner.finish_failed(waiter, Error::Corrupt("no command for this waiter".to_owned()));
+        }
+        Ok(())
+    }
+
+    fn apply_command(
+        &self,
+        inner: &mut Inner,
+        index: u64,
+        first_body: u32,
+        cmd: Command,
+        waiter: Option<Waiter>,
+        gone: &mut Vec<(ConsumerId, Vec<Seq>)>,
+    ) -> Result<(), Error> {
         let checkout = match &waiter {
             Some(Waiter::Checkout { consumer, .. }) => Some(consumer.clone()),
             _ => None,
@@ -1115,14 +1586,7 @@ impl ReplicatedQueue {
         let mut error = None;
         for effect in effects {
             match effect {
-                Effect::Enqueued { seqs } => {
-                    for (seq, body) in seqs.into_iter().zip(bodies.iter()) {
-                        if let Some(seq) = seq {
-                            let message = record::decode(&Bytes::copy_from_slice(body))?;
-                            inner.bodies.insert(seq, message);
-                        }
-                    }
-                }
+                Effect::Enqueued { seqs } => inner.batches.enqueued(index, first_body, &seqs),
                 Effect::Attached { .. } => attached = true,
                 Effect::Detached { consumer } => {
                     // Also covers a detach proposed while its attach was
@@ -1131,9 +1595,6 @@ impl ReplicatedQueue {
                     inner.consumers.remove(&consumer);
                 }
                 Effect::Delivered { consumer: id, msgs } => {
-                    for (seq, _) in &msgs {
-                        inner.holder_of.insert(*seq, id.clone());
-                    }
                     // Our own checkout: deliver to the consumer it was
                     // decided for, even if it was cancelled since (it holds
                     // the messages now). Other replicas, and checkouts of
@@ -1146,11 +1607,14 @@ impl ReplicatedQueue {
                             refused.push(seq);
                             continue;
                         }
-                        let Some(message) = inner.bodies.get(&seq).cloned() else {
-                            tracing::error!(queue = %self.spec.name, seq, "no body for a delivered message");
-                            consumer.undo_acquire();
-                            delivered += 1;
-                            continue;
+                        let message = match inner.message(seq) {
+                            Ok(message) => message,
+                            Err(e) => {
+                                tracing::error!(queue = %self.spec.name, seq, error = %e, "no body for a delivered message");
+                                consumer.undo_acquire();
+                                delivered += 1;
+                                continue;
+                            }
                         };
                         delivered += 1;
                         let delivery = Delivery { msg_id: seq, redelivered: meta.redelivered, message };
@@ -1164,32 +1628,25 @@ impl ReplicatedQueue {
                         gone.push((id, refused));
                     }
                 }
-                Effect::Got { holder, msg, remaining } => {
-                    got = Some(match msg {
-                        Some((seq, meta)) => {
-                            inner.holder_of.insert(seq, holder);
-                            match inner.bodies.get(&seq).cloned() {
-                                Some(message) => {
-                                    Some((Delivery { msg_id: seq, redelivered: meta.redelivered, message }, remaining))
-                                }
-                                None => {
-                                    tracing::error!(queue = %self.spec.name, seq, "no body for a got message");
-                                    None
-                                }
+                Effect::Got { msg, remaining, .. } => {
+                    // Only the proposer answers; others need no body.
+                    got = match (&waiter, msg) {
+                        (Some(Waiter::Get(_)), Some((seq, meta))) => match inner.message(seq) {
+                            Ok(message) => {
+                                Some(Some((Delivery { msg_id: seq, redelivered: meta.redelivered, message }, remaining)))
                             }
-                        }
-                        None => None,
-                    });
+                            Err(e) => {
+                                tracing::error!(queue = %self.spec.name, seq, error = %e, "no body for a got message");
+                                Some(None)
+                            }
+                        },
+                        _ => Some(None),
+                    };
                 }
-                Effect::Requeued { seqs } => {
-                    for seq in seqs {
-                        inner.holder_of.remove(&seq);
-                    }
-                }
+                Effect::Requeued { .. } => {}
                 Effect::Removed { seqs } => {
                     for seq in seqs {
-                        inner.holder_of.remove(&seq);
-                        inner.bodies.remove(&seq);
+                        inner.batches.removed(seq);
                     }
                 }
                 Effect::Purged { count: n } => count = n,
@@ -1200,8 +1657,8 @@ impl ReplicatedQueue {
                 }
                 Effect::Deleted { count: n } => {
                     count = n;
-                    inner.bodies.clear();
-                    inner.holder_of.clear();
+                    inner.batches.clear();
+                    inner.cache.clear();
                     inner.deleted = true;
                     inner.linger = DELETE_LINGER_TICKS;
                 }
@@ -1218,7 +1675,12 @@ impl ReplicatedQueue {
         }
         match waiter {
             None => {}
-            Some(Waiter::Publish(tx) | Waiter::Done(tx)) => {
+            Some(Waiter::Enqueue(txs)) => {
+                for tx in txs.into_iter().flatten() {
+                    let _ = tx.send(result(error.as_ref().map(dup), ()));
+                }
+            }
+            Some(Waiter::Done(tx)) => {
                 let _ = tx.send(result(error, ()));
             }
             Some(Waiter::Checkout { consumer, seqs }) => {
@@ -1249,15 +1711,9 @@ impl ReplicatedQueue {
                     self.attached(inner, id, consumer, tx);
                 } else {
                     let cmd = Command::Settle { consumer: id.clone(), seqs: lost, outcome: Outcome::Requeue.into() };
-                    match inner.propose(&LogEntry::cmd(cmd)) {
-                        Ok(pid) => {
-                            inner.waiters.insert(pid, Waiter::Requeued { id, consumer, tx });
-                        }
-                        Err(e) => {
-                            inner.attaching.remove(&id);
-                            let _ = tx.send(Err(e));
-                        }
-                    }
+                    // Not merged into another settle: its waiter must
+                    // answer when this one applies.
+                    inner.pending.push(Pending { cmd, bodies: Vec::new(), waiter: Some(Waiter::Requeued { id, consumer, tx }) });
                 }
             }
             Some(Waiter::Requeued { id, consumer, tx }) => {
@@ -1277,9 +1733,7 @@ impl ReplicatedQueue {
         }
         Ok(())
     }
-}
 
-impl ReplicatedQueue {
     /// An attach (and the requeue of what never reached the client) applied:
     /// deliveries to the consumer start.
     fn attached(&self, inner: &mut Inner, id: ConsumerId, consumer: Arc<Consumer>, tx: Tx<()>) {
@@ -1387,7 +1841,7 @@ impl Queue for ReplicatedQueue {
         {
             let inner = self.lock();
             for seq in msg_ids {
-                if let Some(holder) = inner.holder_of.get(seq) {
+                if let Some(holder) = inner.sm.holder_of(*seq) {
                     by_holder.entry(holder.clone()).or_default().push(*seq);
                 }
             }

@@ -1,0 +1,333 @@
+//! What a queue's Raft log and checkpoints hold, and where each live
+//! message's body is: the entry encoding, [`Batches`] (seq → log entry),
+//! the [`BodyCache`] of recent entries and the [`Checkpoint`] record.
+
+use std::collections::BTreeMap;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+
+use crate::replica::queue_sm::{self, Command, Seq};
+use crate::Error;
+
+/// Version byte in front of every log entry (1 was the first cut's
+/// postcard `{cmd, bodies}`; its logs are not readable any more).
+const ENTRY_VERSION: u8 = 2;
+
+/// Version byte in front of a [`Checkpoint`].
+const CHECKPOINT_VERSION: u8 = 1;
+
+/// Encodes one log entry: the commands, then the bodies (message records)
+/// of its `Enqueue` commands, in order, so that a body can be sliced out of
+/// the entry without decoding anything else:
+///
+/// `2 ‖ u32 LE len ‖ postcard(Vec<Command>) ‖ u32 LE n ‖ n × u32 LE end
+/// offset ‖ bodies`.
+pub(crate) fn encode_entry(cmds: &[Command], bodies: &[Bytes]) -> Result<Vec<u8>, Error> {
+    let cmd_bytes = postcard::to_stdvec(cmds).map_err(|e| Error::Corrupt(format!("encoding a log entry: {e}")))?;
+    let body_len: usize = bodies.iter().map(Bytes::len).sum();
+    let mut out = BytesMut::with_capacity(1 + 4 + cmd_bytes.len() + 4 + 4 * bodies.len() + body_len);
+    out.put_u8(ENTRY_VERSION);
+    out.put_u32_le(u32_of(cmd_bytes.len())?);
+    out.put_slice(&cmd_bytes);
+    out.put_u32_le(u32_of(bodies.len())?);
+    let mut end = 0usize;
+    for body in bodies {
+        end += body.len();
+        out.put_u32_le(u32_of(end)?);
+    }
+    for body in bodies {
+        out.put_slice(body);
+    }
+    Ok(out.to_vec())
+}
+
+fn u32_of(n: usize) -> Result<u32, Error> {
+    u32::try_from(n).map_err(|_| Error::Corrupt("log entry too large".to_owned()))
+}
+
+fn read_u32(data: &[u8], at: usize) -> Option<usize> {
+    let bytes: [u8; 4] = data.get(at..at.checked_add(4)?)?.try_into().ok()?;
+    usize::try_from(u32::from_le_bytes(bytes)).ok()
+}
+
+/// Where the parts of an encoded entry are.
+struct Layout {
+    cmds: std::ops::Range<usize>,
+    count: usize,
+    /// Offset of the end-offset table.
+    table: usize,
+    /// Offset of the first body.
+    bodies: usize,
+}
+
+fn layout(index: u64, data: &[u8]) -> Result<Layout, Error> {
+    let corrupt = |what: &str| Error::Corrupt(format!("queue log entry {index}: {what}"));
+    if data.first() != Some(&ENTRY_VERSION) {
+        return Err(corrupt("unknown version"));
+    }
+    let cmd_len = read_u32(data, 1).ok_or_else(|| corrupt("truncated"))?;
+    let cmds = 5..5usize.checked_add(cmd_len).ok_or_else(|| corrupt("truncated"))?;
+    let count = read_u32(data, cmds.end).ok_or_else(|| corrupt("truncated"))?;
+    let table = cmds.end + 4;
+    let bodies = count.checked_mul(4).and_then(|n| n.checked_add(table)).ok_or_else(|| corrupt("truncated"))?;
+    if bodies > data.len() {
+        return Err(corrupt("truncated body table"));
+    }
+    Ok(Layout { cmds, count, table, bodies })
+}
+
+/// The commands of an entry.
+pub(crate) fn decode_commands(index: u64, data: &[u8]) -> Result<Vec<Command>, Error> {
+    let layout = layout(index, data)?;
+    let cmds = data.get(layout.cmds).ok_or_else(|| Error::Corrupt(format!("queue log entry {index}: truncated")))?;
+    postcard::from_bytes(cmds).map_err(|e| Error::Corrupt(format!("queue log entry {index}: {e}")))
+}
+
+/// Body `position` of an entry, sliced out of `data` without copying.
+pub(crate) fn entry_body(index: u64, data: &Bytes, position: u32) -> Result<Bytes, Error> {
+    let layout = layout(index, data)?;
+    let corrupt = || Error::Corrupt(format!("queue log entry {index}: no body {position}"));
+    let position = usize::try_from(position).map_err(|_| corrupt())?;
+    if position >= layout.count {
+        return Err(corrupt());
+    }
+    let start = if position == 0 { 0 } else { read_u32(data, layout.table + 4 * (position - 1)).ok_or_else(corrupt)? };
+    let end = read_u32(data, layout.table + 4 * position).ok_or_else(corrupt)?;
+    let (start, end) = (layout.bodies + start, layout.bodies + end);
+    if start > end || end > data.len() {
+        return Err(corrupt());
+    }
+    Ok(data.slice(start..end))
+}
+
+/// The seqs one `Enqueue` command assigned, and where their bodies are.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Batch {
+    /// Log index of the entry carrying the bodies.
+    pub index: u64,
+    /// Seqs `first .. first + count` (the key in [`Batches`] is `first`).
+    pub count: u32,
+    /// Body position (in the entry) of the first seq.
+    pub first_body: u32,
+    /// Body position of each seq, only when a duplicate publish left a gap.
+    pub positions: Option<Vec<u32>>,
+    /// Seqs of the batch still live (ready or held).
+    pub live: u32,
+}
+
+/// Where the body of every live message is: one [`Batch`] per `Enqueue`
+/// that still has a live message, keyed by its first seq. Seqs grow with
+/// the log index, so the first batch holds the oldest entry still needed.
+/// Derived from applied entries only, hence identical on every replica.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Batches {
+    map: BTreeMap<Seq, Batch>,
+}
+
+impl Batches {
+    pub fn from_vec(batches: Vec<(Seq, Batch)>) -> Self {
+        Batches { map: batches.into_iter().collect() }
+    }
+
+    pub fn to_vec(&self) -> Vec<(Seq, Batch)> {
+        self.map.iter().map(|(seq, b)| (*seq, b.clone())).collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn clear(&mut self) {
+        self.map.clear();
+    }
+
+    /// Records the seqs an `Enqueue` assigned; `seqs[i]` is the seq of the
+    /// command's message `i`, whose body is at `first_body + i`.
+    pub fn enqueued(&mut self, index: u64, first_body: u32, seqs: &[Option<Seq>]) {
+        let assigned: Vec<(Seq, u32)> = seqs
+            .iter()
+            .zip(first_body..)
+            .filter_map(|(seq, position)| seq.map(|seq| (seq, position)))
+            .collect();
+        let Some(&(first, _)) = assigned.first() else { return };
+        let count = u32::try_from(assigned.len()).unwrap_or(u32::MAX);
+        let gaps = assigned.len() != seqs.len();
+        let positions = gaps.then(|| assigned.iter().map(|(_, p)| *p).collect());
+        let first_body = assigned.first().map_or(first_body, |(_, p)| *p);
+        self.map.insert(first, Batch { index, count, first_body, positions, live: count });
+    }
+
+    /// Entry index and body position of a live seq.
+    pub fn locate(&self, seq: Seq) -> Option<(u64, u32)> {
+        let (first, batch) = self.map.range(..=seq).next_back()?;
+        let offset = seq.checked_sub(*first)?;
+        if offset >= u64::from(batch.count) {
+            return None;
+        }
+        let offset = u32::try_from(offset).ok()?;
+        let position = match &batch.positions {
+            Some(p) => *p.get(usize::try_from(offset).ok()?)?,
+            None => batch.first_body.checked_add(offset)?,
+        };
+        Some((batch.index, position))
+    }
+
+    /// A message is gone for good.
+    pub fn removed(&mut self, seq: Seq) {
+        let Some((first, batch)) = self.map.range_mut(..=seq).next_back() else { return };
+        if seq.checked_sub(*first).is_none_or(|offset| offset >= u64::from(batch.count)) {
+            return;
+        }
+        batch.live = batch.live.saturating_sub(1);
+        if batch.live == 0 {
+            let first = *first;
+            self.map.remove(&first);
+        }
+    }
+
+    /// The log index of the oldest entry holding a live message.
+    pub fn oldest_index(&self) -> Option<u64> {
+        self.map.values().next().map(|b| b.index)
+    }
+}
+
+/// Recently applied (or read back) entries that carry bodies, by log
+/// index, within a byte budget; the oldest go first. A consumer that keeps
+/// up reads every body from here. An entry read back from the log (a
+/// consumer behind) is kept in a slot of its own, so reading a big batch
+/// sequentially reads it from disk once.
+#[derive(Debug, Default)]
+pub(crate) struct BodyCache {
+    entries: BTreeMap<u64, Bytes>,
+    bytes: usize,
+    limit: usize,
+    read_back: Option<(u64, Bytes)>,
+}
+
+impl BodyCache {
+    pub fn new(limit: usize) -> Self {
+        BodyCache { limit, ..BodyCache::default() }
+    }
+
+    pub fn get(&self, index: u64) -> Option<Bytes> {
+        if let Some((i, data)) = &self.read_back {
+            if *i == index {
+                return Some(data.clone());
+            }
+        }
+        self.entries.get(&index).cloned()
+    }
+
+    /// An entry just applied.
+    pub fn insert(&mut self, index: u64, data: Bytes) {
+        if data.len() > self.limit {
+            return;
+        }
+        self.bytes += data.len();
+        if let Some(old) = self.entries.insert(index, data) {
+            self.bytes -= old.len();
+        }
+        while self.bytes > self.limit {
+            let Some((_, old)) = self.entries.pop_first() else { break };
+            self.bytes -= old.len();
+        }
+    }
+
+    /// An entry read back from the log.
+    pub fn read_back(&mut self, index: u64, data: Bytes) {
+        self.read_back = Some((index, data));
+    }
+
+    /// Drops entries below `index` (they hold no live message).
+    pub fn trim_below(&mut self, index: u64) {
+        if self.entries.first_key_value().is_some_and(|(i, _)| *i < index) {
+            let keep = self.entries.split_off(&index);
+            for data in std::mem::replace(&mut self.entries, keep).into_values() {
+                self.bytes -= data.len();
+            }
+        }
+        if self.read_back.as_ref().is_some_and(|(i, _)| *i < index) {
+            self.read_back = None;
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.entries.clear();
+        self.bytes = 0;
+        self.read_back = None;
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes + self.read_back.as_ref().map_or(0, |(_, d)| d.len())
+    }
+}
+
+/// The state of a replica at log index `state_at`: what a checkpoint (the
+/// `'q'` record, written with the apply state) and a compaction snapshot
+/// (the raft snapshot's data) hold. A snapshot is placed at or below the
+/// oldest entry still needed, so it may be older than `state_at`: whoever
+/// loads it skips the entries up to `state_at`.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct Checkpoint {
+    /// The log index the state reflects.
+    pub state_at: u64,
+    /// The last log index carrying a configuration change.
+    pub conf_changed_at: u64,
+    pub sm: queue_sm::Snapshot,
+    pub batches: Vec<(Seq, Batch)>,
+}
+
+impl Checkpoint {
+    pub fn encode(&self) -> Result<Vec<u8>, Error> {
+        let mut out = vec![CHECKPOINT_VERSION];
+        let body = postcard::to_stdvec(self).map_err(|e| Error::Corrupt(format!("encoding a checkpoint: {e}")))?;
+        out.extend_from_slice(&body);
+        Ok(out)
+    }
+
+    pub fn decode(data: &[u8]) -> Result<Self, Error> {
+        match data.split_first() {
+            Some((&CHECKPOINT_VERSION, rest)) => {
+                postcard::from_bytes(rest).map_err(|e| Error::Corrupt(format!("queue checkpoint: {e}")))
+            }
+            _ => Err(Error::Corrupt("queue checkpoint: unknown version".to_owned())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::replica::queue_sm::NewMsg;
+
+    #[test]
+    fn bodies_are_sliced_out_of_an_entry() {
+        let cmds = vec![Command::Enqueue { msgs: vec![NewMsg { size: 1, persistent: true, publish_id: None }; 3] }];
+        let bodies = vec![Bytes::from_static(b"a"), Bytes::new(), Bytes::from_static(b"ccc")];
+        let data = Bytes::from(encode_entry(&cmds, &bodies).unwrap());
+        assert_eq!(decode_commands(5, &data).unwrap(), cmds);
+        for (i, b) in bodies.iter().enumerate() {
+            assert_eq!(&entry_body(5, &data, i as u32).unwrap(), b);
+        }
+        assert!(entry_body(5, &data, 3).is_err());
+    }
+
+    #[test]
+    fn batches_locate_and_release() {
+        let mut b = Batches::default();
+        b.enqueued(10, 0, &[Some(0), Some(1)]);
+        b.enqueued(11, 2, &[Some(2), None, Some(3)]);
+        assert_eq!(b.locate(1), Some((10, 1)));
+        assert_eq!(b.locate(3), Some((11, 4)));
+        assert_eq!(b.locate(4), None);
+        assert_eq!(b.oldest_index(), Some(10));
+        b.removed(0);
+        b.removed(1);
+        assert_eq!(b.oldest_index(), Some(11));
+        b.removed(2);
+        b.removed(3);
+        assert_eq!(b.oldest_index(), None);
+    }
+}
