@@ -19,6 +19,10 @@ pub enum Error {
     /// The backend is shutting down.
     #[error("shutting down")]
     ShuttingDown,
+    /// The storage under a Raft log failed (it is poisoned: the node must
+    /// restart once the cause, for example a full disk, is fixed).
+    #[error("storage failed: {0}")]
+    StorageFailed(String),
     /// The cluster could not be reached or has no leader for the queue or
     /// the metadata right now; the text says what was tried.
     #[error("cluster unavailable: {0}")]

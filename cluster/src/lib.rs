@@ -21,6 +21,7 @@
 
 pub mod backend;
 pub mod consensus;
+pub mod embedded;
 pub mod error;
 pub mod local;
 pub mod meta;

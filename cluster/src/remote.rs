@@ -156,6 +156,9 @@ impl Cluster {
     }
 }
 
+/// How long leader discovery waits for one node (connect, then answer).
+const DISCOVERY_TIMEOUT: Duration = Duration::from_millis(500);
+
 /// How often a link is checked, and how long its node may take to answer.
 const PING_EVERY: Duration = Duration::from_millis(200);
 const PING_TIMEOUT: Duration = Duration::from_millis(600);
@@ -275,7 +278,11 @@ impl RemoteBackend {
 
     /// A request to the node at `addr`.
     pub async fn call(&self, addr: &str, req: NodeRequest) -> Result<NodeResponse, Error> {
-        let client = self.cluster.link(addr).await?;
+        // A node cut off by a partition would hold the caller for the whole
+        // connect timeout; callers try the next node instead.
+        let client = tokio::time::timeout(Duration::from_secs(1), self.cluster.link(addr))
+            .await
+            .map_err(|_| Error::Unavailable(format!("node {addr}: no connection within 1 s")))??;
         client
             .call_timeout(req, self.cluster.opts.call_timeout)
             .await
@@ -327,7 +334,14 @@ impl Backend for RemoteBackend {
     /// The nodes delete a queue's replicas when they apply its deletion
     /// from the metadata log; the gateway only forgets its handle.
     fn delete_queue(&self, id: QueueId) -> Reply<u32> {
-        lock(&self.cluster.queues).remove(&id.0);
+        // Its consumers on this gateway are told here (basic.cancel), as
+        // the router applies the deletion.
+        if let Some(q) = lock(&self.cluster.queues).remove(&id.0).and_then(|q| q.upgrade()) {
+            let consumers: Vec<Attached> = std::mem::take(&mut q.lock().consumers).into_values().collect();
+            for a in consumers {
+                a.consumer.sink.cancelled(&a.consumer);
+            }
+        }
         ready(Ok(0))
     }
 
@@ -648,8 +662,10 @@ async fn find_and_resync(queue: &Arc<RemoteQueue>, hint: Option<String>, backlog
     let mut i = 0;
     while let Some(addr) = candidates.get(i).cloned() {
         i += 1;
-        let Ok(client) = cluster.link(&addr).await else { continue };
-        match client.call_timeout(NodeRequest::Counts { queue: queue.id.0 }, Duration::from_millis(500)).await {
+        // A node cut off by a partition would hold the search for the whole
+        // connect timeout: ask the next one instead.
+        let Ok(Ok(client)) = tokio::time::timeout(DISCOVERY_TIMEOUT, cluster.link(&addr)).await else { continue };
+        match client.call_timeout(NodeRequest::Counts { queue: queue.id.0 }, DISCOVERY_TIMEOUT).await {
             Ok(NodeResponse::Counts(..)) => {
                 found = Some(client);
                 break;

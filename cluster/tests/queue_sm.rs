@@ -661,10 +661,12 @@ impl Model {
                 }
                 fx
             }
-            Command::Purge => {
+            Command::Barrier => vec![],
+            Command::Purge | Command::DropTransient => {
+                let transient_only = matches!(cmd, Command::DropTransient);
                 let mut seqs = Vec::new();
                 for (i, m) in self.msgs.iter_mut().enumerate() {
-                    if m.place == Place::Ready {
+                    if m.place == Place::Ready && !(transient_only && m.meta.persistent) {
                         m.place = Place::Gone;
                         seqs.push(i as Seq);
                     }
@@ -722,6 +724,8 @@ enum Op {
     Settle(usize, Vec<Pick>, Outcome),
     GatewayDown(usize),
     Purge,
+    DropTransient,
+    Barrier,
     Delete,
 }
 
@@ -773,6 +777,8 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         60 => (0..6usize, picks(), outcome_strategy()).prop_map(|(c, p, o)| Op::Settle(c, p, o)),
         8 => (0..GATEWAYS.len()).prop_map(Op::GatewayDown),
         6 => Just(Op::Purge),
+        4 => Just(Op::DropTransient),
+        2 => Just(Op::Barrier),
         2 => Just(Op::Delete),
     ]
 }
@@ -815,6 +821,8 @@ fn resolve(op: &Op, model: &Model) -> Command {
         Op::Settle(c, ps, outcome) => Command::Settle { consumer: pool(*c), seqs: picks(*c, ps), outcome: *outcome },
         Op::GatewayDown(g) => Command::GatewayDown { gateway: GATEWAYS[*g].into() },
         Op::Purge => Command::Purge,
+        Op::DropTransient => Command::DropTransient,
+        Op::Barrier => Command::Barrier,
         Op::Delete => Command::Delete,
     }
 }

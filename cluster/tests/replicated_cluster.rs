@@ -92,6 +92,32 @@ impl Cluster {
         self.replicas.lock().unwrap()[i] = Some(replica);
     }
 
+    /// Starts one more replica, `n{len+1}`, that joins the group (empty
+    /// log, no bootstrap): the leader must add it.
+    async fn add_joiner(&mut self) -> usize {
+        let i = self.ids.len();
+        self.ids.push(raft_id(&format!("n{}", i + 1)));
+        self.dirs.push(tempfile::tempdir().unwrap());
+        self.replicas.lock().unwrap().push(None);
+        let store = open_store(self.dirs[i].path()).await;
+        let mut opts = ReplicaOptions::new(self.ids[i], Vec::new(), self.net.transport(self.ids[i]), "local");
+        opts.reattach_grace = self.grace;
+        opts.checkpoint_entries = 32;
+        opts.checkpoint_bytes = 16 << 10;
+        opts.join = true;
+        let replica = ReplicatedQueue::open(spec(), store, opts, &tokio::runtime::Handle::current()).unwrap();
+        let weak = Arc::downgrade(&replica);
+        self.net.register(self.ids[i], move |group, m| {
+            if group == QUEUE {
+                if let Some(r) = weak.upgrade() {
+                    r.step(m);
+                }
+            }
+        });
+        self.replicas.lock().unwrap()[i] = Some(replica);
+        i
+    }
+
     /// Kills replica `i`: off the network, dropped with its store (the
     /// test must hold no handle of it; the network and the publisher only
     /// hold one for a moment).
@@ -211,8 +237,13 @@ impl Published {
 /// confirmed within a second is retried at the leader of the moment with
 /// the same publish id.
 async fn publish_stream(replicas: Replicas, total: u64, window: usize, progress: Arc<AtomicUsize>) -> Published {
+    publish_range(replicas, 0, total, window, progress).await
+}
+
+/// [`publish_stream`] of ids `from..total`.
+async fn publish_range(replicas: Replicas, from: u64, total: u64, window: usize, progress: Arc<AtomicUsize>) -> Published {
     let mut out = Published::default();
-    let mut next = 0;
+    let mut next = from;
     let mut retry: VecDeque<u64> = VecDeque::new();
     let mut inflight = FuturesUnordered::new();
     loop {
@@ -697,4 +728,77 @@ async fn a_follower_behind_the_compaction_catches_up_by_snapshot_and_serves_ever
     drop(q);
     assert_eq!(converged(&c).await, (0, 1));
     c.close_all().await;
+}
+
+/// Reconfiguration under publishes: a fourth replica joins (empty log),
+/// catches up by snapshot (the log is compacted and pinned by old live
+/// messages), is promoted while the leader is removed (it hands leadership
+/// over first); the removed replica stops; nothing confirmed is lost, and
+/// the log keeps compacting after the configuration changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn voters_change_under_publishes_and_compaction_goes_on() {
+    let mut c = Cluster::start(3, Duration::from_millis(300)).await;
+    let first = publish_stream(c.replicas.clone(), 300, 32, Arc::new(AtomicUsize::new(0))).await;
+    assert_eq!(first.confirmed.len(), 300);
+    let l = c.leader(None).await;
+    // The first 100 consumed: the oldest live message pins the log.
+    for i in 0..100u64 {
+        let (d, _) = tokio::time::timeout(WAIT, c.get(l).get_as(holder(), true)).await.unwrap().unwrap().unwrap();
+        assert_eq!(id_of(&d), i);
+    }
+    let n4 = c.add_joiner().await;
+    let target: Vec<u64> = {
+        let mut t: Vec<u64> = (0..3).filter(|i| *i != l).map(|i| c.ids[i]).chain([c.ids[n4]]).collect();
+        t.sort();
+        t
+    };
+    // Publishing goes on during the change.
+    let replicas = c.replicas.clone();
+    let more = tokio::spawn(async move { publish_range(replicas, 1000, 1700, 16, Arc::new(AtomicUsize::new(0))).await });
+    let started = Instant::now();
+    // The leader is not in the target: it promotes n4, then hands over.
+    let err = tokio::time::timeout(Duration::from_secs(30), c.get(l).change_voters(target.clone())).await.unwrap();
+    assert!(matches!(err, Err(Error::NotLeader { .. })), "{err:?}");
+    let l2 = c.leader(Some(l)).await;
+    assert_ne!(l2, l);
+    tokio::time::timeout(Duration::from_secs(30), c.get(l2).change_voters(target.clone())).await.unwrap().unwrap();
+    println!("voters changed in {:?}", started.elapsed());
+    assert_eq!(c.get(l2).voters(), (target.clone(), Vec::new()));
+    // Idempotent.
+    tokio::time::timeout(WAIT, c.get(l2).change_voters(target.clone())).await.unwrap().unwrap();
+    eventually("the old leader applied its removal", || c.get(l).is_removed()).await;
+    assert!(!c.get(l).is_deleted());
+    let more = more.await.unwrap();
+    assert_eq!(more.confirmed.len(), 700);
+    let members: Vec<usize> = (0..4).filter(|i| *i != l).collect();
+    eventually("members converge", || {
+        let states: Vec<_> = members.iter().map(|i| (c.get(*i).counts_now(), c.get(*i).applied_index())).collect();
+        states.windows(2).all(|w| w[0] == w[1])
+    })
+    .await;
+    assert!(c.get(n4).stats().first_index > 2, "n4 caught up by snapshot: {:?}", c.get(n4).stats());
+    let changed_at = c.get(l2).stats().last_index;
+    let l2 = c.leader(Some(l)).await;
+    let drained = drain(&c.get(l2)).await;
+    let mut confirmed: BTreeSet<u64> = first.confirmed.into_iter().filter(|i| *i >= 100).collect();
+    confirmed.extend(more.confirmed.iter().copied());
+    check_exactly_once(&drained, &confirmed);
+    assert_eq!(drained.len(), 900);
+    // Compaction goes on across the configuration changes.
+    let p = publish_range(c.replicas.clone(), 2000, 2400, 8, Arc::new(AtomicUsize::new(0))).await;
+    assert_eq!(p.confirmed.len(), 400);
+    assert_eq!(drain(&c.get(l2)).await.len(), 400);
+    let _ = publish_range(c.replicas.clone(), 3000, 3010, 1, Arc::new(AtomicUsize::new(0))).await;
+    eventually("compaction passed the configuration changes", || {
+        members.iter().all(|i| c.get(*i).stats().first_index > changed_at)
+    })
+    .await;
+    // A replica restarted after the changes resumes with the new voters.
+    let f = members.iter().copied().find(|i| *i != l2).unwrap();
+    c.kill(f).await;
+    c.restart(f).await;
+    eventually("the restarted replica has the new voters", || c.get(f).voters() == (target.clone(), Vec::new())).await;
+    for i in &members {
+        c.get(*i).close().await;
+    }
 }

@@ -1,9 +1,11 @@
 //! The cluster subcommands: `sluice node` and `sluice ctl`.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use sluice_cluster::node::{self, MemberView, MembershipOptions, Node, NodeOptions};
+use sluice_cluster::node::{self, MemberView, MembershipOptions, Node, NodeOptions, ReplicaInfo};
 use sluice_cluster::rpc::{PeerInfo, Secret};
 
 use crate::config::{CtlArgs, CtlCommand, NodeConfig};
@@ -59,8 +61,102 @@ pub async fn ctl(args: CtlArgs) -> anyhow::Result<()> {
             let rows = node::members(&args.node, &secret, me).await.with_context(|| format!("node {}", args.node))?;
             print!("{}", members_table(&rows));
         }
+        CtlCommand::Queues => queues(&args.node, &secret, me).await?,
+        CtlCommand::Decommission { node_id, timeout_secs } => {
+            decommission(&args.node, &secret, me, &node_id, Duration::from_secs(timeout_secs)).await?
+        }
     }
     Ok(())
+}
+
+/// `sluice ctl queues`: asks every node the given one knows for the
+/// replicas it hosts and prints one line per queue: name, leader, voters,
+/// learners (as its leader sees them; `-` for none), and the nodes that
+/// still host a replica outside the group.
+async fn queues(addr: &str, secret: &Secret, me: PeerInfo) -> anyhow::Result<()> {
+    let members = node::members(addr, secret, me.clone()).await.with_context(|| format!("node {addr}"))?;
+    let mut by_queue: BTreeMap<u64, Vec<ReplicaInfo>> = BTreeMap::new();
+    for m in &members {
+        let ask = node::replicas(&m.addr, secret, me.clone());
+        match tokio::time::timeout(Duration::from_secs(3), ask).await {
+            Ok(Ok(rows)) => {
+                for r in rows {
+                    by_queue.entry(r.queue).or_default().push(r);
+                }
+            }
+            Ok(Err(e)) => eprintln!("node {} ({}): {e}", m.id, m.addr),
+            Err(_) => eprintln!("node {} ({}): no answer", m.id, m.addr),
+        }
+    }
+    let mut rows: Vec<[String; 5]> = Vec::new();
+    for replicas in by_queue.values() {
+        let Some(first) = replicas.first() else { continue };
+        let leading = replicas.iter().find(|r| r.leader.as_deref() == Some(r.node.as_str())).unwrap_or(first);
+        let list = |v: &[String]| if v.is_empty() { "-".to_owned() } else { v.join(",") };
+        let mut hosts: Vec<String> = replicas.iter().map(|r| r.node.clone()).collect();
+        hosts.sort();
+        rows.push([
+            leading.name.clone(),
+            leading.leader.clone().unwrap_or_else(|| "-".to_owned()),
+            list(&leading.voters),
+            list(&leading.learners),
+            list(&hosts),
+        ]);
+    }
+    rows.sort();
+    let header = ["QUEUE", "LEADER", "VOTERS", "LEARNERS", "HOSTED-ON"].map(str::to_owned);
+    let widths: Vec<usize> =
+        (0..5).map(|i| rows.iter().map(|r| r[i].len()).chain([header[i].len()]).max().unwrap_or(0)).collect();
+    for r in std::iter::once(&header).chain(rows.iter()) {
+        let line: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+    Ok(())
+}
+
+/// `sluice ctl decommission NODE_ID`: asks for the removal, then waits
+/// until the node hosts no queue replica.
+async fn decommission(addr: &str, secret: &Secret, me: PeerInfo, id: &str, timeout: Duration) -> anyhow::Result<()> {
+    let members = node::members(addr, secret, me.clone()).await.with_context(|| format!("node {addr}"))?;
+    let target = members.iter().find(|m| m.id == id).map(|m| m.addr.clone());
+    node::decommission(addr, secret, me.clone(), id)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot decommission {id}: {e}"))?;
+    println!("{id} removed from the cluster members; its queue replicas are moving to the other nodes");
+    let Some(target) = target else {
+        println!("{id}'s address is unknown here: check `sluice ctl --node <its address> status` before stopping it");
+        return Ok(());
+    };
+    let started = Instant::now();
+    let mut last: Option<u64> = None;
+    let mut last_print = Instant::now();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(3), node::status(&target, secret, me.clone())).await {
+            Ok(Ok(s)) => {
+                if s.replicas == 0 {
+                    println!(
+                        "{id} hosts no queue replica ({:.1} s): it can be stopped",
+                        started.elapsed().as_secs_f64()
+                    );
+                    return Ok(());
+                }
+                if last != Some(s.replicas) || last_print.elapsed() >= Duration::from_secs(5) {
+                    println!("{id}: {} queue replicas left", s.replicas);
+                    last = Some(s.replicas);
+                    last_print = Instant::now();
+                }
+            }
+            Ok(Err(e)) => println!("{id} at {target}: {e}"),
+            Err(_) => println!("{id} at {target}: no answer"),
+        }
+        if started.elapsed() > timeout {
+            anyhow::bail!(
+                "{id} still hosts queue replicas after {} s; see `sluice ctl queues` (is every other node up?)",
+                timeout.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 /// `sluice ctl members`: one line per member, columns aligned:

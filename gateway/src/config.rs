@@ -244,6 +244,19 @@ pub enum CtlCommand {
     /// Show the member table as that node sees it: id, address, up/down,
     /// when it last heard from each member.
     Members,
+    /// Show every queue's replicas: leader, voters and learners (asks
+    /// every node that node knows).
+    Queues,
+    /// Remove a node from the cluster: its queue replicas are recreated on
+    /// the other nodes; waits until it hosts none, then says it can be
+    /// stopped.
+    Decommission {
+        /// The id of the node to remove (`sluice node --id`).
+        node_id: String,
+        /// Give up waiting after this many seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout_secs: u64,
+    },
 }
 
 /// `sluice gateway` in a TOML file (every key optional; unknown keys are an error).

@@ -53,6 +53,9 @@ impl From<sluice_cluster::Error> for BrokerError {
             E::QueueDeleted => BrokerError::not_found("queue was deleted"),
             E::ExclusiveConsumer => BrokerError::access_refused("queue in exclusive use"),
             E::ShuttingDown => BrokerError::connection(code::CONNECTION_FORCED, "broker shutting down"),
+            // The broker cannot keep what the client asked it to keep.
+            E::Storage(e) => BrokerError::connection(code::RESOURCE_ERROR, format!("storage failed: {e}")),
+            E::StorageFailed(e) => BrokerError::connection(code::RESOURCE_ERROR, format!("storage failed: {e}")),
             other => BrokerError::internal(other.to_string()),
         }
     }

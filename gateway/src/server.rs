@@ -10,7 +10,8 @@ use std::time::Duration;
 use anyhow::Context;
 use sluice_cluster::remote::{RemoteBackend, RemoteOptions};
 use sluice_cluster::rpc::Secret;
-use sluice_cluster::{Backend, LocalBackend, LocalOptions};
+use sluice_cluster::embedded::{Embedded, EmbeddedOptions};
+use sluice_cluster::Backend;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -55,18 +56,18 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {} for AMQP", config.amqp))?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
-    // Opening storage blocks (journal replay, a durable write): keep it off
-    // the async workers.
-    let (dir, options) =
-        (config.data_dir.clone(), LocalOptions { sync: config.fsync, body_cache_bytes: config.body_cache_bytes });
-    let backend = tokio::task::spawn_blocking(move || LocalBackend::open(&dir, options))
+    // Opening storage blocks (journal replay, the first elections): keep
+    // it off the async workers.
+    let (dir, options) = (config.data_dir.clone(), EmbeddedOptions { sync: config.fsync });
+    let node = tokio::task::spawn_blocking(move || Embedded::open(&dir, options))
         .await?
         .with_context(|| format!("cannot open data dir {}", config.data_dir.display()))?;
-    let backend: Arc<dyn Backend> = backend;
-    let for_router = backend.clone();
-    let router = tokio::task::spawn_blocking(move || Router::open(for_router))
-        .await?
-        .map_err(|e| anyhow::anyhow!("cannot load definitions: {e}"))?;
+    node.drop_transient_definitions().await.context("dropping transient definitions")?;
+    let meta = node.meta_client();
+    let backend: Arc<dyn Backend> = node;
+    let router = Router::open_with_meta(backend, meta)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot load definitions: {}", e.text))?;
     let broker = Arc::new(Broker {
         router,
         users: config.users.clone(),

@@ -576,6 +576,29 @@ impl FjallLogStore {
         Ok(true)
     }
 
+    /// Replaces the stored snapshot by one at the same index (and term)
+    /// with other data and configuration; the log is not touched. For a
+    /// state machine whose compaction point cannot move (the entries after
+    /// it are still needed) but whose snapshot must carry a newer
+    /// configuration (a replica added since, which refuses a snapshot
+    /// without itself). Returns `false` if the index is not the stored
+    /// snapshot's.
+    pub fn replace_snapshot(&mut self, snapshot: Snapshot) -> Result<bool, FjallLogStoreError> {
+        self.reap()?;
+        let meta = snapshot.get_metadata();
+        if meta.index != self.snapshot_meta.index || meta.term != self.snapshot_meta.term || meta.index == 0 {
+            return Ok(false);
+        }
+        let ops = vec![
+            self.meta_op(TAG_SNAPSHOT_META, snapshot.get_metadata())?,
+            Op::LogMeta { log: self.group, tag: TAG_SNAPSHOT_DATA, value: Some(snapshot.data.to_vec()) },
+        ];
+        let seq = self.send(ops, true, None, None)?;
+        self.snapshot_data = Some((seq, snapshot.data.clone()));
+        self.snapshot_meta = snapshot.get_metadata().clone();
+        Ok(true)
+    }
+
     /// Settles every finished write at the front of the queue, in order.
     fn reap(&mut self) -> Result<(), FjallLogStoreError> {
         if let Some(error) = &self.failed {

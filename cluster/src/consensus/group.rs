@@ -323,6 +323,10 @@ pub struct Group<S: LogStore> {
     /// Set when a store write failed: raft-rs's state then no longer matches
     /// the store, so the group must be reopened from the store.
     poisoned: bool,
+    /// Configuration changes at or below this index are already reflected
+    /// in the configuration (a snapshot placed below the state it holds,
+    /// see [`Group::skip_conf_changes_through`]): not applied again.
+    conf_through: u64,
 }
 
 impl<S: LogStore> std::fmt::Debug for Group<S> {
@@ -368,6 +372,7 @@ impl<S: LogStore> Group<S> {
             member,
             jitter,
             poisoned: false,
+            conf_through: 0,
         };
         group.reported = group.role_now();
         group.rejitter();
@@ -588,7 +593,10 @@ impl<S: LogStore> Group<S> {
         let mut out = Output::default();
         out.send.append(&mut self.released);
         self.hand_out_restore(&mut out);
-        for _ in 0..MAX_READIES_PER_OUTPUT {
+        // After a restore, entries wait for the next call: the caller may
+        // have to call `skip_conf_changes_through` first.
+        let readies = if out.restore.is_some() { 0 } else { MAX_READIES_PER_OUTPUT };
+        for _ in 0..readies {
             if !self.node.has_ready() {
                 break;
             }
@@ -662,8 +670,9 @@ impl<S: LogStore> Group<S> {
     /// applied index: whoever restores it must skip the entries between
     /// `index` and the index its state reflects (the caller records that
     /// index in `data`). The configuration stored with the snapshot is the
-    /// applied one, so the caller must not pass an `index` below a
-    /// configuration change it has applied.
+    /// applied one: whoever restores it must not apply the configuration
+    /// changes up to the index its state reflects again
+    /// ([`Group::skip_conf_changes_through`]).
     pub fn compact_to(&mut self, index: u64, data: Bytes) -> Result<(), Error> {
         if index > self.applied.index {
             return Err(Error::Store(super::LogStoreError::BadCompaction {
@@ -681,6 +690,19 @@ impl<S: LogStore> Group<S> {
         metadata.set_conf_state(self.applied.conf_state.clone());
         self.store_mut().compact(snapshot)?;
         Ok(())
+    }
+
+    /// Configuration-change entries up to `index` are not applied again:
+    /// the configuration already reflects them. For a snapshot made with
+    /// [`Group::compact_to`] below the state it holds: its configuration is
+    /// the one applied when it was made (at the index the caller records in
+    /// its data), so the changes between the snapshot's index and that one
+    /// are in it already (raft-rs would otherwise apply them twice, and an
+    /// "add learner" applied to a voter demotes it). Call it when restoring
+    /// such a snapshot ([`Output::restore`] is handed out alone, before any
+    /// later entry).
+    pub fn skip_conf_changes_through(&mut self, index: u64) {
+        self.conf_through = self.conf_through.max(index);
     }
 
     fn role_now(&self) -> RoleChange {
@@ -892,6 +914,10 @@ impl<S: LogStore> Group<S> {
     }
 
     fn apply_conf_change(&mut self, change: ConfChangeV2, out: &mut Output) -> Payload {
+        if self.applied.index < self.conf_through {
+            // Entry `applied.index + 1` is at or below `conf_through`.
+            return Payload::ConfChange { change, conf_state: Some(self.applied.conf_state.clone()) };
+        }
         // raft-rs checks the change against the current configuration before
         // touching anything, and every replica has the same configuration
         // at this index, so a refusal is identical everywhere.

@@ -25,6 +25,7 @@
 pub mod fjall_store;
 pub mod group;
 pub mod log_store;
+pub mod reconfig;
 pub mod transport;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;

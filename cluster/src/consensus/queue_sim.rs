@@ -34,6 +34,17 @@
 //!   until committed) and gateways die (their consumers vanish with what
 //!   they hold) and come back as new incarnations.
 //!
+//! **Not modelled** (so not checked): deliveries reach the consumer at
+//! once (no `Deliver` in flight on the network during a failover), and
+//! only the leadership the clients currently follow delivers: an old
+//! leader that has not yet noticed its deposition does not deliver after
+//! the clients moved on. Together with "no deliveries from the old leader
+//! once the re-attach is sent", this is an assumption about the gateway:
+//! a delivery accepted after the held list was sent is requeued by the new
+//! leader while the consumer still holds it. Also not exercised: `Get`,
+//! `Purge`, `Delete`, exclusive and no-ack consumers (the state machine's
+//! own tests cover them).
+//!
 //! **Invariants**, checked as the run goes and at its end:
 //! - (a) every confirmed publish was enqueued (a seq assigned at its first
 //!   application) and, after healing, is delivered; nothing is delivered

@@ -85,13 +85,14 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2, MessageType, Snapshot};
+use raft::eraftpb::{ConfChangeType, ConfChangeV2, MessageType, Snapshot};
 use serde::{Deserialize, Serialize};
 use sluice_storage::{Completion, Op, Store};
 use tokio::sync::{broadcast, oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 
 use super::{Command, MetaError, Outcome, Topology};
+use crate::consensus::reconfig::single_change;
 use crate::consensus::{
     self, ApplyState, Committed, FjallLogStore, FjallLogStoreError, Group, GroupConfig, LogStore,
     Payload, ProposalId, ProposalOutcome, Role, Transport, META_GROUP,
@@ -342,15 +343,25 @@ struct Inner {
     waiters: HashMap<ProposalId, Waiter>,
     /// Highest index each peer acknowledged (successful append responses).
     acked: HashMap<u64, u64>,
-    /// Set after a failure of the group or its store.
-    failed: Option<String>,
+    /// Set after a failure of the group or its store: the text, and
+    /// whether the storage failed (then callers get `StorageFailed`).
+    failed: Option<(String, bool)>,
     closed: bool,
+}
+
+/// The error a failed replica answers with.
+fn failure(why: &str, storage: bool) -> Error {
+    if storage {
+        Error::StorageFailed(why.to_owned())
+    } else {
+        Error::Corrupt(why.to_owned())
+    }
 }
 
 impl Inner {
     fn check(&self) -> Result<(), Error> {
-        if let Some(why) = &self.failed {
-            return Err(Error::Corrupt(why.clone()));
+        if let Some((why, storage)) = &self.failed {
+            return Err(failure(why, *storage));
         }
         if self.closed {
             return Err(Error::ShuttingDown);
@@ -406,6 +417,7 @@ fn consensus_error(e: consensus::Error) -> Error {
         consensus::Error::ConfChangeRefused(why) => {
             Error::Unavailable(format!("metadata configuration change refused: {why}"))
         }
+        consensus::Error::Store(consensus::LogStoreError::Failed(why)) => Error::StorageFailed(why),
         other => Error::Corrupt(format!("metadata raft group: {other}")),
     }
 }
@@ -438,14 +450,6 @@ fn decode_checkpoint(bytes: &[u8]) -> Result<(u64, MetaState), Error> {
     Ok((u64::from_le_bytes(*index), MetaState::decode(state)?))
 }
 
-fn single_change(kind: ConfChangeType, id: u64) -> ConfChangeV2 {
-    let mut change = ConfChangeSingle::default();
-    change.set_change_type(kind);
-    change.node_id = id;
-    let mut cc = ConfChangeV2::default();
-    cc.changes.push(change);
-    cc
-}
 
 impl MetaReplica {
     /// Opens this node's replica on `store`: resumes the group if the store
@@ -849,9 +853,13 @@ impl MetaReplica {
     /// Marks the replica failed: every waiter fails, later calls too.
     fn fail(&self, inner: &mut Inner, error: Error) {
         tracing::error!(error = %error, "metadata replica failed; reopen it");
-        let why = error.to_string();
-        inner.failed.get_or_insert_with(|| why.clone());
-        inner.fail_all(|| Error::Corrupt(why.clone()));
+        let storage = matches!(error, Error::Storage(_) | Error::StorageFailed(_));
+        let why = match &error {
+            Error::StorageFailed(why) => why.clone(),
+            other => other.to_string(),
+        };
+        inner.failed.get_or_insert_with(|| (why.clone(), storage));
+        inner.fail_all(|| failure(&why, storage));
     }
 
     fn pump(&self, inner: &mut Inner) {

@@ -22,9 +22,9 @@
 //!   [`GATEWAY_GRACE`], its consumers are detached and their messages
 //!   requeued (`gateway_down`) on every queue this node leads.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use protobuf::Message as _;
@@ -33,7 +33,7 @@ use serde_bytes::ByteBuf;
 use sluice_storage::Store;
 use tokio::sync::mpsc;
 
-use super::{Membership, NodeRequest, NodeResponse, QueueResult, WireDelivery};
+use super::{Membership, NodeRequest, NodeResponse, QueueResult, ReplicaInfo, WireDelivery};
 use crate::backend::{ChannelFlow, Consumer, Credit, Delivery, DeliverySink, Queue, QueueId, QueueSpec};
 use crate::consensus::{raft_id, FjallLogStore, GroupId, Transport, META_GROUP};
 use crate::meta::replica::{Applied, MetaCommand, MetaOptions, MetaReplica, MetaResult, MetaState};
@@ -48,6 +48,10 @@ type Client = rpc::Client<NodeRequest, NodeResponse>;
 /// How long a gateway may be disconnected before its consumers are
 /// detached and their messages requeued.
 pub const GATEWAY_GRACE: Duration = Duration::from_secs(5);
+
+/// How often the host checks every queue's replica set against the
+/// placement over the current members (besides after each member change).
+pub const REBALANCE_INTERVAL: Duration = Duration::from_secs(2);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -202,6 +206,14 @@ pub struct Host {
     consumers: Mutex<HashMap<(u64, ConsumerId), RemoteConsumer>>,
     /// Gateway id -> live connections from it.
     gateways: Mutex<HashMap<String, u32>>,
+    /// `sluice serve`: see [`Host::start_with`].
+    single_node: bool,
+    /// Serialises replica opens.
+    opening: Mutex<()>,
+    /// Queues with a `change_voters` (led here) or a membership check
+    /// (hosted here, not placed here) in progress.
+    changing: Mutex<HashSet<u64>>,
+    checking: Mutex<HashSet<u64>>,
 }
 
 /// Pushes a consumer's deliveries on its gateway's connection.
@@ -241,6 +253,21 @@ impl Host {
         membership: Arc<Membership>,
         seeds: Vec<String>,
     ) -> Result<Arc<Host>, Error> {
+        Self::start_with(node_id, addr, store, secret, membership, seeds, false)
+    }
+
+    /// [`Host::start`]; with `single_node` (`sluice serve`, a cluster of
+    /// one) queues drop their transient messages when they reopen, as a
+    /// restarted RabbitMQ does.
+    pub fn start_with(
+        node_id: String,
+        addr: String,
+        store: Store,
+        secret: Secret,
+        membership: Arc<Membership>,
+        seeds: Vec<String>,
+        single_node: bool,
+    ) -> Result<Arc<Host>, Error> {
         let runtime = tokio::runtime::Handle::current();
         let raft = raft_id(&node_id);
         let links = PeerLinks::new(node_id.clone(), secret.clone(), membership);
@@ -261,6 +288,10 @@ impl Host {
             names: Mutex::new(HashMap::new()),
             consumers: Mutex::new(HashMap::new()),
             gateways: Mutex::new(HashMap::new()),
+            single_node,
+            opening: Mutex::new(()),
+            changing: Mutex::new(HashSet::new()),
+            checking: Mutex::new(HashSet::new()),
         });
         // Queues with a local log, from the metadata as applied so far.
         let (index, state, rx) = host.meta.subscribe_with_state();
@@ -308,12 +339,44 @@ impl Host {
         self.queues.read().unwrap_or_else(|p| p.into_inner()).get(&id).cloned()
     }
 
-    fn open_queue(&self, spec: QueueSpec, voters: Vec<u64>) {
+    /// Tells the consumers attached to queue `id` here that it is gone.
+    pub fn cancel_consumers(&self, id: u64) {
+        if let Some(q) = self.queue(id) {
+            q.cancel_consumers();
+        }
+    }
+
+    /// The metadata replica of this node.
+    pub fn meta(&self) -> Arc<MetaReplica> {
+        self.meta.clone()
+    }
+
+    /// The replica of queue `spec` on this node, opening it (as a group
+    /// of this node alone) if it is not open yet: the in-process gateway
+    /// of a cluster of one asks for it as soon as its copy of the metadata
+    /// has the queue, which may be before this host's own follower.
+    pub fn local_queue(&self, spec: QueueSpec) -> Result<Arc<ReplicatedQueue>, Error> {
         let id = spec.id.0;
+        self.open_queue(spec, vec![self.raft]);
+        self.queue(id).ok_or_else(|| Error::Unavailable(format!("queue {id} could not be opened")))
+    }
+
+    fn open_queue(&self, spec: QueueSpec, voters: Vec<u64>) {
+        self.open_replica(spec, voters, false);
+    }
+
+    /// Opens a replica; `join`: of a group that exists on other nodes (an
+    /// empty log, no bootstrap: the leader adds it and sends a snapshot).
+    fn open_replica(&self, spec: QueueSpec, voters: Vec<u64>, join: bool) {
+        let id = spec.id.0;
+        // One open at a time: two opens of one group would share its log.
+        let _opening = lock(&self.opening);
         if self.queue(id).is_some() {
             return;
         }
-        let opts = ReplicaOptions::new(self.raft, voters, Arc::new(self.links.clone()), format!("node:{}", self.node_id));
+        let mut opts = ReplicaOptions::new(self.raft, voters, Arc::new(self.links.clone()), format!("node:{}", self.node_id));
+        opts.drop_transient_on_open = self.single_node;
+        opts.join = join;
         match ReplicatedQueue::open(spec.clone(), self.store.clone(), opts, &self.runtime) {
             Ok(q) => {
                 self.queues.write().unwrap_or_else(|p| p.into_inner()).insert(id, q);
@@ -331,6 +394,29 @@ impl Host {
             tokio::spawn(async move {
                 q.destroy().await;
             });
+        }
+    }
+
+    /// Forgets a replica that stopped by itself (it applied its own removal
+    /// from the group and removed its records).
+    fn forget_queue(&self, id: u64) {
+        self.queues.write().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        lock(&self.names).remove(&id);
+        lock(&self.consumers).retain(|(qid, _), _| *qid != id);
+    }
+
+    /// A replica as this node sees it (for `sluice ctl queues` and
+    /// `QueueConfig`).
+    fn replica_info(&self, id: u64, q: &ReplicatedQueue) -> ReplicaInfo {
+        let name = |raft: u64| self.links.node_of(raft).unwrap_or_else(|| format!("#{raft}"));
+        let (voters, learners) = q.voters();
+        ReplicaInfo {
+            queue: id,
+            name: lock(&self.names).get(&id).cloned().unwrap_or_default(),
+            node: self.node_id.clone(),
+            leader: q.leader().map(name),
+            voters: voters.into_iter().map(name).collect(),
+            learners: learners.into_iter().map(name).collect(),
         }
     }
 
@@ -503,10 +589,11 @@ impl Host {
     pub async fn request(self: &Arc<Self>, conn: &Client, req: NodeRequest, pushes: &Pushes) -> NodeResponse {
         match req {
             NodeRequest::Counts { queue } => match self.leading(queue) {
-                Ok(q) => {
-                    let (m, c) = q.counts_now();
-                    NodeResponse::Counts(m, c)
-                }
+                // After what this gateway sent before it (handled in order).
+                Ok(q) => match q.counts_synced().await {
+                    Ok((m, c)) => NodeResponse::Counts(m, c),
+                    Err(e) => NodeResponse::Queue(self.queue_error(e)),
+                },
                 Err(r) => NodeResponse::Queue(r),
             },
             NodeRequest::Attach { queue, consumer, no_ack, exclusive, prefetch, held } => {
@@ -614,8 +701,83 @@ impl Host {
                     Err(e) => NodeResponse::Queue(self.queue_error(e)),
                 }
             }
+            NodeRequest::Replicas => {
+                let queues: Vec<(u64, Arc<ReplicatedQueue>)> =
+                    self.queues.read().unwrap_or_else(|p| p.into_inner()).iter().map(|(id, q)| (*id, q.clone())).collect();
+                let mut rows: Vec<ReplicaInfo> = queues.iter().map(|(id, q)| self.replica_info(*id, q)).collect();
+                rows.sort_by(|a, b| a.name.cmp(&b.name));
+                NodeResponse::Replicas(rows)
+            }
+            NodeRequest::QueueConfig { queue } => match self.leading(queue) {
+                Ok(q) => NodeResponse::Replicas(vec![self.replica_info(queue, &q)]),
+                Err(r) => NodeResponse::Queue(r),
+            },
+            NodeRequest::Decommission { id } => self.decommission(conn, id).await,
             other => NodeResponse::Refused { reason: format!("not a request: {other:?}") },
         }
+    }
+
+    /// `sluice ctl decommission`: at the metadata leader (a request from
+    /// `ctl` to another node is forwarded once), removes `id` from the
+    /// members; every node then moves the queue replicas placed on it
+    /// elsewhere ([`Host::rebalance`]), and the leader removes it from the
+    /// metadata group ([`Host::retire_meta_voters`]).
+    async fn decommission(self: &Arc<Self>, conn: &Client, id: String) -> NodeResponse {
+        if !self.meta.is_leader() {
+            let leader = self.node_of(self.meta.leader());
+            let addr = leader.as_ref().filter(|l| **l != self.node_id).and_then(|l| self.links.addr_of(l));
+            return match addr {
+                // Forwarded once: a request from a node is not forwarded again.
+                Some(addr) if conn.peer().role != Role::Node => {
+                    let me = PeerInfo::node(self.node_id.clone());
+                    let req = NodeRequest::Decommission { id };
+                    match tokio::time::timeout(
+                        Duration::from_secs(10),
+                        super::ask(&addr, &self.links.shared.secret, me, req),
+                    )
+                    .await
+                    {
+                        Ok(Ok(resp)) => resp,
+                        Ok(Err(rpc::Error::Refused { reason })) => NodeResponse::Refused { reason },
+                        Ok(Err(e)) => NodeResponse::Queue(QueueResult::Failed(format!("metadata leader {addr}: {e}"))),
+                        Err(_) => NodeResponse::Queue(QueueResult::Failed(format!("metadata leader {addr}: no answer"))),
+                    }
+                }
+                _ => NodeResponse::Queue(QueueResult::NotLeader { leader }),
+            };
+        }
+        let (_, state) = self.meta.state();
+        if !state.members.contains_key(&id) {
+            let members: Vec<&str> = state.members.keys().map(String::as_str).collect();
+            return NodeResponse::Refused {
+                reason: format!("{id} is not a member of the cluster (members: {})", members.join(", ")),
+            };
+        }
+        let left = state.members.len() - 1;
+        if left < 2 {
+            return NodeResponse::Refused {
+                reason: format!(
+                    "decommissioning {id} would leave {left} member{}: a cluster keeps at least 2",
+                    if left == 1 { "" } else { "s" }
+                ),
+            };
+        }
+        tracing::info!(node = %id, "decommissioning");
+        if let Err(e) = self.meta.propose(MetaCommand::RemoveMember { id: id.clone() }).await {
+            return NodeResponse::Queue(self.queue_error(e));
+        }
+        // The node leaves the metadata group a little later (so that it
+        // applies its own removal from the members first); the periodic
+        // check does it too, at whichever node leads then.
+        let host = Arc::downgrade(self);
+        tokio::spawn(async move {
+            tokio::time::sleep(REBALANCE_INTERVAL).await;
+            if let Some(h) = host.upgrade() {
+                let (_, state) = h.meta.state();
+                h.retire_meta_voters(&state).await;
+            }
+        });
+        NodeResponse::Queue(QueueResult::Ok)
     }
 
     /// Stops every replica (flushing their writes).
@@ -658,15 +820,35 @@ fn replica_set(members: &BTreeMap<String, String>, key: &PlacementKey, spec: &Qu
 
 /// Follows the metadata as it is applied, on a copy of the state (so the
 /// members at each entry are known): opens the replicas of created queues
-/// this node is placed on, removes those of deleted queues.
+/// this node is placed on, removes those of deleted queues, and moves
+/// replicas when the members change ([`Host::rebalance`], also every
+/// [`REBALANCE_INTERVAL`], on this same copy: it never runs ahead of the
+/// creations handled here).
 async fn follow_meta(
     host: std::sync::Weak<Host>,
     mut index: u64,
     mut state: MetaState,
     mut rx: tokio::sync::broadcast::Receiver<Applied>,
 ) {
+    let mut every = tokio::time::interval(REBALANCE_INTERVAL);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let applied = match rx.recv().await {
+        let received = tokio::select! {
+            r = rx.recv() => r,
+            _ = every.tick() => {
+                let Some(h) = host.upgrade() else { return };
+                h.rebalance(&state);
+                let host = host.clone();
+                let members = state.clone();
+                tokio::spawn(async move {
+                    if let Some(h) = host.upgrade() {
+                        h.retire_meta_voters(&members).await;
+                    }
+                });
+                continue;
+            }
+        };
+        let applied = match received {
             Ok(a) => a,
             Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                 tracing::warn!(missed = n, "metadata follower lagged; starting over from the state");
@@ -689,7 +871,7 @@ async fn follow_meta(
 }
 
 impl Host {
-    fn on_applied(&self, applied: &Applied, state: &MetaState) {
+    fn on_applied(self: &Arc<Self>, applied: &Applied, state: &MetaState) {
         match applied {
             Applied::Command { cmd: MetaCommand::Topology(_), result: MetaResult::Topology(Ok(outcome)), .. } => {
                 for q in &outcome.created {
@@ -719,17 +901,174 @@ impl Host {
                     }
                 }
             }
-            Applied::Command { cmd: MetaCommand::AddMember { id, .. }, .. } => self.links.learn(id),
-            Applied::Reset { .. } => self.reconcile(state),
+            Applied::Command { cmd: MetaCommand::AddMember { id, .. }, .. } => {
+                self.links.learn(id);
+                self.rebalance(state);
+            }
+            Applied::Command { cmd: MetaCommand::RemoveMember { .. }, .. } => self.rebalance(state),
+            Applied::Reset { .. } => {
+                self.reconcile(state);
+                self.rebalance(state);
+            }
             _ => {}
+        }
+    }
+
+    /// Brings the replicas in line with the placement over the current
+    /// members (docs/cluster.md, "Membership change"):
+    /// - a queue this node leads whose voters are not its placement gets
+    ///   [`ReplicatedQueue::change_voters`] (one at a time per queue);
+    /// - a queue placed on this node that it does not host gets a joining
+    ///   replica (the leader adds it);
+    /// - a replica hosted here but not placed here asks the queue's leader
+    ///   whether it is still in the group, and is removed once it is not
+    ///   (normally it applies its own removal first);
+    /// - replicas that applied their own removal are dropped.
+    fn rebalance(self: &Arc<Self>, state: &MetaState) {
+        let hosted: Vec<(u64, Arc<ReplicatedQueue>)> =
+            self.queues.read().unwrap_or_else(|p| p.into_inner()).iter().map(|(id, q)| (*id, q.clone())).collect();
+        for (id, q) in &hosted {
+            if q.is_removed() {
+                tracing::info!(queue = %self.name_of(*id), "replica removed from its group");
+                self.forget_queue(*id);
+            }
+        }
+        if state.members.is_empty() {
+            return;
+        }
+        for (spec, key) in queue_specs(&state.topology) {
+            let id = spec.id.0;
+            let set = replica_set(&state.members, &key, &spec);
+            let placed_here = set.contains(&self.node_id);
+            match self.queue(id) {
+                Some(q) if q.is_removed() => {}
+                Some(q) if q.is_leader() => {
+                    let mut target: Vec<u64> = set.iter().map(|m| raft_id(m)).collect();
+                    target.sort_unstable();
+                    let (voters, learners) = q.voters();
+                    if voters != target || !learners.is_empty() || q.is_joint() {
+                        self.spawn_change(id, q, target);
+                    }
+                }
+                Some(q) if !placed_here => self.spawn_membership_check(id, q, set),
+                Some(_) => {}
+                None if placed_here => {
+                    tracing::info!(queue = %spec.name, "joining the queue's group");
+                    self.open_replica(spec, Vec::new(), true);
+                }
+                None => {}
+            }
+        }
+    }
+
+    fn name_of(&self, id: u64) -> String {
+        lock(&self.names).get(&id).cloned().unwrap_or_else(|| id.to_string())
+    }
+
+    /// Runs `change_voters(target)` on a queue led here, unless one runs.
+    fn spawn_change(self: &Arc<Self>, id: u64, q: Arc<ReplicatedQueue>, target: Vec<u64>) {
+        if !lock(&self.changing).insert(id) {
+            return;
+        }
+        let host = Arc::downgrade(self);
+        let name = self.name_of(id);
+        tokio::spawn(async move {
+            let started = Instant::now();
+            match q.change_voters(target.clone()).await {
+                Ok(()) => {
+                    let nodes: Vec<String> = match host.upgrade() {
+                        Some(h) => target.iter().map(|r| h.links.node_of(*r).unwrap_or_else(|| format!("#{r}"))).collect(),
+                        None => Vec::new(),
+                    };
+                    tracing::info!(queue = %name, voters = ?nodes, ms = started.elapsed().as_millis() as u64, "queue replicas moved");
+                }
+                Err(Error::NotLeader { .. }) => {
+                    tracing::debug!(queue = %name, "leadership moved during a replica change; the new leader goes on");
+                }
+                Err(e) => tracing::warn!(queue = %name, error = %e, "queue replica change failed; retried later"),
+            }
+            if let Some(h) = host.upgrade() {
+                lock(&h.changing).remove(&id);
+            }
+        });
+    }
+
+    /// A replica hosted here that the placement no longer puts here: asks
+    /// the queue's leader (the one this replica knows, else the placed
+    /// nodes) for the group's configuration and removes the replica once
+    /// the group no longer has it.
+    fn spawn_membership_check(self: &Arc<Self>, id: u64, q: Arc<ReplicatedQueue>, set: Vec<String>) {
+        if !lock(&self.checking).insert(id) {
+            return;
+        }
+        let host = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let Some(h) = host.upgrade() else { return };
+            let mut candidates: Vec<String> = h.node_of(q.leader()).into_iter().collect();
+            candidates.extend(set);
+            candidates.retain(|c| *c != h.node_id);
+            candidates.dedup();
+            let mut asked = 0;
+            let mut verdict = None;
+            while let Some(node) = (asked < 4).then(|| candidates.get(asked).cloned()).flatten() {
+                asked += 1;
+                let Some(addr) = h.links.addr_of(&node) else { continue };
+                let me = PeerInfo::node(h.node_id.clone());
+                let req = NodeRequest::QueueConfig { queue: id };
+                let answer = tokio::time::timeout(Duration::from_secs(2), super::ask(&addr, &h.links.shared.secret, me, req)).await;
+                match answer {
+                    Ok(Ok(NodeResponse::Replicas(rows))) => {
+                        verdict = rows
+                            .first()
+                            .map(|r| r.voters.contains(&h.node_id) || r.learners.contains(&h.node_id));
+                        break;
+                    }
+                    Ok(Ok(NodeResponse::Queue(QueueResult::NotLeader { leader: Some(l) }))) => {
+                        if !candidates.contains(&l) {
+                            candidates.insert(asked, l);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            if verdict == Some(false) && h.queue(id).is_some_and(|cur| Arc::ptr_eq(&cur, &q)) {
+                tracing::info!(queue = %h.name_of(id), "replica no longer in its group: removing it");
+                h.drop_queue(id);
+            }
+            lock(&h.checking).remove(&id);
+        });
+    }
+
+    /// At the metadata leader: removes from the metadata group the voters
+    /// and learners that are no longer members (decommissioned), itself
+    /// last (by handing leadership over first).
+    async fn retire_meta_voters(&self, state: &MetaState) {
+        if state.members.is_empty() || !self.meta.is_leader() {
+            return;
+        }
+        let members: HashSet<u64> = state.members.keys().map(|m| raft_id(m)).collect();
+        let (voters, learners) = self.meta.config();
+        for id in voters.iter().chain(learners.iter()) {
+            if members.contains(id) || *id == self.raft {
+                continue;
+            }
+            tracing::info!(raft = id, "removing a decommissioned node from the metadata group");
+            if let Err(e) = self.meta.remove_voter(*id).await {
+                tracing::warn!(raft = id, error = %e, "cannot remove a decommissioned node from the metadata group");
+                return;
+            }
+        }
+        if !members.contains(&self.raft) && voters.contains(&self.raft) {
+            tracing::info!("decommissioned: handing the metadata leadership over");
+            let _ = self.meta.remove_voter(self.raft).await;
         }
     }
 
     /// After a snapshot (or a lagging stream): drops the replicas of queues
     /// that no longer exist, and opens those of queues placed on this node
-    /// that it does not host yet (created while it was away; with the
-    /// placement over today's members, which is the creation-time one
-    /// unless the members changed since).
+    /// that it does not host yet (created while it was away) as joining
+    /// replicas: the group exists, and its leader adds this node (or, if
+    /// the group has it already, sends it a snapshot).
     fn reconcile(&self, state: &MetaState) {
         let specs = queue_specs(&state.topology);
         let live: std::collections::HashSet<u64> = specs.iter().map(|(s, _)| s.id.0).collect();
@@ -748,8 +1087,7 @@ impl Host {
             }
             let set = replica_set(&state.members, &key, &spec);
             if set.contains(&self.node_id) {
-                let voters = set.iter().map(|m| raft_id(m)).collect();
-                self.open_queue(spec, voters);
+                self.open_replica(spec, Vec::new(), true);
             }
         }
     }

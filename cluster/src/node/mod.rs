@@ -78,6 +78,19 @@ pub enum NodeRequest {
     /// Request, node to a member: admit node `id` at `addr` to the
     /// metadata (member and voter). Answered `Queue(Ok)` by the leader.
     Join { id: String, addr: String },
+    /// Request, `sluice ctl decommission` to any node (forwarded to the
+    /// metadata leader): remove node `id` from the members, so that its
+    /// queue replicas are recreated on the others, and from the metadata
+    /// group. Answered `Queue(Ok)` once the removal is committed, `Refused`
+    /// for an unknown id or when fewer than two members would remain.
+    Decommission { id: String },
+    /// Request: the queue replicas this node hosts (`sluice ctl queues`).
+    /// Answered with `Replicas`.
+    Replicas,
+    /// Request, node to a queue's leader: its replica set. Answered with
+    /// `Replicas` (one entry) by the leader, else `Queue(NotLeader)` or
+    /// `Queue(NoSuchQueue)`.
+    QueueConfig { queue: u64 },
 }
 
 impl Versioned for NodeRequest {}
@@ -156,6 +169,24 @@ pub enum NodeResponse {
     MetaDone { index: u64, result: MetaResult },
     /// The metadata at `index`.
     MetaState { index: u64, state: Box<crate::meta::replica::MetaState> },
+    /// Queue replicas (answer to `Replicas` and `QueueConfig`).
+    Replicas(Vec<ReplicaInfo>),
+}
+
+/// One queue replica as its node sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaInfo {
+    /// The queue (group) id.
+    pub queue: u64,
+    /// The queue's name (`name#i` for a partition).
+    pub name: String,
+    /// The node hosting this replica.
+    pub node: String,
+    /// The leader this replica knows of (a node id).
+    pub leader: Option<String>,
+    /// The group's voters and learners as applied here (node ids).
+    pub voters: Vec<String>,
+    pub learners: Vec<String>,
 }
 
 impl Versioned for NodeResponse {}
@@ -367,7 +398,7 @@ impl Node {
     }
 }
 
-async fn ask(addr: &str, secret: &Secret, me: PeerInfo, req: NodeRequest) -> Result<NodeResponse, rpc::Error> {
+pub(crate) async fn ask(addr: &str, secret: &Secret, me: PeerInfo, req: NodeRequest) -> Result<NodeResponse, rpc::Error> {
     let (client, _incoming) = rpc::connect::<NodeRequest, NodeResponse>(addr, secret, me).await?;
     let resp = client.call(req).await;
     client.close();
@@ -397,3 +428,28 @@ pub async fn members(addr: &str, secret: &Secret, me: PeerInfo) -> Result<Vec<Me
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests;
+
+/// Asks the node at `addr` to decommission node `id` (`sluice ctl
+/// decommission`); it forwards the request to the metadata leader.
+pub async fn decommission(addr: &str, secret: &Secret, me: PeerInfo, id: &str) -> Result<(), rpc::Error> {
+    match ask(addr, secret, me, NodeRequest::Decommission { id: id.to_owned() }).await? {
+        NodeResponse::Queue(QueueResult::Ok) => Ok(()),
+        NodeResponse::Queue(QueueResult::NotLeader { leader }) => Err(rpc::Error::Refused {
+            reason: format!(
+                "the metadata group has no reachable leader (last known: {}); try again",
+                leader.as_deref().unwrap_or("none")
+            ),
+        }),
+        NodeResponse::Queue(QueueResult::Failed(why)) => Err(rpc::Error::Refused { reason: why }),
+        other => Err(rpc::Error::Protocol(format!("unexpected answer to Decommission: {other:?}"))),
+    }
+}
+
+/// Asks the node at `addr` for the queue replicas it hosts (`sluice ctl
+/// queues`).
+pub async fn replicas(addr: &str, secret: &Secret, me: PeerInfo) -> Result<Vec<ReplicaInfo>, rpc::Error> {
+    match ask(addr, secret, me, NodeRequest::Replicas).await? {
+        NodeResponse::Replicas(rows) => Ok(rows),
+        other => Err(rpc::Error::Protocol(format!("unexpected answer to Replicas: {other:?}"))),
+    }
+}

@@ -203,6 +203,14 @@ pub enum Command {
     /// Deletes the queue: every message goes, consumers are cancelled,
     /// every later command is rejected.
     Delete,
+    /// Drops every ready message that is not persistent (a single node's
+    /// restart: RabbitMQ loses transient messages when it restarts).
+    /// Answered like [`Command::Purge`].
+    DropTransient,
+    /// Changes nothing: proposed so that its application tells the
+    /// proposer that everything it proposed before has applied (a read
+    /// barrier for counts).
+    Barrier,
 }
 
 /// Why a command changed nothing.
@@ -385,6 +393,18 @@ impl QueueSm {
             Command::Purge => {
                 let ready = std::mem::take(&mut self.ready);
                 let seqs: Vec<Seq> = ready.into_keys().collect();
+                let n = count(seqs.len());
+                if !seqs.is_empty() {
+                    fx.push(Effect::Removed { seqs });
+                }
+                fx.push(Effect::Purged { count: n });
+            }
+            Command::Barrier => {}
+            Command::DropTransient => {
+                let seqs: Vec<Seq> = self.ready.iter().filter(|(_, m)| !m.persistent).map(|(s, _)| *s).collect();
+                for seq in &seqs {
+                    self.ready.remove(seq);
+                }
                 let n = count(seqs.len());
                 if !seqs.is_empty() {
                     fx.push(Effect::Removed { seqs });

@@ -178,6 +178,7 @@ use tokio::task::JoinHandle;
 use self::log::{decode_commands, encode_entry, entry_body, Batches, BodyCache, Checkpoint};
 use crate::backend::{ready, Consumer, Delivery, Durable, Outcome, Queue, QueueId, QueueSpec, Reply};
 use crate::consensus::fjall_store::{TAG_APPLY_STATE, TAG_HARD_STATE, TAG_SNAPSHOT_DATA, TAG_SNAPSHOT_META};
+use crate::consensus::reconfig::{self, Step};
 use crate::consensus::{
     Committed, FjallLogStore, FjallLogStoreError, GroupConfig, GroupId, LogStore, Output, Payload, ProposalId,
     ProposalOutcome, Role, Transport, BOOTSTRAP_INDEX,
@@ -219,6 +220,9 @@ const DELETE_LINGER_TICKS: u32 = 10;
 
 /// How long a blocking wait (single-voter open) may take before it fails.
 const BLOCKING_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long [`ReplicatedQueue::change_voters`] may take.
+pub const CHANGE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Poll interval of blocking waits.
 const BLOCKING_POLL: Duration = Duration::from_micros(50);
@@ -270,6 +274,15 @@ pub struct ReplicaOptions {
     /// Commands waiting for the previous raft write go out without waiting
     /// any longer once their entry reaches this size.
     pub max_entry_bytes: usize,
+    /// A single voter drops its non-persistent ready messages when it
+    /// opens (after returning what the previous process's consumers
+    /// held): `sluice serve`'s restart semantics, as RabbitMQ's.
+    pub drop_transient_on_open: bool,
+    /// The group exists on other nodes and this replica joins it: when the
+    /// store holds no log of the group, open an empty one (no bootstrap)
+    /// and wait for the leader, which adds this replica as a learner and
+    /// sends it a snapshot ([`ReplicatedQueue::change_voters`]).
+    pub join: bool,
 }
 
 impl std::fmt::Debug for ReplicaOptions {
@@ -284,6 +297,7 @@ impl std::fmt::Debug for ReplicaOptions {
             .field("checkpoint_bytes", &self.checkpoint_bytes)
             .field("body_cache_bytes", &self.body_cache_bytes)
             .field("max_entry_bytes", &self.max_entry_bytes)
+            .field("join", &self.join)
             .finish_non_exhaustive()
     }
 }
@@ -302,6 +316,8 @@ impl ReplicaOptions {
             checkpoint_bytes: DEFAULT_CHECKPOINT_BYTES,
             body_cache_bytes: DEFAULT_BODY_CACHE_BYTES,
             max_entry_bytes: DEFAULT_MAX_ENTRY_BYTES,
+            drop_transient_on_open: false,
+            join: false,
         }
     }
 
@@ -314,6 +330,7 @@ impl ReplicaOptions {
 fn consensus_error(e: crate::consensus::Error) -> Error {
     match e {
         crate::consensus::Error::NotLeader { leader } => Error::NotLeader { leader },
+        crate::consensus::Error::Store(crate::consensus::LogStoreError::Failed(why)) => Error::StorageFailed(why),
         other => Error::Corrupt(format!("queue raft group: {other}")),
     }
 }
@@ -334,6 +351,7 @@ fn dup(e: &Error) -> Error {
         Error::ExclusiveConsumer => Error::ExclusiveConsumer,
         Error::ShuttingDown => Error::ShuttingDown,
         Error::Unavailable(s) => Error::Unavailable(s.clone()),
+        Error::StorageFailed(s) => Error::StorageFailed(s.clone()),
         Error::NotLeader { leader } => Error::NotLeader { leader: *leader },
     }
 }
@@ -476,12 +494,21 @@ struct Inner {
     linger: u32,
     /// Deleted and removed from the store: the group is never touched again.
     stopped: bool,
+    /// This replica applied its own removal from the group: it stops and
+    /// its records are removed (`stopped` is set too).
+    removed: bool,
+    /// Leader: highest log index each peer acknowledged (successful append
+    /// responses), for [`ReplicatedQueue::change_voters`].
+    acked: HashMap<u64, u64>,
 }
 
 impl Inner {
     fn check(&self) -> Result<(), Error> {
         if let Some(why) = &self.failed {
             return Err(Error::Corrupt(why.clone()));
+        }
+        if self.removed {
+            return Err(self.not_leader());
         }
         if self.deleted || self.stopped {
             return Err(Error::QueueDeleted);
@@ -697,6 +724,9 @@ impl Inner {
                 self.sm = QueueSm::restore(cp.sm).map_err(|e| Error::Corrupt(format!("queue snapshot: {e:?}")))?;
                 self.batches = Batches::from_vec(cp.batches);
                 self.state_at = cp.state_at;
+                // The snapshot's configuration is the one applied at
+                // `state_at` (see `try_checkpoint`).
+                self.group.skip_conf_changes_through(cp.state_at);
                 self.conf_changed_at = self.conf_changed_at.max(cp.conf_changed_at);
             }
         }
@@ -807,7 +837,7 @@ impl ReplicatedQueue {
             std::thread::sleep(BLOCKING_POLL);
         }
         let group_id = spec.id.0;
-        let log = if FjallLogStore::exists(&store, group_id).map_err(log_error)? {
+        let log = if opts.join || FjallLogStore::exists(&store, group_id).map_err(log_error)? {
             FjallLogStore::open(store.clone(), group_id).map_err(log_error)?
         } else {
             let voters = if opts.voters.is_empty() { vec![opts.me] } else { opts.voters.clone() };
@@ -868,6 +898,8 @@ impl ReplicatedQueue {
             deleted: false,
             linger: 0,
             stopped: false,
+            removed: false,
+            acked: HashMap::new(),
         };
         if checkpoint.is_some() {
             inner.load(checkpoint)?;
@@ -901,6 +933,20 @@ impl ReplicatedQueue {
             let (tx, rx) = oneshot::channel();
             let cmd = Command::GatewayDown { gateway: self.opts.gateway.clone() };
             self.propose_entry(&mut inner, cmd, Vec::new(), Some(Waiter::Done(tx)))?;
+            rx
+        };
+        self.wait_blocking(|_| match rx.try_recv() {
+            Ok(result) => result.map(Some),
+            Err(oneshot::error::TryRecvError::Empty) => Ok(None),
+            Err(oneshot::error::TryRecvError::Closed) => Err(Error::ShuttingDown),
+        })?;
+        if !self.opts.drop_transient_on_open {
+            return Ok(());
+        }
+        let mut rx = {
+            let mut inner = self.lock();
+            let (tx, rx) = oneshot::channel();
+            self.propose_entry(&mut inner, Command::DropTransient, Vec::new(), Some(Waiter::Done(tx)))?;
             rx
         };
         self.wait_blocking(|_| match rx.try_recv() {
@@ -978,12 +1024,47 @@ impl ReplicatedQueue {
         }
     }
 
+    /// (ready, consumers) once everything proposed here before the call has
+    /// applied (a `Barrier` entry rides with the next batch): a publish or
+    /// a cancel made just before is counted. Leader only.
+    pub fn counts_synced(&self) -> Reply<(u32, u32)> {
+        let rx = {
+            let mut inner = self.lock();
+            let (tx, rx) = oneshot::channel();
+            if let Err(e) = self.propose_entry(&mut inner, Command::Barrier, Vec::new(), Some(Waiter::Done(tx))) {
+                return ready(Err(e));
+            }
+            self.pump(&mut inner);
+            rx
+        };
+        self.wake.notify_one();
+        let me = self.me.clone();
+        Box::pin(async move {
+            rx.await.unwrap_or(Err(Error::ShuttingDown))?;
+            me.upgrade().map(|q| q.counts_now()).ok_or(Error::ShuttingDown)
+        })
+    }
+
+    /// Tells every consumer attached here that the queue is gone (their
+    /// sinks get `cancelled`; AMQP consumers receive basic.cancel) and
+    /// forgets them. For a queue the metadata deleted.
+    pub fn cancel_consumers(&self) {
+        let consumers = std::mem::take(&mut self.lock().consumers);
+        for c in consumers.into_values() {
+            c.sink.cancelled(&c);
+        }
+    }
+
     /// Feeds a raft message from a peer. Messages that are not valid peer
     /// messages are dropped (logged); so is everything after `close`.
     pub fn step(&self, msg: raft::eraftpb::Message) {
         let mut inner = self.lock();
         if inner.inert() || inner.closed {
             return;
+        }
+        if msg.get_msg_type() == MessageType::MsgAppendResponse && !msg.reject {
+            let acked = inner.acked.entry(msg.from).or_insert(0);
+            *acked = (*acked).max(msg.index);
         }
         if let Err(e) = inner.group.step(msg) {
             tracing::debug!(queue = %self.spec.name, error = %e, "raft message dropped");
@@ -1046,7 +1127,123 @@ impl ReplicatedQueue {
     /// stopped, and its log is, or is being, removed).
     pub fn is_deleted(&self) -> bool {
         let inner = self.lock();
-        inner.deleted || inner.stopped
+        inner.deleted || (inner.stopped && !inner.removed)
+    }
+
+    /// Whether this replica applied its own removal from the group (it has
+    /// stopped and its records are, or are being, removed): the host drops
+    /// it.
+    pub fn is_removed(&self) -> bool {
+        self.lock().removed
+    }
+
+    /// The applied configuration: (voters, learners), sorted. During a
+    /// joint change, the incoming voters.
+    pub fn voters(&self) -> (Vec<u64>, Vec<u64>) {
+        let inner = self.lock();
+        let conf = inner.group.conf_state();
+        let (mut voters, mut learners) = (conf.voters.clone(), conf.learners.clone());
+        voters.sort_unstable();
+        learners.sort_unstable();
+        (voters, learners)
+    }
+
+    /// Whether the applied configuration is a joint one (a change between
+    /// its two steps).
+    pub fn is_joint(&self) -> bool {
+        !self.lock().group.conf_state().voters_outgoing.is_empty()
+    }
+
+    /// Changes the group's voters to `target` (leader only, else
+    /// [`Error::NotLeader`]): adds the missing ones as learners, waits until
+    /// each has acknowledged the commit index, then promotes them and
+    /// removes the voters and learners not in `target` in one
+    /// joint-consensus change (raft-rs leaves the joint configuration by
+    /// itself). Every step is decided from the applied configuration
+    /// ([`reconfig::next_step`]), so a call after a failure or a leader
+    /// change resumes where the group is. If this replica is not in
+    /// `target`, it stays a voter until the others are in, then hands
+    /// leadership to the most caught-up target voter and answers
+    /// `NotLeader` (the new leader's call removes it). Fails with
+    /// [`Error::Unavailable`] if it does not finish within
+    /// [`CHANGE_TIMEOUT`].
+    pub fn change_voters(&self, target: Vec<u64>) -> Reply<()> {
+        let Some(me) = self.me.upgrade() else { return ready(Err(Error::ShuttingDown)) };
+        Box::pin(async move { me.reconfigure(target).await })
+    }
+
+    async fn reconfigure(&self, target: Vec<u64>) -> Result<(), Error> {
+        if target.is_empty() {
+            return Err(Error::Unavailable("a queue group needs at least one voter".to_owned()));
+        }
+        let deadline = Instant::now() + CHANGE_TIMEOUT;
+        // The commit index each learner must acknowledge, as it was when
+        // the wait for it started.
+        let mut catch_up: HashMap<u64, u64> = HashMap::new();
+        loop {
+            {
+                let mut inner = self.lock();
+                inner.check()?;
+                if !inner.group.is_leader() {
+                    return Err(inner.not_leader());
+                }
+                let commit = inner.group.commit_index();
+                let conf = inner.group.conf_state().clone();
+                let step = {
+                    let acked = &inner.acked;
+                    reconfig::next_step(&conf, &target, self.opts.me, |id| {
+                        let want = *catch_up.entry(id).or_insert(commit);
+                        acked.get(&id).is_some_and(|a| *a >= want)
+                    })
+                };
+                let cc = match step {
+                    Step::Done => return Ok(()),
+                    Step::CatchUp(_) => None,
+                    Step::LeaveJoint => Some(raft::eraftpb::ConfChangeV2::default()),
+                    Step::AddLearner(id) => {
+                        inner.acked.remove(&id);
+                        catch_up.remove(&id);
+                        Some(reconfig::single_change(raft::eraftpb::ConfChangeType::AddLearnerNode, id))
+                    }
+                    Step::Change(cc) => Some(cc),
+                    Step::TransferTo(ids) => {
+                        let to = ids
+                            .iter()
+                            .filter(|id| **id != self.opts.me && conf.voters.contains(id))
+                            .map(|id| (inner.acked.get(id).copied().unwrap_or(0), *id))
+                            .max()
+                            .map(|(_, id)| id);
+                        if let Some(to) = to {
+                            tracing::debug!(queue = %self.spec.name, to, "leaving the group: transferring leadership");
+                            inner.group.transfer_leader(to);
+                            self.pump(&mut inner);
+                        }
+                        None
+                    }
+                };
+                if let Some(cc) = cc {
+                    match inner.group.propose_conf_change(cc) {
+                        Ok(_) => self.pump(&mut inner),
+                        Err(
+                            crate::consensus::Error::ConfChangePending | crate::consensus::Error::ProposalDropped,
+                        ) => {}
+                        Err(crate::consensus::Error::ConfChangeRefused(why)) => {
+                            return Err(Error::Unavailable(format!("queue configuration change refused: {why}")));
+                        }
+                        Err(e) => return Err(consensus_error(e)),
+                    }
+                }
+            }
+            self.wake.notify_one();
+            if Instant::now() > deadline {
+                return Err(Error::Unavailable(format!(
+                    "queue {}: the configuration change did not finish in {} s",
+                    self.spec.name,
+                    CHANGE_TIMEOUT.as_secs()
+                )));
+            }
+            tokio::time::sleep(self.opts.tick).await;
+        }
     }
 
     /// Proposes a publish (leader only: otherwise [`Error::NotLeader`]).
@@ -1300,8 +1497,11 @@ impl ReplicatedQueue {
             if !inner.group.has_ready() {
                 break;
             }
-            let Output { send, restore, committed, proposals, snapshot_wanted, .. } =
+            let Output { send, restore, committed, proposals, snapshot_wanted, removed, .. } =
                 inner.group.ready().map_err(consensus_error)?;
+            if removed {
+                inner.removed = true;
+            }
             // `persist`: the writes are with the storage already; the
             // driver's marker writes wait for them.
             if !send.is_empty() {
@@ -1341,7 +1541,9 @@ impl ReplicatedQueue {
             self.drop_gone_consumers(inner, gone);
             self.note_role(inner);
         }
-        if inner.deleted && (!inner.leading || inner.linger == 0 || inner.single_voter()) {
+        if inner.removed {
+            self.stop_removed(inner);
+        } else if inner.deleted && (!inner.leading || inner.linger == 0 || inner.single_voter()) {
             self.stop_deleted(inner);
         } else if !inner.stopped {
             if let Some(oldest) = inner.batches.oldest_index() {
@@ -1398,9 +1600,23 @@ impl ReplicatedQueue {
         // Entries from the oldest one holding a live body on stay.
         let upto = inner.batches.oldest_index().map_or(applied.index, |i| i.saturating_sub(1)).min(applied.index);
         let compacted = inner.group.store().first_index().saturating_sub(1);
-        if upto > compacted && inner.conf_changed_at <= upto {
+        // The snapshot's configuration is the applied one, possibly newer
+        // than `upto`: a replica restoring it skips the configuration
+        // changes up to `state_at` (`Inner::load`).
+        if upto > compacted {
             inner.group.compact_to(upto, Bytes::from(data)).map_err(consensus_error)?;
             tracing::debug!(queue = %self.spec.name, upto, "log compacted");
+        } else if upto == compacted && inner.group.store().snapshot_metadata().get_conf_state() != &applied.conf_state {
+            // The compaction point cannot move (a live message holds it),
+            // but a replica added since needs a snapshot that has it.
+            let mut snapshot = raft::eraftpb::Snapshot { data: Bytes::from(data), ..Default::default() };
+            let meta = snapshot.mut_metadata();
+            meta.index = compacted;
+            meta.term = inner.group.store().snapshot_metadata().term;
+            meta.set_conf_state(applied.conf_state.clone());
+            if inner.group.store_mut().replace_snapshot(snapshot).map_err(log_error)? {
+                tracing::debug!(queue = %self.spec.name, at = compacted, "snapshot replaced (new configuration)");
+            }
         }
         Ok(())
     }
@@ -1461,6 +1677,25 @@ impl ReplicatedQueue {
         // Dropping the completion does not cancel the write.
         drop(self.store.write(destroy_ops(self.spec.id.0), true));
         tracing::debug!(queue = %self.spec.name, me = self.opts.me, "replica deleted");
+    }
+
+    /// The replica applied its own removal from the group (the committed
+    /// configuration no longer has it): stop for good and remove its
+    /// records, as for a delete.
+    fn stop_removed(&self, inner: &mut Inner) {
+        if inner.stopped {
+            return;
+        }
+        inner.stopped = true;
+        let leader = inner.group.leader();
+        inner.fail_waiters(move || Error::NotLeader { leader });
+        inner.consumers.clear();
+        inner.attaching.clear();
+        inner.in_checkout.clear();
+        inner.batches.clear();
+        inner.cache.clear();
+        drop(self.store.write(destroy_ops(self.spec.id.0), true));
+        tracing::debug!(queue = %self.spec.name, me = self.opts.me, "replica removed from the group");
     }
 
     /// Consumers whose sink refused a delivery: detach them, requeue what
@@ -1823,7 +2058,7 @@ impl Queue for ReplicatedQueue {
     }
 
     fn counts(&self) -> Reply<(u32, u32)> {
-        ready(Ok(self.counts_now()))
+        self.counts_synced()
     }
 
     fn cancel(&self, consumer: &Arc<Consumer>) -> bool {

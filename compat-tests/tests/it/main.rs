@@ -14,6 +14,7 @@ mod cluster_cli;
 mod cluster_membership;
 mod cluster_partition;
 mod cluster_queues;
+mod cluster_rebalance;
 mod clients;
 mod crash;
 mod raw;
