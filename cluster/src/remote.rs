@@ -212,7 +212,7 @@ fn on_push(cluster: &Arc<Cluster>, from: &Client, msg: NodeRequest) {
             }
         }
         NodeRequest::Deliver { queue, consumer, seq, redelivered, message } => match cluster.queue(queue) {
-            Some(q) => q.on_deliver(consumer, seq, redelivered, message),
+            Some(q) => q.on_deliver(from, consumer, seq, redelivered, message),
             None => {
                 // The handle is gone (queue deleted or gateway shutting
                 // down): give the message back.
@@ -486,7 +486,17 @@ impl RemoteQueue {
         }
     }
 
-    fn on_deliver(&self, consumer: ConsumerId, seq: u64, redelivered: bool, message: ByteBuf) {
+    fn on_deliver(&self, from: &Client, consumer: ConsumerId, seq: u64, redelivered: bool, message: ByteBuf) {
+        // Only from the leader the consumers are attached at: a delivery
+        // still in flight from a deposed leader (or sent before our
+        // re-attach reached the new one) is not counted, so the held list
+        // the new leader got stays the truth and the message cannot be
+        // with two consumers at once. The new leader requeues it.
+        let from_leader = self.leader.borrow().as_ref().is_some_and(|l| same(l, from));
+        if !from_leader {
+            tracing::debug!(queue = %self.name, seq, "delivery from a node that is not the leader dropped");
+            return;
+        }
         let message = record::decode(&Bytes::from(message.into_vec()));
         let target = {
             let mut st = self.lock();
@@ -573,6 +583,7 @@ async fn drive(q: Weak<RemoteQueue>, mut rx: mpsc::UnboundedReceiver<Out>) {
                     leader = Some(c.clone());
                     queue.leader.send_replace(Some(c));
                 } else {
+                    queue.leader.send_replace(None);
                     drop(queue);
                     tokio::time::sleep(Duration::from_millis(25)).await;
                 }
@@ -604,6 +615,7 @@ async fn drive(q: Weak<RemoteQueue>, mut rx: mpsc::UnboundedReceiver<Out>) {
                     queue.leader.send_replace(Some(c));
                 }
                 None => {
+                    queue.leader.send_replace(None);
                     drop(queue);
                     tokio::time::sleep(Duration::from_millis(25)).await;
                     continue;
@@ -681,6 +693,8 @@ async fn find_and_resync(queue: &Arc<RemoteQueue>, hint: Option<String>, backlog
         }
     }
     let client = found?;
+    // Deliveries are taken from this leader from now on (see on_deliver).
+    queue.leader.send_replace(Some(client.clone()));
     // Re-attach every consumer with what it holds.
     let attached: Vec<(ConsumerId, Arc<Consumer>, Vec<u64>)> = {
         let st = queue.lock();

@@ -97,10 +97,7 @@ mod tests {
     use super::*;
 
     fn conf(voters: &[u64], learners: &[u64]) -> ConfState {
-        let mut c = ConfState::default();
-        c.voters = voters.to_vec();
-        c.learners = learners.to_vec();
-        c
+        ConfState { voters: voters.to_vec(), learners: learners.to_vec(), ..Default::default() }
     }
 
     #[test]

@@ -1023,10 +1023,8 @@ impl Host {
                             .map(|r| r.voters.contains(&h.node_id) || r.learners.contains(&h.node_id));
                         break;
                     }
-                    Ok(Ok(NodeResponse::Queue(QueueResult::NotLeader { leader: Some(l) }))) => {
-                        if !candidates.contains(&l) {
-                            candidates.insert(asked, l);
-                        }
+                    Ok(Ok(NodeResponse::Queue(QueueResult::NotLeader { leader: Some(l) }))) if !candidates.contains(&l) => {
+                        candidates.insert(asked, l);
                     }
                     _ => {}
                 }
