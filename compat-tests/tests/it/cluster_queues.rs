@@ -310,3 +310,50 @@ async fn a_vanished_gateway_loses_its_exclusive_queues_and_its_held_messages_ret
     }
     drop(nodes);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_queue_spreads_over_the_nodes_and_keeps_key_order() {
+    let home = tempfile::tempdir().unwrap();
+    let nodes = three_nodes(home.path());
+    let addrs: Vec<&str> = nodes.iter().map(|n| n.addr.as_str()).collect();
+    let g1 = start_gateway(home.path(), &addrs, &[]);
+    let (_c, ch) = open(&g1).await;
+    let mut args = FieldTable::default();
+    args.insert("x-partitions".into(), lapin::types::AMQPValue::LongInt(9));
+    ch.queue_declare("hot".into(), durable(), args.clone()).await.unwrap();
+    ch.queue_bind("hot".into(), "amq.topic".into(), "#".into(), QueueBindOptions::default(), FieldTable::default()).await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    for i in 0..300u32 {
+        let key = format!("k{}", i % 10);
+        let body = format!("{key}:{i}");
+        let c = ch.basic_publish("amq.topic".into(), key.as_str().into(), BasicPublishOptions::default(), body.as_bytes(), persistent()).await.unwrap();
+        assert!(c.await.unwrap().is_ack());
+    }
+    // Each partition is its own Raft group, placed on its own: more than
+    // one node leads some of them.
+    let leaders: Vec<usize> = addrs
+        .iter()
+        .map(|a| status_field(home.path(), a, "leading").unwrap_or_default().iter().filter(|q| q.starts_with("hot#")).count())
+        .collect();
+    assert_eq!(leaders.iter().sum::<usize>(), 9, "{leaders:?}");
+    assert!(leaders.iter().filter(|n| **n > 0).count() >= 2, "partitions all led by one node: {leaders:?}");
+    println!("partitions led per node: {leaders:?}");
+
+    let ok = ch.queue_declare("hot".into(), durable(), args).await.unwrap();
+    assert_eq!(ok.message_count(), 300);
+    ch.basic_qos(50, BasicQosOptions::default()).await.unwrap();
+    let mut consumer = ch.basic_consume("hot".into(), "c".into(), BasicConsumeOptions::default(), FieldTable::default()).await.unwrap();
+    let mut last: BTreeMap<String, u32> = BTreeMap::new();
+    for _ in 0..300 {
+        let d = tokio::time::timeout(Duration::from_secs(10), consumer.next()).await.expect("delivery").unwrap().unwrap();
+        let text = String::from_utf8(d.data.clone()).unwrap();
+        let (key, i) = text.split_once(':').unwrap();
+        let i: u32 = i.parse().unwrap();
+        if let Some(prev) = last.insert(key.to_owned(), i) {
+            assert!(i > prev, "{key}: {i} after {prev}");
+        }
+        d.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    assert_eq!(last.len(), 10);
+    drop(nodes);
+}
