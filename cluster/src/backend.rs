@@ -1,7 +1,7 @@
 //! The interface between the router (in the gateway) and wherever queues
-//! live. `sluice serve` plugs in [`crate::local::LocalBackend`], an
-//! in-process node; the cluster issue adds a networked implementation of the
-//! same traits, so the gateway does not change.
+//! live: `sluice serve` plugs in [`crate::embedded::Embedded`] (a cluster of
+//! one in-process node), `sluice gateway` [`crate::remote::RemoteBackend`]
+//! (nodes over the network); the router and the sessions do not change.
 //!
 //! Invariant: nothing here mentions a wire protocol; messages are the
 //! protocol-neutral [`Message`] of the command model.
@@ -267,16 +267,8 @@ pub trait Queue: Send + Sync {
     fn kick(&self);
 }
 
-/// Stored definitions as (key, value) pairs.
-pub type Definitions = Vec<(Vec<u8>, Vec<u8>)>;
-
 /// Everything the router needs from the storage side.
 pub trait Backend: Send + Sync {
-    /// All stored definitions (exchanges, queues, bindings), as opaque
-    /// key/value pairs written by the router.
-    fn definitions(&self) -> Result<Definitions, Error>;
-    fn put_definition(&self, key: Vec<u8>, value: Vec<u8>) -> Durable;
-    fn delete_definition(&self, key: Vec<u8>) -> Durable;
     /// Creates a queue, or returns it if it exists (recovering its messages
     /// after a restart).
     fn open_queue(&self, spec: QueueSpec) -> Result<Arc<dyn Queue>, Error>;

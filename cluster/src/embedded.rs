@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use sluice_storage::{Store, StoreOptions};
 
-use crate::backend::{ready, Backend, Definitions, Durable, Queue, QueueId, QueueSpec, Reply};
+use crate::backend::{ready, Backend, Queue, QueueId, QueueSpec, Reply};
 use crate::meta::client::{LocalMeta, MetaClient};
 use crate::meta::replica::{MetaCommand, MetaResult};
 use crate::meta::{Command, Owner};
@@ -127,19 +127,6 @@ impl Embedded {
 }
 
 impl Backend for Embedded {
-    /// Definitions live in the metadata group.
-    fn definitions(&self) -> Result<Definitions, Error> {
-        Ok(Vec::new())
-    }
-
-    fn put_definition(&self, _key: Vec<u8>, _value: Vec<u8>) -> Durable {
-        Box::pin(std::future::ready(Ok(())))
-    }
-
-    fn delete_definition(&self, _key: Vec<u8>) -> Durable {
-        Box::pin(std::future::ready(Ok(())))
-    }
-
     fn open_queue(&self, spec: QueueSpec) -> Result<Arc<dyn Queue>, Error> {
         let q = self.host.local_queue(spec)?;
         Ok(q)

@@ -2,18 +2,23 @@
 //!
 //! - `backend.rs`: the [`Backend`] and [`Queue`] traits the gateway calls,
 //!   consumer credit.
-//! - `local/`: [`LocalBackend`], the in-process node `sluice serve` runs.
+//! - `embedded.rs`: `sluice serve`, a cluster of one in-process node;
+//!   `remote.rs` + `remote_meta.rs`: a gateway's view of a cluster of
+//!   nodes. Both implement [`Backend`] and reach the metadata through
+//!   `meta::client::MetaClient`.
 //! - `record.rs`: a message as an opaque storage record.
 //! - `meta/`: the metadata (vhosts, exchanges, bindings, queues) as a pure,
-//!   deterministic state machine with RabbitMQ's declare rules.
+//!   deterministic state machine with RabbitMQ's declare rules, and its
+//!   Raft group (`meta/replica.rs`).
 //! - `replica/`: the pure queue state machine every replica applies;
-//!   `replicated.rs`: `ReplicatedQueue`, that state machine on a Raft group
-//!   behind the `Queue` trait (first cut: single voter).
+//!   `replicated/`: `ReplicatedQueue`, one replica of a queue's Raft group
+//!   (bodies in the log, checkpoints, compaction, batching).
 //! - `consensus/`: the raft-rs driver for one group (persist-before-send,
 //!   async persistence) and its deterministic simulation (`sim`).
 //! - `placement.rs`: rendezvous hashing of queues onto nodes.
 //! - `rpc/`: the node protocol (handshake with the cluster secret, frames,
-//!   pipelined calls); `node/`: `sluice node`.
+//!   pipelined calls); `node/`: `sluice node` (`host.rs`: the replicas it
+//!   hosts and the requests of gateways).
 //! - `error.rs`: [`Error`].
 //!
 //! Invariant: the gateway only uses the traits in `backend.rs` (plus the
@@ -23,7 +28,6 @@ pub mod backend;
 pub mod consensus;
 pub mod embedded;
 pub mod error;
-pub mod local;
 pub mod meta;
 pub mod node;
 pub mod placement;
@@ -35,9 +39,7 @@ pub mod replicated;
 pub mod rpc;
 
 pub use backend::{
-    ready, Reply,
-    Backend, ChannelFlow, Consumer, Credit, Delivery, DeliverySink, Durable, Outcome, Queue, QueueId,
-    QueueSpec,
+    ready, Backend, ChannelFlow, Consumer, Credit, Delivery, DeliverySink, Durable, Outcome, Queue, QueueId,
+    QueueSpec, Reply,
 };
 pub use error::Error;
-pub use local::{LocalBackend, LocalOptions};

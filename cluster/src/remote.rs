@@ -44,7 +44,7 @@ use serde_bytes::ByteBuf;
 use sluice_codecs::command::Message;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::backend::{ready, Backend, Consumer, Definitions, Delivery, Durable, Outcome, Queue, QueueId, QueueSpec, Reply};
+use crate::backend::{ready, Backend, Consumer, Delivery, Durable, Outcome, Queue, QueueId, QueueSpec, Reply};
 use crate::node::{NodeRequest, NodeResponse, QueueResult, WireOutcome};
 use crate::replica::queue_sm::ConsumerId;
 use crate::rpc::{self, Inbound, Incoming, PeerInfo, Secret};
@@ -309,19 +309,6 @@ impl RemoteBackend {
 }
 
 impl Backend for RemoteBackend {
-    /// Definitions live in the metadata group, not here.
-    fn definitions(&self) -> Result<Definitions, Error> {
-        Ok(Vec::new())
-    }
-
-    fn put_definition(&self, _key: Vec<u8>, _value: Vec<u8>) -> Durable {
-        Box::pin(std::future::ready(Ok(())))
-    }
-
-    fn delete_definition(&self, _key: Vec<u8>) -> Durable {
-        Box::pin(std::future::ready(Ok(())))
-    }
-
     fn open_queue(&self, spec: QueueSpec) -> Result<Arc<dyn Queue>, Error> {
         if let Some(q) = self.cluster.queue(spec.id.0) {
             return Ok(q);

@@ -363,7 +363,7 @@ impl Channel {
                         TxOp::Settle { taken, outcome } => self.settle_now(taken, outcome),
                     }
                 }
-                crate::router::wait_all(writes).await?;
+                wait_all(writes).await?;
                 Reply::TxCommitOk
             }
             Command::TxRollback => {
@@ -543,6 +543,16 @@ pub fn drop_delivery(consumer: &Arc<Consumer>, delivery: Delivery) -> bool {
         q.settle(&[delivery.msg_id], Outcome::Requeue);
     }
     freed
+}
+
+/// Waits for durable writes (a transaction's publishes). A storage failure
+/// is a 506 RESOURCE_ERROR on the connection: the broker cannot keep what
+/// the client asked it to keep.
+async fn wait_all(writes: Vec<sluice_cluster::Durable>) -> Result<(), BrokerError> {
+    for r in futures_util::future::join_all(writes).await {
+        r.map_err(|e| BrokerError::connection(code::RESOURCE_ERROR, format!("storage failed: {e}")))?;
+    }
+    Ok(())
 }
 
 fn outcome(requeue: bool) -> Outcome {

@@ -114,6 +114,24 @@ async fn queues(addr: &str, secret: &Secret, me: PeerInfo) -> anyhow::Result<()>
     Ok(())
 }
 
+/// How many queue groups still have `id` as a voter or learner, as the
+/// other members' replicas see them (`None` if none answered).
+async fn groups_with(members: &[MemberView], id: &str, secret: &Secret, me: &PeerInfo) -> Option<usize> {
+    let mut groups: BTreeMap<u64, bool> = BTreeMap::new();
+    let mut answered = false;
+    for m in members.iter().filter(|m| m.id != id) {
+        let ask = node::replicas(&m.addr, secret, me.clone());
+        if let Ok(Ok(rows)) = tokio::time::timeout(Duration::from_secs(3), ask).await {
+            answered = true;
+            for r in rows {
+                let has = r.voters.iter().chain(r.learners.iter()).any(|v| v == id);
+                *groups.entry(r.queue).or_default() |= has;
+            }
+        }
+    }
+    answered.then(|| groups.values().filter(|has| **has).count())
+}
+
 /// `sluice ctl decommission NODE_ID`: asks for the removal, then waits
 /// until the node hosts no queue replica.
 async fn decommission(addr: &str, secret: &Secret, me: PeerInfo, id: &str, timeout: Duration) -> anyhow::Result<()> {
@@ -146,7 +164,13 @@ async fn decommission(addr: &str, secret: &Secret, me: PeerInfo, id: &str, timeo
                     last_print = Instant::now();
                 }
             }
-            Ok(Err(e)) => println!("{id} at {target}: {e}"),
+            Ok(Err(e)) => {
+                println!("{id} at {target}: {e}");
+                if groups_with(&members, id, secret, &me).await == Some(0) {
+                    println!("{id} is unreachable and no queue group has it any more: it can be stopped");
+                    return Ok(());
+                }
+            }
             Err(_) => println!("{id} at {target}: no answer"),
         }
         if started.elapsed() > timeout {

@@ -14,6 +14,13 @@
 //!   `x-quorum-initial-group-size`) opens a [`ReplicatedQueue`] with that set
 //!   as voters; when it is deleted, every replica closes and removes its
 //!   data. At start the host reopens every queue it has a log for.
+//! - **Rebalancing.** When the members change (and every
+//!   [`REBALANCE_INTERVAL`]), the leader of each queue moves its group to
+//!   the placement over the current members (`change_voters`), a node the
+//!   placement now includes opens a joining replica, and a replica no
+//!   longer placed here is removed once its group no longer has it.
+//!   `Decommission` removes a member (docs/cluster.md, "Membership
+//!   change").
 //! - **Gateways.** Requests from gateways go to the queue replica; only a
 //!   leader serves them (others answer `NotLeader` with the leader's node
 //!   id). A consumer attached by a gateway is a local [`Consumer`] whose

@@ -9,8 +9,8 @@
 //! and logs the decision as a [`Command::Checkout`]; the state machine only
 //! checks that the decision is still possible when it is applied.
 //!
-//! The semantics are those of the single-node `LocalQueue`
-//! (`local/queue.rs`): the ready list is ordered by seq; a requeued message
+//! The semantics are those of the single-node queue Sluice had before the
+//! cluster (and of RabbitMQ's classic queues): the ready list is ordered by seq; a requeued message
 //! goes back to its original position with `redelivered = true`; purge
 //! drops ready messages only; a consumer that is detached keeps its
 //! unacknowledged messages (AMQP's basic.cancel), they return only when its

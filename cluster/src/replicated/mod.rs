@@ -111,8 +111,24 @@
 //! skips the entries up to the checkpoint's index and applies the rest;
 //! the entries it skips still arrive, so it has every live body and can
 //! serve consumers as soon as it leads. `Output::snapshot_wanted` forces a
-//! checkpoint and compaction. Compaction never passes a configuration
-//! change the snapshot's configuration would not reflect.
+//! checkpoint and compaction. The snapshot's configuration is the one
+//! applied when it was made (at the checkpoint's index, which may be
+//! beyond the snapshot's own): whoever restores it also skips the
+//! configuration changes up to that index
+//! (`Group::skip_conf_changes_through`), so compaction goes on across
+//! configuration changes. When the compaction point cannot move (a live
+//! message holds it) but a replica added since needs a snapshot with
+//! itself in it, the stored snapshot is replaced at the same index
+//! (`FjallLogStore::replace_snapshot`).
+//!
+//! **Membership changes.** [`ReplicatedQueue::change_voters`] (leader only)
+//! moves the group to a target set of voters: learners first, promoted
+//! once each acknowledged the commit index, one joint change that also
+//! removes the others (`consensus::reconfig`); a leader not in the target
+//! hands leadership over first. A replica opened with
+//! [`ReplicaOptions::join`] starts from an empty log and waits for the
+//! leader's snapshot. A replica that applies its own removal stops and
+//! removes its records ([`ReplicatedQueue::is_removed`]).
 //!
 //! **Batching.** Commands are not proposed one by one: while a raft write
 //! of the group is in flight, publishes, settles, checkouts and the rest
@@ -144,7 +160,10 @@
 //!   compacted (apply-state record and snapshot data), both in the small
 //!   `state` keyspace, which is fine for up to a few million live messages
 //!   (about 16 bytes each) but not beyond;
-//! - no membership changes (the voters are fixed at bootstrap);
+//! - a replica removed from its group learns it only if it sees the
+//!   configuration change commit (normally the leader's next append tells
+//!   it); otherwise it waits, and the node host asks the leader
+//!   (`node/host.rs`) and removes it;
 //! - a replica that was down while its queue was deleted keeps its log
 //!   (nobody is left to tell it the delete committed): the node host must
 //!   remove replicas of queues the metadata no longer has;

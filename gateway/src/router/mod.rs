@@ -1,27 +1,29 @@
 //! The router: the gateway's side of the metadata.
 //!
 //! RabbitMQ's rules for declaring, binding, deleting and routing live in the
-//! pure state machine [`sluice_cluster::meta::Topology`]. The router turns
-//! AMQP methods into its commands, choosing what the state machine may not
-//! (generated names, new queue ids, live counts), and carries out their
-//! outcomes on the cluster [`Backend`]: it opens and deletes queues, keeps
-//! the queue id → [`Queue`] handles, and writes durable definitions. It
+//! pure state machine [`sluice_cluster::meta::Topology`], applied in log
+//! order by the metadata Raft group. The router turns AMQP methods into its
+//! commands, choosing what the state machine may not (generated names, new
+//! queue ids, live counts), proposes them through a [`MetaClient`] (over the
+//! network from a gateway, in process in `sluice serve`) and answers once
+//! its own copy of the metadata, fed by the group's change stream, has
+//! applied them. Applying an entry to the copy opens the queue handles of
+//! created queues on the [`Backend`] and drops those of deleted ones. It
 //! never sees a wire frame or a storage type.
 //!
-//! Concurrency: one std `RwLock` over the topology and the handles, never
-//! held across `.await`: durable writes are started under the lock and
-//! awaited after.
+//! Concurrency: one std `RwLock` over the copy and the handles, never held
+//! across `.await`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use futures_util::future::join_all;
-use sluice_cluster::meta::{self, Command, DefChange, MetaError, Outcome, Owner, Topology};
+use sluice_cluster::meta::{self, Command, MetaError, Owner, Topology};
 use sluice_cluster::meta::client::MetaClient;
 use sluice_cluster::meta::replica::{Applied, MetaCommand, MetaResult};
 use sluice_cluster::remote::RemoteBackend;
 use sluice_cluster::remote_meta::RemoteMeta;
-use sluice_cluster::{Backend, Durable, Queue, QueueId, QueueSpec, Reply};
+use sluice_cluster::{Backend, Queue, QueueId, QueueSpec};
 use tokio::sync::watch;
 use sluice_codecs::command::{Arguments, Properties};
 
@@ -106,68 +108,19 @@ impl State {
     }
 }
 
-/// What carrying out an outcome left to do: definition writes and queue
-/// deletions, awaited after the lock is released ([`Done::finish`]).
-struct Done {
-    /// Definition writes to await.
-    writes: Vec<Durable>,
-    /// Deletions of removed queues: (name, ready messages dropped).
-    deletes: Vec<(String, Reply<u32>)>,
-}
-
-/// What a finished command dropped, and the first backend error deleting
-/// a removed queue (each is logged; the other queues are deleted anyway).
-struct Finished {
-    dropped: u32,
-    failed: Option<sluice_cluster::Error>,
-}
-
-impl Done {
-    /// Awaits the deletions, then the definition writes.
-    async fn finish(self) -> Result<Finished, BrokerError> {
-        let mut dropped = 0u32;
-        let mut failed = None;
-        for (name, r) in self.deletes {
-            match r.await {
-                Ok(n) => dropped = dropped.saturating_add(n),
-                Err(e) => {
-                    tracing::warn!(queue = name, error = %e, "queue delete failed");
-                    failed.get_or_insert(e);
-                }
-            }
-        }
-        wait_all(self.writes).await?;
-        Ok(Finished { dropped, failed })
-    }
-}
-
 /// The router shared by every connection.
 pub struct Router {
     backend: Arc<dyn Backend>,
+    /// A copy of the metadata and the queue handles.
     state: RwLock<State>,
-    /// In a gateway: the metadata group (commands go there; the topology
-    /// above is a copy fed by its change stream). `None` in `sluice serve`.
-    cluster: Option<ClusterMeta>,
-}
-
-/// A router's link to the metadata group.
-struct ClusterMeta {
+    /// Where commands go.
     meta: Arc<dyn MetaClient>,
-    /// The metadata log index the local copy has applied.
+    /// The metadata log index the copy has applied.
     applied: watch::Sender<u64>,
 }
 
-/// How long a gateway waits for its copy to reach its own write.
+/// How long a command waits for the copy to reach it.
 const APPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
-
-/// Waits for durable writes. A storage failure is a 506 RESOURCE_ERROR on
-/// the connection: the broker cannot keep what the client asked it to keep.
-pub async fn wait_all(writes: Vec<Durable>) -> Result<(), BrokerError> {
-    for r in join_all(writes).await {
-        r.map_err(|e| BrokerError::connection(sluice_codecs::amqp::reply_code::RESOURCE_ERROR, format!("storage failed: {e}")))?;
-    }
-    Ok(())
-}
 
 /// A new queue id: random, never 0 (the metadata group's id).
 fn random_id() -> u64 {
@@ -186,34 +139,6 @@ fn generated_name() -> String {
 }
 
 impl Router {
-    /// Creates the router, loads every stored definition and opens the
-    /// stored queues.
-    pub fn open(backend: Arc<dyn Backend>) -> Result<Arc<Router>, BrokerError> {
-        let defs = backend.definitions().map_err(|e| BrokerError::internal(e.to_string()))?;
-        let (topo, skipped) = Topology::load(defs);
-        for e in skipped {
-            tracing::error!(error = %e, "skipping unreadable definition");
-        }
-        let mut queues = HashMap::new();
-        for vh in topo.vhosts() {
-            for q in vh.queues.values() {
-                let n = q.ids.len();
-                for (i, id) in q.ids.iter().enumerate() {
-                    let handle = backend
-                        .open_queue(QueueSpec {
-                            id: QueueId(*id),
-                            name: partition_name(&q.name, i, n),
-                            durable: true,
-                            arguments: q.arguments.clone(),
-                        })
-                        .map_err(|e| BrokerError::internal(format!("recovering queue {}: {e}", q.name)))?;
-                    queues.insert(*id, handle);
-                }
-            }
-        }
-        Ok(Arc::new(Router { backend, state: RwLock::new(State { topo, queues }), cluster: None }))
-    }
-
     /// The router of a gateway: metadata from the cluster's metadata group
     /// (followed on a task), queues on the nodes. Returns once the first
     /// copy of the metadata has arrived.
@@ -229,7 +154,8 @@ impl Router {
         let router = Arc::new(Router {
             backend: backend.clone(),
             state: RwLock::new(State { topo: Topology::default(), queues: HashMap::new() }),
-            cluster: Some(ClusterMeta { meta: meta.clone(), applied }),
+            meta: meta.clone(),
+            applied,
         });
         let (on_reset, on_applied) = (Arc::downgrade(&router), Arc::downgrade(&router));
         tokio::spawn(meta.follow(
@@ -282,50 +208,32 @@ impl Router {
         st.topo = topo;
         st.queues = queues;
         drop(st);
-        if let Some(c) = &self.cluster {
-            c.applied.send_replace(index);
-        }
+        self.applied.send_replace(index);
     }
 
     /// Applies one entry of the metadata stream to the local copy.
     fn apply_remote(&self, entry: Applied) {
         let index = entry.index();
         match entry {
-            Applied::Command { cmd: MetaCommand::Topology(cmd), .. } => {
-                let mut st = self.write();
-                // The same command on the same state: the same outcome as
-                // on the nodes (refusals included, which change nothing).
-                // Definition writes and queue deletions are the nodes'
-                // business: the remote backend makes them no-ops.
-                if let Ok(done) = self.run(&mut st, cmd) {
-                    drop(done);
-                }
-            }
+            Applied::Command { cmd: MetaCommand::Topology(cmd), .. } => self.apply(cmd),
             Applied::Reset { index, state } => return self.reset(index, state.topology),
             _ => {}
         }
-        if let Some(c) = &self.cluster {
-            c.applied.send_replace(index);
-        }
+        self.applied.send_replace(index);
     }
 
-    /// Carries out `cmd`: in `sluice serve` on the local topology and
-    /// storage; in a gateway through the metadata group, returning once
-    /// the local copy has applied it.
-    async fn execute(&self, cmd: Command) -> Result<Finished, BrokerError> {
-        let Some(c) = &self.cluster else {
-            let done = self.run(&mut self.write(), cmd)?;
-            return done.finish().await;
-        };
-        let (index, result) = c.meta.propose(MetaCommand::Topology(cmd)).await?;
-        let mut seen = c.applied.subscribe();
+    /// Commits `cmd` in the metadata group and returns once the copy has
+    /// applied it, with the group's verdict.
+    async fn execute(&self, cmd: Command) -> Result<(), BrokerError> {
+        let (index, result) = self.meta.propose(MetaCommand::Topology(cmd)).await?;
+        let mut seen = self.applied.subscribe();
         let caught_up = async move { seen.wait_for(|i| *i >= index).await.is_ok() };
         if !tokio::time::timeout(APPLY_TIMEOUT, caught_up).await.unwrap_or(false) {
             return Err(BrokerError::internal("the metadata change did not reach this gateway in time"));
         }
         match result {
             MetaResult::Topology(Err(e)) => Err(e.into()),
-            _ => Ok(Finished { dropped: 0, failed: None }),
+            _ => Ok(()),
         }
     }
 
@@ -346,38 +254,15 @@ impl Router {
         &self.backend
     }
 
-    /// Applies `cmd` and carries out its outcome, under the lock held by
-    /// the caller: opens new queues (undoing the command if that fails),
-    /// starts the definition writes, deletes removed queues.
-    fn run(&self, st: &mut State, cmd: Command) -> Result<Done, BrokerError> {
-        let outcome = st.topo.apply(cmd)?;
-        self.open_created(st, &outcome)?;
-        let writes = outcome
-            .definitions
-            .into_iter()
-            .map(|d| match d {
-                DefChange::Put { key, value } => self.backend.put_definition(key, value),
-                DefChange::Delete { key } => self.backend.delete_definition(key),
-            })
-            .collect();
-        let mut deletes = Vec::new();
-        for q in &outcome.removed {
-            for id in &q.ids {
-                st.queues.remove(id);
-                deletes.push((q.name.clone(), self.backend.delete_queue(QueueId(*id))));
-            }
-        }
-        Ok(Done { writes, deletes })
-    }
-
-    /// Opens the backend queues of the queues `outcome` created. If one
-    /// fails, those opened are deleted again and the queues removed from
-    /// the topology, so the command leaves no trace (its definition writes
-    /// are not started).
-    fn open_created(&self, st: &mut State, outcome: &Outcome) -> Result<(), BrokerError> {
-        let mut opened = Vec::new();
-        let mut result = Ok(());
-        'all: for q in &outcome.created {
+    /// Applies a committed command to the copy: the same command on the
+    /// same state gives the same outcome as on the nodes (a refusal changes
+    /// nothing). Opens the handles of created queues; drops those of
+    /// removed ones, whose consumers the backend tells (the nodes delete
+    /// the queues' data themselves).
+    fn apply(&self, cmd: Command) {
+        let mut st = self.write();
+        let Ok(outcome) = st.topo.apply(cmd) else { return };
+        for q in &outcome.created {
             let n = q.ids.len();
             for (i, id) in q.ids.iter().enumerate() {
                 let spec = QueueSpec {
@@ -389,36 +274,17 @@ impl Router {
                 match self.backend.open_queue(spec) {
                     Ok(handle) => {
                         st.queues.insert(*id, handle);
-                        opened.push(*id);
                     }
-                    Err(e) => {
-                        result = Err(e);
-                        break 'all;
-                    }
+                    Err(e) => tracing::error!(queue = q.name, error = %e, "cannot open a queue handle"),
                 }
             }
         }
-        let Err(e) = result else { return Ok(()) };
-        for id in opened {
-            st.queues.remove(&id);
-            // Fire and forget: the queue was never used.
-            drop(tokio::spawn(self.backend.delete_queue(QueueId(id))));
-        }
-        for q in &outcome.created {
-            let owner = st.topo.vhost(&q.vhost).and_then(|vh| vh.queues.get(&q.name)).and_then(|d| d.exclusive_owner);
-            let undo = Command::DeleteQueue {
-                vhost: q.vhost.clone(),
-                name: q.name.clone(),
-                if_unused: false,
-                if_empty: false,
-                conn: owner.unwrap_or(Owner(0)),
-                counts: (0, 0),
-            };
-            if let Err(err) = st.topo.apply(undo) {
-                tracing::error!(queue = q.name, error = %err, "undoing a failed queue creation failed");
+        for q in &outcome.removed {
+            for id in &q.ids {
+                st.queues.remove(id);
+                drop(self.backend.delete_queue(QueueId(*id)));
             }
         }
-        Err(e.into())
     }
 
     // ---- exchanges -------------------------------------------------------
@@ -445,12 +311,12 @@ impl Router {
             internal,
             arguments,
         };
-        self.execute(cmd).await.map(|_| ())
+        self.execute(cmd).await
     }
 
     pub async fn delete_exchange(&self, vh: &VHost, name: &str, if_unused: bool) -> Result<(), BrokerError> {
         let cmd = Command::DeleteExchange { vhost: vh.name.clone(), name: name.to_string(), if_unused };
-        self.execute(cmd).await.map(|_| ())
+        self.execute(cmd).await
     }
 
     // ---- bindings --------------------------------------------------------
@@ -473,7 +339,7 @@ impl Router {
             arguments,
             conn: Owner(conn),
         };
-        self.execute(cmd).await.map(|_| ())
+        self.execute(cmd).await
     }
 
     pub async fn unbind(
@@ -493,7 +359,7 @@ impl Router {
             arguments,
             conn: Owner(conn),
         };
-        self.execute(cmd).await.map(|_| ())
+        self.execute(cmd).await
     }
 
     // ---- queues ----------------------------------------------------------
@@ -545,13 +411,10 @@ impl Router {
             conn: Owner(conn),
             counts,
         };
-        let finished = self.execute(cmd).await?;
-        if let Some(e) = finished.failed {
-            return Err(e.into());
-        }
-        // In a gateway the nodes drop the messages: report the count
-        // measured just before.
-        Ok(if self.cluster.is_some() { counts.0 } else { finished.dropped })
+        self.execute(cmd).await?;
+        // The nodes drop the messages: report the count measured just
+        // before.
+        Ok(counts.0)
     }
 
     /// Auto-delete: called when a consumer of `name` went away.
