@@ -40,11 +40,14 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct EmbeddedOptions {
     /// fsync before confirming (false loses data on power failure).
     pub sync: bool,
+    /// RAM per queue for recent message bodies (0: the default, 16 MiB);
+    /// older ones are read back from the log.
+    pub body_cache_bytes: usize,
 }
 
 impl Default for EmbeddedOptions {
     fn default() -> Self {
-        EmbeddedOptions { sync: true }
+        EmbeddedOptions { sync: true, body_cache_bytes: 0 }
     }
 }
 
@@ -73,6 +76,7 @@ impl Embedded {
             Vec::new(),
             true,
         )?;
+        host.set_body_cache_bytes(options.body_cache_bytes);
         // A new data directory: wait until the node is a member of its own
         // cluster (the founding `AddMember`), so queues get placed on it.
         let deadline = Instant::now() + OPEN_TIMEOUT;

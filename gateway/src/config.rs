@@ -72,7 +72,7 @@ pub struct ServeArgs {
     /// Largest message body accepted in bytes (default 128 MiB).
     #[arg(long, env = "SLUICE_MAX_MESSAGE_SIZE")]
     pub max_message_size: Option<u64>,
-    /// RAM for message bodies across all queues (default 256 MiB); beyond it bodies stay on disk.
+    /// RAM per queue for recent message bodies (default 16 MiB); older ones are read back from disk.
     #[arg(long, env = "SLUICE_BODY_CACHE_BYTES")]
     pub body_cache_bytes: Option<u64>,
     /// fsync before confirming persistent messages (default true; false loses data on power failure).
@@ -104,7 +104,7 @@ impl ServeArgs {
             frame_max,
             heartbeat: self.heartbeat.or(file.heartbeat).unwrap_or(60),
             max_message_size: self.max_message_size.or(file.max_message_size).unwrap_or(128 * 1024 * 1024),
-            body_cache_bytes: self.body_cache_bytes.or(file.body_cache_bytes).unwrap_or(256 * 1024 * 1024),
+            body_cache_bytes: self.body_cache_bytes.or(file.body_cache_bytes).unwrap_or(16 * 1024 * 1024),
             fsync: self.fsync.or(file.fsync).unwrap_or(true),
             users,
         };

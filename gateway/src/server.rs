@@ -58,7 +58,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     // Opening storage blocks (journal replay, the first elections): keep
     // it off the async workers.
-    let (dir, options) = (config.data_dir.clone(), EmbeddedOptions { sync: config.fsync });
+    let (dir, options) = (config.data_dir.clone(), EmbeddedOptions { sync: config.fsync, body_cache_bytes: usize::try_from(config.body_cache_bytes).unwrap_or(usize::MAX) });
     let node = tokio::task::spawn_blocking(move || Embedded::open(&dir, options))
         .await?
         .with_context(|| format!("cannot open data dir {}", config.data_dir.display()))?;

@@ -9,7 +9,7 @@
 //!
 //! A pass: flush the `msgs` memtable (weak tombstones cancel against their
 //! values right there), major-compact `msgs` (rewrites the live data, drops
-//! every tombstone), have the writer commit one batch, then flush the small
+//! every tombstone), the same for the Raft `logs`, have the writer commit one batch, then flush the small
 //! `state`/`meta` memtables: the rotation lets fjall delete the replaced
 //! table files, and old journal files these memtables would otherwise pin
 //! (fjall #288).
@@ -146,6 +146,9 @@ impl Compactor {
 
         ks.msgs.rotate_memtable_and_wait()?;
         ks.msgs.major_compact()?;
+        // The Raft logs: compacted and truncated entries are tombstones too.
+        ks.logs.rotate_memtable_and_wait()?;
+        ks.logs.major_compact()?;
         // fjall deletes the replaced table files only when a memtable
         // rotation finds a batch newer than the compaction; on an idle store
         // that could take forever. The writer commits one (the counters

@@ -80,7 +80,29 @@ pub(crate) struct Writer {
     /// Cache of the persisted per-queue next seq (highest seq ever put + 1),
     /// loaded on first use.
     next_seq: HashMap<u64, u64>,
+    /// Raft log garbage, for the compaction policy (in memory only: after a
+    /// restart the entries already on disk count with [`UNKNOWN_LOG_ENTRY`]).
+    logs: LogGarbage,
 }
+
+/// What the Raft logs (the `logs` keyspace) hold and have removed since
+/// the last compaction, in bytes.
+#[derive(Default)]
+struct LogGarbage {
+    /// Size of every entry written by this process and not removed yet.
+    sizes: HashMap<[u8; keys::MSG_KEY_LEN], u64>,
+    live_bytes: u64,
+    removed_bytes: u64,
+}
+
+/// The size assumed for a removed log entry written before this process
+/// started.
+const UNKNOWN_LOG_ENTRY: u64 = 4096;
+
+/// Log garbage that always warrants a compaction once it is 4 times the
+/// live log, and the least garbage worth one once the logs are empty.
+const LOG_COMPACT_BYTES: u64 = 64 << 20;
+const LOG_COMPACT_DRAINED_BYTES: u64 = 4 << 20;
 
 impl Writer {
     pub(crate) fn new(
@@ -100,7 +122,7 @@ impl Writer {
             compact_after_removes: opts.compact_after_removes,
             compact_drained_min_removes: opts.compact_drained_min_removes,
         };
-        Writer { db, ks, rx, counters, compactor, limits, persisted, next_seq: HashMap::new() }
+        Writer { db, ks, rx, counters, compactor, limits, persisted, next_seq: HashMap::new(), logs: LogGarbage::default() }
     }
 
     /// Thread body. Returns the result of the final fsync at `Close`.
@@ -204,7 +226,13 @@ impl Writer {
                 }
                 Op::DeleteQueue { queue } => self.delete_queue(&mut p, *queue)?,
                 Op::LogAppend { log, index, data } => {
-                    p.logs.insert(keys::log_key(*log, *index), Some(data.clone()));
+                    let key = keys::log_key(*log, *index);
+                    let size = data.len() as u64;
+                    if let Some(old) = self.logs.sizes.insert(key, size) {
+                        self.logs.live_bytes = self.logs.live_bytes.saturating_sub(old);
+                    }
+                    self.logs.live_bytes += size;
+                    p.logs.insert(key, Some(data.clone()));
                 }
                 Op::LogTruncate { log, from } => self.log_remove(&mut p, *log, *from, u64::MAX)?,
                 Op::LogCompact { log, below } => {
@@ -243,11 +271,12 @@ impl Writer {
     /// Removes entries `lo..=hi` of `log`: those committed (strong
     /// tombstones, since log indexes may be rewritten) and those put
     /// earlier in this group.
-    fn log_remove(&self, p: &mut Pending, log: u64, lo: u64, hi: u64) -> Result<()> {
+    fn log_remove(&mut self, p: &mut Pending, log: u64, lo: u64, hi: u64) -> Result<()> {
         let range = keys::log_key(log, lo)..=keys::log_key(log, hi);
         let pending: Vec<_> = p.logs.range(range.clone()).map(|(k, _)| *k).collect();
         for key in pending {
             p.logs.insert(key, None);
+            self.log_removed(&key);
         }
         for guard in self.ks.logs.range(range) {
             let key = guard.key()?;
@@ -256,9 +285,23 @@ impl Writer {
                 key: key.to_vec(),
                 detail: "not 16 bytes".into(),
             })?;
-            p.logs.insert(key, None);
+            if p.logs.insert(key, None).is_none() {
+                self.log_removed(&key);
+            }
         }
         Ok(())
+    }
+
+    /// Accounts for a removed log entry (compaction policy).
+    fn log_removed(&mut self, key: &[u8; keys::MSG_KEY_LEN]) {
+        let size = match self.logs.sizes.remove(key) {
+            Some(size) => {
+                self.logs.live_bytes = self.logs.live_bytes.saturating_sub(size);
+                size
+            }
+            None => UNKNOWN_LOG_ENTRY,
+        };
+        self.logs.removed_bytes += size;
     }
 
     /// The persisted next seq of `queue` (highest seq ever put + 1), cached.
@@ -378,11 +421,24 @@ impl Writer {
     /// piled up, or a queue drained after enough removes, provided dead
     /// entries outnumber live ones 4:1 (major compaction rewrites every live
     /// message, so it must be mostly garbage to be worth it).
-    fn maybe_compact(&self, drained: bool) {
+    ///
+    /// The Raft logs the same way, in bytes: removed entries (compacted or
+    /// truncated logs, deleted groups) are tombstones until a major
+    /// compaction, and compact once they are 4 times the live log and at
+    /// least [`LOG_COMPACT_BYTES`] (or [`LOG_COMPACT_DRAINED_BYTES`] once
+    /// the logs are empty).
+    fn maybe_compact(&mut self, drained: bool) {
         let l = &self.limits;
         let removes = self.persisted.removes_since_compaction;
         let enough = removes >= l.compact_after_removes || (drained && removes >= l.compact_drained_min_removes);
-        if l.auto_compact && enough && self.persisted.live_estimate.saturating_mul(4) <= removes {
+        let msgs = enough && self.persisted.live_estimate.saturating_mul(4) <= removes;
+        let g = &self.logs;
+        let log_enough = g.removed_bytes >= LOG_COMPACT_BYTES || (g.live_bytes == 0 && g.removed_bytes >= LOG_COMPACT_DRAINED_BYTES);
+        let logs = log_enough && g.live_bytes.saturating_mul(4) <= g.removed_bytes;
+        if l.auto_compact && (msgs || logs) {
+            if logs {
+                self.logs.removed_bytes = 0;
+            }
             self.compactor.request();
         }
     }

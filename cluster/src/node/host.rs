@@ -217,6 +217,8 @@ pub struct Host {
     single_node: bool,
     /// Serialises replica opens.
     opening: Mutex<()>,
+    /// Per-queue cache of recent bodies on the leader; 0: the default.
+    body_cache_bytes: std::sync::atomic::AtomicUsize,
     /// Queues with a `change_voters` (led here) or a membership check
     /// (hosted here, not placed here) in progress.
     changing: Mutex<HashSet<u64>>,
@@ -297,6 +299,7 @@ impl Host {
             gateways: Mutex::new(HashMap::new()),
             single_node,
             opening: Mutex::new(()),
+            body_cache_bytes: std::sync::atomic::AtomicUsize::new(0),
             changing: Mutex::new(HashSet::new()),
             checking: Mutex::new(HashSet::new()),
         });
@@ -353,6 +356,12 @@ impl Host {
         }
     }
 
+    /// Sets the per-queue cache of recent message bodies for queues opened
+    /// from now on (`sluice serve --body-cache-bytes`).
+    pub fn set_body_cache_bytes(&self, bytes: usize) {
+        self.body_cache_bytes.store(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// The metadata replica of this node.
     pub fn meta(&self) -> Arc<MetaReplica> {
         self.meta.clone()
@@ -383,6 +392,10 @@ impl Host {
         }
         let mut opts = ReplicaOptions::new(self.raft, voters, Arc::new(self.links.clone()), format!("node:{}", self.node_id));
         opts.drop_transient_on_open = self.single_node;
+        let cache = self.body_cache_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        if cache > 0 {
+            opts.body_cache_bytes = cache;
+        }
         opts.join = join;
         match ReplicatedQueue::open(spec.clone(), self.store.clone(), opts, &self.runtime) {
             Ok(q) => {

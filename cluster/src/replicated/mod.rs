@@ -217,6 +217,10 @@ pub const DEFAULT_TICK: Duration = Duration::from_millis(50);
 /// Default time a new leader gives gateways to re-attach their consumers.
 pub const DEFAULT_REATTACH_GRACE: Duration = Duration::from_secs(3);
 
+/// Entries after which a queue with no live message checkpoints (and so
+/// compacts its whole log).
+const DRAINED_CHECKPOINT_ENTRIES: u64 = 64;
+
 /// Default [`ReplicaOptions::checkpoint_entries`].
 pub const DEFAULT_CHECKPOINT_ENTRIES: u64 = 4096;
 
@@ -1601,7 +1605,11 @@ impl ReplicatedQueue {
         let size = CHECKPOINT_BYTES_PER_MSG * inner.sm.live_count() as u64
             + CHECKPOINT_BYTES_PER_BATCH * inner.batches.len() as u64;
         let bytes = inner.bytes_since_checkpoint;
-        let due = (entries >= self.opts.checkpoint_entries || bytes >= self.opts.checkpoint_bytes) && bytes >= 2 * size;
+        // A drained queue's checkpoint is tiny and lets the whole log go:
+        // take it soon, so the disk space comes back when a queue empties.
+        let drained = inner.sm.live_count() == 0 && entries >= DRAINED_CHECKPOINT_ENTRIES;
+        let due = drained
+            || ((entries >= self.opts.checkpoint_entries || bytes >= self.opts.checkpoint_bytes) && bytes >= 2 * size);
         if !force && !due {
             return Ok(());
         }
