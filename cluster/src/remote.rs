@@ -266,6 +266,12 @@ impl RemoteBackend {
         self.cluster.learn(node_id, addr);
     }
 
+    /// Forgets a node that left the cluster (decommissioned): it is no
+    /// longer asked for leaders or the metadata.
+    pub fn forget_node(&self, node_id: &str) {
+        lock(&self.cluster.addrs).remove(node_id);
+    }
+
     /// Every node address known.
     pub fn node_addresses(&self) -> Vec<String> {
         self.cluster.addresses()

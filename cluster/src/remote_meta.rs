@@ -31,11 +31,20 @@ pub struct RemoteMeta {
     leader: Mutex<Option<String>>,
     timeout: Duration,
     me: std::sync::Weak<RemoteMeta>,
+    /// Raised when the copy does not catch up with a write: the node
+    /// followed may be cut off from the group, so follow another one.
+    lagging: tokio::sync::Notify,
 }
 
 impl RemoteMeta {
     pub fn new(backend: Arc<RemoteBackend>) -> Arc<Self> {
-        Arc::new_cyclic(|me| RemoteMeta { backend, leader: Mutex::new(None), timeout: Duration::from_secs(15), me: me.clone() })
+        Arc::new_cyclic(|me| RemoteMeta {
+            backend,
+            leader: Mutex::new(None),
+            timeout: Duration::from_secs(15),
+            me: me.clone(),
+            lagging: tokio::sync::Notify::new(),
+        })
     }
 
     fn leader_hint(&self) -> Option<String> {
@@ -119,6 +128,10 @@ impl RemoteMeta {
                 let next = tokio::select! {
                     m = rx.recv() => m,
                     _ = self.backend.link_closed(&addr) => None,
+                    _ = self.lagging.notified() => {
+                        tracing::warn!(node = addr, "metadata copy lagging; subscribing again");
+                        None
+                    }
                 };
                 let Some(NodeRequest::MetaApplied(entry)) = next else {
                     if next.is_none() {
@@ -136,10 +149,21 @@ impl RemoteMeta {
                     break;
                 }
                 index = i;
-                if let Applied::Command { cmd: MetaCommand::AddMember { id, addr }, .. } = &entry {
-                    self.backend.learn_node(id, addr);
+                let mut leaving = false;
+                match &entry {
+                    Applied::Command { cmd: MetaCommand::AddMember { id, addr }, .. } => self.backend.learn_node(id, addr),
+                    // A decommissioned node leaves the metadata group: its
+                    // stream would go stale, so follow another node.
+                    Applied::Command { cmd: MetaCommand::RemoveMember { id }, .. } => {
+                        leaving = self.backend.node_address(id).is_some_and(|a| a == addr);
+                        self.backend.forget_node(id);
+                    }
+                    _ => {}
                 }
                 applied(entry);
+                if leaving {
+                    break;
+                }
             }
         }
     }
@@ -158,5 +182,9 @@ impl MetaClient for RemoteMeta {
 
     fn follow(self: Arc<Self>, reset: OnReset, applied: OnApplied) -> BoxFuture<()> {
         Box::pin(self.follow_forever(reset, applied))
+    }
+
+    fn lagging(&self) {
+        self.lagging.notify_one();
     }
 }

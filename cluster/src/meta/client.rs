@@ -28,6 +28,9 @@ pub trait MetaClient: Send + Sync {
     /// state, then `applied` for every next index; `reset` again whenever
     /// it has to start over.
     fn follow(self: Arc<Self>, reset: OnReset, applied: OnApplied) -> BoxFuture<()>;
+    /// The copy has not caught up with a committed write for a while:
+    /// follow the group from somewhere else. The default does nothing.
+    fn lagging(&self) {}
 }
 
 /// The metadata replica of this process.

@@ -685,6 +685,11 @@ impl Host {
             },
             NodeRequest::MetaSubscribe => {
                 let (index, state, mut rx) = self.meta.subscribe_with_state();
+                // A node that is not (or no longer) a member does not
+                // follow the group: its copy would go stale.
+                if !state.members.contains_key(&self.node_id) {
+                    return NodeResponse::Refused { reason: format!("{} is not a member of the cluster", self.node_id) };
+                }
                 let conn = conn.clone();
                 tokio::spawn(async move {
                     loop {

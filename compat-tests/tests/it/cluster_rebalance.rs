@@ -312,6 +312,9 @@ async fn a_decommissioned_node_hands_its_replicas_over_and_can_be_stopped() {
     let mut cluster = nodes(home.path(), 4);
     let addrs: Vec<String> = cluster.iter().map(|n| n.addr.clone()).collect();
     let gw = start_gateway(home.path(), &[addrs[0].as_str(), addrs[1].as_str()], &[]);
+    // A gateway that knows only the node about to leave: it must follow
+    // the metadata elsewhere once that node is decommissioned.
+    let gw3 = start_gateway(home.path(), &[addrs[2].as_str()], &[]);
     let names: Vec<String> = (0..20).map(|i| format!("dc{i:02}")).collect();
     fill(&gw, &names, 10).await;
     let mut expected: BTreeSet<String> =
@@ -391,6 +394,40 @@ async fn a_decommissioned_node_hands_its_replicas_over_and_can_be_stopped() {
     }
     let lost: Vec<&String> = expected.iter().filter(|b| !got.contains(*b)).collect();
     assert!(lost.is_empty(), "lost: {lost:?}");
+
+    // The gateway that followed n3 declares, publishes and consumes.
+    {
+        let (_conn, ch) = open(&gw3).await;
+        ch.queue_declare("after".into(), QueueDeclareOptions { durable: true, ..Default::default() }, FieldTable::default())
+            .await
+            .unwrap();
+        ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+        let c = ch.basic_publish("".into(), "after".into(), BasicPublishOptions::default(), b"x", persistent()).await.unwrap();
+        assert!(tokio::time::timeout(Duration::from_secs(10), c).await.unwrap().unwrap().is_ack());
+        let got = ch.basic_get("after".into(), BasicGetOptions { no_ack: true }).await.unwrap().expect("the message");
+        assert_eq!(got.delivery.data, b"x");
+        // And sees what the other gateway declared since.
+        let (_c2, ch2) = open(&gw).await;
+        ch2.queue_declare("later".into(), QueueDeclareOptions { durable: true, ..Default::default() }, FieldTable::default())
+            .await
+            .unwrap();
+        ch.queue_declare("later".into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+            .await
+            .expect("declared through the other gateway, visible here");
+    }
     println!("whole test {:.1} s", t0.elapsed().as_secs_f64());
     drop(cluster);
+}
+
+#[test]
+fn decommissioning_below_two_members_is_refused() {
+    let home = tempfile::tempdir().unwrap();
+    let cluster = nodes(home.path(), 2);
+    let (code, _, err) = ctl(home.path(), &cluster[0].addr, &["decommission", "n2"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("a cluster keeps at least 2"), "{err}");
+    // Both are still members.
+    let (code, out, _) = ctl(home.path(), &cluster[1].addr, &["status"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("cluster members: n1, n2"), "{out}");
 }

@@ -119,6 +119,10 @@ pub struct Router {
     applied: watch::Sender<u64>,
 }
 
+/// After this long without the copy reaching a committed write, the router
+/// asks its metadata client to follow the group from another node.
+const LAGGING_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// How long a command waits for the copy to reach it.
 const APPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
 
@@ -226,10 +230,16 @@ impl Router {
     /// applied it, with the group's verdict.
     async fn execute(&self, cmd: Command) -> Result<(), BrokerError> {
         let (index, result) = self.meta.propose(MetaCommand::Topology(cmd)).await?;
-        let mut seen = self.applied.subscribe();
-        let caught_up = async move { seen.wait_for(|i| *i >= index).await.is_ok() };
-        if !tokio::time::timeout(APPLY_TIMEOUT, caught_up).await.unwrap_or(false) {
-            return Err(BrokerError::internal("the metadata change did not reach this gateway in time"));
+        let caught_up = |timeout| {
+            let mut seen = self.applied.subscribe();
+            async move { tokio::time::timeout(timeout, seen.wait_for(|i| *i >= index)).await.is_ok_and(|r| r.is_ok()) }
+        };
+        if !caught_up(LAGGING_AFTER).await {
+            // The node this copy follows may be cut off from the group.
+            self.meta.lagging();
+            if !caught_up(APPLY_TIMEOUT).await {
+                return Err(BrokerError::internal("the metadata change did not reach this gateway in time"));
+            }
         }
         match result {
             MetaResult::Topology(Err(e)) => Err(e.into()),
