@@ -2,7 +2,10 @@
 //!
 //! * [`amqp`] – AMQP 0-9-1 framing, method table, content properties,
 //!   field tables, tokio-util codec and per-channel command assembly.
+//! * [`stomp`] – STOMP 1.0/1.1/1.2 frames: streaming decoder with limits,
+//!   encoder with per-version header escaping, tokio-util codec.
 //! * [`command`] – the protocol-neutral command model the codecs map to.
 
 pub mod amqp;
 pub mod command;
+pub mod stomp;

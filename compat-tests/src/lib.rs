@@ -229,27 +229,34 @@ impl Drop for NodeProcess {
 /// `home/dir` and the per-user config (so the default cluster secret)
 /// under `home/config`, plus `extra` flags; waits for its listening line.
 pub fn start_node(home: &Path, id: &str, dir: &str, listen: &str, extra: &[&str]) -> NodeProcess {
-    let mut child = Command::new(sluice_bin())
-        .args(["node", "--id", id, "--listen", listen, "--data-dir"])
-        .arg(home.join(dir))
-        .args(extra)
+    let mut cmd = Command::new(sluice_bin());
+    cmd.args(["node", "--id", id, "--listen", listen, "--data-dir"]).arg(home.join(dir)).args(extra);
+    let (child, addr) = spawn_until(cmd, home, "node protocol listening on ", Duration::from_secs(30));
+    NodeProcess { child, addr }
+}
+
+/// Spawns `cmd` with the per-user config under `home/config`, quiet logs
+/// and stdout piped, and returns it with the rest of the first stdout line
+/// that starts with `prefix` (panics if none comes within `timeout`).
+fn spawn_until(mut cmd: Command, home: &Path, prefix: &'static str, timeout: Duration) -> (Child, String) {
+    let mut child = cmd
         .env("XDG_CONFIG_HOME", home.join("config"))
         .env("SLUICE_LOG", "error")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .expect("spawn sluice node");
+        .expect("spawn sluice");
     let stdout = child.stdout.take().expect("stdout");
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(a) = line.strip_prefix("node protocol listening on ") {
-                let _ = tx.send(a.to_string());
+            if let Some(rest) = line.strip_prefix(prefix) {
+                let _ = tx.send(rest.to_string());
             }
         }
     });
-    let addr = rx.recv_timeout(Duration::from_secs(30)).expect("node did not start");
-    NodeProcess { child, addr }
+    let found = rx.recv_timeout(timeout).unwrap_or_else(|_| panic!("no line starting with {prefix:?}"));
+    (child, found)
 }
 
 /// A running `sluice gateway`.
@@ -277,25 +284,9 @@ impl Drop for GatewayProcess {
 /// per-user config (so the default cluster secret) under `home/config`;
 /// waits for its listening line (it prints it once it has the metadata).
 pub fn start_gateway(home: &Path, nodes: &[&str], extra: &[&str]) -> GatewayProcess {
-    let mut child = Command::new(sluice_bin())
-        .args(["gateway", "--amqp", "127.0.0.1:0", "--nodes", &nodes.join(",")])
-        .args(extra)
-        .env("XDG_CONFIG_HOME", home.join("config"))
-        .env("SLUICE_LOG", "error")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn sluice gateway");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(a) = line.strip_prefix("AMQP listening on ") {
-                let _ = tx.send(a.to_string());
-            }
-        }
-    });
-    let amqp = rx.recv_timeout(Duration::from_secs(40)).expect("gateway did not start");
+    let mut cmd = Command::new(sluice_bin());
+    cmd.args(["gateway", "--amqp", "127.0.0.1:0", "--nodes", &nodes.join(",")]).args(extra);
+    let (child, amqp) = spawn_until(cmd, home, "AMQP listening on ", Duration::from_secs(40));
     GatewayProcess { child, amqp }
 }
 

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use serde::Deserialize;
 
+pub use crate::server::Limits;
+
 /// The file format (every key optional; unknown keys are an error).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -26,28 +28,10 @@ pub struct FileConfig {
     pub users: Option<HashMap<String, String>>,
 }
 
-/// The validated configuration of `sluice serve`.
-#[derive(Debug, Clone)]
-pub struct Config {
-    pub data_dir: PathBuf,
-    pub amqp: String,
-    pub stomp: String,
-    pub metrics: String,
-    pub channel_max: u16,
-    pub frame_max: u32,
-    pub heartbeat: u16,
-    pub max_message_size: u64,
-    pub body_cache_bytes: u64,
-    pub fsync: bool,
-    pub users: HashMap<String, String>,
-}
-
-/// Values given on the command line or in the environment.
+/// The client-facing part shared by `sluice serve` and `sluice gateway`:
+/// listeners and what is offered to clients.
 #[derive(Debug, Default, Clone, clap::Args)]
-pub struct ServeArgs {
-    /// Directory for messages and definitions.
-    #[arg(long, env = "SLUICE_DATA_DIR")]
-    pub data_dir: Option<PathBuf>,
+pub struct ClientArgs {
     /// AMQP listener address (default 0.0.0.0:5672; port 0 picks a free port).
     #[arg(long, env = "SLUICE_AMQP")]
     pub amqp: Option<String>,
@@ -57,9 +41,6 @@ pub struct ServeArgs {
     /// Prometheus metrics address (default 0.0.0.0:15692; metrics arrive with the operations issue).
     #[arg(long, env = "SLUICE_METRICS")]
     pub metrics: Option<String>,
-    /// TOML configuration file with the same keys.
-    #[arg(long, env = "SLUICE_CONFIG")]
-    pub config: Option<PathBuf>,
     /// Highest channel number offered to clients (default 2047).
     #[arg(long, env = "SLUICE_CHANNEL_MAX")]
     pub channel_max: Option<u16>,
@@ -72,6 +53,82 @@ pub struct ServeArgs {
     /// Largest message body accepted in bytes (default 128 MiB).
     #[arg(long, env = "SLUICE_MAX_MESSAGE_SIZE")]
     pub max_message_size: Option<u64>,
+}
+
+/// The same keys as read from a TOML file.
+pub struct ClientFile {
+    pub amqp: Option<String>,
+    pub stomp: Option<String>,
+    pub metrics: Option<String>,
+    pub channel_max: Option<u16>,
+    pub frame_max: Option<u32>,
+    pub heartbeat: Option<u16>,
+    pub max_message_size: Option<u64>,
+    pub users: Option<HashMap<String, String>>,
+}
+
+/// The validated client-facing configuration.
+#[derive(Debug, Clone)]
+pub struct Frontend {
+    pub amqp: String,
+    pub stomp: String,
+    pub metrics: String,
+    pub limits: Limits,
+    pub users: HashMap<String, String>,
+}
+
+impl ClientArgs {
+    /// Flags/env over the file over the defaults, validated.
+    pub fn resolve(self, file: ClientFile) -> anyhow::Result<Frontend> {
+        let frame_max = self.frame_max.or(file.frame_max).unwrap_or(131_072);
+        if frame_max < 4096 {
+            anyhow::bail!("frame_max must be at least 4096 (got {frame_max})");
+        }
+        let mut users = file.users.unwrap_or_default();
+        if users.is_empty() {
+            users.insert("guest".into(), "guest".into());
+        }
+        let front = Frontend {
+            amqp: self.amqp.or(file.amqp).unwrap_or_else(|| "0.0.0.0:5672".into()),
+            stomp: self.stomp.or(file.stomp).unwrap_or_else(|| "0.0.0.0:61613".into()),
+            metrics: self.metrics.or(file.metrics).unwrap_or_else(|| "0.0.0.0:15692".into()),
+            limits: Limits {
+                channel_max: self.channel_max.or(file.channel_max).unwrap_or(2047),
+                frame_max,
+                heartbeat: self.heartbeat.or(file.heartbeat).unwrap_or(60),
+                max_message_size: self.max_message_size.or(file.max_message_size).unwrap_or(128 * 1024 * 1024),
+            },
+            users,
+        };
+        for (what, addr) in [("amqp", &front.amqp), ("stomp", &front.stomp), ("metrics", &front.metrics)] {
+            if addr.parse::<std::net::SocketAddr>().is_err() {
+                anyhow::bail!("{what} address '{addr}' is not HOST:PORT (for example 127.0.0.1:5672)");
+            }
+        }
+        Ok(front)
+    }
+}
+
+/// The validated configuration of `sluice serve`.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub front: Frontend,
+    pub body_cache_bytes: u64,
+    pub fsync: bool,
+}
+
+/// Values given on the command line or in the environment.
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Directory for messages and definitions.
+    #[arg(long, env = "SLUICE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// TOML configuration file with the same keys.
+    #[arg(long, env = "SLUICE_CONFIG")]
+    pub config: Option<PathBuf>,
     /// RAM per queue for recent message bodies (default 16 MiB); older ones are read back from disk.
     #[arg(long, env = "SLUICE_BODY_CACHE_BYTES")]
     pub body_cache_bytes: Option<u64>,
@@ -87,33 +144,22 @@ impl ServeArgs {
             Some(path) => load_file(path)?,
             None => FileConfig::default(),
         };
-        let frame_max = self.frame_max.or(file.frame_max).unwrap_or(131_072);
-        if frame_max < 4096 {
-            anyhow::bail!("frame_max must be at least 4096 (got {frame_max})");
-        }
-        let mut users = file.users.unwrap_or_default();
-        if users.is_empty() {
-            users.insert("guest".into(), "guest".into());
-        }
-        let config = Config {
+        let front = self.client.resolve(ClientFile {
+            amqp: file.amqp,
+            stomp: file.stomp,
+            metrics: file.metrics,
+            channel_max: file.channel_max,
+            frame_max: file.frame_max,
+            heartbeat: file.heartbeat,
+            max_message_size: file.max_message_size,
+            users: file.users,
+        })?;
+        Ok(Config {
             data_dir: self.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("sluice-data")),
-            amqp: self.amqp.or(file.amqp).unwrap_or_else(|| "0.0.0.0:5672".into()),
-            stomp: self.stomp.or(file.stomp).unwrap_or_else(|| "0.0.0.0:61613".into()),
-            metrics: self.metrics.or(file.metrics).unwrap_or_else(|| "0.0.0.0:15692".into()),
-            channel_max: self.channel_max.or(file.channel_max).unwrap_or(2047),
-            frame_max,
-            heartbeat: self.heartbeat.or(file.heartbeat).unwrap_or(60),
-            max_message_size: self.max_message_size.or(file.max_message_size).unwrap_or(128 * 1024 * 1024),
+            front,
             body_cache_bytes: self.body_cache_bytes.or(file.body_cache_bytes).unwrap_or(16 * 1024 * 1024),
             fsync: self.fsync.or(file.fsync).unwrap_or(true),
-            users,
-        };
-        for (what, addr) in [("amqp", &config.amqp), ("stomp", &config.stomp), ("metrics", &config.metrics)] {
-            if addr.parse::<std::net::SocketAddr>().is_err() {
-                anyhow::bail!("{what} address '{addr}' is not HOST:PORT (for example 127.0.0.1:5672)");
-            }
-        }
-        Ok(config)
+        })
     }
 }
 
@@ -282,15 +328,8 @@ pub struct GatewayArgs {
     /// Storage nodes to start from, HOST:PORT, comma separated (the others are learned from them).
     #[arg(long, env = "SLUICE_NODES", value_delimiter = ',')]
     pub nodes: Option<Vec<String>>,
-    /// AMQP listener address (default 0.0.0.0:5672; port 0 picks a free port).
-    #[arg(long, env = "SLUICE_AMQP")]
-    pub amqp: Option<String>,
-    /// STOMP listener address (default 0.0.0.0:61613; STOMP arrives with its own issue).
-    #[arg(long, env = "SLUICE_STOMP")]
-    pub stomp: Option<String>,
-    /// Prometheus metrics address (default 0.0.0.0:15692; metrics arrive with the operations issue).
-    #[arg(long, env = "SLUICE_METRICS")]
-    pub metrics: Option<String>,
+    #[command(flatten)]
+    pub client: ClientArgs,
     /// This gateway's name in logs and in the cluster (default gateway-PID); a per-start incarnation is added.
     #[arg(long, env = "SLUICE_ID")]
     pub id: Option<String>,
@@ -300,18 +339,6 @@ pub struct GatewayArgs {
     /// TOML configuration file with the same keys.
     #[arg(long, env = "SLUICE_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Highest channel number offered to clients (default 2047).
-    #[arg(long, env = "SLUICE_CHANNEL_MAX")]
-    pub channel_max: Option<u16>,
-    /// Largest frame offered to clients in bytes (default 131072).
-    #[arg(long, env = "SLUICE_FRAME_MAX")]
-    pub frame_max: Option<u32>,
-    /// Heartbeat interval offered to clients in seconds (default 60; 0 = off).
-    #[arg(long, env = "SLUICE_HEARTBEAT")]
-    pub heartbeat: Option<u16>,
-    /// Largest message body accepted in bytes (default 128 MiB).
-    #[arg(long, env = "SLUICE_MAX_MESSAGE_SIZE")]
-    pub max_message_size: Option<u64>,
 }
 
 /// The validated configuration of `sluice gateway`.
@@ -319,15 +346,8 @@ pub struct GatewayArgs {
 pub struct GatewayConfig {
     pub id: String,
     pub nodes: Vec<String>,
-    pub amqp: String,
-    pub stomp: String,
-    pub metrics: String,
+    pub front: Frontend,
     pub cluster_secret_file: Option<PathBuf>,
-    pub channel_max: u16,
-    pub frame_max: u32,
-    pub heartbeat: u16,
-    pub max_message_size: u64,
-    pub users: HashMap<String, String>,
 }
 
 impl GatewayArgs {
@@ -344,32 +364,22 @@ impl GatewayArgs {
         if nodes.is_empty() {
             anyhow::bail!("a gateway needs storage nodes: give --nodes HOST:PORT,... (or SLUICE_NODES, or `nodes` in the config file)");
         }
-        let frame_max = self.frame_max.or(file.frame_max).unwrap_or(131_072);
-        if frame_max < 4096 {
-            anyhow::bail!("frame_max must be at least 4096 (got {frame_max})");
-        }
-        let mut users = file.users.unwrap_or_default();
-        if users.is_empty() {
-            users.insert("guest".into(), "guest".into());
-        }
+        let front = self.client.resolve(ClientFile {
+            amqp: file.amqp,
+            stomp: file.stomp,
+            metrics: file.metrics,
+            channel_max: file.channel_max,
+            frame_max: file.frame_max,
+            heartbeat: file.heartbeat,
+            max_message_size: file.max_message_size,
+            users: file.users,
+        })?;
         let config = GatewayConfig {
             id: self.id.or(file.id).unwrap_or_else(|| format!("gateway-{}", std::process::id())),
             nodes,
-            amqp: self.amqp.or(file.amqp).unwrap_or_else(|| "0.0.0.0:5672".into()),
-            stomp: self.stomp.or(file.stomp).unwrap_or_else(|| "0.0.0.0:61613".into()),
-            metrics: self.metrics.or(file.metrics).unwrap_or_else(|| "0.0.0.0:15692".into()),
+            front,
             cluster_secret_file: self.cluster_secret_file.or(file.cluster_secret_file),
-            channel_max: self.channel_max.or(file.channel_max).unwrap_or(2047),
-            frame_max,
-            heartbeat: self.heartbeat.or(file.heartbeat).unwrap_or(60),
-            max_message_size: self.max_message_size.or(file.max_message_size).unwrap_or(128 * 1024 * 1024),
-            users,
         };
-        for (what, addr) in [("amqp", &config.amqp), ("stomp", &config.stomp), ("metrics", &config.metrics)] {
-            if addr.parse::<std::net::SocketAddr>().is_err() {
-                anyhow::bail!("{what} address '{addr}' is not HOST:PORT (for example 127.0.0.1:5672)");
-            }
-        }
         for addr in &config.nodes {
             if !addr.contains(':') {
                 anyhow::bail!("node address '{addr}' is not HOST:PORT");

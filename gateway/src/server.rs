@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::config::{Config, GatewayConfig};
+use crate::config::{Config, Frontend, GatewayConfig};
 use crate::router::Router;
 
 /// Negotiation limits offered to clients.
@@ -38,6 +38,15 @@ pub struct Broker {
 }
 
 impl Broker {
+    fn new(router: Arc<Router>, front: &Frontend, first_conn: u64) -> Arc<Broker> {
+        Arc::new(Broker {
+            router,
+            users: front.users.clone(),
+            limits: front.limits.clone(),
+            next_conn: AtomicU64::new(first_conn),
+        })
+    }
+
     pub fn next_conn_id(&self) -> u64 {
         self.next_conn.fetch_add(1, Ordering::Relaxed)
     }
@@ -51,9 +60,9 @@ const FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Runs the all-in-one broker until a shutdown signal.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
-    let amqp = TcpListener::bind(&config.amqp)
+    let amqp = TcpListener::bind(&config.front.amqp)
         .await
-        .with_context(|| format!("cannot listen on {} for AMQP", config.amqp))?;
+        .with_context(|| format!("cannot listen on {} for AMQP", config.front.amqp))?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     // Opening storage blocks (journal replay, the first elections): keep
@@ -68,17 +77,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let router = Router::open_with_meta(backend, meta)
         .await
         .map_err(|e| anyhow::anyhow!("cannot load definitions: {}", e.text))?;
-    let broker = Arc::new(Broker {
-        router,
-        users: config.users.clone(),
-        limits: Limits {
-            channel_max: config.channel_max,
-            frame_max: config.frame_max,
-            heartbeat: config.heartbeat,
-            max_message_size: config.max_message_size,
-        },
-        next_conn: AtomicU64::new(1),
-    });
+    let broker = Broker::new(router, &config.front, 1);
     let addr = amqp.local_addr()?;
     let signal = shutdown_signal()?;
     println!("sluice {} serving; data dir {}", env!("CARGO_PKG_VERSION"), config.data_dir.display());
@@ -89,9 +88,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 /// Runs a gateway in front of storage nodes until a shutdown signal.
 pub async fn gateway(config: GatewayConfig) -> anyhow::Result<()> {
     let secret = Secret::load_or_create(config.cluster_secret_file.as_deref()).context("cluster secret")?;
-    let amqp = TcpListener::bind(&config.amqp)
+    let amqp = TcpListener::bind(&config.front.amqp)
         .await
-        .with_context(|| format!("cannot listen on {} for AMQP", config.amqp))?;
+        .with_context(|| format!("cannot listen on {} for AMQP", config.front.amqp))?;
     // A restarted gateway is a new one to the nodes: the incarnation makes
     // its id unique, so what the previous process's consumers held is
     // requeued rather than handed to the new one.
@@ -104,26 +103,17 @@ pub async fn gateway(config: GatewayConfig) -> anyhow::Result<()> {
     let router = Router::open_cluster(backend)
         .await
         .map_err(|e| anyhow::anyhow!("cannot reach the storage nodes {}: {}", config.nodes.join(","), e.text))?;
-    let broker = Arc::new(Broker {
-        router,
-        users: config.users.clone(),
-        limits: Limits {
-            channel_max: config.channel_max,
-            frame_max: config.frame_max,
-            heartbeat: config.heartbeat,
-            max_message_size: config.max_message_size,
-        },
-        // Connection ids own exclusive queues across the cluster: the
-        // gateway's tag in the high half lets the nodes delete a vanished
-        // gateway's exclusive queues.
-        next_conn: AtomicU64::new((u64::from(sluice_cluster::remote::owner_tag(&gateway_id)) << 32) | 1),
-    });
+    // Connection ids own exclusive queues across the cluster: the
+    // gateway's tag in the high half lets the nodes delete a vanished
+    // gateway's exclusive queues.
+    let first_conn = (u64::from(sluice_cluster::remote::owner_tag(&gateway_id)) << 32) | 1;
+    let broker = Broker::new(router, &config.front, first_conn);
     let addr = amqp.local_addr()?;
     let signal = shutdown_signal()?;
     println!("sluice gateway {gateway_id} ({}) in front of {}", env!("CARGO_PKG_VERSION"), config.nodes.join(","));
     println!("AMQP listening on {addr}");
-    if !config.stomp.is_empty() {
-        tracing::info!(stomp = config.stomp, "STOMP is not served yet (it arrives with its own issue)");
+    if !config.front.stomp.is_empty() {
+        tracing::info!(stomp = config.front.stomp, "STOMP is not served yet (it arrives with its own issue)");
     }
     run(amqp, broker, signal).await
 }

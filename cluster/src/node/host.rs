@@ -411,6 +411,9 @@ impl Host {
         lock(&self.names).remove(&id);
         lock(&self.consumers).retain(|(qid, _), _| *qid != id);
         if let Some(q) = q {
+            // The queue is gone: its consumers hear it (basic.cancel), in
+            // whichever order this and the in-process router apply it.
+            q.cancel_consumers();
             tokio::spawn(async move {
                 q.destroy().await;
             });
