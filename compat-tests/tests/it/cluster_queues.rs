@@ -191,7 +191,9 @@ async fn kill_the_leader_under_confirmed_load_loses_nothing() {
     let received = tokio::spawn(async move {
         let mut seen: BTreeMap<u32, u32> = BTreeMap::new();
         let mut dup_without_flag = 0u32;
+        let mut times = Vec::new();
         while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(8), consumer.next()).await {
+            times.push(Instant::now());
             let n = u32::from_be_bytes(d.data[..4].try_into().unwrap());
             let count = seen.entry(n).or_default();
             *count += 1;
@@ -200,7 +202,7 @@ async fn kill_the_leader_under_confirmed_load_loses_nothing() {
             }
             let _ = d.ack(BasicAckOptions::default()).await;
         }
-        (seen, dup_without_flag)
+        (seen, dup_without_flag, times)
     });
 
     const TOTAL: u32 = 1500;
@@ -220,6 +222,7 @@ async fn kill_the_leader_under_confirmed_load_loses_nothing() {
     let resumed = killed_at.elapsed();
 
     let (confirmed, longest) = tokio::time::timeout(Duration::from_secs(120), publisher).await.expect("publisher finished").unwrap();
+    let phase_one_done = Instant::now();
     assert_eq!(confirmed.len() as u32, TOTAL);
     println!("kill -9 of the leader: 10 more confirms {resumed:?} after the kill; longest pause between confirms {longest:?}");
 
@@ -238,7 +241,12 @@ async fn kill_the_leader_under_confirmed_load_loses_nothing() {
         .expect("confirms resume with the restarted node in the majority");
     assert_eq!(more.0.len(), 100);
 
-    let (seen, dup_without_flag) = received.await.unwrap();
+    let (seen, dup_without_flag, times) = received.await.unwrap();
+    // How long the consumer (on the other gateway) went without a delivery
+    // around the kill.
+    let around: Vec<&Instant> = times.iter().filter(|t| **t + Duration::from_secs(1) > killed_at && **t < phase_one_done).collect();
+    let delivery_pause = around.windows(2).map(|w| *w[1] - *w[0]).max().unwrap_or_default();
+    println!("kill -9 of the leader: longest pause between two deliveries to the consumer {delivery_pause:?}");
     let missing: Vec<u32> = confirmed.iter().chain(&more.0).filter(|n| !seen.contains_key(n)).copied().collect();
     assert!(missing.is_empty(), "confirmed but never delivered: {} of them, first {:?}", missing.len(), &missing[..missing.len().min(10)]);
     assert_eq!(dup_without_flag, 0, "a message was delivered twice without redelivered=true");
