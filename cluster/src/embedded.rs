@@ -121,9 +121,8 @@ impl Embedded {
         }
         let meta = self.meta_client();
         for cmd in cmds {
-            match meta.propose(MetaCommand::Topology(cmd)).await? {
-                (_, MetaResult::Topology(Err(e))) => tracing::warn!(error = %e, "dropping a transient definition"),
-                _ => {}
+            if let (_, MetaResult::Topology(Err(e))) = meta.propose(MetaCommand::Topology(cmd)).await? {
+                tracing::warn!(error = %e, "dropping a transient definition");
             }
         }
         Ok(())

@@ -551,6 +551,9 @@ fn queue_error(r: QueueResult) -> Error {
     }
 }
 
+/// A request waiting in a driver: what, until when, who waits.
+type PendingCall = (NodeRequest, tokio::time::Instant, oneshot::Sender<Result<NodeResponse, Error>>);
+
 /// The driver of one queue handle: finds the leader, re-synchronises after
 /// a failover, and sends one-way messages in order.
 async fn drive(q: Weak<RemoteQueue>, mut rx: mpsc::UnboundedReceiver<Out>) {
@@ -559,7 +562,7 @@ async fn drive(q: Weak<RemoteQueue>, mut rx: mpsc::UnboundedReceiver<Out>) {
     let mut leader: Option<Client> = None;
     let mut hint: Option<String> = None;
     // A request waiting for a leader (it blocks everything behind it).
-    let mut call: Option<(NodeRequest, tokio::time::Instant, oneshot::Sender<Result<NodeResponse, Error>>)> = None;
+    let mut call: Option<PendingCall> = None;
     loop {
         if let Some((req, deadline, done)) = call.take() {
             if tokio::time::Instant::now() > deadline {

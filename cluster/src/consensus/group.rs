@@ -653,8 +653,7 @@ impl<S: LogStore> Group<S> {
     /// (`data` is its serialized state) and drops the log it covers.
     /// Followers that need dropped entries get the snapshot instead.
     pub fn compact(&mut self, data: Bytes) -> Result<(), Error> {
-        let mut snapshot = Snapshot::default();
-        snapshot.data = data;
+        let mut snapshot = Snapshot { data, ..Default::default() };
         let metadata = snapshot.mut_metadata();
         metadata.index = self.applied.index;
         metadata.term = self.applied.term;
@@ -682,8 +681,7 @@ impl<S: LogStore> Group<S> {
             }));
         }
         let term = self.store().term(index)?;
-        let mut snapshot = Snapshot::default();
-        snapshot.data = data;
+        let mut snapshot = Snapshot { data, ..Default::default() };
         let metadata = snapshot.mut_metadata();
         metadata.index = index;
         metadata.term = term;

@@ -190,11 +190,8 @@ pub trait LogStore {
 /// Builds the snapshot a new group starts from: the given configuration at
 /// [`BOOTSTRAP_INDEX`], with the state machine's initial bytes.
 pub fn bootstrap_snapshot(voters: &[u64], learners: &[u64], data: Bytes) -> Snapshot {
-    let mut conf_state = ConfState::default();
-    conf_state.voters = voters.to_vec();
-    conf_state.learners = learners.to_vec();
-    let mut snapshot = Snapshot::default();
-    snapshot.data = data;
+    let conf_state = ConfState { voters: voters.to_vec(), learners: learners.to_vec(), ..Default::default() };
+    let mut snapshot = Snapshot { data, ..Default::default() };
     let metadata = snapshot.mut_metadata();
     metadata.index = BOOTSTRAP_INDEX;
     metadata.term = BOOTSTRAP_TERM;

@@ -66,6 +66,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 // ---- transport -------------------------------------------------------------
 
+/// The queue of one peer's sender task: (group, encoded raft messages).
+type RaftSender = mpsc::UnboundedSender<(GroupId, Vec<ByteBuf>)>;
+
+/// A connection's push queue: a one-way message, and the consumer whose
+/// pending slot it frees once handed to the connection (deliveries).
+type PushQueue = mpsc::UnboundedSender<(Option<Arc<Consumer>>, NodeRequest)>;
+
 /// Outgoing Raft messages of this node, one sender task per peer.
 #[derive(Clone)]
 pub struct PeerLinks {
@@ -76,7 +83,7 @@ struct LinksShared {
     me: String,
     secret: Secret,
     membership: Arc<Membership>,
-    peers: Mutex<HashMap<u64, mpsc::UnboundedSender<(GroupId, Vec<ByteBuf>)>>>,
+    peers: Mutex<HashMap<u64, RaftSender>>,
     /// raft id -> node id, from membership and the metadata.
     ids: RwLock<HashMap<u64, String>>,
 }
@@ -109,7 +116,7 @@ impl PeerLinks {
         self.shared.addr_of(node_id)
     }
 
-    fn sender(&self, to: u64) -> mpsc::UnboundedSender<(GroupId, Vec<ByteBuf>)> {
+    fn sender(&self, to: u64) -> RaftSender {
         let mut peers = lock(&self.shared.peers);
         if let Some(tx) = peers.get(&to) {
             if !tx.is_closed() {
@@ -229,7 +236,7 @@ pub struct Host {
 struct GatewaySink {
     queue: u64,
     consumer: ConsumerId,
-    tx: mpsc::UnboundedSender<(Option<Arc<Consumer>>, NodeRequest)>,
+    tx: PushQueue,
 }
 
 impl DeliverySink for GatewaySink {
@@ -1164,7 +1171,7 @@ async fn join(host: std::sync::Weak<Host>, addr: String, seeds: Vec<String>) {
 /// task so that the message handler never waits on a slow peer.
 #[derive(Clone, Default)]
 pub struct Pushes {
-    inner: Arc<Mutex<HashMap<usize, mpsc::UnboundedSender<(Option<Arc<Consumer>>, NodeRequest)>>>>,
+    inner: Arc<Mutex<HashMap<usize, PushQueue>>>,
 }
 
 impl Pushes {
@@ -1172,7 +1179,7 @@ impl Pushes {
         conn.id()
     }
 
-    fn queue(&self, conn: &Client) -> mpsc::UnboundedSender<(Option<Arc<Consumer>>, NodeRequest)> {
+    fn queue(&self, conn: &Client) -> PushQueue {
         let mut map = lock(&self.inner);
         let key = Self::key(conn);
         if let Some(tx) = map.get(&key) {
@@ -1206,7 +1213,7 @@ impl Pushes {
 
     /// The push queue of `conn`, for a consumer's sink: a delivery
     /// releases its consumer's pending slot once handed to the connection.
-    fn deliveries(&self, conn: &Client) -> mpsc::UnboundedSender<(Option<Arc<Consumer>>, NodeRequest)> {
+    fn deliveries(&self, conn: &Client) -> PushQueue {
         self.queue(conn)
     }
 }
