@@ -52,6 +52,9 @@ use crate::{record, Error};
 
 type Client = rpc::Client<NodeRequest, NodeResponse>;
 
+/// The Raft clock of queue groups in a cluster of one (`sluice serve`).
+const SINGLE_NODE_TICK: Duration = Duration::from_secs(1);
+
 /// How long a gateway may be disconnected before its consumers are
 /// detached and their messages requeued.
 pub const GATEWAY_GRACE: Duration = Duration::from_secs(5);
@@ -399,6 +402,11 @@ impl Host {
         }
         let mut opts = ReplicaOptions::new(self.raft, voters, Arc::new(self.links.clone()), format!("node:{}", self.node_id));
         opts.drop_transient_on_open = self.single_node;
+        if self.single_node {
+            // A lone voter needs no elections or heartbeats: a slow clock
+            // keeps thousands of idle queues cheap.
+            opts.tick = SINGLE_NODE_TICK;
+        }
         let cache = self.body_cache_bytes.load(std::sync::atomic::Ordering::Relaxed);
         if cache > 0 {
             opts.body_cache_bytes = cache;
