@@ -36,6 +36,8 @@ pub struct Server {
     child: Option<Child>,
     /// Address of the AMQP listener.
     pub amqp: SocketAddr,
+    /// Address of the STOMP listener.
+    pub stomp: SocketAddr,
     /// The data directory (kept across restarts).
     pub data_dir: PathBuf,
     _tmp: Option<tempfile::TempDir>,
@@ -101,8 +103,13 @@ impl Server {
             .arg("--data-dir")
             .arg(data_dir)
             .arg("--amqp")
-            .arg("127.0.0.1:0")
-            .args(extra)
+            .arg("127.0.0.1:0");
+        // A free port unless the test chose one (the default, 61613, would
+        // collide between parallel tests).
+        if !extra.iter().any(|a| a.starts_with("--stomp")) {
+            cmd.arg("--stomp").arg("127.0.0.1:0");
+        }
+        cmd.args(extra)
             .env("SLUICE_LOG", std::env::var("SLUICE_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -120,13 +127,19 @@ impl Server {
         });
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
+            // The STOMP line follows the AMQP one.
+            let mut amqp = None;
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if let Some(addr) = line.strip_prefix("AMQP listening on ") {
-                    let _ = tx.send(addr.trim().to_string());
+                    amqp = Some(addr.trim().to_string());
+                } else if let Some(addr) = line.strip_prefix("STOMP listening on ") {
+                    if let Some(amqp) = amqp.take() {
+                        let _ = tx.send((amqp, addr.trim().to_string()));
+                    }
                 }
             }
         });
-        let addr = match rx.recv_timeout(Duration::from_secs(60)) {
+        let (addr, stomp) = match rx.recv_timeout(Duration::from_secs(60)) {
             Ok(a) => a,
             Err(_) => {
                 let _ = child.kill();
@@ -137,6 +150,7 @@ impl Server {
         Ok(Server {
             child: Some(child),
             amqp: addr.parse().map_err(|e| format!("bad address {addr}: {e}"))?,
+            stomp: stomp.parse().map_err(|e| format!("bad address {stomp}: {e}"))?,
             data_dir: data_dir.to_path_buf(),
             _tmp: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
@@ -152,6 +166,11 @@ impl Server {
     /// Same with extra query parameters, e.g. `heartbeat=1`.
     pub fn url_with(&self, query: &str) -> String {
         format!("amqp://guest:guest@{}/%2f?{query}", self.amqp)
+    }
+
+    /// Address of the STOMP listener.
+    pub fn stomp_addr(&self) -> SocketAddr {
+        self.stomp
     }
 
     /// OS process id.
@@ -202,7 +221,14 @@ impl Drop for Server {
 
 /// Runs `sluice` with arguments and returns (exit code, stdout, stderr).
 pub fn run_sluice(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(sluice_bin()).args(args).env("SLUICE_LOG", "warn").output().expect("run sluice");
+    // SLUICE_STOMP: a free port unless args choose one (the default,
+    // 61613, would collide between parallel tests).
+    let out = Command::new(sluice_bin())
+        .args(args)
+        .env("SLUICE_LOG", "warn")
+        .env("SLUICE_STOMP", "127.0.0.1:0")
+        .output()
+        .expect("run sluice");
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -280,12 +306,16 @@ impl Drop for GatewayProcess {
     }
 }
 
-/// Starts `sluice gateway --nodes nodes --amqp 127.0.0.1:0` with the
+/// Starts `sluice gateway --nodes nodes --amqp 127.0.0.1:0 --stomp 127.0.0.1:0` with the
 /// per-user config (so the default cluster secret) under `home/config`;
 /// waits for its listening line (it prints it once it has the metadata).
 pub fn start_gateway(home: &Path, nodes: &[&str], extra: &[&str]) -> GatewayProcess {
     let mut cmd = Command::new(sluice_bin());
-    cmd.args(["gateway", "--amqp", "127.0.0.1:0", "--nodes", &nodes.join(",")]).args(extra);
+    cmd.args(["gateway", "--amqp", "127.0.0.1:0", "--nodes", &nodes.join(",")]);
+    if !extra.iter().any(|a| a.starts_with("--stomp")) {
+        cmd.args(["--stomp", "127.0.0.1:0"]);
+    }
+    cmd.args(extra);
     let (child, amqp) = spawn_until(cmd, home, "AMQP listening on ", Duration::from_secs(40));
     GatewayProcess { child, amqp }
 }

@@ -53,6 +53,12 @@ pub fn authenticate(users: &HashMap<String, String>, mechanism: &str, response: 
     }
 }
 
+/// Checks a user name and password (STOMP's `login`/`passcode`) against
+/// the same table as the SASL mechanisms.
+pub fn check_password(users: &HashMap<String, String>, user: &str, pass: &str) -> bool {
+    users.get(user).is_some_and(|p| constant_time_eq(p.as_bytes(), pass.as_bytes()))
+}
+
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;

@@ -35,7 +35,7 @@ pub struct ClientArgs {
     /// AMQP listener address (default 0.0.0.0:5672; port 0 picks a free port).
     #[arg(long, env = "SLUICE_AMQP")]
     pub amqp: Option<String>,
-    /// STOMP listener address (default 0.0.0.0:61613; STOMP arrives with its own issue).
+    /// STOMP listener address (default 0.0.0.0:61613; port 0 picks a free port).
     #[arg(long, env = "SLUICE_STOMP")]
     pub stomp: Option<String>,
     /// Prometheus metrics address (default 0.0.0.0:15692; metrics arrive with the operations issue).

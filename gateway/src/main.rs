@@ -1,7 +1,7 @@
 //! The `sluice` binary: one executable, several roles.
 //!
-//! - `serve`: the all-in-one single node (AMQP today; STOMP and metrics
-//!   arrive with their issues).
+//! - `serve`: the all-in-one single node (AMQP and STOMP; metrics arrive
+//!   with their issue).
 //! - `node`, `gateway`: the storage-cluster roles (cluster issue).
 //! - `ctl`: the admin CLI (operations issue).
 //! - `bench`: the load tool (performance issue).
@@ -14,6 +14,7 @@ mod config;
 mod error;
 mod router;
 mod server;
+mod stomp;
 
 use clap::{Parser, Subcommand};
 

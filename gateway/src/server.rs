@@ -78,11 +78,19 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot load definitions: {}", e.text))?;
     let broker = Broker::new(router, &config.front, 1);
+    // Bound after the data dir is open, so that a data-dir error is
+    // reported as such whatever holds the STOMP port.
+    let stomp = bind_stomp(&config.front).await?;
     let addr = amqp.local_addr()?;
     let signal = shutdown_signal()?;
     println!("sluice {} serving; data dir {}", env!("CARGO_PKG_VERSION"), config.data_dir.display());
     println!("AMQP listening on {addr}");
-    run(amqp, broker, signal).await
+    println!("STOMP listening on {}", stomp.local_addr()?);
+    run(amqp, stomp, broker, signal).await
+}
+
+async fn bind_stomp(front: &Frontend) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(&front.stomp).await.with_context(|| format!("cannot listen on {} for STOMP", front.stomp))
 }
 
 /// Runs a gateway in front of storage nodes until a shutdown signal.
@@ -108,19 +116,18 @@ pub async fn gateway(config: GatewayConfig) -> anyhow::Result<()> {
     // gateway's exclusive queues.
     let first_conn = (u64::from(sluice_cluster::remote::owner_tag(&gateway_id)) << 32) | 1;
     let broker = Broker::new(router, &config.front, first_conn);
+    let stomp = bind_stomp(&config.front).await?;
     let addr = amqp.local_addr()?;
     let signal = shutdown_signal()?;
     println!("sluice gateway {gateway_id} ({}) in front of {}", env!("CARGO_PKG_VERSION"), config.nodes.join(","));
     println!("AMQP listening on {addr}");
-    if !config.front.stomp.is_empty() {
-        tracing::info!(stomp = config.front.stomp, "STOMP is not served yet (it arrives with its own issue)");
-    }
-    run(amqp, broker, signal).await
+    println!("STOMP listening on {}", stomp.local_addr()?);
+    run(amqp, stomp, broker, signal).await
 }
 
 /// Accepts connections until `signal`, then drains them and shuts the
 /// backend down.
-async fn run(amqp: TcpListener, broker: Arc<Broker>, signal: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+async fn run(amqp: TcpListener, stomp: TcpListener, broker: Arc<Broker>, signal: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
 
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -130,7 +137,9 @@ async fn run(amqp: TcpListener, broker: Arc<Broker>, signal: impl std::future::F
         tracing::info!("shutdown signal received");
         on_signal.cancel();
     });
-    accept_loop(amqp, broker.clone(), shutdown.clone(), tracker.clone()).await;
+    let stomp_loop = tokio::spawn(accept_loop(stomp, Proto::Stomp, broker.clone(), shutdown.clone(), tracker.clone()));
+    accept_loop(amqp, Proto::Amqp, broker.clone(), shutdown.clone(), tracker.clone()).await;
+    let _ = stomp_loop.await;
 
     tracker.close();
     if tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait()).await.is_err() {
@@ -146,7 +155,14 @@ async fn run(amqp: TcpListener, broker: Arc<Broker>, signal: impl std::future::F
     Ok(())
 }
 
-async fn accept_loop(listener: TcpListener, broker: Arc<Broker>, shutdown: CancellationToken, tracker: TaskTracker) {
+/// Which protocol a listener speaks.
+#[derive(Clone, Copy)]
+enum Proto {
+    Amqp,
+    Stomp,
+}
+
+async fn accept_loop(listener: TcpListener, proto: Proto, broker: Arc<Broker>, shutdown: CancellationToken, tracker: TaskTracker) {
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -155,7 +171,7 @@ async fn accept_loop(listener: TcpListener, broker: Arc<Broker>, shutdown: Cance
         match accepted {
             Ok((socket, peer)) => {
                 let _ = socket.set_nodelay(true);
-                spawn_connection(socket, peer, &broker, &shutdown, &tracker);
+                spawn_connection(socket, peer, proto, &broker, &shutdown, &tracker);
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
@@ -169,14 +185,23 @@ async fn accept_loop(listener: TcpListener, broker: Arc<Broker>, shutdown: Cance
 fn spawn_connection(
     socket: tokio::net::TcpStream,
     peer: SocketAddr,
+    proto: Proto,
     broker: &Arc<Broker>,
     shutdown: &CancellationToken,
     tracker: &TaskTracker,
 ) {
     let conn_id = broker.next_conn_id();
-    let span = tracing::info_span!("conn", id = conn_id, %peer, proto = "amqp");
     let (rd, wr) = socket.into_split();
-    tracker.spawn(crate::amqp::serve(rd, wr, conn_id, broker.clone(), shutdown.clone()).instrument(span));
+    match proto {
+        Proto::Amqp => {
+            let span = tracing::info_span!("conn", id = conn_id, %peer, proto = "amqp");
+            tracker.spawn(crate::amqp::serve(rd, wr, conn_id, broker.clone(), shutdown.clone()).instrument(span));
+        }
+        Proto::Stomp => {
+            let span = tracing::info_span!("conn", id = conn_id, %peer, proto = "stomp");
+            tracker.spawn(crate::stomp::serve(rd, wr, conn_id, broker.clone(), shutdown.clone()).instrument(span));
+        }
+    }
 }
 
 /// Resolves on SIGTERM or ctrl-c. The handlers are installed when this is

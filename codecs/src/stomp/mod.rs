@@ -48,11 +48,12 @@
 //! * Header names and values must be UTF-8 (the spec's encoding); RabbitMQ
 //!   accepts any octets.
 //!
-//! # How frames will map onto the command model ([`crate::command`])
+//! # How frames map onto the command model ([`crate::command`])
 //!
-//! Mapping belongs in a future `stomp/map.rs`, the only place where STOMP
-//! frames meet [`crate::command::Command`] and [`crate::command::Reply`], as
-//! `amqp/map.rs` is for AMQP. Following RabbitMQ's STOMP plugin:
+//! The gateway's STOMP session (`gateway/src/stomp/`, docs/stomp.md) carries
+//! this mapping out; it needs session state (subscriptions, transactions,
+//! temporary queues), so it lives there rather than in this crate.
+//! Following RabbitMQ's STOMP plugin:
 //!
 //! | frame | becomes |
 //! |---|---|

@@ -1,5 +1,5 @@
 //! Other ecosystems' client libraries, unchanged, against the real binary:
-//! pika, kombu and py-amqp (Python) and amqplib (Node). The test installs
+//! pika, kombu, py-amqp and stomp.py (Python) and amqplib (Node). The test installs
 //! them itself (a venv and an npm folder under `target/`), so a clean
 //! machine needs only the package registries. The full compatibility
 //! matrix is issue #7; these are the smoke tests of the foundation issue.
@@ -101,6 +101,17 @@ fn kombu_producer_and_consumer_work_unchanged() {
 #[test]
 fn py_amqp_with_nested_headers_works_unchanged() {
     python_smoke("smoke_pyamqp.py", "py-amqp ok");
+}
+
+#[test]
+fn stomp_py_works_unchanged_in_every_version() {
+    let py = python();
+    let s = Server::start();
+    let out = run(
+        Command::new(py).arg(manifest_dir().join("python/smoke_stomp.py")).arg(s.stomp_addr().port().to_string()),
+        "smoke_stomp.py",
+    );
+    assert!(out.contains("stomp.py ok"), "smoke_stomp.py printed: {out}");
 }
 
 #[test]

@@ -18,3 +18,4 @@ mod cluster_rebalance;
 mod clients;
 mod crash;
 mod raw;
+mod stomp;
