@@ -45,6 +45,53 @@ pub struct QueueSpec {
     pub arguments: Arguments,
 }
 
+impl QueueSpec {
+    fn arg_u64(&self, name: &str) -> Option<u64> {
+        self.arguments.get(name).and_then(|v| v.as_i64()).and_then(|n| u64::try_from(n).ok())
+    }
+
+    /// The queue state machine's limits from the declare arguments
+    /// (`x-max-length`, `x-max-length-bytes`, `x-overflow`,
+    /// `x-message-ttl`). The metadata validated them at declare time;
+    /// anything else is ignored here.
+    pub fn limits(&self) -> crate::replica::queue_sm::Limits {
+        use crate::replica::queue_sm::{Limits, Overflow};
+        let overflow = match self.arguments.get("x-overflow").and_then(|v| v.as_str()) {
+            Some("reject-publish") => Overflow::RejectPublish,
+            Some("reject-publish-dlx") => Overflow::RejectPublishDlx,
+            _ => Overflow::DropHead,
+        };
+        Limits {
+            max_length: self.arg_u64("x-max-length"),
+            max_length_bytes: self.arg_u64("x-max-length-bytes"),
+            overflow,
+            message_ttl: self.arg_u64("x-message-ttl"),
+        }
+    }
+
+    /// `x-max-message-size`: larger publishes are refused (406).
+    pub fn max_message_size(&self) -> Option<u64> {
+        self.arg_u64("x-max-message-size")
+    }
+
+    /// `x-expires` (ms): the queue is deleted after being unused this long.
+    pub fn expires(&self) -> Option<u64> {
+        self.arg_u64("x-expires")
+    }
+}
+
+/// A message's own TTL: its `expiration` property, a string of
+/// milliseconds as RabbitMQ reads it. `Err` carries RabbitMQ's reason
+/// (`no_integer`, `{value_negative,N}`) for the 406 the channel sends.
+pub fn message_ttl(message: &Message) -> Result<Option<u64>, String> {
+    let Some(text) = message.properties.expiration.as_deref() else { return Ok(None) };
+    match text.parse::<i64>() {
+        Ok(n) if n < 0 => Err(format!("{{value_negative,{n}}}")),
+        Ok(n) => Ok(u64::try_from(n).ok()),
+        Err(_) => Err("no_integer".to_owned()),
+    }
+}
+
 /// One message handed to a consumer or to basic.get.
 #[derive(Clone, Debug)]
 pub struct Delivery {
@@ -265,6 +312,11 @@ pub trait Queue: Send + Sync {
     fn counts(&self) -> Reply<(u32, u32)>;
     /// Tries to deliver to consumers that have credit again.
     fn kick(&self);
+    /// The queue's `x-max-message-size`: a larger publish is refused with
+    /// a 406 channel error, as RabbitMQ refuses one above `max_message_size`.
+    fn max_message_size(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// Everything the router needs from the storage side.

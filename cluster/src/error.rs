@@ -27,6 +27,11 @@ pub enum Error {
     /// the metadata right now; the text says what was tried.
     #[error("cluster unavailable: {0}")]
     Unavailable(String),
+    /// The queue refused the message: it is at its `x-max-length` or
+    /// `x-max-length-bytes` and its `x-overflow` is `reject-publish` (or
+    /// `reject-publish-dlx`). A confirming publisher gets basic.nack.
+    #[error("queue full (x-overflow reject-publish)")]
+    QueueFull,
     /// Only the leader of the Raft group accepts this; this replica is
     /// not it. `leader` is the raft id of the leader it knows of, if any.
     #[error("not the leader (leader: {leader:?})")]

@@ -39,7 +39,7 @@ pub mod replicated;
 pub mod rpc;
 
 pub use backend::{
-    ready, Backend, ChannelFlow, Consumer, Credit, Delivery, DeliverySink, Durable, Outcome, Queue, QueueId,
-    QueueSpec, Reply,
+    message_ttl, ready, Backend, ChannelFlow, Consumer, Credit, Delivery, DeliverySink, Durable, Outcome, Queue,
+    QueueId, QueueSpec, Reply,
 };
 pub use error::Error;

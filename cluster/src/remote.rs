@@ -388,6 +388,8 @@ struct QState {
 /// One queue (or partition) of the cluster, as a gateway sees it.
 pub struct RemoteQueue {
     id: QueueId,
+    /// `x-max-message-size` of the queue.
+    max_message_size: Option<u64>,
     name: String,
     cluster: Arc<Cluster>,
     publisher: String,
@@ -419,7 +421,9 @@ impl RemoteQueue {
     fn start(cluster: Arc<Cluster>, spec: QueueSpec) -> Arc<Self> {
         let handle = cluster.next_handle.fetch_add(1, Ordering::Relaxed);
         let (out, rx) = mpsc::unbounded_channel();
+        let max_message_size = spec.max_message_size();
         let q = Arc::new(RemoteQueue {
+            max_message_size,
             id: spec.id,
             name: spec.name,
             publisher: format!("{}/{handle}", cluster.opts.gateway_id),
@@ -468,6 +472,7 @@ impl RemoteQueue {
                 return;
             }
             QueueResult::Exclusive => Err(Error::ExclusiveConsumer),
+            QueueResult::QueueFull => Err(Error::QueueFull),
             QueueResult::Failed(why) => Err(Error::Unavailable(why)),
         };
         let done = self.lock().inflight.remove(&id);
@@ -748,6 +753,10 @@ impl Queue for RemoteQueue {
 
     /// Always confirmable: the returned future resolves when a majority of
     /// the queue's replicas hold the message.
+    fn max_message_size(&self) -> Option<u64> {
+        self.max_message_size
+    }
+
     fn publish(&self, message: Message) -> Result<Option<Durable>, Error> {
         let record = record::encode(&message);
         let (tx, rx) = oneshot::channel();

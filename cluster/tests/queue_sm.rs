@@ -7,7 +7,8 @@ use std::collections::BTreeSet;
 
 use proptest::prelude::*;
 use sluice_cluster::replica::queue_sm::{
-    Command, ConsumerId, ConsumerOpts, Effect, MsgMeta, NewMsg, Outcome, PublishId, QueueSm, Rejection, Seq, Snapshot,
+    Command, ConsumerId, ConsumerOpts, Effect, Limits, MsgMeta, NewMsg, Outcome, Overflow, PublishId, QueueSm, Rejection,
+    Seq, Snapshot,
 };
 
 // ---------------------------------------------------------------- helpers
@@ -17,11 +18,11 @@ fn cid(gateway: &str, connection: u64, tag: &str) -> ConsumerId {
 }
 
 fn plain(size: u32) -> NewMsg {
-    NewMsg { size, persistent: size.is_multiple_of(2), publish_id: None }
+    NewMsg { size, persistent: size.is_multiple_of(2), publish_id: None, ttl_ms: None }
 }
 
 fn published(publisher: &str, id: u64) -> NewMsg {
-    NewMsg { size: 10, persistent: true, publish_id: Some(PublishId { publisher: publisher.into(), id }) }
+    NewMsg { size: 10, persistent: true, publish_id: Some(PublishId { publisher: publisher.into(), id }), ttl_ms: None }
 }
 
 const ACK: ConsumerOpts = ConsumerOpts { exclusive: false, no_ack: false };
@@ -30,7 +31,7 @@ const NO_ACK: ConsumerOpts = ConsumerOpts { exclusive: false, no_ack: true };
 
 /// Enqueues `n` messages and returns their seqs.
 fn enqueue(sm: &mut QueueSm, n: u32) -> Vec<Seq> {
-    let fx = sm.apply(Command::Enqueue { msgs: (0..n).map(|i| plain(100 + i)).collect() });
+    let fx = sm.apply(Command::Enqueue { now_ms: 0, msgs: (0..n).map(|i| plain(100 + i)).collect() });
     match fx.as_slice() {
         [Effect::Enqueued { seqs }] => seqs.iter().map(|s| s.expect("no dedup id, never a duplicate")).collect(),
         other => panic!("unexpected {other:?}"),
@@ -42,7 +43,7 @@ fn attach(sm: &mut QueueSm, consumer: &ConsumerId, opts: ConsumerOpts) -> Vec<Ef
 }
 
 fn checkout(sm: &mut QueueSm, consumer: &ConsumerId, seqs: &[Seq]) -> Vec<Effect> {
-    sm.apply(Command::Checkout { consumer: consumer.clone(), seqs: seqs.to_vec() })
+    sm.apply(Command::Checkout { consumer: consumer.clone(), seqs: seqs.to_vec(), now_ms: 0 })
 }
 
 fn settle(sm: &mut QueueSm, consumer: &ConsumerId, seqs: &[Seq], outcome: Outcome) -> Vec<Effect> {
@@ -80,8 +81,8 @@ fn enqueue_assigns_increasing_seqs_in_order() {
     assert_eq!(
         first,
         vec![
-            (0, MsgMeta { size: 100, persistent: true, redelivered: false }),
-            (1, MsgMeta { size: 101, persistent: false, redelivered: false }),
+            (0, MsgMeta { size: 100, persistent: true, redelivered: false, expires_at: None }),
+            (1, MsgMeta { size: 101, persistent: false, redelivered: false, expires_at: None }),
         ]
     );
 }
@@ -89,11 +90,12 @@ fn enqueue_assigns_increasing_seqs_in_order() {
 #[test]
 fn enqueue_deduplicates_publisher_retries() {
     let mut sm = QueueSm::new();
-    let fx = sm.apply(Command::Enqueue { msgs: vec![published("p", 1), published("p", 2), plain(1)] });
+    let fx = sm.apply(Command::Enqueue { now_ms: 0, msgs: vec![published("p", 1), published("p", 2), plain(1)] });
     assert_eq!(fx, vec![Effect::Enqueued { seqs: vec![Some(0), Some(1), Some(2)] }]);
     // A retry of 2 and 1 (out of order), a new id, a duplicate within the
     // batch, the same id from another publisher, and one without an id.
     let fx = sm.apply(Command::Enqueue {
+        now_ms: 0,
         msgs: vec![
             published("p", 2),
             published("p", 1),
@@ -105,12 +107,12 @@ fn enqueue_deduplicates_publisher_retries() {
     });
     assert_eq!(fx, vec![Effect::Enqueued { seqs: vec![None, None, Some(3), None, Some(4), Some(5)] }]);
     // Late retry of a gap (id 3 never arrived before): accepted once.
-    let fx = sm.apply(Command::Enqueue { msgs: vec![published("p", 3), published("p", 3), published("p", 4)] });
+    let fx = sm.apply(Command::Enqueue { now_ms: 0, msgs: vec![published("p", 3), published("p", 3), published("p", 4)] });
     assert_eq!(fx, vec![Effect::Enqueued { seqs: vec![Some(6), None, Some(7)] }]);
     // Remembered across a purge: the messages are gone, a retry still must
     // not bring them back.
     sm.apply(Command::Purge);
-    let fx = sm.apply(Command::Enqueue { msgs: vec![published("p", 1), published("q", 1)] });
+    let fx = sm.apply(Command::Enqueue { now_ms: 0, msgs: vec![published("p", 1), published("q", 1)] });
     assert_eq!(fx, vec![Effect::Enqueued { seqs: vec![None, None] }]);
     assert_eq!(sm.ready_count(), 0);
 }
@@ -169,8 +171,8 @@ fn checkout_moves_only_ready_messages() {
         vec![Effect::Delivered {
             consumer: a.clone(),
             msgs: vec![
-                (1, MsgMeta { size: 101, persistent: false, redelivered: false }),
-                (0, MsgMeta { size: 100, persistent: true, redelivered: false }),
+                (1, MsgMeta { size: 101, persistent: false, redelivered: false, expires_at: None }),
+                (0, MsgMeta { size: 100, persistent: true, redelivered: false, expires_at: None }),
             ],
         }]
     );
@@ -242,7 +244,7 @@ fn requeue_returns_to_original_position_flagged_redelivered() {
         fx,
         vec![Effect::Delivered {
             consumer: a.clone(),
-            msgs: vec![(0, MsgMeta { size: 100, persistent: true, redelivered: true })],
+            msgs: vec![(0, MsgMeta { size: 100, persistent: true, redelivered: true, expires_at: None })],
         }]
     );
 }
@@ -290,14 +292,14 @@ fn get_takes_the_first_ready_message() {
     let mut sm = QueueSm::new();
     let getter = cid("g1", 1, "");
     enqueue(&mut sm, 3);
-    let fx = sm.apply(Command::Get { holder: getter.clone(), no_ack: false });
-    let meta0 = MsgMeta { size: 100, persistent: true, redelivered: false };
+    let fx = sm.apply(Command::Get { holder: getter.clone(), no_ack: false, now_ms: 0 });
+    let meta0 = MsgMeta { size: 100, persistent: true, redelivered: false, expires_at: None };
     assert_eq!(fx, vec![Effect::Got { holder: getter.clone(), msg: Some((0, meta0)), remaining: 2 }]);
     // Held although never attached; settled like any delivery.
     assert_eq!(held(&sm, &getter), vec![0]);
     assert_eq!(sm.consumer_count(), 0);
-    let fx = sm.apply(Command::Get { holder: getter.clone(), no_ack: true });
-    let meta1 = MsgMeta { size: 101, persistent: false, redelivered: false };
+    let fx = sm.apply(Command::Get { holder: getter.clone(), no_ack: true, now_ms: 0 });
+    let meta1 = MsgMeta { size: 101, persistent: false, redelivered: false, expires_at: None };
     assert_eq!(
         fx,
         vec![
@@ -306,9 +308,9 @@ fn get_takes_the_first_ready_message() {
         ]
     );
     assert_eq!(settle(&mut sm, &getter, &[0], Outcome::Requeue), vec![Effect::Requeued { seqs: vec![0] }]);
-    sm.apply(Command::Get { holder: getter.clone(), no_ack: false });
-    sm.apply(Command::Get { holder: getter.clone(), no_ack: false });
-    let fx = sm.apply(Command::Get { holder: getter.clone(), no_ack: false });
+    sm.apply(Command::Get { holder: getter.clone(), no_ack: false, now_ms: 0 });
+    sm.apply(Command::Get { holder: getter.clone(), no_ack: false, now_ms: 0 });
+    let fx = sm.apply(Command::Get { holder: getter.clone(), no_ack: false, now_ms: 0 });
     assert_eq!(fx, vec![Effect::Got { holder: getter.clone(), msg: None, remaining: 0 }]);
     assert_eq!(held(&sm, &getter), vec![0, 2]);
     assert_eq!(sm.apply(Command::ReturnAll { consumer: getter }), vec![Effect::Requeued { seqs: vec![0, 2] }]);
@@ -335,7 +337,7 @@ fn gateway_down_requeues_exactly_that_gateways_holdings() {
     checkout(&mut sm, &prefixed, &[3]);
     checkout(&mut sm, &before, &[4]);
     sm.apply(Command::Detach { consumer: b.clone() });
-    sm.apply(Command::Get { holder: getter.clone(), no_ack: false }); // seq 6
+    sm.apply(Command::Get { holder: getter.clone(), no_ack: false, now_ms: 0 }); // seq 6
     let fx = sm.apply(Command::GatewayDown { gateway: "g1".into() });
     assert_eq!(fx, vec![Effect::Detached { consumer: a.clone() }, Effect::Requeued { seqs: vec![0, 2, 5, 6] }]);
     let consumers: Vec<ConsumerId> = sm.consumers().map(|(id, _)| id.clone()).collect();
@@ -389,12 +391,12 @@ fn delete_is_terminal() {
     assert_eq!(sm.ack_floor(), 4);
     let rejected = vec![Effect::Rejected { reason: Rejection::QueueDeleted }];
     let later = [
-        Command::Enqueue { msgs: vec![plain(1)] },
+        Command::Enqueue { now_ms: 0, msgs: vec![plain(1)] },
         Command::Attach { consumer: a.clone(), opts: ACK },
         Command::Detach { consumer: a.clone() },
         Command::ReturnAll { consumer: a.clone() },
-        Command::Checkout { consumer: a.clone(), seqs: vec![1] },
-        Command::Get { holder: a.clone(), no_ack: true },
+        Command::Checkout { consumer: a.clone(), seqs: vec![1], now_ms: 0 },
+        Command::Get { holder: a.clone(), no_ack: true, now_ms: 0 },
         Command::Settle { consumer: a.clone(), seqs: vec![0], outcome: Outcome::Ack },
         Command::GatewayDown { gateway: "g1".into() },
         Command::Purge,
@@ -433,14 +435,14 @@ fn snapshot_round_trips_through_postcard() {
     let mut sm = QueueSm::new();
     let a = cid("g1", 1, "a");
     let b = cid("g2", 7, "b");
-    sm.apply(Command::Enqueue { msgs: vec![published("p", 1), published("p", 3), published("q", 9), plain(4)] });
+    sm.apply(Command::Enqueue { now_ms: 0, msgs: vec![published("p", 1), published("p", 3), published("q", 9), plain(4)] });
     enqueue(&mut sm, 3);
     attach(&mut sm, &a, NO_ACK);
     attach(&mut sm, &b, ACK);
     checkout(&mut sm, &b, &[1, 4]);
     checkout(&mut sm, &a, &[0]);
     settle(&mut sm, &b, &[1], Outcome::Requeue);
-    sm.apply(Command::Get { holder: cid("g1", 1, ""), no_ack: false });
+    sm.apply(Command::Get { holder: cid("g1", 1, ""), no_ack: false, now_ms: 0 });
     let snap = sm.snapshot();
     let bytes = postcard::to_allocvec(&snap).expect("encode");
     let decoded: Snapshot = postcard::from_bytes(&bytes).expect("decode");
@@ -450,7 +452,7 @@ fn snapshot_round_trips_through_postcard() {
     assert_eq!(restored.snapshot(), snap);
     // Including the dedup window.
     let mut restored = restored;
-    let fx = restored.apply(Command::Enqueue { msgs: vec![published("p", 3), published("p", 2)] });
+    let fx = restored.apply(Command::Enqueue { now_ms: 0, msgs: vec![published("p", 3), published("p", 2)] });
     assert_eq!(fx, vec![Effect::Enqueued { seqs: vec![None, Some(7)] }]);
 }
 
@@ -489,6 +491,10 @@ struct Model {
     /// the state machine's dedup bounds).
     seen: Vec<PublishId>,
     deleted: bool,
+    /// The queue's limits (x-max-length, x-overflow, x-message-ttl...).
+    limits: Limits,
+    /// The clock: the latest `now_ms` an `Expire` carried.
+    now: u64,
 }
 
 impl Model {
@@ -549,26 +555,86 @@ impl Model {
         seqs
     }
 
+    fn with_limits(limits: Limits) -> Self {
+        Model { limits, ..Model::default() }
+    }
+
+    fn ready_bytes(&self) -> u64 {
+        self.ready().iter().map(|(_, m)| u64::from(m.size)).sum()
+    }
+
+    fn over(&self, extra_count: u64, extra_bytes: u64) -> bool {
+        let count = self.ready().len() as u64 + extra_count;
+        let bytes = self.ready_bytes() + extra_bytes;
+        self.limits.max_length.is_some_and(|max| count > max)
+            || self.limits.max_length_bytes.is_some_and(|max| bytes > max)
+    }
+
+    /// Drops ready messages from the first while the first has expired.
+    fn expire_head(&mut self, now: u64) -> Vec<Seq> {
+        let mut out = Vec::new();
+        while let Some(i) = self.msgs.iter().position(|m| m.place == Place::Ready) {
+            if !self.msgs[i].meta.expires_at.is_some_and(|at| at <= now) {
+                break;
+            }
+            self.msgs[i].place = Place::Gone;
+            out.push(i as Seq);
+        }
+        out
+    }
+
     fn apply(&mut self, cmd: &Command) -> Vec<Effect> {
         if self.deleted {
             return vec![Effect::Rejected { reason: Rejection::QueueDeleted }];
         }
         match cmd {
-            Command::Enqueue { msgs } => {
+            Command::Enqueue { now_ms, msgs } => {
+                let mut removed = self.expire_head(*now_ms);
                 let mut seqs = Vec::new();
-                for m in msgs {
+                let mut refused = Vec::new();
+                for (pos, m) in msgs.iter().enumerate() {
                     if let Some(p) = &m.publish_id {
                         if self.seen.contains(p) {
                             seqs.push(None);
                             continue;
                         }
+                    }
+                    if self.limits.overflow != Overflow::DropHead && self.over(1, u64::from(m.size)) {
+                        seqs.push(None);
+                        refused.push(pos as u32);
+                        continue;
+                    }
+                    if let Some(p) = &m.publish_id {
                         self.seen.push(p.clone());
                     }
                     seqs.push(Some(self.next_seq()));
-                    let meta = MsgMeta { size: m.size, persistent: m.persistent, redelivered: false };
+                    let ttl = [self.limits.message_ttl, m.ttl_ms].into_iter().flatten().min();
+                    let expires_at = ttl.map(|t| now_ms + t);
+                    let meta = MsgMeta { size: m.size, persistent: m.persistent, redelivered: false, expires_at };
                     self.msgs.push(ModelMsg { meta, place: Place::Ready });
+                    while self.over(0, 0) {
+                        let Some(i) = self.msgs.iter().position(|m| m.place == Place::Ready) else { break };
+                        self.msgs[i].place = Place::Gone;
+                        removed.push(i as Seq);
+                    }
                 }
-                vec![Effect::Enqueued { seqs }]
+                let mut fx = vec![Effect::Enqueued { seqs }];
+                if !removed.is_empty() {
+                    fx.push(Effect::Removed { seqs: removed });
+                }
+                if !refused.is_empty() {
+                    fx.push(Effect::Refused { positions: refused });
+                }
+                fx
+            }
+            Command::Expire { now_ms } => {
+                self.now = self.now.max(*now_ms);
+                let seqs = self.expire_head(*now_ms);
+                if seqs.is_empty() {
+                    vec![]
+                } else {
+                    vec![Effect::Removed { seqs }]
+                }
             }
             Command::Attach { consumer, opts } => {
                 let others: Vec<ConsumerOpts> =
@@ -592,37 +658,52 @@ impl Model {
                     vec![Effect::Requeued { seqs }]
                 }
             }
-            Command::Checkout { consumer, seqs } => {
+            Command::Checkout { consumer, seqs, now_ms } => {
                 let Some(opts) = self.consumers.iter().find(|(id, _)| id == consumer).map(|(_, o)| *o) else {
                     return vec![Effect::Rejected { reason: Rejection::NotAttached }];
                 };
+                let mut expired = self.expire_head(*now_ms);
                 let mut msgs = Vec::new();
                 for &seq in seqs {
                     if let Some(m) = self.msg(seq) {
                         if m.place == Place::Ready {
+                            if m.meta.expires_at.is_some_and(|at| at <= *now_ms) {
+                                m.place = Place::Gone;
+                                expired.push(seq);
+                                continue;
+                            }
                             msgs.push((seq, m.meta));
                             m.place = if opts.no_ack { Place::Gone } else { Place::Held(consumer.clone()) };
                         }
                     }
                 }
+                let mut fx = Vec::new();
+                if !expired.is_empty() {
+                    fx.push(Effect::Removed { seqs: expired });
+                }
                 if msgs.is_empty() {
-                    return vec![];
+                    return fx;
                 }
                 let seqs: Vec<Seq> = msgs.iter().map(|(s, _)| *s).collect();
-                let mut fx = vec![Effect::Delivered { consumer: consumer.clone(), msgs }];
+                fx.push(Effect::Delivered { consumer: consumer.clone(), msgs });
                 if opts.no_ack {
                     fx.push(Effect::Removed { seqs });
                 }
                 fx
             }
-            Command::Get { holder, no_ack } => {
+            Command::Get { holder, no_ack, now_ms } => {
+                let expired = self.expire_head(*now_ms);
+                let mut fx = Vec::new();
+                if !expired.is_empty() {
+                    fx.push(Effect::Removed { seqs: expired });
+                }
                 let Some(i) = self.msgs.iter().position(|m| m.place == Place::Ready) else {
-                    return vec![Effect::Got { holder: holder.clone(), msg: None, remaining: 0 }];
+                    fx.push(Effect::Got { holder: holder.clone(), msg: None, remaining: 0 });
+                    return fx;
                 };
                 self.msgs[i].place = if *no_ack { Place::Gone } else { Place::Held(holder.clone()) };
                 let remaining = self.ready().len() as u32;
-                let mut fx =
-                    vec![Effect::Got { holder: holder.clone(), msg: Some((i as Seq, self.msgs[i].meta)), remaining }];
+                fx.push(Effect::Got { holder: holder.clone(), msg: Some((i as Seq, self.msgs[i].meta)), remaining });
                 if *no_ack {
                     fx.push(Effect::Removed { seqs: vec![i as Seq] });
                 }
@@ -714,8 +795,10 @@ enum Pick {
 
 #[derive(Clone, Debug)]
 enum Op {
-    /// (size, persistent, (publisher, id)).
-    Enqueue(Vec<(u32, bool, Option<(usize, u64)>)>),
+    /// (size, persistent, (publisher, id), ttl).
+    Enqueue(Vec<(u32, bool, Option<(usize, u64)>, Option<u64>)>),
+    /// Advance the clock by this much and expire.
+    Expire(u64),
     Attach(usize, bool, bool),
     Detach(usize),
     ReturnAll(usize),
@@ -762,7 +845,12 @@ fn outcome_strategy() -> impl Strategy<Value = Outcome> {
 }
 
 fn op_strategy() -> impl Strategy<Value = Op> {
-    let new_msg = (1u32..2000, any::<bool>(), proptest::option::weighted(0.5, (0..PUBLISHERS.len(), 0u64..40)));
+    let new_msg = (
+        1u32..2000,
+        any::<bool>(),
+        proptest::option::weighted(0.5, (0..PUBLISHERS.len(), 0u64..40)),
+        proptest::option::weighted(0.3, 0u64..30),
+    );
     let picks = || proptest::collection::vec(pick_strategy(), 0..6);
     // Delete is rare so that most sequences keep going long after it would
     // have made everything else a rejection.
@@ -779,8 +867,27 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         6 => Just(Op::Purge),
         4 => Just(Op::DropTransient),
         2 => Just(Op::Barrier),
+        20 => (0u64..20).prop_map(Op::Expire),
         2 => Just(Op::Delete),
     ]
+}
+
+/// Mostly no limits (the plain queue), else small ones that bite.
+fn limits_strategy() -> impl Strategy<Value = Limits> {
+    let overflow = prop_oneof![Just(Overflow::DropHead), Just(Overflow::RejectPublish), Just(Overflow::RejectPublishDlx)];
+    let some = (
+        proptest::option::weighted(0.6, 0u64..6),
+        proptest::option::weighted(0.4, 0u64..5000),
+        overflow,
+        proptest::option::weighted(0.4, 0u64..30),
+    )
+        .prop_map(|(max_length, max_length_bytes, overflow, message_ttl)| Limits {
+            max_length,
+            max_length_bytes,
+            overflow,
+            message_ttl,
+        });
+    prop_oneof![1 => Just(Limits::default()), 2 => some]
 }
 
 fn ops_strategy() -> impl Strategy<Value = Vec<Op>> {
@@ -801,13 +908,16 @@ fn resolve_pick(pick: &Pick, me: &ConsumerId, model: &Model) -> Seq {
 fn resolve(op: &Op, model: &Model) -> Command {
     let picks = |c: usize, ps: &[Pick]| ps.iter().map(|p| resolve_pick(p, &pool(c), model)).collect();
     match op {
+        Op::Expire(dt) => Command::Expire { now_ms: model.now + dt },
         Op::Enqueue(msgs) => Command::Enqueue {
+            now_ms: model.now,
             msgs: msgs
                 .iter()
-                .map(|&(size, persistent, pid)| NewMsg {
+                .map(|&(size, persistent, pid, ttl_ms)| NewMsg {
                     size,
                     persistent,
                     publish_id: pid.map(|(p, id)| PublishId { publisher: PUBLISHERS[p].into(), id }),
+                    ttl_ms,
                 })
                 .collect(),
         },
@@ -816,8 +926,8 @@ fn resolve(op: &Op, model: &Model) -> Command {
         }
         Op::Detach(c) => Command::Detach { consumer: pool(*c) },
         Op::ReturnAll(c) => Command::ReturnAll { consumer: pool(*c) },
-        Op::Checkout(c, ps) => Command::Checkout { consumer: pool(*c), seqs: picks(*c, ps) },
-        Op::Get(c, no_ack) => Command::Get { holder: pool(*c), no_ack: *no_ack },
+        Op::Checkout(c, ps) => Command::Checkout { consumer: pool(*c), seqs: picks(*c, ps), now_ms: model.now },
+        Op::Get(c, no_ack) => Command::Get { holder: pool(*c), no_ack: *no_ack, now_ms: model.now },
         Op::Settle(c, ps, outcome) => Command::Settle { consumer: pool(*c), seqs: picks(*c, ps), outcome: *outcome },
         Op::GatewayDown(g) => Command::GatewayDown { gateway: GATEWAYS[*g].into() },
         Op::Purge => Command::Purge,
@@ -828,8 +938,8 @@ fn resolve(op: &Op, model: &Model) -> Command {
 }
 
 /// The concrete command sequence `ops` stands for, from an empty queue.
-fn commands(ops: &[Op]) -> Vec<Command> {
-    let mut model = Model::default();
+fn commands(ops: &[Op], limits: Limits) -> Vec<Command> {
+    let mut model = Model::with_limits(limits);
     ops.iter()
         .map(|op| {
             let cmd = resolve(op, &model);
@@ -889,9 +999,9 @@ proptest! {
     /// state; seqs are assigned once, the ack floor never goes down, and a
     /// snapshot restores to an equal machine.
     #[test]
-    fn matches_the_naive_model(ops in ops_strategy()) {
-        let mut sm = QueueSm::new();
-        let mut model = Model::default();
+    fn matches_the_naive_model(ops in ops_strategy(), limits in limits_strategy()) {
+        let mut sm = QueueSm::with_limits(limits);
+        let mut model = Model::with_limits(limits);
         let mut assigned = BTreeSet::new();
         let mut floor = 0;
         for op in &ops {
@@ -909,8 +1019,15 @@ proptest! {
             same_state(&sm, &model)?;
             prop_assert!(sm.ack_floor() >= floor, "ack floor went down after {:?}", cmd);
             floor = sm.ack_floor();
-            let restored = QueueSm::restore(sm.snapshot());
-            prop_assert_eq!(restored.as_ref(), Ok(&sm));
+            let mut restored = QueueSm::restore(sm.snapshot()).expect("valid snapshot");
+            restored.set_limits(limits);
+            prop_assert_eq!(&restored, &sm);
+            // drop-head: after a publish, never more ready messages than
+            // allowed (requeues may go over it, as in RabbitMQ).
+            let stored = got.iter().any(|e| matches!(e, Effect::Enqueued { seqs } if seqs.iter().any(Option::is_some)));
+            if let (Some(max), Overflow::DropHead, true) = (limits.max_length, limits.overflow, stored) {
+                prop_assert!(u64::from(sm.ready_count()) <= max);
+            }
         }
     }
 
@@ -918,18 +1035,23 @@ proptest! {
     /// it would) and continuing gives the same effects and the same state
     /// as never snapshotting.
     #[test]
-    fn snapshot_anywhere_changes_nothing(ops in ops_strategy(), at in any::<proptest::sample::Index>()) {
-        let cmds = commands(&ops);
+    fn snapshot_anywhere_changes_nothing(
+        ops in ops_strategy(),
+        at in any::<proptest::sample::Index>(),
+        limits in limits_strategy(),
+    ) {
+        let cmds = commands(&ops, limits);
         let k = at.index(cmds.len() + 1);
-        let mut straight = QueueSm::new();
+        let mut straight = QueueSm::with_limits(limits);
         let all: Vec<Vec<Effect>> = cmds.iter().map(|c| straight.apply(c.clone())).collect();
-        let mut first = QueueSm::new();
+        let mut first = QueueSm::with_limits(limits);
         for c in &cmds[..k] {
             first.apply(c.clone());
         }
         let bytes = postcard::to_allocvec(&first.snapshot()).expect("encode snapshot");
         let snap: Snapshot = postcard::from_bytes(&bytes).expect("decode snapshot");
         let mut resumed = QueueSm::restore(snap).expect("a snapshot of a live machine is valid");
+        resumed.set_limits(limits);
         prop_assert_eq!(&resumed, &first);
         let rest: Vec<Vec<Effect>> = cmds[k..].iter().map(|c| resumed.apply(c.clone())).collect();
         prop_assert_eq!(&all[k..], &rest[..]);
@@ -940,11 +1062,11 @@ proptest! {
     /// Two replicas, one fed the commands as decoded log entries, emit the
     /// same effects step by step and end with byte-identical snapshots.
     #[test]
-    fn replicas_are_deterministic(ops in ops_strategy()) {
-        let cmds = commands(&ops);
+    fn replicas_are_deterministic(ops in ops_strategy(), limits in limits_strategy()) {
+        let cmds = commands(&ops, limits);
         let log = encode_commands(&cmds);
-        let mut leader = QueueSm::new();
-        let mut follower = QueueSm::new();
+        let mut leader = QueueSm::with_limits(limits);
+        let mut follower = QueueSm::with_limits(limits);
         for (cmd, entry) in cmds.iter().zip(&log) {
             let decoded: Command = postcard::from_bytes(entry).expect("decode command");
             prop_assert_eq!(&decoded, cmd);

@@ -390,6 +390,10 @@ impl Channel {
                 )));
             }
         }
+        if let Err(why) = sluice_cluster::message_ttl(message) {
+            let expiration = message.properties.expiration.as_deref().unwrap_or_default();
+            return Err(BrokerError::precondition(format!("invalid expiration '{expiration}': {why}")));
+        }
         Ok(())
     }
 
@@ -406,6 +410,13 @@ impl Channel {
                 );
             }
             return Ok(Vec::new());
+        }
+        // x-max-message-size, as RabbitMQ's max_message_size (406).
+        let size = message.body.len() as u64;
+        if let Some(max) = queues.iter().filter_map(|q| q.max_message_size()).min().filter(|max| size > *max) {
+            return Err(BrokerError::precondition(format!(
+                "message size {size} is larger than configured max size {max}"
+            )));
         }
         let mut writes = Vec::new();
         let last = queues.len() - 1;
@@ -550,6 +561,11 @@ pub fn drop_delivery(consumer: &Arc<Consumer>, delivery: Delivery) -> bool {
 /// the client asked it to keep.
 async fn wait_all(writes: Vec<sluice_cluster::Durable>) -> Result<(), BrokerError> {
     for r in futures_util::future::join_all(writes).await {
+        // x-overflow reject-publish: the message is dropped, as without
+        // confirms.
+        if matches!(r, Err(sluice_cluster::Error::QueueFull)) {
+            continue;
+        }
         r.map_err(|e| BrokerError::connection(code::RESOURCE_ERROR, format!("storage failed: {e}")))?;
     }
     Ok(())
@@ -586,9 +602,14 @@ async fn confirm_task(
     async fn settled(p: PendingConfirm) -> (u64, bool) {
         let mut ok = p.ack;
         for r in futures_util::future::join_all(p.writes).await {
-            if let Err(e) = r {
-                tracing::error!(error = %e, "publish not durable; sending nack");
-                ok = false;
+            match r {
+                Ok(()) => {}
+                // x-overflow reject-publish: a nack, nothing went wrong.
+                Err(sluice_cluster::Error::QueueFull) => ok = false,
+                Err(e) => {
+                    tracing::error!(error = %e, "publish not durable; sending nack");
+                    ok = false;
+                }
             }
         }
         (p.seq, ok)

@@ -671,7 +671,7 @@ impl Queues {
         entry: &Entry,
         effects: &[Effect],
     ) -> SimResult<()> {
-        let Command::Enqueue { msgs } = &entry.cmd else {
+        let Command::Enqueue { msgs, .. } = &entry.cmd else {
             return Ok(());
         };
         let seqs = match effects {
@@ -1129,13 +1129,14 @@ impl Queues {
                         publisher: publisher.name.clone(),
                         id,
                     }),
+                    ttl_ms: None,
                 })
                 .collect();
             let request = Request::Publish {
                 publisher: p,
                 ids: idle.clone(),
             };
-            match self.propose(sim, at, Command::Enqueue { msgs }, request)? {
+            match self.propose(sim, at, Command::Enqueue { now_ms: 0, msgs }, request)? {
                 Some(tag) => {
                     self.report.publish_proposals += 1;
                     let Some(publisher) = self.publishers.get_mut(p) else {
@@ -1397,6 +1398,7 @@ impl Queues {
             let cmd = Command::Checkout {
                 consumer: consumer.clone(),
                 seqs: seqs.clone(),
+                now_ms: 0,
             };
             let Some(tag) = self.propose(sim, key.0, cmd, Request::Checkout { key })? else {
                 return Ok(());

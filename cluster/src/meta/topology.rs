@@ -174,6 +174,7 @@ const EQUIVALENT_QUEUE_ARGS: &[&str] = &[
     "x-delivery-limit",
     "x-single-active-consumer",
     "x-partitions",
+    "x-max-message-size",
 ];
 
 /// One virtual host.
@@ -954,6 +955,15 @@ fn describe(v: Option<&FieldValue>) -> String {
 /// (406, with RabbitMQ's wording).
 fn validate_queue_args(args: &Arguments, what: &str) -> Result<(), MetaError> {
     for (k, v) in args.iter() {
+        if k == "x-overflow" {
+            // RabbitMQ's check_overflow.
+            let problem = match v.as_str() {
+                Some("drop-head" | "reject-publish" | "reject-publish-dlx") => continue,
+                Some(_) => "invalid_overflow".to_string(),
+                None => format!("{{unacceptable_type,{}}}", type_name(v)),
+            };
+            return Err(MetaError::precondition(format!("invalid arg '{k}' for {what}: {problem}")));
+        }
         let numeric = matches!(
             k,
             "x-expires"
@@ -963,6 +973,7 @@ fn validate_queue_args(args: &Arguments, what: &str) -> Result<(), MetaError> {
                 | "x-max-priority"
                 | "x-delivery-limit"
                 | "x-partitions"
+                | "x-max-message-size"
         );
         if !numeric {
             continue;
@@ -972,6 +983,10 @@ fn validate_queue_args(args: &Arguments, what: &str) -> Result<(), MetaError> {
             Some(0) if k == "x-expires" || k == "x-partitions" => "{value_zero,0}".to_string(),
             Some(n) if k == "x-partitions" && n > MAX_PARTITIONS => format!("{{value_too_large,{n},{MAX_PARTITIONS}}}"),
             Some(n) if n < 0 => format!("{{value_negative,{n}}}"),
+            // RabbitMQ's ?MAX_EXPIRY_TIMER.
+            Some(n) if (k == "x-message-ttl" || k == "x-expires") && n > 4_294_967_295 => {
+                format!("{{value_too_big,{n}}}")
+            }
             Some(_) => continue,
         };
         return Err(MetaError::precondition(format!("invalid arg '{k}' for {what}: {problem}")));

@@ -471,6 +471,7 @@ impl Host {
         match e {
             Error::NotLeader { leader } => self.not_leader(leader),
             Error::ExclusiveConsumer => QueueResult::Exclusive,
+            Error::QueueFull => QueueResult::QueueFull,
             other => QueueResult::Failed(other.to_string()),
         }
     }

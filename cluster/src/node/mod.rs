@@ -107,6 +107,8 @@ pub enum QueueResult {
     Exclusive,
     /// Anything else; the text explains.
     Failed(String),
+    /// A publish the queue refused (`x-overflow` reject-publish).
+    QueueFull,
 }
 
 /// How a delivery is settled, on the wire.

@@ -82,6 +82,40 @@ pub struct MsgMeta {
     pub persistent: bool,
     /// The message was handed to a consumer before and came back.
     pub redelivered: bool,
+    /// When the message expires (the leader's wall clock, ms since the
+    /// epoch), from the queue's `x-message-ttl` and the message's
+    /// `expiration`; `None`: never.
+    pub expires_at: Option<u64>,
+}
+
+/// What happens when a publish would take the queue over its length
+/// limits (`x-overflow`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Overflow {
+    /// Drop (and later dead-letter) messages from the head.
+    #[default]
+    DropHead,
+    /// Refuse the new message (basic.nack to a confirming publisher).
+    RejectPublish,
+    /// As `RejectPublish`; RabbitMQ also dead-letters the refused message
+    /// (not built yet: dead-lettering does not exist).
+    RejectPublishDlx,
+}
+
+/// A queue's limits from its declare arguments. They never change for a
+/// queue (a redeclare with other values is refused), so every replica
+/// builds the same ones from the queue definition; they are not part of
+/// the [`Snapshot`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Limits {
+    /// `x-max-length`: ready messages at most.
+    pub max_length: Option<u64>,
+    /// `x-max-length-bytes`: body bytes of ready messages at most.
+    pub max_length_bytes: Option<u64>,
+    /// `x-overflow`.
+    pub overflow: Overflow,
+    /// `x-message-ttl` (ms).
+    pub message_ttl: Option<u64>,
 }
 
 /// Identifies one publish for deduplication of gateway retries.
@@ -105,6 +139,8 @@ pub struct NewMsg {
     /// Set when the gateway may retry this publish: a second enqueue with
     /// the same id is not enqueued again.
     pub publish_id: Option<PublishId>,
+    /// The message's own TTL (ms, its `expiration` property).
+    pub ttl_ms: Option<u64>,
 }
 
 /// How a held message is settled.
@@ -141,8 +177,12 @@ pub struct ConsumerOpts {
 /// One entry of a queue's log.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
-    /// Appends messages to the ready list, in order.
+    /// Appends messages to the ready list, in order (after dropping the
+    /// expired head), applying the queue's [`Limits`].
     Enqueue {
+        /// The leader's wall clock (ms since the epoch): the messages'
+        /// TTLs count from it.
+        now_ms: u64,
         /// The messages, in publish order.
         msgs: Vec<NewMsg>,
     },
@@ -167,20 +207,25 @@ pub enum Command {
         consumer: ConsumerId,
     },
     /// The leader's delivery decision: these ready messages go to this
-    /// attached consumer. Seqs that are no longer ready are skipped.
+    /// attached consumer. Seqs that are no longer ready are skipped;
+    /// expired ones are removed instead of delivered.
     Checkout {
         /// Who receives them.
         consumer: ConsumerId,
         /// In delivery order.
         seqs: Vec<Seq>,
+        /// The leader's wall clock (ms).
+        now_ms: u64,
     },
-    /// basic.get: the first ready message, if any, goes to `holder`
-    /// (which need not be an attached consumer).
+    /// basic.get: the first ready message that has not expired, if any,
+    /// goes to `holder` (which need not be an attached consumer).
     Get {
         /// Who holds the message until it is settled.
         holder: ConsumerId,
         /// Remove the message at once instead of holding it.
         no_ack: bool,
+        /// The leader's wall clock (ms).
+        now_ms: u64,
     },
     /// Ack, requeue or discard messages the consumer holds; other seqs are
     /// skipped.
@@ -211,6 +256,13 @@ pub enum Command {
     /// proposer that everything it proposed before has applied (a read
     /// barrier for counts).
     Barrier,
+    /// Removes the expired messages at the head of the ready list (the
+    /// leader proposes it when the head is due, and as the read barrier of
+    /// counts).
+    Expire {
+        /// The leader's wall clock (ms).
+        now_ms: u64,
+    },
 }
 
 /// Why a command changed nothing.
@@ -269,6 +321,12 @@ pub enum Effect {
         msg: Option<(Seq, MsgMeta)>,
         /// Ready messages left (basic.get-ok's message count).
         remaining: u32,
+    },
+    /// Messages of the [`Command::Enqueue`] just applied that the queue's
+    /// limits refused (`x-overflow` reject-publish): nack them.
+    Refused {
+        /// Positions in the command's `msgs`.
+        positions: Vec<u32>,
     },
     /// Messages back in the ready list (the leader may deliver again).
     Requeued {
@@ -354,6 +412,10 @@ pub struct QueueSm {
     /// eviction.
     enqueues: u64,
     deleted: bool,
+    /// Body bytes of the ready messages.
+    ready_bytes: u64,
+    /// From the queue definition, not the log.
+    limits: Limits,
 }
 
 fn count(n: usize) -> u32 {
@@ -366,6 +428,71 @@ impl QueueSm {
         Self::default()
     }
 
+    /// An empty queue with these limits.
+    pub fn with_limits(limits: Limits) -> Self {
+        QueueSm { limits, ..Self::default() }
+    }
+
+    /// Sets the limits (after [`Self::restore`]: they are not in the
+    /// snapshot).
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
+    }
+
+    /// The queue's limits.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// When the head of the ready list expires, if it does: the leader
+    /// proposes [`Command::Expire`] then. Like RabbitMQ's classic queues,
+    /// only the head is looked at; an expired message behind one that has
+    /// not expired is dropped when it reaches the head or is checked out.
+    pub fn next_expiry(&self) -> Option<u64> {
+        self.ready.first_key_value().and_then(|(_, m)| m.expires_at)
+    }
+
+    fn ready_insert(&mut self, seq: Seq, meta: MsgMeta) {
+        self.ready_bytes = self.ready_bytes.saturating_add(u64::from(meta.size));
+        if let Some(old) = self.ready.insert(seq, meta) {
+            self.ready_bytes = self.ready_bytes.saturating_sub(u64::from(old.size));
+        }
+    }
+
+    fn ready_remove(&mut self, seq: Seq) -> Option<MsgMeta> {
+        let meta = self.ready.remove(&seq)?;
+        self.ready_bytes = self.ready_bytes.saturating_sub(u64::from(meta.size));
+        Some(meta)
+    }
+
+    fn ready_pop_first(&mut self) -> Option<(Seq, MsgMeta)> {
+        let (seq, meta) = self.ready.pop_first()?;
+        self.ready_bytes = self.ready_bytes.saturating_sub(u64::from(meta.size));
+        Some((seq, meta))
+    }
+
+    /// Removes the expired messages at the head of the ready list.
+    fn expire_head(&mut self, now_ms: u64, removed: &mut Vec<Seq>) {
+        while let Some((&seq, meta)) = self.ready.first_key_value() {
+            if !meta.expires_at.is_some_and(|at| at <= now_ms) {
+                break;
+            }
+            self.ready_remove(seq);
+            removed.push(seq);
+        }
+    }
+
+    fn over_limit(&self) -> bool {
+        self.limits.max_length.is_some_and(|max| self.ready.len() as u64 > max)
+            || self.limits.max_length_bytes.is_some_and(|max| self.ready_bytes > max)
+    }
+
+    /// Whether one more ready message of `size` bytes would break a limit.
+    fn would_overflow(&self, size: u32) -> bool {
+        self.limits.max_length.is_some_and(|max| self.ready.len() as u64 >= max)
+            || self.limits.max_length_bytes.is_some_and(|max| self.ready_bytes.saturating_add(u64::from(size)) > max)
+    }
+
     /// Applies one command and returns what the node must do about it.
     /// Deterministic: the result depends only on the state and `cmd`.
     pub fn apply(&mut self, cmd: Command) -> Vec<Effect> {
@@ -374,7 +501,7 @@ impl QueueSm {
         }
         let mut fx = Vec::new();
         match cmd {
-            Command::Enqueue { msgs } => self.enqueue(msgs, &mut fx),
+            Command::Enqueue { now_ms, msgs } => self.enqueue(now_ms, msgs, &mut fx),
             Command::Attach { consumer, opts } => self.attach(consumer, opts, &mut fx),
             Command::Detach { consumer } => {
                 self.consumers.remove(&consumer);
@@ -386,12 +513,20 @@ impl QueueSm {
                     fx.push(Effect::Requeued { seqs });
                 }
             }
-            Command::Checkout { consumer, seqs } => self.checkout(consumer, seqs, &mut fx),
-            Command::Get { holder, no_ack } => self.get(holder, no_ack, &mut fx),
+            Command::Checkout { consumer, seqs, now_ms } => self.checkout(consumer, seqs, now_ms, &mut fx),
+            Command::Get { holder, no_ack, now_ms } => self.get(holder, no_ack, now_ms, &mut fx),
+            Command::Expire { now_ms } => {
+                let mut seqs = Vec::new();
+                self.expire_head(now_ms, &mut seqs);
+                if !seqs.is_empty() {
+                    fx.push(Effect::Removed { seqs });
+                }
+            }
             Command::Settle { consumer, seqs, outcome } => self.settle(&consumer, seqs, outcome, &mut fx),
             Command::GatewayDown { gateway } => self.gateway_down(gateway, &mut fx),
             Command::Purge => {
                 let ready = std::mem::take(&mut self.ready);
+                self.ready_bytes = 0;
                 let seqs: Vec<Seq> = ready.into_keys().collect();
                 let n = count(seqs.len());
                 if !seqs.is_empty() {
@@ -403,7 +538,7 @@ impl QueueSm {
             Command::DropTransient => {
                 let seqs: Vec<Seq> = self.ready.iter().filter(|(_, m)| !m.persistent).map(|(s, _)| *s).collect();
                 for seq in &seqs {
-                    self.ready.remove(seq);
+                    self.ready_remove(*seq);
                 }
                 let n = count(seqs.len());
                 if !seqs.is_empty() {
@@ -417,6 +552,7 @@ impl QueueSm {
                     fx.push(Effect::Cancelled { consumer });
                 }
                 self.ready.clear();
+                self.ready_bytes = 0;
                 self.unacked.clear();
                 self.held.clear();
                 self.publishers.clear();
@@ -427,7 +563,7 @@ impl QueueSm {
         fx
     }
 
-    fn enqueue(&mut self, msgs: Vec<NewMsg>, fx: &mut Vec<Effect>) {
+    fn enqueue(&mut self, now_ms: u64, msgs: Vec<NewMsg>, fx: &mut Vec<Effect>) {
         // Checked up front so that a batch is taken whole or not at all.
         let fits = u64::try_from(msgs.len()).ok().and_then(|n| self.next_seq.checked_add(n)).is_some();
         if !fits {
@@ -435,21 +571,67 @@ impl QueueSm {
             return;
         }
         self.enqueues = self.enqueues.saturating_add(1);
+        let mut removed = Vec::new();
+        self.expire_head(now_ms, &mut removed);
         let mut seqs = Vec::with_capacity(msgs.len());
-        for msg in msgs {
-            if let Some(pid) = msg.publish_id {
-                if self.seen_before(pid) {
+        let mut refused = Vec::new();
+        let reject = self.limits.overflow != Overflow::DropHead;
+        for (position, msg) in msgs.into_iter().enumerate() {
+            if let Some(pid) = &msg.publish_id {
+                if self.known(pid) {
                     seqs.push(None);
                     continue;
                 }
             }
+            if reject && self.would_overflow(msg.size) {
+                // Not remembered for dedup: a retry is judged again.
+                seqs.push(None);
+                refused.push(u32::try_from(position).unwrap_or(u32::MAX));
+                continue;
+            }
+            if let Some(pid) = msg.publish_id {
+                self.remember(pid);
+            }
             let seq = self.next_seq;
             // Cannot overflow: the batch fitted above.
             self.next_seq = seq.saturating_add(1);
-            self.ready.insert(seq, MsgMeta { size: msg.size, persistent: msg.persistent, redelivered: false });
+            let ttl = match (self.limits.message_ttl, msg.ttl_ms) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let expires_at = ttl.map(|ttl| now_ms.saturating_add(ttl));
+            self.ready_insert(seq, MsgMeta { size: msg.size, persistent: msg.persistent, redelivered: false, expires_at });
             seqs.push(Some(seq));
+            // drop-head: the oldest ready messages make room.
+            while self.over_limit() {
+                let Some((old, _)) = self.ready_pop_first() else { break };
+                removed.push(old);
+            }
         }
         fx.push(Effect::Enqueued { seqs });
+        if !removed.is_empty() {
+            fx.push(Effect::Removed { seqs: removed });
+        }
+        if !refused.is_empty() {
+            fx.push(Effect::Refused { positions: refused });
+        }
+    }
+
+    /// True if `pid` was enqueued before (and marks its publisher used).
+    fn known(&mut self, pid: &PublishId) -> bool {
+        let now = self.enqueues;
+        match self.publishers.get_mut(&pid.publisher) {
+            Some(publisher) => {
+                publisher.last_used = now;
+                publisher.contains(pid.id)
+            }
+            None => false,
+        }
+    }
+
+    /// Remembers `pid` (not [`Self::known`]).
+    fn remember(&mut self, pid: PublishId) {
+        let _ = self.seen_before(pid);
     }
 
     /// True if `pid` was enqueued before; otherwise remembers it.
@@ -495,19 +677,28 @@ impl QueueSm {
         fx.push(Effect::Attached { consumer });
     }
 
-    fn checkout(&mut self, consumer: ConsumerId, seqs: Vec<Seq>, fx: &mut Vec<Effect>) {
+    fn checkout(&mut self, consumer: ConsumerId, seqs: Vec<Seq>, now_ms: u64, fx: &mut Vec<Effect>) {
         let Some(opts) = self.consumers.get(&consumer).copied() else {
             fx.push(Effect::Rejected { reason: Rejection::NotAttached });
             return;
         };
+        let mut expired = Vec::new();
+        self.expire_head(now_ms, &mut expired);
         let mut msgs = Vec::new();
         for seq in seqs {
             // Only a ready message moves: a seq checked out, settled or
             // purged since the leader decided is skipped, and a seq listed
-            // twice moves once.
-            if let Some(meta) = self.ready.remove(&seq) {
-                msgs.push((seq, meta));
+            // twice moves once. An expired one is never delivered.
+            if let Some(meta) = self.ready_remove(seq) {
+                if meta.expires_at.is_some_and(|at| at <= now_ms) {
+                    expired.push(seq);
+                } else {
+                    msgs.push((seq, meta));
+                }
             }
+        }
+        if !expired.is_empty() {
+            fx.push(Effect::Removed { seqs: expired });
         }
         if msgs.is_empty() {
             return;
@@ -526,8 +717,13 @@ impl QueueSm {
         }
     }
 
-    fn get(&mut self, holder: ConsumerId, no_ack: bool, fx: &mut Vec<Effect>) {
-        let Some((seq, meta)) = self.ready.pop_first() else {
+    fn get(&mut self, holder: ConsumerId, no_ack: bool, now_ms: u64, fx: &mut Vec<Effect>) {
+        let mut expired = Vec::new();
+        self.expire_head(now_ms, &mut expired);
+        if !expired.is_empty() {
+            fx.push(Effect::Removed { seqs: expired });
+        }
+        let Some((seq, meta)) = self.ready_pop_first() else {
             fx.push(Effect::Got { holder, msg: None, remaining: 0 });
             return;
         };
@@ -545,6 +741,7 @@ impl QueueSm {
     fn settle(&mut self, consumer: &ConsumerId, seqs: Vec<Seq>, outcome: Outcome, fx: &mut Vec<Effect>) {
         let Some(held) = self.held.get_mut(consumer) else { return };
         let mut done = Vec::new();
+        let mut requeued = Vec::new();
         for seq in seqs {
             // Only what this consumer holds: a stale or duplicated settle,
             // or one for a message returned and redelivered elsewhere since,
@@ -555,12 +752,15 @@ impl QueueSm {
             let Some(mut meta) = self.unacked.remove(&seq) else { continue };
             if outcome == Outcome::Requeue {
                 meta.redelivered = true;
-                self.ready.insert(seq, meta);
+                requeued.push((seq, meta));
             }
             done.push(seq);
         }
         if held.is_empty() {
             self.held.remove(consumer);
+        }
+        for (seq, meta) in requeued {
+            self.ready_insert(seq, meta);
         }
         if done.is_empty() {
             return;
@@ -578,7 +778,7 @@ impl QueueSm {
         for seq in held {
             if let Some(mut meta) = self.unacked.remove(&seq) {
                 meta.redelivered = true;
-                self.ready.insert(seq, meta);
+                self.ready_insert(seq, meta);
                 seqs.push(seq);
             }
         }
@@ -717,9 +917,10 @@ impl QueueSm {
             if seq >= next_seq {
                 return Err(SnapshotError("ready seq at or above next_seq"));
             }
-            if sm.ready.insert(seq, meta).is_some() {
+            if sm.ready.contains_key(&seq) {
                 return Err(SnapshotError("ready seq listed twice"));
             }
+            sm.ready_insert(seq, meta);
         }
         for (id, msgs) in held {
             if msgs.is_empty() {
@@ -822,8 +1023,8 @@ mod tests {
 
     fn enqueue_ids(sm: &mut QueueSm, publisher: &str, ids: &[u64]) -> Vec<Option<Seq>> {
         let msgs =
-            ids.iter().map(|&id| NewMsg { size: 1, persistent: false, publish_id: pid(publisher, id) }).collect();
-        match sm.apply(Command::Enqueue { msgs }).as_slice() {
+            ids.iter().map(|&id| NewMsg { size: 1, persistent: false, publish_id: pid(publisher, id), ttl_ms: None }).collect();
+        match sm.apply(Command::Enqueue { now_ms: 0, msgs }).as_slice() {
             [Effect::Enqueued { seqs }] => seqs.clone(),
             other => panic!("unexpected {other:?}"),
         }
@@ -895,23 +1096,23 @@ mod tests {
         let mut snap = QueueSm::new().snapshot();
         snap.next_seq = u64::MAX - 1;
         let mut sm = QueueSm::restore(snap).unwrap();
-        let two = vec![NewMsg { size: 1, persistent: false, publish_id: None }; 2];
+        let two = vec![NewMsg { size: 1, persistent: false, publish_id: None, ttl_ms: None }; 2];
         assert_eq!(
-            sm.apply(Command::Enqueue { msgs: two.clone() }),
+            sm.apply(Command::Enqueue { now_ms: 0, msgs: two.clone() }),
             vec![Effect::Rejected { reason: Rejection::SeqsExhausted }]
         );
         assert_eq!(sm.ready_count(), 0);
         let one = two[..1].to_vec();
         assert_eq!(
-            sm.apply(Command::Enqueue { msgs: one.clone() }),
+            sm.apply(Command::Enqueue { now_ms: 0, msgs: one.clone() }),
             vec![Effect::Enqueued { seqs: vec![Some(u64::MAX - 1)] }]
         );
         assert_eq!(sm.next_seq(), u64::MAX);
         assert_eq!(
-            sm.apply(Command::Enqueue { msgs: one }),
+            sm.apply(Command::Enqueue { now_ms: 0, msgs: one }),
             vec![Effect::Rejected { reason: Rejection::SeqsExhausted }]
         );
-        assert_eq!(sm.apply(Command::Enqueue { msgs: vec![] }), vec![Effect::Enqueued { seqs: vec![] }]);
+        assert_eq!(sm.apply(Command::Enqueue { now_ms: 0, msgs: vec![] }), vec![Effect::Enqueued { seqs: vec![] }]);
         assert_eq!(sm.ack_floor(), u64::MAX - 1);
     }
 
@@ -952,10 +1153,10 @@ mod tests {
 
     fn valid() -> Snapshot {
         let mut sm = QueueSm::new();
-        let msg = NewMsg { size: 3, persistent: true, publish_id: None };
-        sm.apply(Command::Enqueue { msgs: vec![msg; 4] });
+        let msg = NewMsg { size: 3, persistent: true, publish_id: None, ttl_ms: None };
+        sm.apply(Command::Enqueue { now_ms: 0, msgs: vec![msg; 4] });
         sm.apply(Command::Attach { consumer: consumer("a"), opts: ConsumerOpts::default() });
-        sm.apply(Command::Checkout { consumer: consumer("a"), seqs: vec![1] });
+        sm.apply(Command::Checkout { consumer: consumer("a"), seqs: vec![1], now_ms: 0 });
         enqueue_ids(&mut sm, "p", &[1, 3]);
         sm.snapshot()
     }
@@ -964,7 +1165,7 @@ mod tests {
     fn restore_refuses_broken_snapshots() {
         let ok = valid();
         assert!(QueueSm::restore(ok.clone()).is_ok());
-        let meta = MsgMeta { size: 0, persistent: false, redelivered: false };
+        let meta = MsgMeta { size: 0, persistent: false, redelivered: false, expires_at: None };
         let excl = ConsumerOpts { exclusive: true, no_ack: false };
         let cases: Vec<Box<dyn Fn(&mut Snapshot)>> = vec![
             Box::new(|s| s.ready.push((s.next_seq, meta))),

@@ -202,7 +202,7 @@ use crate::consensus::{
     Committed, FjallLogStore, FjallLogStoreError, GroupConfig, GroupId, LogStore, Output, Payload, ProposalId,
     ProposalOutcome, Role, Transport, BOOTSTRAP_INDEX,
 };
-use crate::replica::queue_sm::{Command, ConsumerOpts, Effect, NewMsg, QueueSm, Rejection};
+use crate::replica::queue_sm::{Command, ConsumerOpts, Effect, Limits, NewMsg, Overflow, QueueSm, Rejection};
 pub use crate::replica::queue_sm::{ConsumerId, PublishId, Seq};
 use crate::{record, Error};
 
@@ -376,7 +376,16 @@ fn dup(e: &Error) -> Error {
         Error::Unavailable(s) => Error::Unavailable(s.clone()),
         Error::StorageFailed(s) => Error::StorageFailed(s.clone()),
         Error::NotLeader { leader } => Error::NotLeader { leader: *leader },
+        Error::QueueFull => Error::QueueFull,
     }
+}
+
+/// The leader's wall clock, in ms since the epoch: the time commands carry
+/// (the state machine has no clock).
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 fn rejection_error(reason: Rejection) -> Error {
@@ -473,6 +482,8 @@ fn checkout_may_pass(cmd: &Command) -> bool {
 struct Inner {
     group: Group,
     sm: QueueSm,
+    /// The queue's limits (from its definition; not in checkpoints).
+    limits: Limits,
     /// Where the body of every live message is (log index, position).
     batches: Batches,
     /// Leader only: recent entries carrying bodies.
@@ -575,7 +586,7 @@ impl Inner {
         };
         let Some(into) = self.pending.get_mut(at) else { return };
         match (&mut into.cmd, cmd) {
-            (Command::Enqueue { msgs }, Command::Enqueue { msgs: more }) => {
+            (Command::Enqueue { msgs, .. }, Command::Enqueue { msgs: more, .. }) => {
                 let n = more.len();
                 msgs.extend(more);
                 into.bodies.extend(bodies);
@@ -739,12 +750,13 @@ impl Inner {
         self.cache.clear();
         match checkpoint {
             None => {
-                self.sm = QueueSm::new();
+                self.sm = QueueSm::with_limits(self.limits);
                 self.batches.clear();
                 self.state_at = 0;
             }
             Some(cp) => {
                 self.sm = QueueSm::restore(cp.sm).map_err(|e| Error::Corrupt(format!("queue snapshot: {e:?}")))?;
+                self.sm.set_limits(self.limits);
                 self.batches = Batches::from_vec(cp.batches);
                 self.state_at = cp.state_at;
                 // The snapshot's configuration is the one applied at
@@ -893,9 +905,11 @@ impl ReplicatedQueue {
         let logger = slog::Logger::root(slog::Discard, slog::o!());
         let group = Group::open(&GroupConfig::new(opts.me), log, &logger).map_err(consensus_error)?;
         let tick = opts.tick;
+        let limits = spec.limits();
         let mut inner = Inner {
             group,
-            sm: QueueSm::new(),
+            sm: QueueSm::with_limits(limits),
+            limits,
             batches: Batches::default(),
             cache: BodyCache::new(opts.body_cache_bytes),
             state_at: 0,
@@ -1054,7 +1068,9 @@ impl ReplicatedQueue {
         let rx = {
             let mut inner = self.lock();
             let (tx, rx) = oneshot::channel();
-            if let Err(e) = self.propose_entry(&mut inner, Command::Barrier, Vec::new(), Some(Waiter::Done(tx))) {
+            // Also drops the expired head, so the count leaves it out.
+            let cmd = Command::Expire { now_ms: now_ms() };
+            if let Err(e) = self.propose_entry(&mut inner, cmd, Vec::new(), Some(Waiter::Done(tx))) {
                 return ready(Err(e));
             }
             self.pump(&mut inner);
@@ -1287,7 +1303,10 @@ impl ReplicatedQueue {
         tx: Option<Tx<()>>,
     ) -> Result<(), Error> {
         let size = u32::try_from(message.body.len()).unwrap_or(u32::MAX);
-        let cmd = Command::Enqueue { msgs: vec![NewMsg { size, persistent: message.is_persistent(), publish_id }] };
+        // An invalid expiration is refused by the gateway (406) before.
+        let ttl_ms = crate::backend::message_ttl(message).ok().flatten();
+        let msg = NewMsg { size, persistent: message.is_persistent(), publish_id, ttl_ms };
+        let cmd = Command::Enqueue { now_ms: now_ms(), msgs: vec![msg] };
         let body = record::encode(message);
         let mut inner = self.lock();
         self.propose_entry(&mut inner, cmd, vec![body], Some(Waiter::Enqueue(vec![tx])))?;
@@ -1358,7 +1377,7 @@ impl ReplicatedQueue {
     /// basic.get for `holder` (leader only).
     pub fn get_as(&self, holder: ConsumerId, no_ack: bool) -> Reply<Option<(Delivery, u32)>> {
         let (tx, rx) = oneshot::channel();
-        self.propose_reply(Command::Get { holder, no_ack }, Waiter::Get(tx), rx)
+        self.propose_reply(Command::Get { holder, no_ack, now_ms: now_ms() }, Waiter::Get(tx), rx)
     }
 
     /// Deletes the queue (leader only). Every replica that applies it stops
@@ -1463,6 +1482,16 @@ impl ReplicatedQueue {
         }
         inner.group.tick();
         inner.linger = inner.linger.saturating_sub(1);
+        // TTL: the leader drops the expired head (the state machine has no
+        // clock; the time is in the command).
+        if inner.leading && !inner.deleted {
+            let now = now_ms();
+            let due = inner.sm.next_expiry().is_some_and(|at| at <= now);
+            let pending = inner.pending.iter().any(|p| matches!(p.cmd, Command::Expire { .. }));
+            if due && !pending {
+                self.propose_logged(&mut inner, Command::Expire { now_ms: now }, "expire");
+            }
+        }
         self.pump(&mut inner);
     }
 
@@ -1773,7 +1802,7 @@ impl ReplicatedQueue {
             }
             let Some(consumer) = inner.consumers.get(&id).cloned() else { continue };
             inner.in_checkout.extend(seqs.iter().copied());
-            let cmd = Command::Checkout { consumer: id, seqs: seqs.clone() };
+            let cmd = Command::Checkout { consumer: id, seqs: seqs.clone(), now_ms: now_ms() };
             inner.push(cmd, Vec::new(), Some(Waiter::Checkout { consumer, seqs }));
         }
     }
@@ -1811,7 +1840,7 @@ impl ReplicatedQueue {
         for cmd in cmds {
             let waiter = waiters.next().flatten();
             let bodies = match &cmd {
-                Command::Enqueue { msgs } => u32::try_from(msgs.len()).unwrap_or(u32::MAX),
+                Command::Enqueue { msgs, .. } => u32::try_from(msgs.len()).unwrap_or(u32::MAX),
                 _ => 0,
             };
             if bodies > 0 && inner.leading && !cached {
@@ -1846,6 +1875,7 @@ impl ReplicatedQueue {
         let mut count = 0;
         let mut attached = false;
         let mut error = None;
+        let mut full_positions: Vec<u32> = Vec::new();
         for effect in effects {
             match effect {
                 Effect::Enqueued { seqs } => inner.batches.enqueued(index, first_body, &seqs),
@@ -1906,6 +1936,7 @@ impl ReplicatedQueue {
                     };
                 }
                 Effect::Requeued { .. } => {}
+                Effect::Refused { positions } => full_positions = positions,
                 Effect::Removed { seqs } => {
                     for seq in seqs {
                         inner.batches.removed(seq);
@@ -1938,8 +1969,11 @@ impl ReplicatedQueue {
         match waiter {
             None => {}
             Some(Waiter::Enqueue(txs)) => {
-                for tx in txs.into_iter().flatten() {
-                    let _ = tx.send(result(error.as_ref().map(dup), ()));
+                for (i, tx) in txs.into_iter().enumerate() {
+                    let Some(tx) = tx else { continue };
+                    let full = u32::try_from(i).is_ok_and(|i| full_positions.contains(&i));
+                    let answer = if full { Err(Error::QueueFull) } else { result(error.as_ref().map(dup), ()) };
+                    let _ = tx.send(answer);
                 }
             }
             Some(Waiter::Done(tx)) => {
@@ -2056,7 +2090,12 @@ impl Queue for ReplicatedQueue {
     }
 
     fn publish(&self, message: Message) -> Result<Option<Durable>, Error> {
-        if self.spec.durable && message.is_persistent() {
+        // A queue that may refuse the message answers every publish, so a
+        // confirming publisher can be nacked.
+        let limits = self.lock().limits;
+        let may_refuse = limits.overflow != Overflow::DropHead
+            && (limits.max_length.is_some() || limits.max_length_bytes.is_some());
+        if (self.spec.durable && message.is_persistent()) || may_refuse {
             self.publish_as(message, None)
         } else {
             self.propose_publish(&message, None, None)?;
@@ -2115,5 +2154,9 @@ impl Queue for ReplicatedQueue {
 
     fn kick(&self) {
         self.wake.notify_one();
+    }
+
+    fn max_message_size(&self) -> Option<u64> {
+        self.spec.max_message_size()
     }
 }

@@ -7,6 +7,7 @@ mod common;
 mod amqp_basic;
 mod amqp_errors;
 mod amqp_exchanges;
+mod amqp_limits;
 mod amqp_partitions;
 mod amqp_queues;
 mod cli;
