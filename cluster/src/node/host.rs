@@ -211,6 +211,8 @@ struct RemoteConsumer {
 
 /// The replicas of one node and what gateways asked of them.
 pub struct Host {
+    /// This host, for callbacks handed to its replicas.
+    me: std::sync::Weak<Host>,
     node_id: String,
     raft: u64,
     store: Store,
@@ -296,7 +298,8 @@ impl Host {
         let voters = if founding { vec![raft] } else { Vec::new() };
         let transport: Arc<dyn Transport> = Arc::new(links.clone());
         let meta = MetaReplica::open(store.clone(), MetaOptions::new(raft, voters, transport), &runtime)?;
-        let host = Arc::new(Host {
+        let host = Arc::new_cyclic(|me| Host {
+            me: me.clone(),
             node_id: node_id.clone(),
             raft,
             store,
@@ -359,6 +362,40 @@ impl Host {
         self.queues.read().unwrap_or_else(|p| p.into_inner()).get(&id).cloned()
     }
 
+    /// `x-expires`: the queue `id` (or a partition of it) went unused for
+    /// its time: delete it through the metadata group, as if a client had
+    /// (at the leader, or forwarded to it).
+    async fn delete_expired(self: Arc<Self>, id: u64) {
+        let (_, state) = self.meta.state();
+        let found = state.topology.vhosts().find_map(|vh| {
+            vh.queues.values().find(|q| q.ids.contains(&id)).map(|q| (vh.name.clone(), q.name.clone(), q.exclusive_owner))
+        });
+        let Some((vhost, name, owner)) = found else { return };
+        let cmd = MetaCommand::Topology(crate::meta::Command::DeleteQueue {
+            vhost,
+            name: name.clone(),
+            if_unused: false,
+            if_empty: false,
+            conn: owner.unwrap_or(crate::meta::Owner(0)),
+            counts: (0, 0),
+        });
+        if self.meta.is_leader() {
+            if let Err(e) = self.meta.propose(cmd).await {
+                tracing::warn!(queue = name, error = %e, "expired queue not deleted");
+            }
+            return;
+        }
+        let Some(addr) = self.node_of(self.meta.leader()).and_then(|l| self.links.addr_of(&l)) else {
+            tracing::warn!(queue = name, "expired queue not deleted: no metadata leader known");
+            return;
+        };
+        let me = PeerInfo::node(self.node_id.clone());
+        let asked = tokio::time::timeout(Duration::from_secs(10), super::ask(&addr, &self.links.shared.secret, me, NodeRequest::Meta { cmd }));
+        if !matches!(asked.await, Ok(Ok(NodeResponse::MetaDone { .. }))) {
+            tracing::warn!(queue = name, "expired queue not deleted by the metadata leader");
+        }
+    }
+
     /// Tells the consumers attached to queue `id` here that it is gone.
     pub fn cancel_consumers(&self, id: u64) {
         if let Some(q) = self.queue(id) {
@@ -402,6 +439,12 @@ impl Host {
         }
         let mut opts = ReplicaOptions::new(self.raft, voters, Arc::new(self.links.clone()), format!("node:{}", self.node_id));
         opts.drop_transient_on_open = self.single_node;
+        let host = self.me.clone();
+        opts.on_expired = Some(Arc::new(move |queue: QueueId| {
+            if let Some(h) = host.upgrade() {
+                tokio::spawn(async move { h.delete_expired(queue.0).await });
+            }
+        }));
         if self.single_node {
             // A lone voter needs no elections or heartbeats: a slow clock
             // keeps thousands of idle queues cheap.
@@ -917,7 +960,18 @@ async fn follow_meta(
 impl Host {
     fn on_applied(self: &Arc<Self>, applied: &Applied, state: &MetaState) {
         match applied {
-            Applied::Command { cmd: MetaCommand::Topology(_), result: MetaResult::Topology(Ok(outcome)), .. } => {
+            Applied::Command { cmd: MetaCommand::Topology(cmd), result: MetaResult::Topology(Ok(outcome)), .. } => {
+                // A redeclare of an existing queue is a use (`x-expires`).
+                if let crate::meta::Command::DeclareQueue { vhost, name, .. } = cmd {
+                    if outcome.created.is_empty() {
+                        let ids = state.topology.vhost(vhost).and_then(|vh| vh.queues.get(name)).map(|q| q.ids.clone());
+                        for id in ids.unwrap_or_default() {
+                            if let Some(q) = self.queue(id) {
+                                q.touch();
+                            }
+                        }
+                    }
+                }
                 for q in &outcome.created {
                     let n = q.ids.len();
                     for (i, id) in q.ids.iter().enumerate() {

@@ -306,6 +306,11 @@ pub struct ReplicaOptions {
     /// and wait for the leader, which adds this replica as a learner and
     /// sends it a snapshot ([`ReplicatedQueue::change_voters`]).
     pub join: bool,
+    /// Called once when the queue has been unused for its `x-expires`
+    /// (leader only): no consumer, no basic.get, no redeclare
+    /// ([`ReplicatedQueue::touch`]) for that long. The node deletes the
+    /// queue through the metadata group.
+    pub on_expired: Option<Arc<dyn Fn(QueueId) + Send + Sync>>,
 }
 
 impl std::fmt::Debug for ReplicaOptions {
@@ -341,6 +346,7 @@ impl ReplicaOptions {
             max_entry_bytes: DEFAULT_MAX_ENTRY_BYTES,
             drop_transient_on_open: false,
             join: false,
+            on_expired: None,
         }
     }
 
@@ -513,6 +519,11 @@ struct Inner {
     waiters: HashMap<ProposalId, Vec<Option<Waiter>>>,
     /// Whether this replica acted as leader at the last pump.
     leading: bool,
+    /// `x-expires`: when the queue was last used, as this leader saw it
+    /// (in memory: a new leader starts counting afresh, so a failover only
+    /// ever delays the expiry), and whether the expiry was reported.
+    last_used: Instant,
+    expiry_reported: bool,
     /// Set when this replica became leader, until the re-attach grace ran.
     leader_since: Option<Instant>,
     next_connection: u64,
@@ -925,6 +936,8 @@ impl ReplicatedQueue {
             pending_bytes: 0,
             waiters: HashMap::new(),
             leading: false,
+            last_used: Instant::now(),
+            expiry_reported: false,
             leader_since: None,
             // Ids of in-process consumers must not collide with those
             // of an earlier leadership of this replica.
@@ -1376,6 +1389,7 @@ impl ReplicatedQueue {
 
     /// basic.get for `holder` (leader only).
     pub fn get_as(&self, holder: ConsumerId, no_ack: bool) -> Reply<Option<(Delivery, u32)>> {
+        self.touch();
         let (tx, rx) = oneshot::channel();
         self.propose_reply(Command::Get { holder, no_ack, now_ms: now_ms() }, Waiter::Get(tx), rx)
     }
@@ -1491,8 +1505,34 @@ impl ReplicatedQueue {
             if due && !pending {
                 self.propose_logged(&mut inner, Command::Expire { now_ms: now }, "expire");
             }
+            self.check_unused(&mut inner);
         }
         self.pump(&mut inner);
+    }
+
+    /// `x-expires`: consumers count as use while attached; once the queue
+    /// has gone unused for the time given, the node is told (once).
+    fn check_unused(&self, inner: &mut Inner) {
+        let Some(expires) = self.spec.expires() else { return };
+        if inner.sm.consumer_count() > 0 || !inner.consumers.is_empty() {
+            inner.last_used = Instant::now();
+            return;
+        }
+        if inner.expiry_reported || inner.last_used.elapsed() < Duration::from_millis(expires) {
+            return;
+        }
+        inner.expiry_reported = true;
+        if let Some(report) = &self.opts.on_expired {
+            tracing::info!(queue = %self.spec.name, expires_ms = expires, "queue unused: expired");
+            report(self.spec.id);
+        }
+    }
+
+    /// The queue was used (redeclared): restarts its `x-expires` clock.
+    pub fn touch(&self) {
+        let mut inner = self.lock();
+        inner.last_used = Instant::now();
+        inner.expiry_reported = false;
     }
 
     /// Pumps and says what the driver should wait for (a marker write only
@@ -1687,6 +1727,7 @@ impl ReplicatedQueue {
         if leading {
             tracing::debug!(queue = %self.spec.name, me = self.opts.me, term = inner.group.term(), "leading");
             inner.leader_since = Some(Instant::now());
+            inner.last_used = Instant::now();
         } else {
             tracing::debug!(queue = %self.spec.name, me = self.opts.me, leader = ?inner.group.leader(), "not leading");
             inner.drop_leader_state();

@@ -189,3 +189,39 @@ async fn invalid_arguments_are_406_with_rabbitmq_texts() {
     assert_eq!(code(&err), 406, "{err}");
     assert!(text(&err).contains("inequivalent arg 'x-max-length'"), "{err}");
 }
+
+/// True once a passive declare of `name` answers 404. A declare is a use
+/// that renews the lease (as in RabbitMQ), so it looks only every 3 s, up
+/// to `tries` times.
+async fn gone_within(s: &Server, name: &str, tries: u32) -> bool {
+    for _ in 0..tries {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let (_c, ch) = open(s).await;
+        let r = ch.queue_declare(name.into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default()).await;
+        if let Err(e) = r {
+            assert!(e.to_string().contains("NOT_FOUND"), "{e}");
+            return true;
+        }
+    }
+    false
+}
+
+#[tokio::test]
+async fn x_expires_deletes_an_unused_queue_but_not_one_in_use() {
+    let s = Server::start();
+    let (_c, ch) = open(&s).await;
+    let expires = [("x-expires", AMQPValue::LongInt(600))];
+    declare_with(&ch, "idle", &expires).await.unwrap();
+    declare_with(&ch, "used", &expires).await.unwrap();
+    publish(&ch, "", "idle", b"publishing is not a use").await;
+    let consumer = ch
+        .basic_consume("used".into(), "keeper".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
+    assert!(gone_within(&s, "idle", 4).await, "an unused queue with x-expires must go");
+    // The one with a consumer stayed meanwhile...
+    assert_eq!(ready(&ch, "used").await, 0, "a queue with a consumer does not expire");
+    // ...and goes once it is unused.
+    ch.basic_cancel(consumer.tag().as_str().into(), BasicCancelOptions::default()).await.unwrap();
+    assert!(gone_within(&s, "used", 4).await, "x-expires counts from the last consumer");
+}
