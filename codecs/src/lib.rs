@@ -4,8 +4,11 @@
 //!   field tables, tokio-util codec and per-channel command assembly.
 //! * [`stomp`] – STOMP 1.0/1.1/1.2 frames: streaming decoder with limits,
 //!   encoder with per-version header escaping, tokio-util codec.
+//! * [`ws`] – WebSocket (RFC 6455) framing and upgrade handshake, for
+//!   STOMP over WebSocket.
 //! * [`command`] – the protocol-neutral command model the codecs map to.
 
 pub mod amqp;
 pub mod command;
 pub mod stomp;
+pub mod ws;

@@ -38,6 +38,8 @@ pub struct Server {
     pub amqp: SocketAddr,
     /// Address of the STOMP listener.
     pub stomp: SocketAddr,
+    /// Address of the Web-STOMP (STOMP over WebSocket) listener.
+    pub web_stomp: SocketAddr,
     /// The data directory (kept across restarts).
     pub data_dir: PathBuf,
     _tmp: Option<tempfile::TempDir>,
@@ -109,6 +111,9 @@ impl Server {
         if !extra.iter().any(|a| a.starts_with("--stomp")) {
             cmd.arg("--stomp").arg("127.0.0.1:0");
         }
+        if !extra.iter().any(|a| a.starts_with("--web-stomp")) {
+            cmd.arg("--web-stomp").arg("127.0.0.1:0");
+        }
         cmd.args(extra)
             .env("SLUICE_LOG", std::env::var("SLUICE_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(Stdio::null())
@@ -127,19 +132,21 @@ impl Server {
         });
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
-            // The STOMP line follows the AMQP one.
-            let mut amqp = None;
+            // The STOMP line follows the AMQP one, the Web-STOMP line the STOMP one.
+            let (mut amqp, mut stomp) = (None, None);
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if let Some(addr) = line.strip_prefix("AMQP listening on ") {
                     amqp = Some(addr.trim().to_string());
                 } else if let Some(addr) = line.strip_prefix("STOMP listening on ") {
-                    if let Some(amqp) = amqp.take() {
-                        let _ = tx.send((amqp, addr.trim().to_string()));
+                    stomp = Some(addr.trim().to_string());
+                } else if let Some(addr) = line.strip_prefix("Web-STOMP listening on ") {
+                    if let (Some(amqp), Some(stomp)) = (amqp.take(), stomp.take()) {
+                        let _ = tx.send((amqp, stomp, addr.trim().to_string()));
                     }
                 }
             }
         });
-        let (addr, stomp) = match rx.recv_timeout(Duration::from_secs(60)) {
+        let (addr, stomp, web_stomp) = match rx.recv_timeout(Duration::from_secs(60)) {
             Ok(a) => a,
             Err(_) => {
                 let _ = child.kill();
@@ -151,6 +158,7 @@ impl Server {
             child: Some(child),
             amqp: addr.parse().map_err(|e| format!("bad address {addr}: {e}"))?,
             stomp: stomp.parse().map_err(|e| format!("bad address {stomp}: {e}"))?,
+            web_stomp: web_stomp.parse().map_err(|e| format!("bad address {web_stomp}: {e}"))?,
             data_dir: data_dir.to_path_buf(),
             _tmp: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
@@ -171,6 +179,11 @@ impl Server {
     /// Address of the STOMP listener.
     pub fn stomp_addr(&self) -> SocketAddr {
         self.stomp
+    }
+
+    /// Address of the Web-STOMP listener (`ws://ADDR/ws`).
+    pub fn web_stomp_addr(&self) -> SocketAddr {
+        self.web_stomp
     }
 
     /// OS process id.
@@ -314,6 +327,9 @@ pub fn start_gateway(home: &Path, nodes: &[&str], extra: &[&str]) -> GatewayProc
     cmd.args(["gateway", "--amqp", "127.0.0.1:0", "--nodes", &nodes.join(",")]);
     if !extra.iter().any(|a| a.starts_with("--stomp")) {
         cmd.args(["--stomp", "127.0.0.1:0"]);
+    }
+    if !extra.iter().any(|a| a.starts_with("--web-stomp")) {
+        cmd.args(["--web-stomp", "127.0.0.1:0"]);
     }
     cmd.args(extra);
     let (child, amqp) = spawn_until(cmd, home, "AMQP listening on ", Duration::from_secs(40));

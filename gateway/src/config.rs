@@ -16,6 +16,7 @@ pub struct FileConfig {
     pub data_dir: Option<PathBuf>,
     pub amqp: Option<String>,
     pub stomp: Option<String>,
+    pub web_stomp: Option<String>,
     pub metrics: Option<String>,
     pub channel_max: Option<u16>,
     pub frame_max: Option<u32>,
@@ -38,6 +39,9 @@ pub struct ClientArgs {
     /// STOMP listener address (default 0.0.0.0:61613; port 0 picks a free port).
     #[arg(long, env = "SLUICE_STOMP")]
     pub stomp: Option<String>,
+    /// STOMP over WebSocket listener, path /ws (default 0.0.0.0:15674; port 0 picks a free port).
+    #[arg(long, env = "SLUICE_WEB_STOMP")]
+    pub web_stomp: Option<String>,
     /// Prometheus metrics address (default 0.0.0.0:15692; metrics arrive with the operations issue).
     #[arg(long, env = "SLUICE_METRICS")]
     pub metrics: Option<String>,
@@ -59,6 +63,7 @@ pub struct ClientArgs {
 pub struct ClientFile {
     pub amqp: Option<String>,
     pub stomp: Option<String>,
+    pub web_stomp: Option<String>,
     pub metrics: Option<String>,
     pub channel_max: Option<u16>,
     pub frame_max: Option<u32>,
@@ -72,6 +77,7 @@ pub struct ClientFile {
 pub struct Frontend {
     pub amqp: String,
     pub stomp: String,
+    pub web_stomp: String,
     pub metrics: String,
     pub limits: Limits,
     pub users: HashMap<String, String>,
@@ -91,6 +97,7 @@ impl ClientArgs {
         let front = Frontend {
             amqp: self.amqp.or(file.amqp).unwrap_or_else(|| "0.0.0.0:5672".into()),
             stomp: self.stomp.or(file.stomp).unwrap_or_else(|| "0.0.0.0:61613".into()),
+            web_stomp: self.web_stomp.or(file.web_stomp).unwrap_or_else(|| "0.0.0.0:15674".into()),
             metrics: self.metrics.or(file.metrics).unwrap_or_else(|| "0.0.0.0:15692".into()),
             limits: Limits {
                 channel_max: self.channel_max.or(file.channel_max).unwrap_or(2047),
@@ -100,7 +107,7 @@ impl ClientArgs {
             },
             users,
         };
-        for (what, addr) in [("amqp", &front.amqp), ("stomp", &front.stomp), ("metrics", &front.metrics)] {
+        for (what, addr) in [("amqp", &front.amqp), ("stomp", &front.stomp), ("web_stomp", &front.web_stomp), ("metrics", &front.metrics)] {
             if addr.parse::<std::net::SocketAddr>().is_err() {
                 anyhow::bail!("{what} address '{addr}' is not HOST:PORT (for example 127.0.0.1:5672)");
             }
@@ -147,6 +154,7 @@ impl ServeArgs {
         let front = self.client.resolve(ClientFile {
             amqp: file.amqp,
             stomp: file.stomp,
+            web_stomp: file.web_stomp,
             metrics: file.metrics,
             channel_max: file.channel_max,
             frame_max: file.frame_max,
@@ -313,6 +321,7 @@ pub struct GatewayFile {
     pub nodes: Option<Vec<String>>,
     pub amqp: Option<String>,
     pub stomp: Option<String>,
+    pub web_stomp: Option<String>,
     pub metrics: Option<String>,
     pub cluster_secret_file: Option<PathBuf>,
     pub channel_max: Option<u16>,
@@ -367,6 +376,7 @@ impl GatewayArgs {
         let front = self.client.resolve(ClientFile {
             amqp: file.amqp,
             stomp: file.stomp,
+            web_stomp: file.web_stomp,
             metrics: file.metrics,
             channel_max: file.channel_max,
             frame_max: file.frame_max,

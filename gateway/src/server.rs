@@ -80,17 +80,23 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let broker = Broker::new(router, &config.front, 1);
     // Bound after the data dir is open, so that a data-dir error is
     // reported as such whatever holds the STOMP port.
-    let stomp = bind_stomp(&config.front).await?;
+    let (stomp, web_stomp) = bind_stomp(&config.front).await?;
     let addr = amqp.local_addr()?;
     let signal = shutdown_signal()?;
     println!("sluice {} serving; data dir {}", env!("CARGO_PKG_VERSION"), config.data_dir.display());
     println!("AMQP listening on {addr}");
     println!("STOMP listening on {}", stomp.local_addr()?);
-    run(amqp, stomp, broker, signal).await
+    println!("Web-STOMP listening on {}", web_stomp.local_addr()?);
+    run(amqp, stomp, web_stomp, broker, signal).await
 }
 
-async fn bind_stomp(front: &Frontend) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(&front.stomp).await.with_context(|| format!("cannot listen on {} for STOMP", front.stomp))
+/// The STOMP and Web-STOMP listeners.
+async fn bind_stomp(front: &Frontend) -> anyhow::Result<(TcpListener, TcpListener)> {
+    let stomp = TcpListener::bind(&front.stomp).await.with_context(|| format!("cannot listen on {} for STOMP", front.stomp))?;
+    let web = TcpListener::bind(&front.web_stomp)
+        .await
+        .with_context(|| format!("cannot listen on {} for Web-STOMP", front.web_stomp))?;
+    Ok((stomp, web))
 }
 
 /// Runs a gateway in front of storage nodes until a shutdown signal.
@@ -116,18 +122,19 @@ pub async fn gateway(config: GatewayConfig) -> anyhow::Result<()> {
     // gateway's exclusive queues.
     let first_conn = (u64::from(sluice_cluster::remote::owner_tag(&gateway_id)) << 32) | 1;
     let broker = Broker::new(router, &config.front, first_conn);
-    let stomp = bind_stomp(&config.front).await?;
+    let (stomp, web_stomp) = bind_stomp(&config.front).await?;
     let addr = amqp.local_addr()?;
     let signal = shutdown_signal()?;
     println!("sluice gateway {gateway_id} ({}) in front of {}", env!("CARGO_PKG_VERSION"), config.nodes.join(","));
     println!("AMQP listening on {addr}");
     println!("STOMP listening on {}", stomp.local_addr()?);
-    run(amqp, stomp, broker, signal).await
+    println!("Web-STOMP listening on {}", web_stomp.local_addr()?);
+    run(amqp, stomp, web_stomp, broker, signal).await
 }
 
 /// Accepts connections until `signal`, then drains them and shuts the
 /// backend down.
-async fn run(amqp: TcpListener, stomp: TcpListener, broker: Arc<Broker>, signal: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+async fn run(amqp: TcpListener, stomp: TcpListener, web_stomp: TcpListener, broker: Arc<Broker>, signal: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
 
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -138,8 +145,10 @@ async fn run(amqp: TcpListener, stomp: TcpListener, broker: Arc<Broker>, signal:
         on_signal.cancel();
     });
     let stomp_loop = tokio::spawn(accept_loop(stomp, Proto::Stomp, broker.clone(), shutdown.clone(), tracker.clone()));
+    let web_loop = tokio::spawn(accept_loop(web_stomp, Proto::WebStomp, broker.clone(), shutdown.clone(), tracker.clone()));
     accept_loop(amqp, Proto::Amqp, broker.clone(), shutdown.clone(), tracker.clone()).await;
     let _ = stomp_loop.await;
+    let _ = web_loop.await;
 
     tracker.close();
     if tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait()).await.is_err() {
@@ -160,6 +169,7 @@ async fn run(amqp: TcpListener, stomp: TcpListener, broker: Arc<Broker>, signal:
 enum Proto {
     Amqp,
     Stomp,
+    WebStomp,
 }
 
 async fn accept_loop(listener: TcpListener, proto: Proto, broker: Arc<Broker>, shutdown: CancellationToken, tracker: TaskTracker) {
@@ -191,6 +201,11 @@ fn spawn_connection(
     tracker: &TaskTracker,
 ) {
     let conn_id = broker.next_conn_id();
+    if let Proto::WebStomp = proto {
+        let span = tracing::info_span!("conn", id = conn_id, %peer, proto = "web-stomp");
+        tracker.spawn(crate::stomp::websocket::serve(socket, conn_id, broker.clone(), shutdown.clone()).instrument(span));
+        return;
+    }
     let (rd, wr) = socket.into_split();
     match proto {
         Proto::Amqp => {
@@ -201,6 +216,7 @@ fn spawn_connection(
             let span = tracing::info_span!("conn", id = conn_id, %peer, proto = "stomp");
             tracker.spawn(crate::stomp::serve(rd, wr, conn_id, broker.clone(), shutdown.clone()).instrument(span));
         }
+        Proto::WebStomp => {}
     }
 }
 

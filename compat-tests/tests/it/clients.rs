@@ -1,5 +1,6 @@
 //! Other ecosystems' client libraries, unchanged, against the real binary:
-//! pika, kombu, py-amqp and stomp.py (Python) and amqplib (Node). The test installs
+//! pika, kombu, py-amqp and stomp.py (Python), amqplib and @stomp/stompjs
+//! over WebSocket (Node). The test installs
 //! them itself (a venv and an npm folder under `target/`), so a clean
 //! machine needs only the package registries. The full compatibility
 //! matrix is issue #7; these are the smoke tests of the foundation issue.
@@ -126,4 +127,18 @@ fn amqplib_confirm_channel_works_unchanged() {
         "node smoke_amqplib.js",
     );
     assert!(out.contains("amqplib ok"), "{out}");
+}
+
+#[test]
+fn stompjs_over_websocket_works_unchanged() {
+    let dir = node_dir();
+    let s = Server::start();
+    let out = run(
+        Command::new("node")
+            .arg(manifest_dir().join("node/smoke_stompjs.js"))
+            .arg(s.web_stomp_addr().port().to_string())
+            .env("NODE_PATH", dir.join("node_modules")),
+        "node smoke_stompjs.js",
+    );
+    assert!(out.contains("stompjs ok"), "{out}");
 }

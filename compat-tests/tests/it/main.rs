@@ -20,3 +20,4 @@ mod clients;
 mod crash;
 mod raw;
 mod stomp;
+mod web_stomp;

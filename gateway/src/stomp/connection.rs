@@ -125,17 +125,58 @@ impl Outbox for NoOutbox {
     }
 }
 
-/// Writes to the socket: frames in order, an EOL after `heartbeat` of
+/// Where the session's encoded frames go: a byte stream (TCP) or one
+/// WebSocket message per frame (`super::websocket`).
+pub trait FrameSink: Send + 'static {
+    /// Writes `frames` (each one encoded frame or a heart-beat EOL) in order.
+    fn send(&mut self, frames: &[Bytes]) -> impl std::future::Future<Output = std::io::Result<()>> + Send;
+    /// Flushes and closes the sending side.
+    fn close(&mut self) -> impl std::future::Future<Output = ()> + Send;
+}
+
+/// A [`FrameSink`] over a byte stream: frames are written back to back.
+pub struct StreamSink<W> {
+    wr: W,
+    buf: BytesMut,
+}
+
+impl<W: AsyncWrite + Unpin + Send + 'static> StreamSink<W> {
+    pub fn new(wr: W) -> Self {
+        StreamSink { wr, buf: BytesMut::with_capacity(64 * 1024) }
+    }
+}
+
+impl<W: AsyncWrite + Unpin + Send + 'static> FrameSink for StreamSink<W> {
+    async fn send(&mut self, frames: &[Bytes]) -> std::io::Result<()> {
+        if let [one] = frames {
+            return self.wr.write_all(one).await;
+        }
+        for f in frames {
+            self.buf.extend_from_slice(f);
+        }
+        let r = self.wr.write_all(&self.buf).await;
+        self.buf.clear();
+        r
+    }
+
+    async fn close(&mut self) {
+        let _ = self.wr.flush().await;
+        let _ = self.wr.shutdown().await;
+    }
+}
+
+/// Writes to the sink: frames in order, an EOL after `heartbeat` of
 /// silence, and nothing more once a write failed or stalled for
 /// [`SEND_TIMEOUT`] (then `dead` is cancelled).
-async fn writer_task<W: AsyncWrite + Unpin>(
+async fn writer_task<W: FrameSink>(
     mut socket: W,
     mut rx: mpsc::UnboundedReceiver<Out>,
     queued: Arc<AtomicU64>,
     heartbeat: Option<Duration>,
     dead: CancellationToken,
 ) {
-    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut buf: Vec<Bytes> = Vec::new();
+    let mut size = 0;
     let mut written: Vec<Arc<Consumer>> = Vec::new();
     let mut failed = false;
     loop {
@@ -144,42 +185,41 @@ async fn writer_task<W: AsyncWrite + Unpin>(
             Some(hb) => match tokio::time::timeout(hb, rx.recv()).await {
                 Ok(m) => m,
                 Err(_) => {
-                    write(&mut socket, b"\n", &mut failed, &dead).await;
+                    write(&mut socket, &[Bytes::from_static(b"\n")], &mut failed, &dead).await;
                     continue;
                 }
             },
         };
         let Some(first) = msg else { break };
         let mut cost = first.bytes.len() as u64;
-        buf.extend_from_slice(&first.bytes);
+        size += first.bytes.len();
+        buf.push(first.bytes);
         written.extend(first.consumer);
-        while buf.len() < 256 * 1024 {
+        while size < 256 * 1024 {
             let Ok(next) = rx.try_recv() else { break };
             cost += next.bytes.len() as u64;
-            buf.extend_from_slice(&next.bytes);
+            size += next.bytes.len();
+            buf.push(next.bytes);
             written.extend(next.consumer);
         }
         write(&mut socket, &buf, &mut failed, &dead).await;
         queued.fetch_sub(cost, Ordering::AcqRel);
         buf.clear();
+        size = 0;
         for c in written.drain(..) {
             c.release_pending();
         }
     }
     if !failed {
-        let _ = tokio::time::timeout(SEND_TIMEOUT, async {
-            let _ = socket.flush().await;
-            let _ = socket.shutdown().await;
-        })
-        .await;
+        let _ = tokio::time::timeout(SEND_TIMEOUT, socket.close()).await;
     }
 }
 
-async fn write<W: AsyncWrite + Unpin>(socket: &mut W, buf: &[u8], failed: &mut bool, dead: &CancellationToken) {
+async fn write<W: FrameSink>(socket: &mut W, frames: &[Bytes], failed: &mut bool, dead: &CancellationToken) {
     if *failed {
         return;
     }
-    let ok = matches!(tokio::time::timeout(SEND_TIMEOUT, socket.write_all(buf)).await, Ok(Ok(())));
+    let ok = matches!(tokio::time::timeout(SEND_TIMEOUT, socket.send(frames)).await, Ok(Ok(())));
     if !ok {
         *failed = true;
         dead.cancel();
@@ -206,13 +246,12 @@ fn error_frame(f: Fail, receipt: Option<String>) -> Frame {
     frame
 }
 
-/// Writes one frame straight to the socket (before the writer task runs).
-async fn write_now<W: AsyncWrite + Unpin>(wr: &mut W, frame: &Frame, version: Version) {
+/// Writes one frame straight to the sink (before the writer task runs).
+async fn write_now<W: FrameSink>(wr: &mut W, frame: &Frame, version: Version) {
     let bytes = encode(frame, version);
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
-        let _ = wr.write_all(&bytes).await;
-        let _ = wr.flush().await;
-        let _ = wr.shutdown().await;
+        let _ = wr.send(&[bytes]).await;
+        wr.close().await;
     })
     .await;
 }
@@ -232,10 +271,20 @@ struct Connected {
 
 /// Serves one accepted socket until it closes. The caller runs it inside
 /// the connection's tracing span.
-pub async fn serve<R, W>(rd: R, mut wr: W, conn_id: u64, broker: Arc<Broker>, shutdown: CancellationToken)
+pub async fn serve<R, W>(rd: R, wr: W, conn_id: u64, broker: Arc<Broker>, shutdown: CancellationToken)
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
+{
+    serve_with(rd, StreamSink::new(wr), conn_id, broker, shutdown).await
+}
+
+/// [`serve`] with frames read from the byte stream `rd` and written to
+/// `wr` (over TCP, or WebSocket messages turned into/made from frames).
+pub async fn serve_with<R, W>(rd: R, mut wr: W, conn_id: u64, broker: Arc<Broker>, shutdown: CancellationToken)
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: FrameSink,
 {
     let mut reader = FramedRead::new(rd, StompCodec::new(Version::V1_0, Limits::default()));
     let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {

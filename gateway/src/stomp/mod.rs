@@ -6,12 +6,15 @@
 //!   loop, subscriptions, receipts, transactions, errors;
 //! * `map`: SEND headers → message properties and queue arguments,
 //!   deliveries → MESSAGE frames;
-//! * `destination`: RabbitMQ's destination syntax.
+//! * `destination`: RabbitMQ's destination syntax;
+//! * [`websocket`]: the same session over WebSocket (Web-STOMP), framing
+//!   from `sluice_codecs::ws`.
 //!
 //! docs/stomp.md describes what is covered and how it differs from RabbitMQ.
 
 pub mod connection;
 mod destination;
 mod map;
+pub mod websocket;
 
 pub use connection::serve;
