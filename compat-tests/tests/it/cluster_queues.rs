@@ -365,3 +365,53 @@ async fn a_partitioned_queue_spreads_over_the_nodes_and_keeps_key_order() {
     assert_eq!(last.len(), 10);
     drop(nodes);
 }
+
+/// A free port on 127.0.0.1 (bound, then released for the process to take).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stomp_through_one_gateway_amqp_through_the_other() {
+    use crate::stomp::{frame, Client};
+    use sluice_codecs::stomp::Command as Stomp;
+    let home = tempfile::tempdir().unwrap();
+    let nodes = three_nodes(home.path());
+    let addrs: Vec<&str> = nodes.iter().map(|n| n.addr.as_str()).collect();
+    let stomp_addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let g1 = start_gateway(home.path(), &addrs, &["--stomp", &stomp_addr.to_string()]);
+    let g2 = start_gateway(home.path(), &addrs, &[]);
+
+    // STOMP SEND through g1 (the receipt comes once it is replicated),
+    // AMQP consume through g2.
+    let mut st = tokio::task::spawn_blocking(move || {
+        let mut c = Client::open_at(stomp_addr, "1.2");
+        c.send(&frame(Stomp::Send, &[("destination", "/queue/bridge"), ("receipt", "r1"), ("content-type", "text/plain")]).with_body("over stomp"));
+        let receipt = c.recv();
+        assert_eq!(receipt.command, Stomp::Receipt, "{receipt:?}");
+        c
+    })
+    .await
+    .unwrap();
+    let (_c, ch) = open(&g2).await;
+    let got = ch.basic_get("bridge".into(), BasicGetOptions { no_ack: true }).await.unwrap().expect("the STOMP message");
+    assert_eq!(got.delivery.data, b"over stomp");
+    assert_eq!(got.delivery.properties.content_type().as_ref().map(|s| s.as_str()), Some("text/plain"));
+
+    // STOMP SUBSCRIBE through g1, AMQP publish through g2.
+    st = tokio::task::spawn_blocking(move || {
+        st.send(&frame(Stomp::Subscribe, &[("destination", "/queue/bridge"), ("id", "s1"), ("ack", "auto"), ("receipt", "r2")]));
+        let receipt = st.recv();
+        assert_eq!(receipt.command, Stomp::Receipt, "{receipt:?}");
+        st
+    })
+    .await
+    .unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    let c = ch.basic_publish("".into(), "bridge".into(), BasicPublishOptions::default(), b"over amqp", persistent()).await.unwrap();
+    assert!(c.await.unwrap().is_ack());
+    let msg = tokio::task::spawn_blocking(move || st.recv()).await.unwrap();
+    assert_eq!(msg.command, Stomp::Message, "{msg:?}");
+    assert_eq!(&msg.body[..], b"over amqp");
+    drop((g1, g2, nodes));
+}

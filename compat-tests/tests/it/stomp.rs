@@ -16,14 +16,14 @@ use sluice_codecs::stomp::{encode_frame, Command, Decoder, Frame, Item, Limits, 
 use crate::common::*;
 
 /// A minimal STOMP client: frames out, frames (and heart-beats) in.
-struct Client {
+pub(crate) struct Client {
     sock: TcpStream,
     dec: Decoder,
     buf: BytesMut,
     version: Version,
 }
 
-fn frame(command: Command, headers: &[(&str, &str)]) -> Frame {
+pub(crate) fn frame(command: Command, headers: &[(&str, &str)]) -> Frame {
     let mut f = Frame::new(command);
     for (k, v) in headers {
         f.headers.push((k.to_string(), v.to_string()));
@@ -65,14 +65,14 @@ impl Client {
         Client::open_at(s.stomp_addr(), version)
     }
 
-    fn open_at(addr: SocketAddr, version: &str) -> Client {
+    pub(crate) fn open_at(addr: SocketAddr, version: &str) -> Client {
         let (c, reply) =
             Client::connect_at(addr, &[("accept-version", version), ("host", "/"), ("login", "guest"), ("passcode", "guest")]);
         assert_eq!(reply.command, Command::Connected, "{reply:?}");
         c
     }
 
-    fn send(&mut self, f: &Frame) {
+    pub(crate) fn send(&mut self, f: &Frame) {
         let mut out = BytesMut::new();
         encode_frame(f, self.version, &mut out).unwrap();
         self.sock.write_all(&out).unwrap();
@@ -117,7 +117,7 @@ impl Client {
         }
     }
 
-    fn recv(&mut self) -> Frame {
+    pub(crate) fn recv(&mut self) -> Frame {
         self.try_recv(Duration::from_secs(10)).expect("a frame from the server")
     }
 
