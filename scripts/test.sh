@@ -7,6 +7,10 @@ cd "$(dirname "$0")/.."
 if ! command -v ip >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   apt-get install -y --no-install-recommends iproute2 >/dev/null || { apt-get update >/dev/null && apt-get install -y --no-install-recommends iproute2 >/dev/null; }
 fi
+# The metrics test checks the scrape with promtool (Debian package prometheus).
+if ! command -v promtool >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  apt-get install -y --no-install-recommends prometheus >/dev/null 2>&1 || { apt-get update >/dev/null && apt-get install -y --no-install-recommends prometheus >/dev/null 2>&1; } || echo "promtool unavailable: the metrics test skips its promtool check"
+fi
 cargo build --locked --bin sluice
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --locked --workspace --no-fail-fast "$@"

@@ -8,7 +8,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 
 use sluice_codecs::command::{Arguments, Message};
@@ -292,9 +292,48 @@ impl Consumer {
     }
 }
 
+/// Per-queue counters the gateway bumps for metrics (atomics, relaxed):
+/// a handle's own counts since it was opened.
+#[derive(Debug, Default)]
+pub struct QueueMeter {
+    pub published: AtomicU64,
+    pub delivered: AtomicU64,
+    pub redelivered: AtomicU64,
+    pub acked: AtomicU64,
+}
+
+impl QueueMeter {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+/// A queue's figures for metrics, read without a log round trip.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueStats {
+    pub ready: u32,
+    pub unacked: u32,
+    pub consumers: u32,
+    /// Body bytes of the ready messages.
+    pub ready_bytes: u64,
+}
+
 /// One queue, wherever it lives.
 pub trait Queue: Send + Sync {
     fn id(&self) -> QueueId;
+    /// Counters for metrics.
+    fn meter(&self) -> &QueueMeter;
+    /// Figures for metrics (ready, unacknowledged, consumers, bytes).
+    fn stats(&self) -> Reply<QueueStats> {
+        let counts = self.counts();
+        Box::pin(async move {
+            let (ready, consumers) = counts.await?;
+            Ok(QueueStats { ready, consumers, ..QueueStats::default() })
+        })
+    }
     /// Enqueues a message. `Some(durable)` when the publisher must wait for
     /// it before confirming (persistent message on a durable queue).
     fn publish(&self, message: Message) -> Result<Option<Durable>, Error>;

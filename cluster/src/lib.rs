@@ -40,6 +40,6 @@ pub mod rpc;
 
 pub use backend::{
     message_ttl, ready, Backend, ChannelFlow, Consumer, Credit, Delivery, DeliverySink, Durable, Outcome, Queue,
-    QueueId, QueueSpec, Reply,
+    QueueId, QueueMeter, QueueStats, QueueSpec, Reply,
 };
 pub use error::Error;

@@ -397,6 +397,7 @@ pub struct RemoteQueue {
     out: mpsc::UnboundedSender<Out>,
     /// The leader's link, once known.
     leader: watch::Sender<Option<Client>>,
+    meter: crate::QueueMeter,
 }
 
 impl std::fmt::Debug for RemoteQueue {
@@ -431,6 +432,7 @@ impl RemoteQueue {
             st: Mutex::new(QState { next_id: 1, ..QState::default() }),
             out,
             leader: watch::channel(None).0,
+            meter: crate::QueueMeter::default(),
         });
         tokio::spawn(drive(Arc::downgrade(&q), rx));
         q
@@ -749,6 +751,24 @@ fn attach_request(queue: u64, id: &ConsumerId, consumer: &Consumer, held: Vec<u6
 impl Queue for RemoteQueue {
     fn id(&self) -> QueueId {
         self.id
+    }
+
+    fn meter(&self) -> &crate::QueueMeter {
+        &self.meter
+    }
+
+    fn stats(&self) -> Reply<crate::QueueStats> {
+        let Some(me) = self.cluster.queue(self.id.0) else {
+            return ready(Err(Error::QueueDeleted));
+        };
+        Box::pin(async move {
+            let queue = me.id.0;
+            match me.call_leader(NodeRequest::Stats { queue }).await? {
+                NodeResponse::Stats(s) => Ok(s),
+                NodeResponse::Queue(r) => Err(queue_error(r)),
+                other => Err(Error::Unavailable(format!("unexpected answer to Stats: {other:?}"))),
+            }
+        })
     }
 
     /// Always confirmable: the returned future resolves when a majority of

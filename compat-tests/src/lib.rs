@@ -46,6 +46,8 @@ pub struct Server {
     extra: Vec<String>,
     /// Lines the server printed on stderr (collected in the background).
     pub stderr: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// The metrics listener, once its line was printed.
+    metrics: std::sync::Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl Server {
@@ -114,6 +116,9 @@ impl Server {
         if !extra.iter().any(|a| a.starts_with("--web-stomp")) {
             cmd.arg("--web-stomp").arg("127.0.0.1:0");
         }
+        if !extra.iter().any(|a| a.starts_with("--metrics")) {
+            cmd.arg("--metrics").arg("127.0.0.1:0");
+        }
         cmd.args(extra)
             .env("SLUICE_LOG", std::env::var("SLUICE_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(Stdio::null())
@@ -131,6 +136,8 @@ impl Server {
             }
         });
         let (tx, rx) = mpsc::channel();
+        let metrics_line = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let metrics_sink = metrics_line.clone();
         std::thread::spawn(move || {
             // The STOMP line follows the AMQP one, the Web-STOMP line the STOMP one.
             let (mut amqp, mut stomp) = (None, None);
@@ -143,6 +150,8 @@ impl Server {
                     if let (Some(amqp), Some(stomp)) = (amqp.take(), stomp.take()) {
                         let _ = tx.send((amqp, stomp, addr.trim().to_string()));
                     }
+                } else if let Some(addr) = line.strip_prefix("metrics listening on ") {
+                    metrics_sink.lock().map(|mut m| *m = Some(addr.trim().to_string())).ok();
                 }
             }
         });
@@ -163,6 +172,7 @@ impl Server {
             _tmp: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             stderr: lines,
+            metrics: metrics_line,
         })
     }
 
@@ -184,6 +194,18 @@ impl Server {
     /// Address of the Web-STOMP listener (`ws://ADDR/ws`).
     pub fn web_stomp_addr(&self) -> SocketAddr {
         self.web_stomp
+    }
+
+    /// Address of the Prometheus metrics listener (`http://ADDR/metrics`);
+    /// waits up to 10 s for its line.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        for _ in 0..200 {
+            if let Some(a) = self.metrics.lock().ok().and_then(|m| m.clone()) {
+                return a.parse().expect("metrics address");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("sluice printed no 'metrics listening on' line");
     }
 
     /// OS process id.
@@ -330,6 +352,9 @@ pub fn start_gateway(home: &Path, nodes: &[&str], extra: &[&str]) -> GatewayProc
     }
     if !extra.iter().any(|a| a.starts_with("--web-stomp")) {
         cmd.args(["--web-stomp", "127.0.0.1:0"]);
+    }
+    if !extra.iter().any(|a| a.starts_with("--metrics")) {
+        cmd.args(["--metrics", "127.0.0.1:0"]);
     }
     cmd.args(extra);
     let (child, amqp) = spawn_until(cmd, home, "AMQP listening on ", Duration::from_secs(40));

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use sluice_cluster::{ChannelFlow, Consumer, Credit, Delivery, DeliverySink, Durable, Outcome, Queue};
+use sluice_cluster::{ChannelFlow, Consumer, Credit, Delivery, DeliverySink, Durable, Outcome, Queue, QueueMeter};
 use sluice_codecs::amqp::reply_code as code;
 use sluice_codecs::command::{Command, Message, Reply};
 use tokio::sync::mpsc;
@@ -80,6 +80,8 @@ struct Unacked {
 struct ConsumerRec {
     queue_name: String,
     parts: Vec<(Arc<dyn Queue>, Arc<Consumer>)>,
+    /// Counts the consumer in `sluice_consumers` while it lives.
+    _gauge: crate::metrics::Tracked,
 }
 
 impl ConsumerRec {
@@ -96,6 +98,8 @@ impl ConsumerRec {
 
 struct PendingConfirm {
     seq: u64,
+    /// When the publish was read (publish-to-confirm latency).
+    at: std::time::Instant,
     writes: Vec<Durable>,
     ack: bool,
 }
@@ -123,6 +127,8 @@ pub struct Channel {
     get_cursor: usize,
     confirm: Option<(u64, mpsc::UnboundedSender<PendingConfirm>)>,
     tx: Option<Vec<TxOp>>,
+    /// Counts the channel in `sluice_channels` while it lives.
+    _gauge: crate::metrics::Tracked,
 }
 
 impl Channel {
@@ -139,6 +145,7 @@ impl Channel {
             get_cursor: 0,
             confirm: None,
             tx: None,
+            _gauge: crate::metrics::Tracked::new(&crate::metrics::CHANNELS),
         }
     }
 
@@ -219,10 +226,12 @@ impl Channel {
                         ops.push(TxOp::Publish { mandatory, message });
                     }
                     None => {
+                        let at = self.confirm.as_ref().map(|_| std::time::Instant::now());
                         let writes = self.publish(mandatory, message)?;
                         if let Some((seq, confirms)) = &mut self.confirm {
                             *seq += 1;
-                            let _ = confirms.send(PendingConfirm { seq: *seq, writes, ack: true });
+                            let at = at.unwrap_or_else(std::time::Instant::now);
+                            let _ = confirms.send(PendingConfirm { seq: *seq, at, writes, ack: true });
                         }
                     }
                 }
@@ -244,7 +253,11 @@ impl Channel {
                 let sink: Arc<dyn sluice_cluster::DeliverySink> =
                     Arc::new(ChannelSink { channel: self.id, events: ctx.events.clone() });
                 let credit = Credit::new(self.consumer_prefetch);
-                let mut rec = ConsumerRec { queue_name: queue.clone(), parts: Vec::with_capacity(entry.partitions.len()) };
+                let mut rec = ConsumerRec {
+                    queue_name: queue.clone(),
+                    parts: Vec::with_capacity(entry.partitions.len()),
+                    _gauge: crate::metrics::Tracked::new(&crate::metrics::CONSUMERS),
+                };
                 for q in &entry.partitions {
                     let consumer = Consumer::new(tag.clone(), no_ack, exclusive, credit.clone(), self.flow.clone(), sink.clone());
                     if let Err(e) = q.consume(consumer.clone()).await {
@@ -290,6 +303,7 @@ impl Channel {
                         let message_count = entry.counts().await?.0;
                         let tag = self.next_tag;
                         self.next_tag += 1;
+                        count_delivery(q.meter(), d.redelivered);
                         if !no_ack {
                             self.unacked.insert(tag, Unacked { queue: q, msg_id: d.msg_id, consumer: None });
                         }
@@ -425,8 +439,11 @@ impl Channel {
             let m = if i == last { message.take() } else { message.clone() };
             let Some(m) = m else { break };
             match q.publish(m) {
-                Ok(Some(w)) => writes.push(w),
-                Ok(None) => {}
+                Ok(Some(w)) => {
+                    QueueMeter::add(&q.meter().published, 1);
+                    writes.push(w);
+                }
+                Ok(None) => QueueMeter::add(&q.meter().published, 1),
                 Err(sluice_cluster::Error::QueueDeleted) => {}
                 Err(e) => return Err(e.into()),
             }
@@ -474,6 +491,9 @@ impl Channel {
             }
         }
         for (q, ids) in by_queue {
+            if outcome == Outcome::Ack {
+                QueueMeter::add(&q.meter().acked, ids.len() as u64);
+            }
             q.settle(&ids, outcome);
         }
         if kick {
@@ -492,6 +512,7 @@ impl Channel {
         };
         let tag = self.next_tag;
         self.next_tag += 1;
+        count_delivery(queue.meter(), delivery.redelivered);
         if !consumer.no_ack {
             self.unacked.insert(tag, Unacked { queue, msg_id: delivery.msg_id, consumer: Some(consumer.clone()) });
         }
@@ -583,6 +604,14 @@ fn unknown_tag(tag: u64) -> BrokerError {
     BrokerError::precondition(format!("unknown delivery tag {tag}"))
 }
 
+/// Counts a delivery in its queue's meter.
+fn count_delivery(meter: &QueueMeter, redelivered: bool) {
+    QueueMeter::add(&meter.delivered, 1);
+    if redelivered {
+        QueueMeter::add(&meter.redelivered, 1);
+    }
+}
+
 fn uuid_like() -> String {
     format!("{:016x}{:016x}", rand::random::<u64>(), rand::random::<u64>())
 }
@@ -612,6 +641,7 @@ async fn confirm_task(
                 }
             }
         }
+        crate::metrics::record_confirm(p.at);
         (p.seq, ok)
     }
     while let Some(first) = rx.recv().await {

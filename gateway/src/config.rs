@@ -42,7 +42,7 @@ pub struct ClientArgs {
     /// STOMP over WebSocket listener, path /ws (default 0.0.0.0:15674; port 0 picks a free port).
     #[arg(long, env = "SLUICE_WEB_STOMP")]
     pub web_stomp: Option<String>,
-    /// Prometheus metrics address (default 0.0.0.0:15692; metrics arrive with the operations issue).
+    /// Prometheus metrics address, GET /metrics (default 0.0.0.0:15692; port 0 picks a free port).
     #[arg(long, env = "SLUICE_METRICS")]
     pub metrics: Option<String>,
     /// Highest channel number offered to clients (default 2047).

@@ -12,6 +12,7 @@ mod channel;
 mod cli;
 mod config;
 mod error;
+mod metrics;
 mod router;
 mod server;
 mod stomp;

@@ -78,6 +78,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot load definitions: {}", e.text))?;
     let broker = Broker::new(router, &config.front, 1);
+    let metrics_addr = crate::metrics::install(&config.front.metrics)?;
+    crate::metrics::spawn_collector(broker.router.clone());
     // Bound after the data dir is open, so that a data-dir error is
     // reported as such whatever holds the STOMP port.
     let (stomp, web_stomp) = bind_stomp(&config.front).await?;
@@ -87,6 +89,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     println!("AMQP listening on {addr}");
     println!("STOMP listening on {}", stomp.local_addr()?);
     println!("Web-STOMP listening on {}", web_stomp.local_addr()?);
+    println!("metrics listening on {metrics_addr}");
     run(amqp, stomp, web_stomp, broker, signal).await
 }
 
@@ -122,6 +125,8 @@ pub async fn gateway(config: GatewayConfig) -> anyhow::Result<()> {
     // gateway's exclusive queues.
     let first_conn = (u64::from(sluice_cluster::remote::owner_tag(&gateway_id)) << 32) | 1;
     let broker = Broker::new(router, &config.front, first_conn);
+    let metrics_addr = crate::metrics::install(&config.front.metrics)?;
+    crate::metrics::spawn_collector(broker.router.clone());
     let (stomp, web_stomp) = bind_stomp(&config.front).await?;
     let addr = amqp.local_addr()?;
     let signal = shutdown_signal()?;
@@ -129,6 +134,7 @@ pub async fn gateway(config: GatewayConfig) -> anyhow::Result<()> {
     println!("AMQP listening on {addr}");
     println!("STOMP listening on {}", stomp.local_addr()?);
     println!("Web-STOMP listening on {}", web_stomp.local_addr()?);
+    println!("metrics listening on {metrics_addr}");
     run(amqp, stomp, web_stomp, broker, signal).await
 }
 
@@ -203,18 +209,18 @@ fn spawn_connection(
     let conn_id = broker.next_conn_id();
     if let Proto::WebStomp = proto {
         let span = tracing::info_span!("conn", id = conn_id, %peer, proto = "web-stomp");
-        tracker.spawn(crate::stomp::websocket::serve(socket, conn_id, broker.clone(), shutdown.clone()).instrument(span));
+        tracker.spawn(crate::metrics::tracked(crate::stomp::websocket::serve(socket, conn_id, broker.clone(), shutdown.clone())).instrument(span));
         return;
     }
     let (rd, wr) = socket.into_split();
     match proto {
         Proto::Amqp => {
             let span = tracing::info_span!("conn", id = conn_id, %peer, proto = "amqp");
-            tracker.spawn(crate::amqp::serve(rd, wr, conn_id, broker.clone(), shutdown.clone()).instrument(span));
+            tracker.spawn(crate::metrics::tracked(crate::amqp::serve(rd, wr, conn_id, broker.clone(), shutdown.clone())).instrument(span));
         }
         Proto::Stomp => {
             let span = tracing::info_span!("conn", id = conn_id, %peer, proto = "stomp");
-            tracker.spawn(crate::stomp::serve(rd, wr, conn_id, broker.clone(), shutdown.clone()).instrument(span));
+            tracker.spawn(crate::metrics::tracked(crate::stomp::serve(rd, wr, conn_id, broker.clone(), shutdown.clone())).instrument(span));
         }
         Proto::WebStomp => {}
     }

@@ -393,6 +393,7 @@ impl Writer {
             batch.insert(&self.ks.state, keys::COUNTERS_KEY, format::encode_counters(next).to_vec());
         }
 
+        let started = std::time::Instant::now();
         if batch.is_empty() {
             // A flush (or a durable group with nothing to write): fjall's
             // commit of an empty batch does nothing, so persist explicitly.
@@ -407,7 +408,11 @@ impl Writer {
 
         if fsync {
             self.counters.syncs.fetch_add(1, Relaxed);
+            // One sample per group commit (not per message): the commit
+            // with its fdatasync, as seen by the writers waiting on it.
+            metrics::histogram!("sluice_storage_fsync_seconds").record(started.elapsed().as_secs_f64());
         }
+        metrics::histogram!("sluice_storage_batch_writes").record(n_writes as f64);
         self.counters.record_batch(n_writes);
         self.counters.compacted_removes.fetch_sub(compacted, Relaxed);
         self.persisted = next;

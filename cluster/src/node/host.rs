@@ -670,6 +670,10 @@ impl Host {
     /// Requests from gateways about queues.
     pub async fn request(self: &Arc<Self>, conn: &Client, req: NodeRequest, pushes: &Pushes) -> NodeResponse {
         match req {
+            NodeRequest::Stats { queue } => match self.leading(queue) {
+                Ok(q) => NodeResponse::Stats(q.stats_now()),
+                Err(r) => NodeResponse::Queue(r),
+            },
             NodeRequest::Counts { queue } => match self.leading(queue) {
                 // After what this gateway sent before it (handled in order).
                 Ok(q) => match q.counts_synced().await {

@@ -91,6 +91,9 @@ pub enum NodeRequest {
     /// `Replicas` (one entry) by the leader, else `Queue(NotLeader)` or
     /// `Queue(NoSuchQueue)`.
     QueueConfig { queue: u64 },
+    /// Request, gateway to leader: the queue's figures for metrics, as
+    /// applied (no log round trip). Answered with `Stats`.
+    Stats { queue: u64 },
 }
 
 impl Versioned for NodeRequest {}
@@ -173,6 +176,8 @@ pub enum NodeResponse {
     MetaState { index: u64, state: Box<crate::meta::replica::MetaState> },
     /// Queue replicas (answer to `Replicas` and `QueueConfig`).
     Replicas(Vec<ReplicaInfo>),
+    /// A queue's figures (answer to `Stats`).
+    Stats(crate::QueueStats),
 }
 
 /// One queue replica as its node sees it.

@@ -813,6 +813,11 @@ impl QueueSm {
         count(self.ready.len())
     }
 
+    /// Body bytes of the ready messages.
+    pub fn ready_bytes(&self) -> u64 {
+        self.ready_bytes
+    }
+
     /// Attached consumers.
     pub fn consumer_count(&self) -> u32 {
         count(self.consumers.len())

@@ -815,6 +815,7 @@ pub struct ReplicatedQueue {
     wake: Arc<Notify>,
     driver: Mutex<Option<JoinHandle<()>>>,
     me: Weak<ReplicatedQueue>,
+    meter: crate::QueueMeter,
 }
 
 impl std::fmt::Debug for ReplicatedQueue {
@@ -962,6 +963,7 @@ impl ReplicatedQueue {
             wake: Arc::new(Notify::new()),
             driver: Mutex::new(None),
             me: me.clone(),
+            meter: crate::QueueMeter::default(),
         });
         let single = queue.lock().single_voter();
         if single {
@@ -1424,6 +1426,17 @@ impl ReplicatedQueue {
     pub fn counts_now(&self) -> (u32, u32) {
         let inner = self.lock();
         (inner.sm.ready_count(), inner.sm.consumer_count())
+    }
+
+    /// The applied state's figures, without a log round trip (metrics).
+    pub fn stats_now(&self) -> crate::QueueStats {
+        let inner = self.lock();
+        crate::QueueStats {
+            ready: inner.sm.ready_count(),
+            unacked: inner.sm.unacked_count(),
+            consumers: inner.sm.consumer_count(),
+            ready_bytes: inner.sm.ready_bytes(),
+        }
     }
 
     /// The applied state's held (delivered, unsettled) messages.
@@ -2128,6 +2141,14 @@ async fn drive(queue: Weak<ReplicatedQueue>, wake: Arc<Notify>, tick: Duration) 
 impl Queue for ReplicatedQueue {
     fn id(&self) -> QueueId {
         self.spec.id
+    }
+
+    fn meter(&self) -> &crate::QueueMeter {
+        &self.meter
+    }
+
+    fn stats(&self) -> Reply<crate::QueueStats> {
+        ready(Ok(self.stats_now()))
     }
 
     fn publish(&self, message: Message) -> Result<Option<Durable>, Error> {

@@ -55,6 +55,7 @@ fn config_file_and_environment_are_read() {
         .env("SLUICE_AMQP", "127.0.0.1:0")
         .env("SLUICE_STOMP", "127.0.0.1:0")
         .env("SLUICE_WEB_STOMP", "127.0.0.1:0")
+        .env("SLUICE_METRICS", "127.0.0.1:0")
         .env("SLUICE_LOG", "warn")
         .stdout(std::process::Stdio::piped())
         .spawn()

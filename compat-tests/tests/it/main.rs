@@ -18,6 +18,7 @@ mod cluster_queues;
 mod cluster_rebalance;
 mod clients;
 mod crash;
+mod metrics;
 mod raw;
 mod stomp;
 mod web_stomp;

@@ -260,6 +260,7 @@ impl Conn {
             }
             Err(e) => {
                 tracing::info!(error = %e, "login refused");
+                crate::metrics::auth_failed("amqp");
                 let refused = BrokerError::connection(
                     code::ACCESS_REFUSED,
                     format!("Login was refused using authentication mechanism {}. For details see the broker logfile.", start_ok.mechanism),

@@ -74,6 +74,9 @@ fn partition_name(name: &str, i: usize, n: usize) -> String {
     }
 }
 
+/// A queue's vhost, name and partition handles (metrics).
+pub type QueueHandles = (String, String, Vec<Arc<dyn Queue>>);
+
 /// One virtual host, as a session sees it.
 pub struct VHost {
     pub name: String,
@@ -257,6 +260,18 @@ impl Router {
     /// Looks a vhost up.
     pub fn vhost(&self, name: &str) -> Option<Arc<VHost>> {
         self.read().topo.vhost(name).map(|_| Arc::new(VHost { name: name.to_string() }))
+    }
+
+    /// Every queue: (vhost, name, partition handles), for metrics.
+    pub fn queue_handles(&self) -> Vec<QueueHandles> {
+        let st = self.read();
+        let mut out = Vec::new();
+        for vh in st.topo.vhosts() {
+            for (name, q) in &vh.queues {
+                out.push((vh.name.clone(), name.clone(), st.handles(&q.ids)));
+            }
+        }
+        out
     }
 
     /// The backend (for shutdown).

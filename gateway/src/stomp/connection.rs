@@ -403,6 +403,7 @@ fn negotiate(frame: &Frame, broker: &Broker, session_id: &str) -> Result<Connect
     let passcode = frame.passcode().unwrap_or(if frame.login().is_none() { "guest" } else { "" });
     if !crate::auth::check_password(&broker.users, login, passcode) {
         tracing::info!(user = login, "STOMP login refused");
+        crate::metrics::auth_failed("stomp");
         return Err(bad(format!("Access refused for user '{login}'\n")));
     }
     // heart-beat: the client can send every cx ms and wants ours every cy ms.

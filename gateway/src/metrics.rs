@@ -1,0 +1,191 @@
+//! Prometheus metrics (`--metrics`, `GET /metrics`), see docs/metrics.md.
+//!
+//! Hot paths only touch atomics: process-wide counters and gauges here,
+//! per-queue counters in each queue handle's [`sluice_cluster::QueueMeter`].
+//! A collector task copies them, and every queue's figures (ready,
+//! unacknowledged, bytes, consumers), into the exporter every
+//! [`COLLECT_EVERY`]. Series the collector stops refreshing (a deleted
+//! queue's) are dropped by the exporter after [`IDLE_AFTER`]. Histograms
+//! are recorded directly (one sample per confirm, per group commit).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use futures_util::future::join_all;
+use metrics::{counter, gauge, histogram, Histogram};
+use metrics_exporter_prometheus::PrometheusBuilder;
+use metrics_util::MetricKindMask;
+use sluice_cluster::{QueueMeter, QueueStats};
+
+use crate::router::Router;
+
+/// How often the collector refreshes the exporter.
+pub const COLLECT_EVERY: Duration = Duration::from_secs(1);
+/// Counters and gauges not refreshed for this long are removed.
+pub const IDLE_AFTER: Duration = Duration::from_secs(4);
+
+pub static CONNECTIONS: AtomicI64 = AtomicI64::new(0);
+pub static CHANNELS: AtomicI64 = AtomicI64::new(0);
+pub static CONSUMERS: AtomicI64 = AtomicI64::new(0);
+pub static AUTH_FAILURES_AMQP: AtomicU64 = AtomicU64::new(0);
+pub static AUTH_FAILURES_STOMP: AtomicU64 = AtomicU64::new(0);
+pub static CONNECTIONS_OPENED: AtomicU64 = AtomicU64::new(0);
+
+/// Adds one to a gauge for as long as it lives.
+#[derive(Debug)]
+pub struct Tracked(&'static AtomicI64);
+
+impl Tracked {
+    pub fn new(gauge: &'static AtomicI64) -> Self {
+        gauge.fetch_add(1, Relaxed);
+        Tracked(gauge)
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Counts a connection for as long as `f` runs.
+pub fn tracked<F: Future>(f: F) -> impl Future<Output = F::Output> {
+    CONNECTIONS_OPENED.fetch_add(1, Relaxed);
+    let guard = Tracked::new(&CONNECTIONS);
+    async move {
+        let _guard = guard;
+        f.await
+    }
+}
+
+/// Counts a refused login of `protocol` ("amqp" or "stomp").
+pub fn auth_failed(protocol: &str) {
+    let c = if protocol == "amqp" { &AUTH_FAILURES_AMQP } else { &AUTH_FAILURES_STOMP };
+    c.fetch_add(1, Relaxed);
+}
+
+/// Publish-to-confirm latency (basic.publish read to basic.ack sent).
+pub fn confirm_latency() -> &'static Histogram {
+    static H: OnceLock<Histogram> = OnceLock::new();
+    H.get_or_init(|| histogram!("sluice_publish_confirm_seconds"))
+}
+
+/// Records the time from `since` in the confirm-latency histogram.
+pub fn record_confirm(since: Instant) {
+    confirm_latency().record(since.elapsed().as_secs_f64());
+}
+
+/// Installs the exporter on `addr` (on the current tokio runtime) and
+/// returns the bound address.
+pub fn install(addr: &str) -> anyhow::Result<SocketAddr> {
+    // Bound here, so port 0 works and a busy port is reported at start.
+    let listener = std::net::TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr} for metrics"))?;
+    let bound = listener.local_addr()?;
+    drop(listener);
+    let latency = [
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ];
+    let sizes = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0];
+    PrometheusBuilder::new()
+        .with_http_listener(bound)
+        .set_buckets(&latency)
+        .context("histogram buckets")?
+        .set_buckets_for_metric(metrics_exporter_prometheus::Matcher::Full("sluice_storage_batch_writes".into()), &sizes)
+        .context("histogram buckets")?
+        .idle_timeout(MetricKindMask::COUNTER | MetricKindMask::GAUGE, Some(IDLE_AFTER))
+        .install()
+        .with_context(|| format!("cannot serve metrics on {bound}"))?;
+    describe();
+    Ok(bound)
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_gauge!("sluice_connections", "Open client connections (AMQP, STOMP, Web-STOMP).");
+    describe_counter!("sluice_connections_opened_total", "Client connections accepted.");
+    describe_gauge!("sluice_channels", "Open AMQP channels (one per STOMP session too).");
+    describe_gauge!("sluice_consumers", "Consumers on this gateway.");
+    describe_counter!("sluice_auth_failures_total", "Refused logins, by protocol.");
+    describe_gauge!("sluice_queues", "Queues known to this gateway.");
+    describe_gauge!("sluice_queue_messages_ready", "Messages ready for delivery.");
+    describe_gauge!("sluice_queue_messages_unacked", "Messages delivered and not yet acknowledged.");
+    describe_gauge!("sluice_queue_messages", "Ready plus unacknowledged messages.");
+    describe_gauge!("sluice_queue_messages_ready_bytes", Unit::Bytes, "Body bytes of the ready messages.");
+    describe_gauge!("sluice_queue_consumers", "Consumers attached to the queue.");
+    describe_counter!("sluice_queue_messages_published_total", "Messages enqueued through this gateway.");
+    describe_counter!("sluice_queue_messages_delivered_total", "Messages delivered by this gateway (consume and get).");
+    describe_counter!("sluice_queue_messages_redelivered_total", "Deliveries flagged redelivered.");
+    describe_counter!("sluice_queue_messages_acked_total", "Deliveries acknowledged.");
+    describe_histogram!("sluice_publish_confirm_seconds", Unit::Seconds, "Publish to publisher-confirm latency.");
+    describe_histogram!("sluice_storage_fsync_seconds", Unit::Seconds, "Group commit with fdatasync.");
+    describe_histogram!("sluice_storage_batch_writes", "Writes per storage group commit.");
+    describe_counter!("sluice_metrics_collect_errors_total", "Queues whose figures could not be read.");
+}
+
+/// Copies the counters and queue figures into the exporter until the
+/// process ends.
+pub fn spawn_collector(router: Arc<Router>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(COLLECT_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            collect(&router).await;
+        }
+    });
+}
+
+async fn collect(router: &Router) {
+    gauge!("sluice_connections").set(CONNECTIONS.load(Relaxed) as f64);
+    counter!("sluice_connections_opened_total").absolute(CONNECTIONS_OPENED.load(Relaxed));
+    gauge!("sluice_channels").set(CHANNELS.load(Relaxed) as f64);
+    gauge!("sluice_consumers").set(CONSUMERS.load(Relaxed) as f64);
+    counter!("sluice_auth_failures_total", "protocol" => "amqp").absolute(AUTH_FAILURES_AMQP.load(Relaxed));
+    counter!("sluice_auth_failures_total", "protocol" => "stomp").absolute(AUTH_FAILURES_STOMP.load(Relaxed));
+    let queues = router.queue_handles();
+    gauge!("sluice_queues").set(queues.len() as f64);
+    let figures = join_all(queues.iter().map(|(_, _, parts)| async move {
+        let all = join_all(parts.iter().map(|p| tokio::time::timeout(COLLECT_EVERY, p.stats()))).await;
+        let mut sum = QueueStats::default();
+        let mut ok = true;
+        for r in all {
+            match r {
+                Ok(Ok(s)) => {
+                    sum.ready = sum.ready.saturating_add(s.ready);
+                    sum.unacked = sum.unacked.saturating_add(s.unacked);
+                    sum.consumers = sum.consumers.max(s.consumers);
+                    sum.ready_bytes = sum.ready_bytes.saturating_add(s.ready_bytes);
+                }
+                _ => ok = false,
+            }
+        }
+        ok.then_some(sum)
+    }))
+    .await;
+    let mut errors = 0u64;
+    for ((vhost, name, parts), stats) in queues.iter().zip(figures) {
+        let labels = [("vhost", vhost.clone()), ("queue", name.clone())];
+        match stats {
+            Some(s) => {
+                gauge!("sluice_queue_messages_ready", &labels).set(f64::from(s.ready));
+                gauge!("sluice_queue_messages_unacked", &labels).set(f64::from(s.unacked));
+                gauge!("sluice_queue_messages", &labels).set(f64::from(s.ready) + f64::from(s.unacked));
+                gauge!("sluice_queue_messages_ready_bytes", &labels).set(s.ready_bytes as f64);
+                gauge!("sluice_queue_consumers", &labels).set(f64::from(s.consumers));
+            }
+            // Unreachable leader: keep the last values rather than drop
+            // the series (they expire if this lasts).
+            None => errors += 1,
+        }
+        let sum = |f: fn(&QueueMeter) -> &AtomicU64| parts.iter().map(|p| QueueMeter::get(f(p.meter()))).sum::<u64>();
+        counter!("sluice_queue_messages_published_total", &labels).absolute(sum(|m| &m.published));
+        counter!("sluice_queue_messages_delivered_total", &labels).absolute(sum(|m| &m.delivered));
+        counter!("sluice_queue_messages_redelivered_total", &labels).absolute(sum(|m| &m.redelivered));
+        counter!("sluice_queue_messages_acked_total", &labels).absolute(sum(|m| &m.acked));
+    }
+    counter!("sluice_metrics_collect_errors_total").increment(errors);
+}
