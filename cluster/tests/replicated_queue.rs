@@ -369,9 +369,11 @@ async fn restart_replays_only_the_tail() {
         before = q.stats();
         // Dropped without close: no final checkpoint.
     }
-    // 2000 publishes and 1500 acks went into well under 300 entries
-    // (batching); the log starts at the entry of message 1500.
-    assert!(before.last_index < 300, "not batched: {before:?}");
+    // 2000 publishes, 1500 checkouts and 1500 acks (5,000 commands) went
+    // into far fewer entries (batching: 140-320 in practice, depending on
+    // how fast the store answers); the log starts at the entry of message
+    // 1500.
+    assert!(before.last_index < 1000, "not batched: {before:?}");
     assert!(before.first_index > 10, "log not compacted: {before:?}");
     assert!(before.checkpoint_index > before.first_index, "no checkpoint: {before:?}");
     assert_eq!(store.log_first_index(7).unwrap(), before.first_index);
