@@ -52,7 +52,7 @@ impl QueueSpec {
 
     /// The queue state machine's limits from the declare arguments
     /// (`x-max-length`, `x-max-length-bytes`, `x-overflow`,
-    /// `x-message-ttl`). The metadata validated them at declare time;
+    /// `x-message-ttl`, `x-max-priority`, `x-delivery-limit`). The metadata validated them at declare time;
     /// anything else is ignored here.
     pub fn limits(&self) -> crate::replica::queue_sm::Limits {
         use crate::replica::queue_sm::{Limits, Overflow};
@@ -66,6 +66,8 @@ impl QueueSpec {
             max_length_bytes: self.arg_u64("x-max-length-bytes"),
             overflow,
             message_ttl: self.arg_u64("x-message-ttl"),
+            max_priority: self.arg_u64("x-max-priority").map(|n| u8::try_from(n).unwrap_or(u8::MAX)),
+            delivery_limit: self.arg_u64("x-delivery-limit").map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
         }
     }
 
@@ -99,6 +101,9 @@ pub struct Delivery {
     pub msg_id: u64,
     /// True if the message was delivered before.
     pub redelivered: bool,
+    /// How often the message was returned to its queue before (requeued,
+    /// or its consumer's channel gone): the `x-delivery-count` header.
+    pub delivery_count: u32,
     pub message: Message,
 }
 

@@ -211,8 +211,8 @@ fn on_push(cluster: &Arc<Cluster>, from: &Client, msg: NodeRequest) {
                 q.on_confirm(from, &publisher, id, result);
             }
         }
-        NodeRequest::Deliver { queue, consumer, seq, redelivered, message } => match cluster.queue(queue) {
-            Some(q) => q.on_deliver(from, consumer, seq, redelivered, message),
+        NodeRequest::Deliver { queue, consumer, seq, redelivered, delivery_count, message } => match cluster.queue(queue) {
+            Some(q) => q.on_deliver(from, consumer, seq, (redelivered, delivery_count), message),
             None => {
                 // The handle is gone (queue deleted or gateway shutting
                 // down): give the message back.
@@ -486,7 +486,8 @@ impl RemoteQueue {
         }
     }
 
-    fn on_deliver(&self, from: &Client, consumer: ConsumerId, seq: u64, redelivered: bool, message: ByteBuf) {
+    fn on_deliver(&self, from: &Client, consumer: ConsumerId, seq: u64, flags: (bool, u32), message: ByteBuf) {
+        let (redelivered, delivery_count) = flags;
         // Only from the leader the consumers are attached at: a delivery
         // still in flight from a deposed leader (or sent before our
         // re-attach reached the new one) is not counted, so the held list
@@ -511,7 +512,7 @@ impl RemoteQueue {
         let delivered = match (target, message) {
             (Some(c), Ok(message)) => {
                 c.force_acquire();
-                c.sink.deliver(&c, Delivery { msg_id: seq, redelivered, message })
+                c.sink.deliver(&c, Delivery { msg_id: seq, redelivered, delivery_count, message })
             }
             (_, Err(e)) => {
                 tracing::error!(queue = %self.name, seq, error = %e, "undecodable delivery; requeued");
@@ -850,7 +851,10 @@ impl Queue for RemoteQueue {
                     if !no_ack {
                         me.lock().held.insert(d.seq, holder);
                     }
-                    Ok(Some((Delivery { msg_id: d.seq, redelivered: d.redelivered, message }, left)))
+                    Ok(Some((
+                        Delivery { msg_id: d.seq, redelivered: d.redelivered, delivery_count: d.delivery_count, message },
+                        left,
+                    )))
                 }
                 NodeResponse::Queue(r) => Err(queue_error(r)),
                 other => Err(Error::Unavailable(format!("unexpected answer to Get: {other:?}"))),

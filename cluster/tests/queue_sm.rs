@@ -18,11 +18,11 @@ fn cid(gateway: &str, connection: u64, tag: &str) -> ConsumerId {
 }
 
 fn plain(size: u32) -> NewMsg {
-    NewMsg { size, persistent: size.is_multiple_of(2), publish_id: None, ttl_ms: None }
+    NewMsg { size, persistent: size.is_multiple_of(2), publish_id: None, ttl_ms: None, priority: 0 }
 }
 
 fn published(publisher: &str, id: u64) -> NewMsg {
-    NewMsg { size: 10, persistent: true, publish_id: Some(PublishId { publisher: publisher.into(), id }), ttl_ms: None }
+    NewMsg { size: 10, persistent: true, publish_id: Some(PublishId { publisher: publisher.into(), id }), ttl_ms: None, priority: 0 }
 }
 
 const ACK: ConsumerOpts = ConsumerOpts { exclusive: false, no_ack: false };
@@ -81,8 +81,8 @@ fn enqueue_assigns_increasing_seqs_in_order() {
     assert_eq!(
         first,
         vec![
-            (0, MsgMeta { size: 100, persistent: true, redelivered: false, expires_at: None }),
-            (1, MsgMeta { size: 101, persistent: false, redelivered: false, expires_at: None }),
+            (0, MsgMeta { size: 100, persistent: true, redelivered: false, expires_at: None, priority: 0, delivery_count: 0 }),
+            (1, MsgMeta { size: 101, persistent: false, redelivered: false, expires_at: None, priority: 0, delivery_count: 0 }),
         ]
     );
 }
@@ -171,8 +171,8 @@ fn checkout_moves_only_ready_messages() {
         vec![Effect::Delivered {
             consumer: a.clone(),
             msgs: vec![
-                (1, MsgMeta { size: 101, persistent: false, redelivered: false, expires_at: None }),
-                (0, MsgMeta { size: 100, persistent: true, redelivered: false, expires_at: None }),
+                (1, MsgMeta { size: 101, persistent: false, redelivered: false, expires_at: None, priority: 0, delivery_count: 0 }),
+                (0, MsgMeta { size: 100, persistent: true, redelivered: false, expires_at: None, priority: 0, delivery_count: 0 }),
             ],
         }]
     );
@@ -244,7 +244,7 @@ fn requeue_returns_to_original_position_flagged_redelivered() {
         fx,
         vec![Effect::Delivered {
             consumer: a.clone(),
-            msgs: vec![(0, MsgMeta { size: 100, persistent: true, redelivered: true, expires_at: None })],
+            msgs: vec![(0, MsgMeta { size: 100, persistent: true, redelivered: true, expires_at: None, priority: 0, delivery_count: 1 })],
         }]
     );
 }
@@ -293,13 +293,13 @@ fn get_takes_the_first_ready_message() {
     let getter = cid("g1", 1, "");
     enqueue(&mut sm, 3);
     let fx = sm.apply(Command::Get { holder: getter.clone(), no_ack: false, now_ms: 0 });
-    let meta0 = MsgMeta { size: 100, persistent: true, redelivered: false, expires_at: None };
+    let meta0 = MsgMeta { size: 100, persistent: true, redelivered: false, expires_at: None, priority: 0, delivery_count: 0 };
     assert_eq!(fx, vec![Effect::Got { holder: getter.clone(), msg: Some((0, meta0)), remaining: 2 }]);
     // Held although never attached; settled like any delivery.
     assert_eq!(held(&sm, &getter), vec![0]);
     assert_eq!(sm.consumer_count(), 0);
     let fx = sm.apply(Command::Get { holder: getter.clone(), no_ack: true, now_ms: 0 });
-    let meta1 = MsgMeta { size: 101, persistent: false, redelivered: false, expires_at: None };
+    let meta1 = MsgMeta { size: 101, persistent: false, redelivered: false, expires_at: None, priority: 0, delivery_count: 0 };
     assert_eq!(
         fx,
         vec![
@@ -456,6 +456,71 @@ fn snapshot_round_trips_through_postcard() {
     assert_eq!(fx, vec![Effect::Enqueued { seqs: vec![None, Some(7)] }]);
 }
 
+fn prio(size: u32, priority: u8) -> NewMsg {
+    NewMsg { size, persistent: true, publish_id: None, ttl_ms: None, priority }
+}
+
+#[test]
+fn priorities_deliver_highest_first_fifo_within_and_requeue_in_place() {
+    let limits = Limits { max_priority: Some(5), ..Limits::default() };
+    let mut sm = QueueSm::with_limits(limits);
+    // Priority 9 is capped at 5.
+    let msgs = vec![prio(1, 0), prio(2, 3), prio(3, 9), prio(4, 3), prio(5, 5), prio(6, 1)];
+    sm.apply(Command::Enqueue { now_ms: 0, msgs });
+    let order: Vec<Seq> = sm.next_ready(usize::MAX).map(|(s, _)| s).collect();
+    assert_eq!(order, vec![2, 4, 1, 3, 5, 0]);
+    assert_eq!(sm.next_ready(1).map(|(_, m)| m.priority).collect::<Vec<_>>(), vec![5]);
+    let a = cid("g1", 1, "a");
+    attach(&mut sm, &a, ACK);
+    checkout(&mut sm, &a, &[2, 4, 1]);
+    settle(&mut sm, &a, &[1, 2], Outcome::Requeue);
+    let order: Vec<Seq> = sm.next_ready(usize::MAX).map(|(s, _)| s).collect();
+    assert_eq!(order, vec![2, 1, 3, 5, 0]);
+    let getter = cid("g1", 1, "");
+    let fx = sm.apply(Command::Get { holder: getter, no_ack: true, now_ms: 0 });
+    assert!(matches!(fx.as_slice(), [Effect::Got { msg: Some((2, _)), remaining: 4, .. }, ..]), "{fx:?}");
+    // Without x-max-priority every message has priority 0: plain FIFO.
+    let mut plain_q = QueueSm::new();
+    plain_q.apply(Command::Enqueue { now_ms: 0, msgs: vec![prio(1, 0), prio(2, 7)] });
+    assert_eq!(plain_q.next_ready(2).map(|(s, m)| (s, m.priority)).collect::<Vec<_>>(), vec![(0, 0), (1, 0)]);
+    let back = QueueSm::restore(sm.snapshot()).map(|mut r| {
+        r.set_limits(limits);
+        r
+    });
+    assert_eq!(back, Ok(sm));
+}
+
+#[test]
+fn delivery_limit_drops_a_message_returned_too_often() {
+    let mut sm = QueueSm::with_limits(Limits { delivery_limit: Some(2), ..Limits::default() });
+    let a = cid("g1", 1, "a");
+    enqueue(&mut sm, 2);
+    attach(&mut sm, &a, ACK);
+    for count in 0..=2u32 {
+        let fx = checkout(&mut sm, &a, &[0]);
+        match fx.as_slice() {
+            [Effect::Delivered { msgs, .. }] => assert_eq!(msgs[0].1.delivery_count, count),
+            other => panic!("unexpected {other:?}"),
+        }
+        let fx = settle(&mut sm, &a, &[0], Outcome::Requeue);
+        if count < 2 {
+            assert_eq!(fx, vec![Effect::Requeued { seqs: vec![0] }]);
+        } else {
+            assert_eq!(fx, vec![Effect::Removed { seqs: vec![0] }]);
+        }
+    }
+    assert_eq!(ready(&sm), vec![(1, false)]);
+    // Returns by a channel or gateway going away count too.
+    checkout(&mut sm, &a, &[1]);
+    assert_eq!(sm.apply(Command::ReturnAll { consumer: a.clone() }), vec![Effect::Requeued { seqs: vec![1] }]);
+    checkout(&mut sm, &a, &[1]);
+    assert_eq!(sm.apply(Command::ReturnAll { consumer: a.clone() }), vec![Effect::Requeued { seqs: vec![1] }]);
+    checkout(&mut sm, &a, &[1]);
+    let fx = sm.apply(Command::GatewayDown { gateway: "g1".into() });
+    assert_eq!(fx, vec![Effect::Detached { consumer: a }, Effect::Removed { seqs: vec![1] }]);
+    assert_eq!((sm.ready_count(), sm.unacked_count(), sm.ack_floor()), (0, 0, 2));
+}
+
 #[test]
 fn backend_outcome_converts() {
     use sluice_cluster::Outcome as B;
@@ -506,8 +571,32 @@ impl Model {
         self.msgs.iter().enumerate().filter(|(_, m)| pred(&m.place)).map(|(i, m)| (i as Seq, m.meta)).collect()
     }
 
+    /// Ready messages in delivery order: highest priority first, then seq.
     fn ready(&self) -> Vec<(Seq, MsgMeta)> {
-        self.where_(|p| *p == Place::Ready)
+        let mut out = self.where_(|p| *p == Place::Ready);
+        out.sort_by_key(|(seq, m)| (std::cmp::Reverse(m.priority), *seq));
+        out
+    }
+
+    /// The index of the first ready message in delivery order.
+    fn head(&self) -> Option<usize> {
+        self.ready().first().map(|(seq, _)| *seq as usize)
+    }
+
+    /// A message back from its holder: ready, redelivered, counted; or
+    /// gone when returned more than the delivery limit (returns false).
+    fn give_back(&mut self, i: usize) -> bool {
+        let limit = self.limits.delivery_limit;
+        let m = &mut self.msgs[i];
+        m.meta.redelivered = true;
+        m.meta.delivery_count += 1;
+        if limit.is_some_and(|l| m.meta.delivery_count > l) {
+            m.place = Place::Gone;
+            false
+        } else {
+            m.place = Place::Ready;
+            true
+        }
     }
 
     fn held(&self, c: &ConsumerId) -> Vec<(Seq, MsgMeta)> {
@@ -542,17 +631,28 @@ impl Model {
         usize::try_from(seq).ok().and_then(|i| self.msgs.get_mut(i))
     }
 
-    /// Moves every message whose place matches back to ready, flagged.
-    fn requeue_where(&mut self, pred: impl Fn(&Place) -> bool) -> Vec<Seq> {
+    /// Gives back every message whose place matches: the effects
+    /// (requeued, then dropped over the delivery limit, both by seq).
+    fn requeue_where(&mut self, pred: impl Fn(&Place) -> bool) -> Vec<Effect> {
         let mut seqs = Vec::new();
-        for (i, m) in self.msgs.iter_mut().enumerate() {
-            if pred(&m.place) {
-                m.place = Place::Ready;
-                m.meta.redelivered = true;
-                seqs.push(i as Seq);
+        let mut dropped = Vec::new();
+        for i in 0..self.msgs.len() {
+            if pred(&self.msgs[i].place) {
+                if self.give_back(i) {
+                    seqs.push(i as Seq);
+                } else {
+                    dropped.push(i as Seq);
+                }
             }
         }
-        seqs
+        let mut fx = Vec::new();
+        if !seqs.is_empty() {
+            fx.push(Effect::Requeued { seqs });
+        }
+        if !dropped.is_empty() {
+            fx.push(Effect::Removed { seqs: dropped });
+        }
+        fx
     }
 
     fn with_limits(limits: Limits) -> Self {
@@ -573,7 +673,7 @@ impl Model {
     /// Drops ready messages from the first while the first has expired.
     fn expire_head(&mut self, now: u64) -> Vec<Seq> {
         let mut out = Vec::new();
-        while let Some(i) = self.msgs.iter().position(|m| m.place == Place::Ready) {
+        while let Some(i) = self.head() {
             if !self.msgs[i].meta.expires_at.is_some_and(|at| at <= now) {
                 break;
             }
@@ -610,10 +710,18 @@ impl Model {
                     seqs.push(Some(self.next_seq()));
                     let ttl = [self.limits.message_ttl, m.ttl_ms].into_iter().flatten().min();
                     let expires_at = ttl.map(|t| now_ms + t);
-                    let meta = MsgMeta { size: m.size, persistent: m.persistent, redelivered: false, expires_at };
+                    let priority = self.limits.max_priority.map_or(0, |max| m.priority.min(max));
+                    let meta = MsgMeta {
+                        size: m.size,
+                        persistent: m.persistent,
+                        redelivered: false,
+                        expires_at,
+                        priority,
+                        delivery_count: 0,
+                    };
                     self.msgs.push(ModelMsg { meta, place: Place::Ready });
                     while self.over(0, 0) {
-                        let Some(i) = self.msgs.iter().position(|m| m.place == Place::Ready) else { break };
+                        let Some(i) = self.head() else { break };
                         self.msgs[i].place = Place::Gone;
                         removed.push(i as Seq);
                     }
@@ -650,14 +758,7 @@ impl Model {
                 self.consumers.retain(|(id, _)| id != consumer);
                 vec![Effect::Detached { consumer: consumer.clone() }]
             }
-            Command::ReturnAll { consumer } => {
-                let seqs = self.requeue_where(|p| *p == Place::Held(consumer.clone()));
-                if seqs.is_empty() {
-                    vec![]
-                } else {
-                    vec![Effect::Requeued { seqs }]
-                }
-            }
+            Command::ReturnAll { consumer } => self.requeue_where(|p| *p == Place::Held(consumer.clone())),
             Command::Checkout { consumer, seqs, now_ms } => {
                 let Some(opts) = self.consumers.iter().find(|(id, _)| id == consumer).map(|(_, o)| *o) else {
                     return vec![Effect::Rejected { reason: Rejection::NotAttached }];
@@ -697,7 +798,7 @@ impl Model {
                 if !expired.is_empty() {
                     fx.push(Effect::Removed { seqs: expired });
                 }
-                let Some(i) = self.msgs.iter().position(|m| m.place == Place::Ready) else {
+                let Some(i) = self.head() else {
                     fx.push(Effect::Got { holder: holder.clone(), msg: None, remaining: 0 });
                     return fx;
                 };
@@ -710,25 +811,33 @@ impl Model {
                 fx
             }
             Command::Settle { consumer, seqs, outcome } => {
+                let mut back = Vec::new();
                 let mut done = Vec::new();
                 for &seq in seqs {
-                    if let Some(m) = self.msg(seq) {
-                        if m.place == Place::Held(consumer.clone()) {
-                            if *outcome == Outcome::Requeue {
-                                m.place = Place::Ready;
-                                m.meta.redelivered = true;
-                            } else {
-                                m.place = Place::Gone;
-                            }
+                    let Some(m) = self.msg(seq) else { continue };
+                    if m.place != Place::Held(consumer.clone()) {
+                        continue;
+                    }
+                    let i = seq as usize;
+                    if *outcome == Outcome::Requeue {
+                        if self.give_back(i) {
+                            back.push(seq);
+                        } else {
                             done.push(seq);
                         }
+                    } else {
+                        self.msgs[i].place = Place::Gone;
+                        done.push(seq);
                     }
                 }
-                match (done.is_empty(), outcome) {
-                    (true, _) => vec![],
-                    (false, Outcome::Requeue) => vec![Effect::Requeued { seqs: done }],
-                    (false, _) => vec![Effect::Removed { seqs: done }],
+                let mut fx = Vec::new();
+                if !back.is_empty() {
+                    fx.push(Effect::Requeued { seqs: back });
                 }
+                if !done.is_empty() {
+                    fx.push(Effect::Removed { seqs: done });
+                }
+                fx
             }
             Command::GatewayDown { gateway } => {
                 let mut gone: Vec<ConsumerId> =
@@ -736,10 +845,7 @@ impl Model {
                 gone.sort();
                 self.consumers.retain(|(id, _)| id.gateway != *gateway);
                 let mut fx: Vec<Effect> = gone.into_iter().map(|consumer| Effect::Detached { consumer }).collect();
-                let seqs = self.requeue_where(|p| matches!(p, Place::Held(c) if c.gateway == *gateway));
-                if !seqs.is_empty() {
-                    fx.push(Effect::Requeued { seqs });
-                }
+                fx.extend(self.requeue_where(|p| matches!(p, Place::Held(c) if c.gateway == *gateway)));
                 fx
             }
             Command::Barrier => vec![],
@@ -795,8 +901,8 @@ enum Pick {
 
 #[derive(Clone, Debug)]
 enum Op {
-    /// (size, persistent, (publisher, id), ttl).
-    Enqueue(Vec<(u32, bool, Option<(usize, u64)>, Option<u64>)>),
+    /// (size, persistent, (publisher, id), ttl, priority).
+    Enqueue(Vec<(u32, bool, Option<(usize, u64)>, Option<u64>, u8)>),
     /// Advance the clock by this much and expire.
     Expire(u64),
     Attach(usize, bool, bool),
@@ -850,6 +956,7 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         any::<bool>(),
         proptest::option::weighted(0.5, (0..PUBLISHERS.len(), 0u64..40)),
         proptest::option::weighted(0.3, 0u64..30),
+        prop_oneof![3 => Just(0u8), 2 => 0u8..6, 1 => any::<u8>()],
     );
     let picks = || proptest::collection::vec(pick_strategy(), 0..6);
     // Delete is rare so that most sequences keep going long after it would
@@ -880,12 +987,16 @@ fn limits_strategy() -> impl Strategy<Value = Limits> {
         proptest::option::weighted(0.4, 0u64..5000),
         overflow,
         proptest::option::weighted(0.4, 0u64..30),
+        proptest::option::weighted(0.4, prop_oneof![0u8..5, Just(255u8)]),
+        proptest::option::weighted(0.4, 0u32..4),
     )
-        .prop_map(|(max_length, max_length_bytes, overflow, message_ttl)| Limits {
+        .prop_map(|(max_length, max_length_bytes, overflow, message_ttl, max_priority, delivery_limit)| Limits {
             max_length,
             max_length_bytes,
             overflow,
             message_ttl,
+            max_priority,
+            delivery_limit,
         });
     prop_oneof![1 => Just(Limits::default()), 2 => some]
 }
@@ -913,11 +1024,12 @@ fn resolve(op: &Op, model: &Model) -> Command {
             now_ms: model.now,
             msgs: msgs
                 .iter()
-                .map(|&(size, persistent, pid, ttl_ms)| NewMsg {
+                .map(|&(size, persistent, pid, ttl_ms, priority)| NewMsg {
                     size,
                     persistent,
                     publish_id: pid.map(|(p, id)| PublishId { publisher: PUBLISHERS[p].into(), id }),
                     ttl_ms,
+                    priority,
                 })
                 .collect(),
         },

@@ -307,7 +307,8 @@ impl Channel {
                         if !no_ack {
                             self.unacked.insert(tag, Unacked { queue: q, msg_id: d.msg_id, consumer: None });
                         }
-                        Reply::GetOk { delivery_tag: tag, redelivered: d.redelivered, message_count, message: d.message }
+                        let message = with_delivery_count(d.message, d.delivery_count);
+                        Reply::GetOk { delivery_tag: tag, redelivered: d.redelivered, message_count, message }
                     }
                 }
             }
@@ -520,7 +521,7 @@ impl Channel {
             consumer_tag: consumer.tag.clone(),
             delivery_tag: tag,
             redelivered: delivery.redelivered,
-            message: delivery.message,
+            message: with_delivery_count(delivery.message, delivery.delivery_count),
         })
     }
 
@@ -605,6 +606,20 @@ fn unknown_tag(tag: u64) -> BrokerError {
 }
 
 /// Counts a delivery in its queue's meter.
+/// Adds the `x-delivery-count` header (a long, as RabbitMQ's quorum
+/// queues) to a message returned to its queue before: absent on a first
+/// delivery, as there. STOMP maps it to a frame header like any other.
+fn with_delivery_count(mut message: Message, count: u32) -> Message {
+    if count > 0 {
+        message
+            .properties
+            .headers
+            .get_or_insert_with(Default::default)
+            .insert("x-delivery-count", sluice_codecs::amqp::value::FieldValue::I64(i64::from(count)));
+    }
+    message
+}
+
 fn count_delivery(meter: &QueueMeter, redelivered: bool) {
     QueueMeter::add(&meter.delivered, 1);
     if redelivered {

@@ -1130,6 +1130,7 @@ impl Queues {
                         id,
                     }),
                     ttl_ms: None,
+                    priority: 0,
                 })
                 .collect();
             let request = Request::Publish {

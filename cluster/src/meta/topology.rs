@@ -983,6 +983,8 @@ fn validate_queue_args(args: &Arguments, what: &str) -> Result<(), MetaError> {
             Some(0) if k == "x-expires" || k == "x-partitions" => "{value_zero,0}".to_string(),
             Some(n) if k == "x-partitions" && n > MAX_PARTITIONS => format!("{{value_too_large,{n},{MAX_PARTITIONS}}}"),
             Some(n) if n < 0 => format!("{{value_negative,{n}}}"),
+            // RabbitMQ's check_max_priority_arg (?MAX_SUPPORTED_PRIORITY).
+            Some(n) if k == "x-max-priority" && n > 255 => format!("{{max_value_exceeded,{n}}}"),
             // RabbitMQ's ?MAX_EXPIRY_TIMER.
             Some(n) if (k == "x-message-ttl" || k == "x-expires") && n > 4_294_967_295 => {
                 format!("{{value_too_big,{n}}}")

@@ -251,6 +251,7 @@ impl DeliverySink for GatewaySink {
             consumer: self.consumer.clone(),
             seq: delivery.msg_id,
             redelivered: delivery.redelivered,
+            delivery_count: delivery.delivery_count,
             message: ByteBuf::from(record::encode(&delivery.message).to_vec()),
         };
         self.tx.send((Some(consumer.clone()), msg)).is_ok()
@@ -727,6 +728,7 @@ impl Host {
                         delivery: Some(WireDelivery {
                             seq: d.msg_id,
                             redelivered: d.redelivered,
+                            delivery_count: d.delivery_count,
                             message: ByteBuf::from(record::encode(&d.message).to_vec()),
                         }),
                         left,

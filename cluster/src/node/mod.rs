@@ -56,7 +56,15 @@ pub enum NodeRequest {
     /// One-way, gateway to leader: ack / requeue / discard.
     Settle { queue: u64, consumer: ConsumerId, seqs: Vec<u64>, outcome: WireOutcome },
     /// One-way, leader to gateway: a message for a consumer.
-    Deliver { queue: u64, consumer: ConsumerId, seq: u64, redelivered: bool, message: serde_bytes::ByteBuf },
+    Deliver {
+        queue: u64,
+        consumer: ConsumerId,
+        seq: u64,
+        redelivered: bool,
+        /// Returns before this delivery (`x-delivery-count`).
+        delivery_count: u32,
+        message: serde_bytes::ByteBuf,
+    },
     /// One-way, leader to gateway: the queue cancelled the consumer.
     Cancelled { queue: u64, consumer: ConsumerId },
     /// Request, gateway to leader: basic.get. Answered with `Got`.
@@ -147,6 +155,8 @@ impl From<WireOutcome> for crate::Outcome {
 pub struct WireDelivery {
     pub seq: u64,
     pub redelivered: bool,
+    /// Returns before this delivery (`x-delivery-count`).
+    pub delivery_count: u32,
     pub message: serde_bytes::ByteBuf,
 }
 

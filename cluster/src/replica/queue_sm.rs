@@ -10,8 +10,12 @@
 //! checks that the decision is still possible when it is applied.
 //!
 //! The semantics are those of the single-node queue Sluice had before the
-//! cluster (and of RabbitMQ's classic queues): the ready list is ordered by seq; a requeued message
-//! goes back to its original position with `redelivered = true`; purge
+//! cluster (and of RabbitMQ's classic queues): the ready list is ordered by
+//! priority (highest first; all 0 without `x-max-priority`) then seq; a
+//! requeued message goes back to its original position within its priority
+//! with `redelivered = true` and its delivery count one higher, unless that
+//! count is then above `x-delivery-limit` (the message is dropped, as a
+//! quorum queue drops it without a dead-letter exchange); purge
 //! drops ready messages only; a consumer that is detached keeps its
 //! unacknowledged messages (AMQP's basic.cancel), they return only when its
 //! channel or gateway goes away.
@@ -25,7 +29,10 @@
 //! model):
 //! - every seq is assigned once, in increasing order;
 //! - a message is in exactly one of: ready, held by one consumer, gone;
-//! - a requeued message returns to its position by seq, flagged redelivered;
+//! - the ready list is in (priority descending, seq) order; a requeued
+//!   message returns to its position there, flagged redelivered, its
+//!   delivery count one up, or is removed once that count exceeds the
+//!   delivery limit;
 //! - [`QueueSm::ack_floor`] never decreases;
 //! - only a ready message can be checked out, so no message is ever held by
 //!   two consumers; only the consumer holding a message can settle it;
@@ -36,6 +43,7 @@
 //! Message bodies are not here: they stay in storage keyed by (queue, seq);
 //! the state machine keeps a few bytes of metadata per message.
 
+use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
@@ -86,6 +94,12 @@ pub struct MsgMeta {
     /// epoch), from the queue's `x-message-ttl` and the message's
     /// `expiration`; `None`: never.
     pub expires_at: Option<u64>,
+    /// Priority, already capped at the queue's `x-max-priority` (0 when
+    /// the queue has none): higher is delivered first.
+    pub priority: u8,
+    /// How often the message was returned (requeued by a settle, its
+    /// holder's channel or gateway gone): the `x-delivery-count` header.
+    pub delivery_count: u32,
 }
 
 /// What happens when a publish would take the queue over its length
@@ -116,6 +130,12 @@ pub struct Limits {
     pub overflow: Overflow,
     /// `x-message-ttl` (ms).
     pub message_ttl: Option<u64>,
+    /// `x-max-priority`: message priorities are capped at it; `None`: every
+    /// message has priority 0.
+    pub max_priority: Option<u8>,
+    /// `x-delivery-limit`: a message returned more often than this is
+    /// dropped instead of requeued.
+    pub delivery_limit: Option<u32>,
 }
 
 /// Identifies one publish for deduplication of gateway retries.
@@ -141,6 +161,9 @@ pub struct NewMsg {
     pub publish_id: Option<PublishId>,
     /// The message's own TTL (ms, its `expiration` property).
     pub ttl_ms: Option<u64>,
+    /// The message's `priority` property (0 when absent), capped by the
+    /// state machine at the queue's `x-max-priority`.
+    pub priority: u8,
 }
 
 /// How a held message is settled.
@@ -397,8 +420,11 @@ impl Publisher {
 pub struct QueueSm {
     /// The seq the next enqueued message gets.
     next_seq: Seq,
-    /// Ready messages, ordered by seq: the delivery order.
+    /// Ready messages by seq.
     ready: BTreeMap<Seq, MsgMeta>,
+    /// The keys of `ready` in delivery order: highest priority first, then
+    /// seq. Derived from `ready` (not in the snapshot).
+    order: BTreeSet<(Reverse<u8>, Seq)>,
     /// Held messages of every consumer (for counts and the ack floor).
     unacked: BTreeMap<Seq, MsgMeta>,
     /// Which consumer holds what; no empty sets. The sets partition the
@@ -449,37 +475,66 @@ impl QueueSm {
     /// only the head is looked at; an expired message behind one that has
     /// not expired is dropped when it reaches the head or is checked out.
     pub fn next_expiry(&self) -> Option<u64> {
-        self.ready.first_key_value().and_then(|(_, m)| m.expires_at)
+        self.ready_head().and_then(|(_, m)| m.expires_at)
+    }
+
+    /// The first ready message in delivery order.
+    fn ready_head(&self) -> Option<(Seq, &MsgMeta)> {
+        let &(_, seq) = self.order.first()?;
+        self.ready.get(&seq).map(|meta| (seq, meta))
     }
 
     fn ready_insert(&mut self, seq: Seq, meta: MsgMeta) {
         self.ready_bytes = self.ready_bytes.saturating_add(u64::from(meta.size));
         if let Some(old) = self.ready.insert(seq, meta) {
             self.ready_bytes = self.ready_bytes.saturating_sub(u64::from(old.size));
+            self.order.remove(&(Reverse(old.priority), seq));
         }
+        self.order.insert((Reverse(meta.priority), seq));
     }
 
     fn ready_remove(&mut self, seq: Seq) -> Option<MsgMeta> {
         let meta = self.ready.remove(&seq)?;
         self.ready_bytes = self.ready_bytes.saturating_sub(u64::from(meta.size));
+        self.order.remove(&(Reverse(meta.priority), seq));
         Some(meta)
     }
 
+    /// Removes the first ready message in delivery order.
     fn ready_pop_first(&mut self) -> Option<(Seq, MsgMeta)> {
-        let (seq, meta) = self.ready.pop_first()?;
-        self.ready_bytes = self.ready_bytes.saturating_sub(u64::from(meta.size));
-        Some((seq, meta))
+        let (_, seq) = self.order.first().copied()?;
+        self.ready_remove(seq).map(|meta| (seq, meta))
     }
 
-    /// Removes the expired messages at the head of the ready list.
+    fn ready_clear(&mut self) -> BTreeMap<Seq, MsgMeta> {
+        self.ready_bytes = 0;
+        self.order.clear();
+        std::mem::take(&mut self.ready)
+    }
+
+    /// Removes the expired messages at the head of the ready list (in
+    /// delivery order).
     fn expire_head(&mut self, now_ms: u64, removed: &mut Vec<Seq>) {
-        while let Some((&seq, meta)) = self.ready.first_key_value() {
+        while let Some((seq, meta)) = self.ready_head() {
             if !meta.expires_at.is_some_and(|at| at <= now_ms) {
                 break;
             }
             self.ready_remove(seq);
             removed.push(seq);
         }
+    }
+
+    /// A message back from a consumer: ready again, redelivered, its
+    /// delivery count one up; or gone when that is above the delivery
+    /// limit (returns false).
+    fn give_back(&mut self, seq: Seq, mut meta: MsgMeta) -> bool {
+        meta.redelivered = true;
+        meta.delivery_count = meta.delivery_count.saturating_add(1);
+        if self.limits.delivery_limit.is_some_and(|limit| meta.delivery_count > limit) {
+            return false;
+        }
+        self.ready_insert(seq, meta);
+        true
     }
 
     fn over_limit(&self) -> bool {
@@ -508,9 +563,13 @@ impl QueueSm {
                 fx.push(Effect::Detached { consumer });
             }
             Command::ReturnAll { consumer } => {
-                let seqs = self.return_all(&consumer);
+                let mut dropped = Vec::new();
+                let seqs = self.return_all(&consumer, &mut dropped);
                 if !seqs.is_empty() {
                     fx.push(Effect::Requeued { seqs });
+                }
+                if !dropped.is_empty() {
+                    fx.push(Effect::Removed { seqs: dropped });
                 }
             }
             Command::Checkout { consumer, seqs, now_ms } => self.checkout(consumer, seqs, now_ms, &mut fx),
@@ -525,8 +584,7 @@ impl QueueSm {
             Command::Settle { consumer, seqs, outcome } => self.settle(&consumer, seqs, outcome, &mut fx),
             Command::GatewayDown { gateway } => self.gateway_down(gateway, &mut fx),
             Command::Purge => {
-                let ready = std::mem::take(&mut self.ready);
-                self.ready_bytes = 0;
+                let ready = self.ready_clear();
                 let seqs: Vec<Seq> = ready.into_keys().collect();
                 let n = count(seqs.len());
                 if !seqs.is_empty() {
@@ -551,8 +609,7 @@ impl QueueSm {
                 for consumer in std::mem::take(&mut self.consumers).into_keys() {
                     fx.push(Effect::Cancelled { consumer });
                 }
-                self.ready.clear();
-                self.ready_bytes = 0;
+                self.ready_clear();
                 self.unacked.clear();
                 self.held.clear();
                 self.publishers.clear();
@@ -600,9 +657,19 @@ impl QueueSm {
                 (a, b) => a.or(b),
             };
             let expires_at = ttl.map(|ttl| now_ms.saturating_add(ttl));
-            self.ready_insert(seq, MsgMeta { size: msg.size, persistent: msg.persistent, redelivered: false, expires_at });
+            let priority = self.limits.max_priority.map_or(0, |max| msg.priority.min(max));
+            let meta = MsgMeta {
+                size: msg.size,
+                persistent: msg.persistent,
+                redelivered: false,
+                expires_at,
+                priority,
+                delivery_count: 0,
+            };
+            self.ready_insert(seq, meta);
             seqs.push(Some(seq));
-            // drop-head: the oldest ready messages make room.
+            // drop-head: the ready messages at the head (in delivery order)
+            // make room.
             while self.over_limit() {
                 let Some((old, _)) = self.ready_pop_first() else { break };
                 removed.push(old);
@@ -742,6 +809,7 @@ impl QueueSm {
         let Some(held) = self.held.get_mut(consumer) else { return };
         let mut done = Vec::new();
         let mut requeued = Vec::new();
+        let mut dropped = Vec::new();
         for seq in seqs {
             // Only what this consumer holds: a stale or duplicated settle,
             // or one for a message returned and redelivered elsewhere since,
@@ -749,37 +817,45 @@ impl QueueSm {
             if !held.remove(&seq) {
                 continue;
             }
-            let Some(mut meta) = self.unacked.remove(&seq) else { continue };
+            let Some(meta) = self.unacked.remove(&seq) else { continue };
             if outcome == Outcome::Requeue {
-                meta.redelivered = true;
                 requeued.push((seq, meta));
+            } else {
+                done.push(seq);
             }
-            done.push(seq);
         }
         if held.is_empty() {
             self.held.remove(consumer);
         }
+        let mut back = Vec::new();
         for (seq, meta) in requeued {
-            self.ready_insert(seq, meta);
+            if self.give_back(seq, meta) {
+                back.push(seq);
+            } else {
+                dropped.push(seq);
+            }
         }
-        if done.is_empty() {
-            return;
+        if !back.is_empty() {
+            fx.push(Effect::Requeued { seqs: back });
         }
-        fx.push(match outcome {
-            Outcome::Requeue => Effect::Requeued { seqs: done },
-            Outcome::Ack | Outcome::Discard => Effect::Removed { seqs: done },
-        });
+        done.extend(dropped);
+        if !done.is_empty() {
+            fx.push(Effect::Removed { seqs: done });
+        }
     }
 
-    /// Requeues everything `consumer` holds; returns the seqs in order.
-    fn return_all(&mut self, consumer: &ConsumerId) -> Vec<Seq> {
+    /// Returns everything `consumer` holds; gives the seqs requeued in
+    /// order, and adds those over the delivery limit to `dropped`.
+    fn return_all(&mut self, consumer: &ConsumerId, dropped: &mut Vec<Seq>) -> Vec<Seq> {
         let Some(held) = self.held.remove(consumer) else { return Vec::new() };
         let mut seqs = Vec::with_capacity(held.len());
         for seq in held {
-            if let Some(mut meta) = self.unacked.remove(&seq) {
-                meta.redelivered = true;
-                self.ready_insert(seq, meta);
-                seqs.push(seq);
+            if let Some(meta) = self.unacked.remove(&seq) {
+                if self.give_back(seq, meta) {
+                    seqs.push(seq);
+                } else {
+                    dropped.push(seq);
+                }
             }
         }
         seqs
@@ -799,12 +875,17 @@ impl QueueSm {
             fx.push(Effect::Detached { consumer });
         }
         let mut seqs = Vec::new();
+        let mut dropped = Vec::new();
         for holder in &holders {
-            seqs.extend(self.return_all(holder));
+            seqs.extend(self.return_all(holder, &mut dropped));
         }
         if !seqs.is_empty() {
             seqs.sort_unstable();
             fx.push(Effect::Requeued { seqs });
+        }
+        if !dropped.is_empty() {
+            dropped.sort_unstable();
+            fx.push(Effect::Removed { seqs: dropped });
         }
     }
 
@@ -841,7 +922,7 @@ impl QueueSm {
     /// The first `n` ready messages, in delivery order: what the leader may
     /// check out next.
     pub fn next_ready(&self, n: usize) -> impl Iterator<Item = (Seq, &MsgMeta)> + '_ {
-        self.ready.iter().take(n).map(|(seq, meta)| (*seq, meta))
+        self.order.iter().take(n).filter_map(|(_, seq)| self.ready.get(seq).map(|meta| (*seq, meta)))
     }
 
     /// Attached consumers, in [`ConsumerId`] order.
@@ -1028,7 +1109,7 @@ mod tests {
 
     fn enqueue_ids(sm: &mut QueueSm, publisher: &str, ids: &[u64]) -> Vec<Option<Seq>> {
         let msgs =
-            ids.iter().map(|&id| NewMsg { size: 1, persistent: false, publish_id: pid(publisher, id), ttl_ms: None }).collect();
+            ids.iter().map(|&id| NewMsg { size: 1, persistent: false, publish_id: pid(publisher, id), ttl_ms: None, priority: 0 }).collect();
         match sm.apply(Command::Enqueue { now_ms: 0, msgs }).as_slice() {
             [Effect::Enqueued { seqs }] => seqs.clone(),
             other => panic!("unexpected {other:?}"),
@@ -1101,7 +1182,7 @@ mod tests {
         let mut snap = QueueSm::new().snapshot();
         snap.next_seq = u64::MAX - 1;
         let mut sm = QueueSm::restore(snap).unwrap();
-        let two = vec![NewMsg { size: 1, persistent: false, publish_id: None, ttl_ms: None }; 2];
+        let two = vec![NewMsg { size: 1, persistent: false, publish_id: None, ttl_ms: None, priority: 0 }; 2];
         assert_eq!(
             sm.apply(Command::Enqueue { now_ms: 0, msgs: two.clone() }),
             vec![Effect::Rejected { reason: Rejection::SeqsExhausted }]
@@ -1158,7 +1239,7 @@ mod tests {
 
     fn valid() -> Snapshot {
         let mut sm = QueueSm::new();
-        let msg = NewMsg { size: 3, persistent: true, publish_id: None, ttl_ms: None };
+        let msg = NewMsg { size: 3, persistent: true, publish_id: None, ttl_ms: None, priority: 0 };
         sm.apply(Command::Enqueue { now_ms: 0, msgs: vec![msg; 4] });
         sm.apply(Command::Attach { consumer: consumer("a"), opts: ConsumerOpts::default() });
         sm.apply(Command::Checkout { consumer: consumer("a"), seqs: vec![1], now_ms: 0 });
@@ -1170,7 +1251,7 @@ mod tests {
     fn restore_refuses_broken_snapshots() {
         let ok = valid();
         assert!(QueueSm::restore(ok.clone()).is_ok());
-        let meta = MsgMeta { size: 0, persistent: false, redelivered: false, expires_at: None };
+        let meta = MsgMeta { size: 0, persistent: false, redelivered: false, expires_at: None, priority: 0, delivery_count: 0 };
         let excl = ConsumerOpts { exclusive: true, no_ack: false };
         let cases: Vec<Box<dyn Fn(&mut Snapshot)>> = vec![
             Box::new(|s| s.ready.push((s.next_seq, meta))),

@@ -1320,7 +1320,8 @@ impl ReplicatedQueue {
         let size = u32::try_from(message.body.len()).unwrap_or(u32::MAX);
         // An invalid expiration is refused by the gateway (406) before.
         let ttl_ms = crate::backend::message_ttl(message).ok().flatten();
-        let msg = NewMsg { size, persistent: message.is_persistent(), publish_id, ttl_ms };
+        let priority = message.properties.priority.unwrap_or(0);
+        let msg = NewMsg { size, persistent: message.is_persistent(), publish_id, ttl_ms, priority };
         let cmd = Command::Enqueue { now_ms: now_ms(), msgs: vec![msg] };
         let body = record::encode(message);
         let mut inner = self.lock();
@@ -1963,7 +1964,12 @@ impl ReplicatedQueue {
                             }
                         };
                         delivered += 1;
-                        let delivery = Delivery { msg_id: seq, redelivered: meta.redelivered, message };
+                        let delivery = Delivery {
+                            msg_id: seq,
+                            redelivered: meta.redelivered,
+                            delivery_count: meta.delivery_count,
+                            message,
+                        };
                         if !consumer.sink.deliver(consumer, delivery) {
                             consumer.undo_acquire();
                             refused.push(seq);
@@ -1979,7 +1985,15 @@ impl ReplicatedQueue {
                     got = match (&waiter, msg) {
                         (Some(Waiter::Get(_)), Some((seq, meta))) => match inner.message(seq) {
                             Ok(message) => {
-                                Some(Some((Delivery { msg_id: seq, redelivered: meta.redelivered, message }, remaining)))
+                                Some(Some((
+                                Delivery {
+                                    msg_id: seq,
+                                    redelivered: meta.redelivered,
+                                    delivery_count: meta.delivery_count,
+                                    message,
+                                },
+                                remaining,
+                            )))
                             }
                             Err(e) => {
                                 tracing::error!(queue = %self.spec.name, seq, error = %e, "no body for a got message");

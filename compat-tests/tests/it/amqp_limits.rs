@@ -1,8 +1,11 @@
 //! Queue limits and TTL (issue 5, items 1 and 2): x-max-length,
 //! x-max-length-bytes, x-overflow, x-max-message-size, x-message-ttl and
-//! the per-message expiration, against the real binary.
+//! the per-message expiration, x-max-priority and x-delivery-limit
+//! (items 3 and 5), against the real binary.
 
 use std::time::Duration;
+
+use futures_util::StreamExt;
 
 use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable};
@@ -175,6 +178,10 @@ async fn invalid_arguments_are_406_with_rabbitmq_texts() {
         ("x-overflow", AMQPValue::LongString("drop-tail".into()), "invalid arg 'x-overflow' for queue 'bad' in vhost '/': invalid_overflow"),
         ("x-message-ttl", AMQPValue::LongInt(-5), "invalid arg 'x-message-ttl' for queue 'bad' in vhost '/': {value_negative,-5}"),
         ("x-expires", AMQPValue::LongInt(0), "invalid arg 'x-expires' for queue 'bad' in vhost '/': {value_zero,0}"),
+        ("x-max-priority", AMQPValue::LongInt(256), "invalid arg 'x-max-priority' for queue 'bad' in vhost '/': {max_value_exceeded,256}"),
+        ("x-max-priority", AMQPValue::LongInt(-1), "invalid arg 'x-max-priority' for queue 'bad' in vhost '/': {value_negative,-1}"),
+        ("x-delivery-limit", AMQPValue::LongInt(-2), "invalid arg 'x-delivery-limit' for queue 'bad' in vhost '/': {value_negative,-2}"),
+        ("x-delivery-limit", AMQPValue::LongString("3".into()), "invalid arg 'x-delivery-limit'"),
     ];
     for (arg, value, want) in cases {
         let ch = channel(&c).await;
@@ -224,4 +231,76 @@ async fn x_expires_deletes_an_unused_queue_but_not_one_in_use() {
     // ...and goes once it is unused.
     ch.basic_cancel(consumer.tag().as_str().into(), BasicCancelOptions::default()).await.unwrap();
     assert!(gone_within(&s, "used", 4).await, "x-expires counts from the last consumer");
+}
+
+async fn publish_priority(ch: &Channel, key: &str, body: &[u8], priority: Option<u8>) {
+    let mut props = BasicProperties::default();
+    if let Some(p) = priority {
+        props = props.with_priority(p);
+    }
+    ch.basic_publish("".into(), key.into(), BasicPublishOptions::default(), body, props).await.expect("publish");
+}
+
+#[tokio::test]
+async fn max_priority_delivers_highest_first_fifo_within() {
+    let s = Server::start();
+    let (_c, ch) = open(&s).await;
+    declare_with(&ch, "prio", &[("x-max-priority", AMQPValue::ShortShortUInt(5))]).await.unwrap();
+    // 9 is capped at 5; no priority is 0.
+    let msgs = [("a1", Some(1)), ("b5", Some(5)), ("c0", None), ("d9", Some(9)), ("e1", Some(1)), ("f5", Some(5))];
+    for (body, p) in msgs {
+        publish_priority(&ch, "prio", body.as_bytes(), p).await;
+    }
+    eventually_ready(&ch, "prio", 6).await;
+    // basic.get takes the highest first; a requeued message goes back to
+    // its place within its priority.
+    let got = ch.basic_get("prio".into(), BasicGetOptions::default()).await.unwrap().expect("a message");
+    assert_eq!(got.delivery.data, b"b5");
+    got.delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await.unwrap();
+    let want: Vec<Vec<u8>> = ["b5", "d9", "f5", "a1", "e1", "c0"].iter().map(|b| b.as_bytes().to_vec()).collect();
+    assert_eq!(consume_n(&ch, "prio", 6).await, want);
+    // Without x-max-priority the priority property is ignored: FIFO.
+    declare(&ch, "noprio").await;
+    publish_priority(&ch, "noprio", b"low", Some(0)).await;
+    publish_priority(&ch, "noprio", b"high", Some(9)).await;
+    eventually_ready(&ch, "noprio", 2).await;
+    assert_eq!(drain(&ch, "noprio").await, vec![b"low".to_vec(), b"high".to_vec()]);
+}
+
+fn delivery_count(props: &BasicProperties) -> Option<i64> {
+    let headers = props.headers().as_ref()?;
+    match headers.inner().get("x-delivery-count")? {
+        AMQPValue::LongLongInt(n) => Some(*n),
+        other => panic!("x-delivery-count of type {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn delivery_limit_drops_after_n_returns_with_a_growing_delivery_count() {
+    let s = Server::start();
+    let (_c, ch) = open(&s).await;
+    declare_with(&ch, "poison", &[("x-delivery-limit", AMQPValue::LongInt(2))]).await.unwrap();
+    publish(&ch, "", "poison", b"bad").await;
+    publish(&ch, "", "poison", b"good").await;
+    let mut consumer = ch
+        .basic_consume("poison".into(), "c".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    // "bad" is nacked with requeue every time; "good" is acked.
+    while seen.iter().filter(|(b, _, _)| b == b"bad").count() < 3 || !seen.iter().any(|(b, _, _)| b == b"good") {
+        let d = tokio::time::timeout(Duration::from_secs(10), consumer.next()).await.expect("a delivery").unwrap().unwrap();
+        seen.push((d.data.clone(), d.redelivered, delivery_count(&d.properties)));
+        if d.data == b"bad" {
+            d.nack(BasicNackOptions { requeue: true, ..Default::default() }).await.unwrap();
+        } else {
+            d.ack(BasicAckOptions::default()).await.unwrap();
+        }
+    }
+    let bad: Vec<(bool, Option<i64>)> = seen.iter().filter(|(b, _, _)| b == b"bad").map(|(_, r, c)| (*r, *c)).collect();
+    // As a quorum queue: no header on the first delivery, then 1, 2; the
+    // third return is over the limit and the message is dropped.
+    assert_eq!(bad, vec![(false, None), (true, Some(1)), (true, Some(2))]);
+    eventually_ready(&ch, "poison", 0).await;
+    assert!(tokio::time::timeout(Duration::from_millis(500), consumer.next()).await.is_err(), "dropped for good");
 }

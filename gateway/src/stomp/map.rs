@@ -31,8 +31,9 @@ const PROTOCOL_HEADERS: [&str; 4] = ["destination", "receipt", "transaction", "c
 
 /// Queue arguments that SUBSCRIBE and SEND headers may carry, with whether
 /// the value is an integer (`long`) or a string.
-const ARGUMENT_HEADERS: [(&str, bool); 11] = [
+const ARGUMENT_HEADERS: [(&str, bool); 12] = [
     ("x-dead-letter-exchange", false),
+    ("x-delivery-limit", true),
     ("x-dead-letter-routing-key", false),
     ("x-expires", true),
     ("x-max-length", true),
