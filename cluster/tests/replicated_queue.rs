@@ -338,12 +338,22 @@ async fn consume_ack(q: &Arc<ReplicatedQueue>, n: usize) -> Vec<String> {
         got.push(body(&d));
     }
     assert!(q.cancel(&c));
-    // Whatever else was delivered goes back.
-    let mut rest = Vec::new();
-    while let Ok((_, d)) = rx.try_recv() {
-        rest.push(d.msg_id);
+    // Whatever else was delivered goes back, including deliveries of
+    // checkouts that applied before the cancel did (they can still be on
+    // their way): requeue until the consumer holds nothing.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let mut rest = Vec::new();
+        while let Ok((_, d)) = rx.try_recv() {
+            rest.push(d.msg_id);
+        }
+        settle(q, &c, &rest, Outcome::Requeue);
+        if rest.is_empty() && q.unacked_count() == 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "deliveries kept coming after the cancel");
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    settle(q, &c, &rest, Outcome::Requeue);
     got
 }
 
