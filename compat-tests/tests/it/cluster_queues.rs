@@ -415,3 +415,59 @@ async fn stomp_through_one_gateway_amqp_through_the_other() {
     assert_eq!(&msg.body[..], b"over amqp");
     drop((g1, g2, nodes));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_limits_and_ttl_hold_in_a_cluster() {
+    use lapin::types::AMQPValue;
+    let home = tempfile::tempdir().unwrap();
+    let nodes = three_nodes(home.path());
+    let addrs: Vec<&str> = nodes.iter().map(|n| n.addr.as_str()).collect();
+    let gw = start_gateway(home.path(), &addrs, &[]);
+    let (_c, ch) = open(&gw).await;
+    ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+
+    // reject-publish: the leader's refusal reaches the publisher as a nack.
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongInt(2));
+    args.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
+    ch.queue_declare("full".into(), durable(), args).await.unwrap();
+    let mut acks = Vec::new();
+    for i in 0..4u32 {
+        let c = ch.basic_publish("".into(), "full".into(), BasicPublishOptions::default(), &i.to_be_bytes(), persistent()).await.unwrap();
+        acks.push(c.await.unwrap().is_ack());
+    }
+    assert_eq!(acks, [true, true, false, false]);
+
+    // drop-head keeps the newest, and a message TTL expires messages.
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongInt(3));
+    ch.queue_declare("newest".into(), durable(), args).await.unwrap();
+    let mut args = FieldTable::default();
+    args.insert("x-message-ttl".into(), AMQPValue::LongInt(200));
+    ch.queue_declare("short".into(), durable(), args).await.unwrap();
+    for i in 0..6u32 {
+        for q in ["newest", "short"] {
+            let c = ch.basic_publish("".into(), q.into(), BasicPublishOptions::default(), &i.to_be_bytes(), persistent()).await.unwrap();
+            assert!(c.await.unwrap().is_ack());
+        }
+    }
+    let mut kept = Vec::new();
+    while let Some(m) = ch.basic_get("newest".into(), BasicGetOptions { no_ack: true }).await.unwrap() {
+        kept.push(u32::from_be_bytes(m.delivery.data[..4].try_into().unwrap()));
+    }
+    assert_eq!(kept, [3, 4, 5]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ok = ch
+            .queue_declare("short".into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+            .await
+            .unwrap();
+        if ok.message_count() == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "messages did not expire: {} left", ok.message_count());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ch.basic_get("short".into(), BasicGetOptions { no_ack: true }).await.unwrap().is_none());
+    drop(nodes);
+}
