@@ -583,14 +583,7 @@ async fn drive(q: Weak<RemoteQueue>, mut rx: mpsc::UnboundedReceiver<Out>) {
             let Some(client) = leader.clone() else {
                 call = Some((req, deadline, done));
                 let Some(queue) = q.upgrade() else { return };
-                if let Some(c) = find_and_resync(&queue, hint.take(), &mut backlog).await {
-                    leader = Some(c.clone());
-                    queue.leader.send_replace(Some(c));
-                } else {
-                    queue.leader.send_replace(None);
-                    drop(queue);
-                    tokio::time::sleep(Duration::from_millis(25)).await;
-                }
+                leader = find_and_resync(&queue, hint.take(), &mut backlog).await;
                 continue;
             };
             let timeout = deadline.saturating_duration_since(tokio::time::Instant::now()).min(Duration::from_secs(5));
@@ -613,17 +606,9 @@ async fn drive(q: Weak<RemoteQueue>, mut rx: mpsc::UnboundedReceiver<Out>) {
         }
         if leader.is_none() {
             let Some(queue) = q.upgrade() else { return };
-            match find_and_resync(&queue, hint.take(), &mut backlog).await {
-                Some(c) => {
-                    leader = Some(c.clone());
-                    queue.leader.send_replace(Some(c));
-                }
-                None => {
-                    queue.leader.send_replace(None);
-                    drop(queue);
-                    tokio::time::sleep(Duration::from_millis(25)).await;
-                    continue;
-                }
+            leader = find_and_resync(&queue, hint.take(), &mut backlog).await;
+            if leader.is_none() {
+                continue;
             }
         }
         let Some(out) = rx.recv().await else { return };
@@ -665,9 +650,20 @@ async fn drive(q: Weak<RemoteQueue>, mut rx: mpsc::UnboundedReceiver<Out>) {
 }
 
 /// Finds the queue's leader (trying `hint` first), re-attaches the
-/// consumers, sends the backlog and every in-flight publish. `None` if no
-/// leader answered this round.
+/// consumers, sends the backlog and every in-flight publish, and leaves the
+/// handle's leader watch on the link found (or empty). `None`, after a
+/// short pause, if no leader answered this round.
 async fn find_and_resync(queue: &Arc<RemoteQueue>, hint: Option<String>, backlog: &mut Vec<NodeRequest>) -> Option<Client> {
+    let found = resync(queue, hint, backlog).await;
+    if found.is_none() {
+        // Deliveries are taken from nobody until a leader is found again.
+        queue.leader.send_replace(None);
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    found
+}
+
+async fn resync(queue: &Arc<RemoteQueue>, hint: Option<String>, backlog: &mut Vec<NodeRequest>) -> Option<Client> {
     let cluster = &queue.cluster;
     let mut candidates = cluster.addresses();
     if let Some(addr) = hint.and_then(|h| cluster.addr_of(&h)) {

@@ -32,7 +32,7 @@ mod tests;
 
 pub use matching::{headers_match, topic_matches};
 pub use topology::{
-    partition_count, partition_hash, Binding, Command, CreatedQueue, DefChange, Dest, Exchange, ExchangeKind,
+    partition_count, partition_hash, partition_name, Binding, Command, CreatedQueue, DefChange, Dest, Exchange, ExchangeKind,
     MetaError, Outcome, Owner, QueueDef, RemovedQueue, Target, Topology, Vhost, MAX_PARTITIONS,
 };
 pub use replica::{Applied, MetaCommand, MetaOptions, MetaReplica, MetaResult, MetaState};

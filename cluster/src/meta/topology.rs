@@ -284,6 +284,16 @@ pub enum Command {
     ConnectionClosed { owner: Owner },
 }
 
+/// The name of partition `i` of the `n` of queue `name`, for logs, metrics
+/// and `sluice ctl`: the queue's own name when it is not partitioned.
+pub fn partition_name(name: &str, i: usize, n: usize) -> String {
+    if n == 1 {
+        name.to_owned()
+    } else {
+        format!("{name}#{i}")
+    }
+}
+
 /// A queue [`Topology::apply`] created: the caller creates its storage.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CreatedQueue {

@@ -266,21 +266,9 @@ impl DeliverySink for GatewaySink {
 impl Host {
     /// Opens the metadata replica (founding or joining the group) and every
     /// queue replica this node has a log for, and starts following the
-    /// metadata.
-    pub fn start(
-        node_id: String,
-        addr: String,
-        store: Store,
-        secret: Secret,
-        membership: Arc<Membership>,
-        seeds: Vec<String>,
-    ) -> Result<Arc<Host>, Error> {
-        Self::start_with(node_id, addr, store, secret, membership, seeds, false)
-    }
-
-    /// [`Host::start`]; with `single_node` (`sluice serve`, a cluster of
-    /// one) queues drop their transient messages when they reopen, as a
-    /// restarted RabbitMQ does.
+    /// metadata. With `single_node` (`sluice serve`, a cluster of one)
+    /// queues drop their transient messages when they reopen, as a
+    /// restarted RabbitMQ does, and tick slowly.
     pub fn start_with(
         node_id: String,
         addr: String,
@@ -886,22 +874,38 @@ impl Host {
 
 /// Every queue (and partition) of a topology, with its placement key.
 fn queue_specs(topo: &crate::meta::Topology) -> Vec<(QueueSpec, PlacementKey)> {
-    let mut out = Vec::new();
-    for vh in topo.vhosts() {
-        for q in vh.queues.values() {
-            let n = q.ids.len();
-            for (i, id) in q.ids.iter().enumerate() {
-                let key = if n == 1 {
-                    PlacementKey::queue(vh.name.clone(), q.name.clone())
-                } else {
-                    PlacementKey::partition(vh.name.clone(), q.name.clone(), i as u32)
-                };
-                let name = if n == 1 { q.name.clone() } else { format!("{}#{i}", q.name) };
-                out.push((QueueSpec { id: QueueId(*id), name, durable: q.durable, arguments: q.arguments.clone() }, key));
-            }
-        }
-    }
-    out
+    topo.vhosts()
+        .flat_map(|vh| vh.queues.values().flat_map(|q| partition_specs(&vh.name, &q.name, &q.ids, q.durable, &q.arguments)))
+        .collect()
+}
+
+/// The backend spec and placement key of each partition of queue `name`
+/// (one for a queue that is not partitioned).
+fn partition_specs(
+    vhost: &str,
+    name: &str,
+    ids: &[u64],
+    durable: bool,
+    arguments: &sluice_codecs::command::Arguments,
+) -> Vec<(QueueSpec, PlacementKey)> {
+    let n = ids.len();
+    ids.iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let key = if n == 1 {
+                PlacementKey::queue(vhost, name)
+            } else {
+                PlacementKey::partition(vhost, name, i as u32)
+            };
+            let spec = QueueSpec {
+                id: QueueId(*id),
+                name: crate::meta::partition_name(name, i, n),
+                durable,
+                arguments: arguments.clone(),
+            };
+            (spec, key)
+        })
+        .collect()
 }
 
 /// The replica set of a queue: its placement over `members`.
@@ -979,19 +983,7 @@ impl Host {
                     }
                 }
                 for q in &outcome.created {
-                    let n = q.ids.len();
-                    for (i, id) in q.ids.iter().enumerate() {
-                        let key = if n == 1 {
-                            PlacementKey::queue(q.vhost.clone(), q.name.clone())
-                        } else {
-                            PlacementKey::partition(q.vhost.clone(), q.name.clone(), i as u32)
-                        };
-                        let spec = QueueSpec {
-                            id: QueueId(*id),
-                            name: if n == 1 { q.name.clone() } else { format!("{}#{i}", q.name) },
-                            durable: q.durable,
-                            arguments: q.arguments.clone(),
-                        };
+                    for (spec, key) in partition_specs(&q.vhost, &q.name, &q.ids, q.durable, &q.arguments) {
                         let set = replica_set(&state.members, &key, &spec);
                         if set.contains(&self.node_id) {
                             let voters = set.iter().map(|m| raft_id(m)).collect();

@@ -363,7 +363,7 @@ impl Node {
                 membership.clone(),
                 options.seeds.clone(),
             );
-            tokio::task::spawn_blocking(move || host::Host::start(id, addr, store, secret, membership, seeds))
+            tokio::task::spawn_blocking(move || host::Host::start_with(id, addr, store, secret, membership, seeds, false))
                 .await
                 .map_err(|e| NodeError::Host(e.to_string()))?
                 .map_err(|e| NodeError::Host(e.to_string()))?

@@ -516,7 +516,7 @@ impl QueueSm {
     /// delivery order).
     fn expire_head(&mut self, now_ms: u64, removed: &mut Vec<Seq>) {
         while let Some((seq, meta)) = self.ready_head() {
-            if !meta.expires_at.is_some_and(|at| at <= now_ms) {
+            if meta.expires_at.is_none_or(|at| at > now_ms) {
                 break;
             }
             self.ready_remove(seq);

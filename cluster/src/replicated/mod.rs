@@ -1775,11 +1775,23 @@ impl ReplicatedQueue {
     /// from the store (after every raft write already submitted: the
     /// storage writer applies writes in order).
     fn stop_deleted(&self, inner: &mut Inner) {
+        self.stop_and_erase(inner, || Error::QueueDeleted, "replica deleted");
+    }
+
+    /// The replica applied its own removal from the group (the committed
+    /// configuration no longer has it): stop for good and remove its
+    /// records, as for a delete; waiters are pointed at the leader.
+    fn stop_removed(&self, inner: &mut Inner) {
+        let leader = inner.group.leader();
+        self.stop_and_erase(inner, move || Error::NotLeader { leader }, "replica removed from the group");
+    }
+
+    fn stop_and_erase(&self, inner: &mut Inner, error: impl Fn() -> Error, what: &str) {
         if inner.stopped {
             return;
         }
         inner.stopped = true;
-        inner.fail_waiters(|| Error::QueueDeleted);
+        inner.fail_waiters(error);
         inner.consumers.clear();
         inner.attaching.clear();
         inner.in_checkout.clear();
@@ -1787,26 +1799,7 @@ impl ReplicatedQueue {
         inner.cache.clear();
         // Dropping the completion does not cancel the write.
         drop(self.store.write(destroy_ops(self.spec.id.0), true));
-        tracing::debug!(queue = %self.spec.name, me = self.opts.me, "replica deleted");
-    }
-
-    /// The replica applied its own removal from the group (the committed
-    /// configuration no longer has it): stop for good and remove its
-    /// records, as for a delete.
-    fn stop_removed(&self, inner: &mut Inner) {
-        if inner.stopped {
-            return;
-        }
-        inner.stopped = true;
-        let leader = inner.group.leader();
-        inner.fail_waiters(move || Error::NotLeader { leader });
-        inner.consumers.clear();
-        inner.attaching.clear();
-        inner.in_checkout.clear();
-        inner.batches.clear();
-        inner.cache.clear();
-        drop(self.store.write(destroy_ops(self.spec.id.0), true));
-        tracing::debug!(queue = %self.spec.name, me = self.opts.me, "replica removed from the group");
+        tracing::debug!(queue = %self.spec.name, me = self.opts.me, "{what}");
     }
 
     /// Consumers whose sink refused a delivery: detach them, requeue what

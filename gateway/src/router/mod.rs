@@ -65,15 +65,6 @@ async fn counts(partitions: &[Arc<dyn Queue>]) -> Result<(u32, u32), BrokerError
     Ok((m, c))
 }
 
-/// Name of partition `i` of queue `name`, for logs and metrics.
-fn partition_name(name: &str, i: usize, n: usize) -> String {
-    if n == 1 {
-        name.to_string()
-    } else {
-        format!("{name}#{i}")
-    }
-}
-
 /// A queue's vhost, name and partition handles (metrics).
 pub type QueueHandles = (String, String, Vec<Arc<dyn Queue>>);
 
@@ -200,7 +191,7 @@ impl Router {
                             .backend
                             .open_queue(QueueSpec {
                                 id: QueueId(*id),
-                                name: partition_name(&q.name, i, n),
+                                name: meta::partition_name(&q.name, i, n),
                                 durable: q.durable,
                                 arguments: q.arguments.clone(),
                             })
@@ -292,7 +283,7 @@ impl Router {
             for (i, id) in q.ids.iter().enumerate() {
                 let spec = QueueSpec {
                     id: QueueId(*id),
-                    name: partition_name(&q.name, i, n),
+                    name: meta::partition_name(&q.name, i, n),
                     durable: q.durable,
                     arguments: q.arguments.clone(),
                 };
