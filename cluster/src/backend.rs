@@ -37,7 +37,10 @@ pub struct QueueId(pub u64);
 #[derive(Clone, Debug)]
 pub struct QueueSpec {
     pub id: QueueId,
-    /// Human-readable name, for logs and metrics only.
+    /// The queue's vhost (dead letters are routed in it).
+    pub vhost: String,
+    /// The queue's name (a partition's name for a partitioned queue): in
+    /// logs, metrics and `x-death` headers.
     pub name: String,
     /// Durable queues keep persistent messages across restarts.
     pub durable: bool,
@@ -68,6 +71,14 @@ impl QueueSpec {
             message_ttl: self.arg_u64("x-message-ttl"),
             max_priority: self.arg_u64("x-max-priority").map(|n| u8::try_from(n).unwrap_or(u8::MAX)),
             delivery_limit: self.arg_u64("x-delivery-limit").map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
+            dead_letter: self.arguments.get("x-dead-letter-exchange").is_some(),
+            visibility_timeout: self.arg_u64("x-visibility-timeout"),
+            dedup_window: self
+                .arguments
+                .get("x-message-deduplication")
+                .and_then(|v| v.as_bool())
+                .filter(|on| *on)
+                .map(|_| self.arg_u64("x-deduplication-window-ms").unwrap_or(DEFAULT_DEDUP_WINDOW_MS)),
         }
     }
 
@@ -81,6 +92,10 @@ impl QueueSpec {
         self.arg_u64("x-expires")
     }
 }
+
+/// The deduplication window of a queue with `x-message-deduplication`
+/// but no `x-deduplication-window-ms`: five minutes, as SQS's.
+pub const DEFAULT_DEDUP_WINDOW_MS: u64 = 300_000;
 
 /// A message's own TTL: its `expiration` property, a string of
 /// milliseconds as RabbitMQ reads it. `Err` carries RabbitMQ's reason

@@ -26,6 +26,7 @@
 
 pub mod backend;
 pub mod consensus;
+pub mod dead_letter;
 pub mod embedded;
 pub mod error;
 pub mod meta;

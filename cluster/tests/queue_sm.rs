@@ -18,11 +18,11 @@ fn cid(gateway: &str, connection: u64, tag: &str) -> ConsumerId {
 }
 
 fn plain(size: u32) -> NewMsg {
-    NewMsg { size, persistent: size.is_multiple_of(2), publish_id: None, ttl_ms: None, priority: 0 }
+    NewMsg { size, persistent: size.is_multiple_of(2), publish_id: None, ttl_ms: None, priority: 0, ..Default::default() }
 }
 
 fn published(publisher: &str, id: u64) -> NewMsg {
-    NewMsg { size: 10, persistent: true, publish_id: Some(PublishId { publisher: publisher.into(), id }), ttl_ms: None, priority: 0 }
+    NewMsg { size: 10, persistent: true, publish_id: Some(PublishId { publisher: publisher.into(), id }), ttl_ms: None, priority: 0, ..Default::default() }
 }
 
 const ACK: ConsumerOpts = ConsumerOpts { exclusive: false, no_ack: false };
@@ -457,7 +457,7 @@ fn snapshot_round_trips_through_postcard() {
 }
 
 fn prio(size: u32, priority: u8) -> NewMsg {
-    NewMsg { size, persistent: true, publish_id: None, ttl_ms: None, priority }
+    NewMsg { size, persistent: true, publish_id: None, ttl_ms: None, priority, ..Default::default() }
 }
 
 #[test]
@@ -848,7 +848,8 @@ impl Model {
                 fx.extend(self.requeue_where(|p| matches!(p, Place::Held(c) if c.gateway == *gateway)));
                 fx
             }
-            Command::Barrier => vec![],
+            // Without a dead-letter exchange (these limits) nothing waits.
+            Command::Barrier | Command::DeadLettered { .. } => vec![],
             Command::Purge | Command::DropTransient => {
                 let transient_only = matches!(cmd, Command::DropTransient);
                 let mut seqs = Vec::new();
@@ -997,6 +998,7 @@ fn limits_strategy() -> impl Strategy<Value = Limits> {
             message_ttl,
             max_priority,
             delivery_limit,
+            ..Limits::default()
         });
     prop_oneof![1 => Just(Limits::default()), 2 => some]
 }
@@ -1030,6 +1032,7 @@ fn resolve(op: &Op, model: &Model) -> Command {
                     publish_id: pid.map(|(p, id)| PublishId { publisher: PUBLISHERS[p].into(), id }),
                     ttl_ms,
                     priority,
+                    ..NewMsg::default()
                 })
                 .collect(),
         },

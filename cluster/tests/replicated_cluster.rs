@@ -30,7 +30,7 @@ const QUEUE: u64 = 42;
 const WAIT: Duration = Duration::from_secs(8);
 
 fn spec() -> QueueSpec {
-    QueueSpec { id: QueueId(QUEUE), name: "rc".into(), durable: true, arguments: Default::default() }
+    QueueSpec { vhost: "/".into(), id: QueueId(QUEUE), name: "rc".into(), durable: true, arguments: Default::default() }
 }
 
 fn msg(i: u64) -> Message {

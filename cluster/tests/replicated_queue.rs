@@ -24,7 +24,7 @@ fn open_store(dir: &Path) -> Store {
 }
 
 fn spec() -> QueueSpec {
-    QueueSpec { id: QueueId(7), name: "rq".into(), durable: true, arguments: Default::default() }
+    QueueSpec { vhost: "/".into(), id: QueueId(7), name: "rq".into(), durable: true, arguments: Default::default() }
 }
 
 fn open(store: &Store) -> Arc<ReplicatedQueue> {

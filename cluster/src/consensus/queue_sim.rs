@@ -1131,6 +1131,7 @@ impl Queues {
                     }),
                     ttl_ms: None,
                     priority: 0,
+                    ..NewMsg::default()
                 })
                 .collect();
             let request = Request::Publish {

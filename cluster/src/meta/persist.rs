@@ -147,15 +147,16 @@ pub fn decode(key: &[u8], value: &[u8]) -> Result<Stored, String> {
     match key.first() {
         Some(b'x') => {
             let kind = get_str(&t, "type")?;
+            let arguments = get_table(&t, "arguments")?;
             Ok(Stored::Exchange {
                 vhost: get_str(&t, "vhost")?,
                 exchange: Exchange {
                     name: get_str(&t, "name")?,
-                    kind: ExchangeKind::parse(&kind).ok_or_else(|| format!("unknown exchange type {kind}"))?,
+                    kind: ExchangeKind::parse_with(&kind, &arguments).ok_or_else(|| format!("unknown exchange type {kind}"))?,
                     durable: get_bool(&t, "durable")?,
                     auto_delete: get_bool(&t, "auto_delete")?,
                     internal: get_bool(&t, "internal")?,
-                    arguments: get_table(&t, "arguments")?,
+                    arguments,
                     bindings: Vec::new(),
                 },
             })

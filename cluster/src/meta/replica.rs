@@ -600,6 +600,11 @@ impl MetaReplica {
         self.lock().group.is_member()
     }
 
+    /// Reads the applied state without copying it.
+    pub fn with_state<R>(&self, f: impl FnOnce(&MetaState) -> R) -> R {
+        f(&self.lock().state)
+    }
+
     /// The applied index and a copy of the state at it.
     pub fn state(&self) -> (u64, MetaState) {
         let inner = self.lock();

@@ -29,16 +29,53 @@ use super::persist::{self, Stored, StoredQueue};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Owner(pub u64);
 
-/// The four exchange types.
+/// The four exchange types, and RabbitMQ's delayed-message exchange
+/// (`x-delayed-message`, routing as its `x-delayed-type`; messages with an
+/// `x-delay` header published to it wait that long in their queues).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ExchangeKind {
     Direct,
     Fanout,
     Topic,
     Headers,
+    DelayedDirect,
+    DelayedFanout,
+    DelayedTopic,
+    DelayedHeaders,
 }
 
 impl ExchangeKind {
+    /// The kind named by `type` with the declare's arguments (for
+    /// `x-delayed-message`, its `x-delayed-type`).
+    pub fn parse_with(s: &str, arguments: &Arguments) -> Option<Self> {
+        if s != "x-delayed-message" {
+            return Self::parse(s);
+        }
+        match arguments.get("x-delayed-type").and_then(|v| v.as_str()).and_then(Self::parse)? {
+            Self::Direct => Some(Self::DelayedDirect),
+            Self::Fanout => Some(Self::DelayedFanout),
+            Self::Topic => Some(Self::DelayedTopic),
+            Self::Headers => Some(Self::DelayedHeaders),
+            _ => None,
+        }
+    }
+
+    /// How it routes (the delayed kinds as their `x-delayed-type`).
+    pub fn routing(self) -> Self {
+        match self {
+            Self::DelayedDirect => Self::Direct,
+            Self::DelayedFanout => Self::Fanout,
+            Self::DelayedTopic => Self::Topic,
+            Self::DelayedHeaders => Self::Headers,
+            other => other,
+        }
+    }
+
+    /// An `x-delayed-message` exchange.
+    pub fn is_delayed(self) -> bool {
+        self.routing() != self
+    }
+
     /// The kind named by exchange.declare's `type`.
     pub fn parse(s: &str) -> Option<Self> {
         match s {
@@ -56,6 +93,7 @@ impl ExchangeKind {
             Self::Fanout => "fanout",
             Self::Topic => "topic",
             Self::Headers => "headers",
+            Self::DelayedDirect | Self::DelayedFanout | Self::DelayedTopic | Self::DelayedHeaders => "x-delayed-message",
         }
     }
 }
@@ -175,6 +213,11 @@ const EQUIVALENT_QUEUE_ARGS: &[&str] = &[
     "x-single-active-consumer",
     "x-partitions",
     "x-max-message-size",
+    "x-visibility-timeout",
+    "x-consumer-timeout",
+    "x-message-deduplication",
+    "x-deduplication-window-ms",
+    "x-deduplication-header",
 ];
 
 /// One virtual host.
@@ -571,11 +614,12 @@ impl Topology {
         seen_exchanges.insert(exchange);
         while let Some(x) = stack.pop() {
             for b in &x.bindings {
-                let hit = match x.kind {
+                let hit = match x.kind.routing() {
                     ExchangeKind::Direct => b.routing_key == routing_key,
                     ExchangeKind::Fanout => true,
                     ExchangeKind::Topic => topic_matches(&b.routing_key, routing_key),
                     ExchangeKind::Headers => headers_match(&b.arguments, properties.headers.as_ref()),
+                    _ => false,
                 };
                 if !hit {
                     continue;
@@ -597,6 +641,11 @@ impl Topology {
             }
         }
         Ok(targets)
+    }
+
+    /// Whether `exchange` of `vhost` is an `x-delayed-message` exchange.
+    pub fn is_delayed_exchange(&self, vhost: &str, exchange: &str) -> bool {
+        self.vhost(vhost).and_then(|vh| vh.exchanges.get(exchange)).is_some_and(|x| x.kind.is_delayed())
     }
 
     /// The definitions the state implies should be stored, sorted by key:
@@ -675,7 +724,11 @@ impl Vhost {
                 false => Err(MetaError::not_found(format!("no {what}"))),
             };
         }
-        let Some(kind) = ExchangeKind::parse(kind) else {
+        let Some(kind) = ExchangeKind::parse_with(kind, &arguments) else {
+            if kind == "x-delayed-message" {
+                // The delayed-message plugin's check.
+                return Err(MetaError::precondition("Invalid argument, 'x-delayed-type' must be an existing exchange type"));
+            }
             return Err(MetaError::command_invalid(format!("invalid exchange type '{kind}'")));
         };
         if let Some(x) = self.exchanges.get(&name) {
@@ -964,7 +1017,19 @@ fn describe(v: Option<&FieldValue>) -> String {
 /// Rejects queue arguments of the wrong type or range, as RabbitMQ does
 /// (406, with RabbitMQ's wording).
 fn validate_queue_args(args: &Arguments, what: &str) -> Result<(), MetaError> {
+    let invalid = |k: &str, problem: String| MetaError::precondition(format!("invalid arg '{k}' for {what}: {problem}"));
+    // RabbitMQ's check_dlxrk_arg.
+    if args.get("x-dead-letter-routing-key").is_some() && args.get("x-dead-letter-exchange").is_none() {
+        return Err(invalid("x-dead-letter-routing-key", "routing_key_but_no_dlx_defined".to_owned()));
+    }
     for (k, v) in args.iter() {
+        let string = matches!(k, "x-dead-letter-exchange" | "x-dead-letter-routing-key" | "x-deduplication-header");
+        if string && v.as_str().is_none() {
+            return Err(invalid(k, format!("{{unacceptable_type,{}}}", type_name(v))));
+        }
+        if k == "x-message-deduplication" && v.as_bool().is_none() {
+            return Err(invalid(k, format!("{{unacceptable_type,{}}}", type_name(v))));
+        }
         if k == "x-overflow" {
             // RabbitMQ's check_overflow.
             let problem = match v.as_str() {
@@ -984,13 +1049,18 @@ fn validate_queue_args(args: &Arguments, what: &str) -> Result<(), MetaError> {
                 | "x-delivery-limit"
                 | "x-partitions"
                 | "x-max-message-size"
+                | "x-visibility-timeout"
+                | "x-consumer-timeout"
+                | "x-deduplication-window-ms"
         );
         if !numeric {
             continue;
         }
         let problem = match v.as_i64() {
             None => format!("\"expected integer, got {}\"", type_name(v)),
-            Some(0) if k == "x-expires" || k == "x-partitions" => "{value_zero,0}".to_string(),
+            Some(0) if matches!(k, "x-expires" | "x-partitions" | "x-visibility-timeout" | "x-consumer-timeout") => {
+                "{value_zero,0}".to_string()
+            }
             Some(n) if k == "x-partitions" && n > MAX_PARTITIONS => format!("{{value_too_large,{n},{MAX_PARTITIONS}}}"),
             Some(n) if n < 0 => format!("{{value_negative,{n}}}"),
             // RabbitMQ's check_max_priority_arg (?MAX_SUPPORTED_PRIORITY).

@@ -41,7 +41,8 @@ use sluice_storage::Store;
 use tokio::sync::mpsc;
 
 use super::{Membership, NodeRequest, NodeResponse, QueueResult, ReplicaInfo, WireDelivery};
-use crate::backend::{ChannelFlow, Consumer, Credit, Delivery, DeliverySink, Queue, QueueId, QueueSpec};
+use crate::backend::{ready, ChannelFlow, Consumer, Credit, Delivery, DeliverySink, Queue, QueueId, QueueSpec};
+use sluice_codecs::command::Message;
 use crate::consensus::{raft_id, FjallLogStore, GroupId, Transport, META_GROUP};
 use crate::meta::replica::{Applied, MetaCommand, MetaOptions, MetaReplica, MetaResult, MetaState};
 use crate::placement::{replication_factor, NodeId, Placement, PlacementKey};
@@ -235,6 +236,140 @@ pub struct Host {
     /// (hosted here, not placed here) in progress.
     changing: Mutex<HashSet<u64>>,
     checking: Mutex<HashSet<u64>>,
+    /// Publishes the dead letters of the replicas led here.
+    dead_letters: Arc<HostDeadLetters>,
+}
+
+/// How long a dead letter may take to reach one target queue's leader
+/// before the source queue tries again later.
+const DEAD_LETTER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Publishes dead letters of the replicas this host leads: routes them on
+/// the host's copy of the metadata, publishes to target queues led here
+/// directly and to the others' leaders with [`NodeRequest::DeadLetter`].
+struct HostDeadLetters {
+    host: std::sync::Weak<Host>,
+    /// Connections to other nodes, by address.
+    clients: Mutex<HashMap<String, Client>>,
+}
+
+impl crate::dead_letter::DeadLetters for HostDeadLetters {
+    fn publish(&self, vhost: &str, message: Message, publish_id: PublishId) -> crate::backend::Reply<()> {
+        let Some(host) = self.host.upgrade() else { return ready(Err(Error::ShuttingDown)) };
+        let targets: Vec<u64> = host.meta.with_state(|st| {
+            match st.topology.route(vhost, &message.exchange, &message.routing_key, &message.properties) {
+                Ok(targets) => targets.iter().map(|t| t.id).collect(),
+                Err(e) => {
+                    tracing::debug!(exchange = message.exchange, error = %e, "dead letter not routable: dropped");
+                    Vec::new()
+                }
+            }
+        });
+        let mut sends: Vec<crate::backend::Reply<()>> = Vec::new();
+        for queue in targets {
+            // A target led here gets it now, so that dead letters of one
+            // source reach it in order.
+            if let Ok(q) = host.leading(queue) {
+                match q.publish_as(message.clone(), Some(publish_id.clone())) {
+                    Ok(Some(durable)) => {
+                        sends.push(durable);
+                        continue;
+                    }
+                    Ok(None) => continue,
+                    Err(_) => {}
+                }
+            }
+            let me = host.dead_letters.clone();
+            let (message, publish_id) = (message.clone(), publish_id.clone());
+            sends.push(Box::pin(async move { me.publish_remote(queue, message, publish_id).await }));
+        }
+        Box::pin(async move {
+            for send in sends {
+                match send.await {
+                    // A full target (reject-publish) drops the dead letter,
+                    // as RabbitMQ does.
+                    Ok(()) | Err(Error::QueueFull) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
+impl HostDeadLetters {
+    /// Publishes to `queue`'s leader wherever it is: asks the node this
+    /// host believes leads it, else every member, following `NotLeader`
+    /// hints, until one commits it or [`DEAD_LETTER_TIMEOUT`] passes.
+    async fn publish_remote(&self, queue: u64, message: Message, publish_id: PublishId) -> Result<(), Error> {
+        let record = record::encode(&message);
+        let deadline = tokio::time::Instant::now() + DEAD_LETTER_TIMEOUT;
+        let mut hint: Option<String> = None;
+        let mut delay = Duration::from_millis(20);
+        loop {
+            let Some(host) = self.host.upgrade() else { return Err(Error::ShuttingDown) };
+            if let Ok(q) = host.leading(queue) {
+                if let Ok(Some(durable)) = q.publish_as(message.clone(), Some(publish_id.clone())) {
+                    return durable.await;
+                }
+            }
+            let mut candidates: Vec<String> = Vec::new();
+            if let Some(h) = hint.take() {
+                candidates.push(h);
+            }
+            if let Some(leader) = host.queue(queue).and_then(|q| host.node_of(q.leader())) {
+                candidates.push(leader);
+            }
+            candidates.extend(host.members());
+            candidates.retain(|n| *n != host.node_id);
+            candidates.dedup();
+            drop(host);
+            for node in candidates {
+                let req = NodeRequest::DeadLetter {
+                    queue,
+                    publisher: publish_id.publisher.clone(),
+                    id: publish_id.id,
+                    message: serde_bytes::ByteBuf::from(record.to_vec()),
+                };
+                match self.call(&node, req).await {
+                    Ok(NodeResponse::Queue(QueueResult::Ok)) => return Ok(()),
+                    Ok(NodeResponse::Queue(QueueResult::QueueFull)) => return Err(Error::QueueFull),
+                    Ok(NodeResponse::Queue(QueueResult::NotLeader { leader: Some(l) })) => {
+                        hint = Some(l);
+                        break;
+                    }
+                    _ => continue,
+                }
+            }
+            if tokio::time::Instant::now() + delay > deadline {
+                return Err(Error::Unavailable(format!("no leader of queue {queue:016x} took a dead letter")));
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    async fn call(&self, node: &str, req: NodeRequest) -> Result<NodeResponse, Error> {
+        let host = self.host.upgrade().ok_or(Error::ShuttingDown)?;
+        let addr = host.links.addr_of(node).ok_or_else(|| Error::Unavailable(format!("no address for node {node}")))?;
+        let me = PeerInfo::node(host.node_id.clone());
+        let secret = host.links.shared.secret.clone();
+        drop(host);
+        let cached = lock(&self.clients).get(&addr).filter(|c| !c.is_closed()).cloned();
+        let client = match cached {
+            Some(c) => c,
+            None => {
+                let connect = rpc::connect::<NodeRequest, NodeResponse>(addr.as_str(), &secret, me);
+                let (client, _incoming) = tokio::time::timeout(Duration::from_secs(1), connect)
+                    .await
+                    .map_err(|_| Error::Unavailable(format!("connecting to {addr} timed out")))?
+                    .map_err(|e| Error::Unavailable(e.to_string()))?;
+                lock(&self.clients).insert(addr.clone(), client.clone());
+                client
+            }
+        };
+        client.call_timeout(req, Duration::from_secs(5)).await.map_err(|e| Error::Unavailable(e.to_string()))
+    }
 }
 
 /// Pushes a consumer's deliveries on its gateway's connection.
@@ -304,6 +439,7 @@ impl Host {
             body_cache_bytes: std::sync::atomic::AtomicUsize::new(0),
             changing: Mutex::new(HashSet::new()),
             checking: Mutex::new(HashSet::new()),
+            dead_letters: Arc::new(HostDeadLetters { host: me.clone(), clients: Mutex::new(HashMap::new()) }),
         });
         // Queues with a local log, from the metadata as applied so far.
         let (index, state, rx) = host.meta.subscribe_with_state();
@@ -433,6 +569,11 @@ impl Host {
             if let Some(h) = host.upgrade() {
                 tokio::spawn(async move { h.delete_expired(queue.0).await });
             }
+        }));
+        opts.dead_letters = Some(self.dead_letters.clone());
+        let host = self.me.clone();
+        opts.delayed_exchange = Some(Arc::new(move |vhost: &str, exchange: &str| {
+            host.upgrade().is_some_and(|h| h.meta.with_state(|st| st.topology.is_delayed_exchange(vhost, exchange)))
         }));
         if self.single_node {
             // A lone voter needs no elections or heartbeats: a slow clock
@@ -659,6 +800,22 @@ impl Host {
     /// Requests from gateways about queues.
     pub async fn request(self: &Arc<Self>, conn: &Client, req: NodeRequest, pushes: &Pushes) -> NodeResponse {
         match req {
+            NodeRequest::DeadLetter { queue, publisher, id, message } => {
+                let q = match self.leading(queue) {
+                    Ok(q) => q,
+                    Err(r) => return NodeResponse::Queue(r),
+                };
+                let message = match record::decode(&Bytes::from(message.into_vec())) {
+                    Ok(m) => m,
+                    Err(e) => return NodeResponse::Queue(QueueResult::Failed(e.to_string())),
+                };
+                let result = match q.publish_as(message, Some(PublishId { publisher, id })) {
+                    Ok(Some(durable)) => durable.await,
+                    Ok(None) => Ok(()),
+                    Err(e) => Err(e),
+                };
+                NodeResponse::Queue(result.map_or_else(|e| self.queue_error(e), |()| QueueResult::Ok))
+            }
             NodeRequest::Stats { queue } => match self.leading(queue) {
                 Ok(q) => NodeResponse::Stats(q.stats_now()),
                 Err(r) => NodeResponse::Queue(r),
@@ -899,6 +1056,7 @@ fn partition_specs(
             };
             let spec = QueueSpec {
                 id: QueueId(*id),
+                vhost: vhost.to_owned(),
                 name: crate::meta::partition_name(name, i, n),
                 durable,
                 arguments: arguments.clone(),

@@ -102,6 +102,10 @@ pub enum NodeRequest {
     /// Request, gateway to leader: the queue's figures for metrics, as
     /// applied (no log round trip). Answered with `Stats`.
     Stats { queue: u64 },
+    /// Request, node to the leader of `queue`: a dead letter of another
+    /// queue ([`crate::dead_letter`]), deduplicated by (`publisher`, `id`).
+    /// Answered `Queue(Ok)` once committed.
+    DeadLetter { queue: u64, publisher: String, id: u64, message: serde_bytes::ByteBuf },
 }
 
 impl Versioned for NodeRequest {}

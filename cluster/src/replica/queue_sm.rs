@@ -111,8 +111,8 @@ pub enum Overflow {
     DropHead,
     /// Refuse the new message (basic.nack to a confirming publisher).
     RejectPublish,
-    /// As `RejectPublish`; RabbitMQ also dead-letters the refused message
-    /// (not built yet: dead-lettering does not exist).
+    /// As `RejectPublish`, and the refused message is dead-lettered
+    /// (reason `maxlen`) when the queue has a dead-letter exchange.
     RejectPublishDlx,
 }
 
@@ -134,8 +134,20 @@ pub struct Limits {
     /// message has priority 0.
     pub max_priority: Option<u8>,
     /// `x-delivery-limit`: a message returned more often than this is
-    /// dropped instead of requeued.
+    /// dropped (or dead-lettered) instead of requeued.
     pub delivery_limit: Option<u32>,
+    /// The queue has a dead-letter exchange (`x-dead-letter-exchange`):
+    /// messages it drops (rejected, expired, over a limit) are kept as
+    /// [`DeadLetter`]s until the leader has published them there, instead
+    /// of being removed at once.
+    pub dead_letter: bool,
+    /// `x-visibility-timeout` (ms): a message held this long without being
+    /// settled is ready again (redelivered), as in SQS.
+    pub visibility_timeout: Option<u64>,
+    /// `x-message-deduplication` with its window (ms): a message whose
+    /// deduplication key was enqueued within the window is confirmed but
+    /// not enqueued again.
+    pub dedup_window: Option<u64>,
 }
 
 /// Identifies one publish for deduplication of gateway retries.
@@ -150,7 +162,7 @@ pub struct PublishId {
 }
 
 /// One message of an [`Command::Enqueue`].
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NewMsg {
     /// Bytes of the body.
     pub size: u32,
@@ -164,6 +176,50 @@ pub struct NewMsg {
     /// The message's `priority` property (0 when absent), capped by the
     /// state machine at the queue's `x-max-priority`.
     pub priority: u8,
+    /// Not ready before this many ms (`x-delay` through an
+    /// `x-delayed-message` exchange). Its TTL counts from then.
+    pub delay_ms: Option<u64>,
+    /// Its deduplication key (`x-deduplication-header` or `message-id`)
+    /// when the queue deduplicates.
+    pub dedup_key: Option<String>,
+}
+
+/// Why a message was dead-lettered: the `reason` of its `x-death` entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeathReason {
+    /// basic.reject / basic.nack without requeue.
+    Rejected,
+    /// Its TTL passed.
+    Expired,
+    /// Dropped from the head (or refused, `reject-publish-dlx`) by a
+    /// length limit.
+    Maxlen,
+    /// Returned more often than `x-delivery-limit`.
+    DeliveryLimit,
+}
+
+impl DeathReason {
+    /// RabbitMQ's name for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeathReason::Rejected => "rejected",
+            DeathReason::Expired => "expired",
+            DeathReason::Maxlen => "maxlen",
+            DeathReason::DeliveryLimit => "delivery_limit",
+        }
+    }
+}
+
+/// A message waiting to be published to the dead-letter exchange. It stays
+/// live (its body is kept) until [`Command::DeadLettered`] names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// Its seq in this queue (where its body is).
+    pub seq: Seq,
+    /// Its metadata when it left.
+    pub meta: MsgMeta,
+    /// Why.
+    pub reason: DeathReason,
 }
 
 /// How a held message is settled.
@@ -173,7 +229,8 @@ pub enum Outcome {
     Ack,
     /// Put it back where it was, flagged redelivered.
     Requeue,
-    /// Rejected without requeue: remove it (dead-lettering later).
+    /// Rejected without requeue: remove it, or dead-letter it (reason
+    /// `rejected`) when the queue has a dead-letter exchange.
     Discard,
 }
 
@@ -279,12 +336,21 @@ pub enum Command {
     /// proposer that everything it proposed before has applied (a read
     /// barrier for counts).
     Barrier,
-    /// Removes the expired messages at the head of the ready list (the
-    /// leader proposes it when the head is due, and as the read barrier of
-    /// counts).
+    /// Time passed (the leader proposes it when [`QueueSm::next_timer`] is
+    /// due, and as the read barrier of counts): removes (or dead-letters)
+    /// the expired messages at the head of the ready list, makes delayed
+    /// messages that are due ready, and takes back held messages whose
+    /// visibility timeout passed (ready again, redelivered).
     Expire {
         /// The leader's wall clock (ms).
         now_ms: u64,
+    },
+    /// The leader published these dead letters (ids of
+    /// [`QueueSm::dead_letters`]) to the dead-letter exchange: they are
+    /// gone from this queue. Unknown ids are skipped.
+    DeadLettered {
+        /// Dead-letter ids.
+        ids: Vec<u64>,
     },
 }
 
@@ -440,9 +506,32 @@ pub struct QueueSm {
     deleted: bool,
     /// Body bytes of the ready messages.
     ready_bytes: u64,
+    /// Messages whose delay has not passed: seq → (ready at, metadata).
+    delayed: BTreeMap<Seq, (u64, MsgMeta)>,
+    /// (ready at, seq) of `delayed`. Derived.
+    delay_order: BTreeSet<(u64, Seq)>,
+    /// Visibility deadlines of held messages (`x-visibility-timeout`):
+    /// seq → deadline (ms).
+    deadlines: BTreeMap<Seq, u64>,
+    /// (deadline, seq) of `deadlines`. Derived.
+    deadline_order: BTreeSet<(u64, Seq)>,
+    /// Dead letters the leader has not published yet, by id.
+    dead: BTreeMap<u64, DeadLetter>,
+    /// The seqs of `dead`. Derived.
+    dead_seqs: BTreeSet<Seq>,
+    /// The id the next dead letter gets.
+    next_dead: u64,
+    /// Deduplication keys → when they stop counting (ms).
+    dedup_keys: BTreeMap<String, u64>,
+    /// (until, key) of `dedup_keys`. Derived.
+    dedup_order: BTreeSet<(u64, String)>,
     /// From the queue definition, not the log.
     limits: Limits,
 }
+
+/// Deduplication keys a queue remembers at most; beyond it the one whose
+/// window ends first is forgotten.
+pub const DEDUP_MAX_KEYS: usize = 100_000;
 
 fn count(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
@@ -476,6 +565,15 @@ impl QueueSm {
     /// not expired is dropped when it reaches the head or is checked out.
     pub fn next_expiry(&self) -> Option<u64> {
         self.ready_head().and_then(|(_, m)| m.expires_at)
+    }
+
+    /// When [`Command::Expire`] has something to do next: the head's
+    /// expiry, the first delayed message's release, the first visibility
+    /// deadline.
+    pub fn next_timer(&self) -> Option<u64> {
+        let delay = self.delay_order.first().map(|(at, _)| *at);
+        let deadline = self.deadline_order.first().map(|(at, _)| *at);
+        [self.next_expiry(), delay, deadline].into_iter().flatten().min()
     }
 
     /// The first ready message in delivery order.
@@ -512,29 +610,108 @@ impl QueueSm {
         std::mem::take(&mut self.ready)
     }
 
-    /// Removes the expired messages at the head of the ready list (in
-    /// delivery order).
+    /// Removes (or dead-letters) the expired messages at the head of the
+    /// ready list (in delivery order).
     fn expire_head(&mut self, now_ms: u64, removed: &mut Vec<Seq>) {
         while let Some((seq, meta)) = self.ready_head() {
             if meta.expires_at.is_none_or(|at| at > now_ms) {
                 break;
             }
+            let meta = *meta;
             self.ready_remove(seq);
+            self.drop_msg(seq, meta, DeathReason::Expired, removed);
+        }
+    }
+
+    /// A message leaves the queue for `reason`: a dead letter when the
+    /// queue has a dead-letter exchange, else gone (added to `removed`).
+    fn drop_msg(&mut self, seq: Seq, meta: MsgMeta, reason: DeathReason, removed: &mut Vec<Seq>) {
+        if !self.limits.dead_letter {
             removed.push(seq);
+            return;
+        }
+        let id = self.next_dead;
+        self.next_dead = id.saturating_add(1);
+        self.dead.insert(id, DeadLetter { seq, meta, reason });
+        self.dead_seqs.insert(seq);
+    }
+
+    /// Takes a held message out of `unacked` (and its visibility deadline).
+    fn take_unacked(&mut self, seq: Seq) -> Option<MsgMeta> {
+        if let Some(at) = self.deadlines.remove(&seq) {
+            self.deadline_order.remove(&(at, seq));
+        }
+        self.unacked.remove(&seq)
+    }
+
+    /// Holds a message for `holder`, with a visibility deadline if the
+    /// queue has a visibility timeout.
+    fn hold(&mut self, holder: &ConsumerId, seq: Seq, meta: MsgMeta, now_ms: u64) {
+        self.held.entry(holder.clone()).or_default().insert(seq);
+        self.unacked.insert(seq, meta);
+        if let Some(timeout) = self.limits.visibility_timeout {
+            let at = now_ms.saturating_add(timeout);
+            self.deadlines.insert(seq, at);
+            self.deadline_order.insert((at, seq));
         }
     }
 
     /// A message back from a consumer: ready again, redelivered, its
-    /// delivery count one up; or gone when that is above the delivery
-    /// limit (returns false).
-    fn give_back(&mut self, seq: Seq, mut meta: MsgMeta) -> bool {
+    /// delivery count one up; or, when that is above the delivery limit,
+    /// dropped or dead-lettered (added to `removed`). Returns whether it
+    /// is ready again.
+    fn give_back(&mut self, seq: Seq, mut meta: MsgMeta, removed: &mut Vec<Seq>) -> bool {
         meta.redelivered = true;
         meta.delivery_count = meta.delivery_count.saturating_add(1);
         if self.limits.delivery_limit.is_some_and(|limit| meta.delivery_count > limit) {
+            self.drop_msg(seq, meta, DeathReason::DeliveryLimit, removed);
             return false;
         }
         self.ready_insert(seq, meta);
         true
+    }
+
+    /// What [`Command::Expire`] does: due delayed messages become ready,
+    /// held messages past their visibility deadline come back, then the
+    /// expired head goes.
+    fn timers(&mut self, now_ms: u64, fx: &mut Vec<Effect>) {
+        let mut back = Vec::new();
+        let mut removed = Vec::new();
+        while let Some(&(at, seq)) = self.delay_order.first() {
+            if at > now_ms {
+                break;
+            }
+            self.delay_order.pop_first();
+            if let Some((_, meta)) = self.delayed.remove(&seq) {
+                self.ready_insert(seq, meta);
+                back.push(seq);
+            }
+        }
+        while let Some(&(at, seq)) = self.deadline_order.first() {
+            if at > now_ms {
+                break;
+            }
+            let holder = self.holder_of(seq).cloned();
+            let Some(meta) = self.take_unacked(seq) else { continue };
+            if let Some(holder) = holder {
+                if let Some(set) = self.held.get_mut(&holder) {
+                    set.remove(&seq);
+                    if set.is_empty() {
+                        self.held.remove(&holder);
+                    }
+                }
+            }
+            if self.give_back(seq, meta, &mut removed) {
+                back.push(seq);
+            }
+        }
+        self.expire_head(now_ms, &mut removed);
+        if !back.is_empty() {
+            fx.push(Effect::Requeued { seqs: back });
+        }
+        if !removed.is_empty() {
+            fx.push(Effect::Removed { seqs: removed });
+        }
     }
 
     fn over_limit(&self) -> bool {
@@ -574,9 +751,15 @@ impl QueueSm {
             }
             Command::Checkout { consumer, seqs, now_ms } => self.checkout(consumer, seqs, now_ms, &mut fx),
             Command::Get { holder, no_ack, now_ms } => self.get(holder, no_ack, now_ms, &mut fx),
-            Command::Expire { now_ms } => {
+            Command::Expire { now_ms } => self.timers(now_ms, &mut fx),
+            Command::DeadLettered { ids } => {
                 let mut seqs = Vec::new();
-                self.expire_head(now_ms, &mut seqs);
+                for id in ids {
+                    if let Some(dl) = self.dead.remove(&id) {
+                        self.dead_seqs.remove(&dl.seq);
+                        seqs.push(dl.seq);
+                    }
+                }
                 if !seqs.is_empty() {
                     fx.push(Effect::Removed { seqs });
                 }
@@ -594,9 +777,16 @@ impl QueueSm {
             }
             Command::Barrier => {}
             Command::DropTransient => {
-                let seqs: Vec<Seq> = self.ready.iter().filter(|(_, m)| !m.persistent).map(|(s, _)| *s).collect();
+                let mut seqs: Vec<Seq> = self.ready.iter().filter(|(_, m)| !m.persistent).map(|(s, _)| *s).collect();
                 for seq in &seqs {
                     self.ready_remove(*seq);
+                }
+                let delayed: Vec<(Seq, u64)> =
+                    self.delayed.iter().filter(|(_, (_, m))| !m.persistent).map(|(s, (at, _))| (*s, *at)).collect();
+                for (seq, at) in delayed {
+                    self.delayed.remove(&seq);
+                    self.delay_order.remove(&(at, seq));
+                    seqs.push(seq);
                 }
                 let n = count(seqs.len());
                 if !seqs.is_empty() {
@@ -613,6 +803,14 @@ impl QueueSm {
                 self.unacked.clear();
                 self.held.clear();
                 self.publishers.clear();
+                self.delayed.clear();
+                self.delay_order.clear();
+                self.deadlines.clear();
+                self.deadline_order.clear();
+                self.dead.clear();
+                self.dead_seqs.clear();
+                self.dedup_keys.clear();
+                self.dedup_order.clear();
                 self.deleted = true;
                 fx.push(Effect::Deleted { count: n });
             }
@@ -630,6 +828,7 @@ impl QueueSm {
         self.enqueues = self.enqueues.saturating_add(1);
         let mut removed = Vec::new();
         self.expire_head(now_ms, &mut removed);
+        self.forget_dedup_keys(now_ms);
         let mut seqs = Vec::with_capacity(msgs.len());
         let mut refused = Vec::new();
         let reject = self.limits.overflow != Overflow::DropHead;
@@ -640,23 +839,21 @@ impl QueueSm {
                     continue;
                 }
             }
-            if reject && self.would_overflow(msg.size) {
-                // Not remembered for dedup: a retry is judged again.
+            let dedup_key = msg.dedup_key.filter(|_| self.limits.dedup_window.is_some());
+            if dedup_key.as_ref().is_some_and(|k| self.dedup_keys.contains_key(k)) {
+                // A duplicate within the window: confirmed, not enqueued.
+                if let Some(pid) = msg.publish_id {
+                    self.remember(pid);
+                }
                 seqs.push(None);
-                refused.push(u32::try_from(position).unwrap_or(u32::MAX));
                 continue;
             }
-            if let Some(pid) = msg.publish_id {
-                self.remember(pid);
-            }
-            let seq = self.next_seq;
-            // Cannot overflow: the batch fitted above.
-            self.next_seq = seq.saturating_add(1);
             let ttl = match (self.limits.message_ttl, msg.ttl_ms) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
-            let expires_at = ttl.map(|ttl| now_ms.saturating_add(ttl));
+            let ready_at = msg.delay_ms.filter(|d| *d > 0).map(|d| now_ms.saturating_add(d));
+            let expires_at = ttl.map(|ttl| ready_at.unwrap_or(now_ms).saturating_add(ttl));
             let priority = self.limits.max_priority.map_or(0, |max| msg.priority.min(max));
             let meta = MsgMeta {
                 size: msg.size,
@@ -666,13 +863,42 @@ impl QueueSm {
                 priority,
                 delivery_count: 0,
             };
-            self.ready_insert(seq, meta);
+            if reject && ready_at.is_none() && self.would_overflow(msg.size) {
+                // Not remembered for dedup: a retry is judged again.
+                refused.push(u32::try_from(position).unwrap_or(u32::MAX));
+                if self.limits.overflow == Overflow::RejectPublishDlx && self.limits.dead_letter {
+                    // Nacked, and dead-lettered: it gets a seq so that its
+                    // body (in this entry) is kept until then.
+                    let seq = self.next_seq;
+                    self.next_seq = seq.saturating_add(1);
+                    self.drop_msg(seq, meta, DeathReason::Maxlen, &mut removed);
+                    seqs.push(Some(seq));
+                } else {
+                    seqs.push(None);
+                }
+                continue;
+            }
+            if let Some(pid) = msg.publish_id {
+                self.remember(pid);
+            }
+            if let (Some(key), Some(window)) = (dedup_key, self.limits.dedup_window) {
+                self.remember_dedup_key(key, now_ms.saturating_add(window));
+            }
+            let seq = self.next_seq;
+            // Cannot overflow: the batch fitted above.
+            self.next_seq = seq.saturating_add(1);
             seqs.push(Some(seq));
+            if let Some(at) = ready_at {
+                self.delayed.insert(seq, (at, meta));
+                self.delay_order.insert((at, seq));
+                continue;
+            }
+            self.ready_insert(seq, meta);
             // drop-head: the ready messages at the head (in delivery order)
             // make room.
             while self.over_limit() {
-                let Some((old, _)) = self.ready_pop_first() else { break };
-                removed.push(old);
+                let Some((old, meta)) = self.ready_pop_first() else { break };
+                self.drop_msg(old, meta, DeathReason::Maxlen, &mut removed);
             }
         }
         fx.push(Effect::Enqueued { seqs });
@@ -682,6 +908,28 @@ impl QueueSm {
         if !refused.is_empty() {
             fx.push(Effect::Refused { positions: refused });
         }
+    }
+
+    /// Forgets the deduplication keys whose window has ended.
+    fn forget_dedup_keys(&mut self, now_ms: u64) {
+        while let Some((until, _)) = self.dedup_order.first() {
+            if *until > now_ms {
+                break;
+            }
+            if let Some((_, key)) = self.dedup_order.pop_first() {
+                self.dedup_keys.remove(&key);
+            }
+        }
+    }
+
+    fn remember_dedup_key(&mut self, key: String, until: u64) {
+        if self.dedup_keys.len() >= DEDUP_MAX_KEYS {
+            if let Some((_, oldest)) = self.dedup_order.pop_first() {
+                self.dedup_keys.remove(&oldest);
+            }
+        }
+        self.dedup_order.insert((until, key.clone()));
+        self.dedup_keys.insert(key, until);
     }
 
     /// True if `pid` was enqueued before (and marks its publisher used).
@@ -758,7 +1006,7 @@ impl QueueSm {
             // twice moves once. An expired one is never delivered.
             if let Some(meta) = self.ready_remove(seq) {
                 if meta.expires_at.is_some_and(|at| at <= now_ms) {
-                    expired.push(seq);
+                    self.drop_msg(seq, meta, DeathReason::Expired, &mut expired);
                 } else {
                     msgs.push((seq, meta));
                 }
@@ -775,10 +1023,8 @@ impl QueueSm {
             fx.push(Effect::Delivered { consumer, msgs });
             fx.push(Effect::Removed { seqs });
         } else {
-            let held = self.held.entry(consumer.clone()).or_default();
             for &(seq, meta) in &msgs {
-                held.insert(seq);
-                self.unacked.insert(seq, meta);
+                self.hold(&consumer, seq, meta, now_ms);
             }
             fx.push(Effect::Delivered { consumer, msgs });
         }
@@ -799,46 +1045,42 @@ impl QueueSm {
             fx.push(Effect::Got { holder, msg: Some((seq, meta)), remaining });
             fx.push(Effect::Removed { seqs: vec![seq] });
         } else {
-            self.held.entry(holder.clone()).or_default().insert(seq);
-            self.unacked.insert(seq, meta);
+            self.hold(&holder, seq, meta, now_ms);
             fx.push(Effect::Got { holder, msg: Some((seq, meta)), remaining });
         }
     }
 
     fn settle(&mut self, consumer: &ConsumerId, seqs: Vec<Seq>, outcome: Outcome, fx: &mut Vec<Effect>) {
         let Some(held) = self.held.get_mut(consumer) else { return };
-        let mut done = Vec::new();
-        let mut requeued = Vec::new();
-        let mut dropped = Vec::new();
+        let mut taken = Vec::new();
         for seq in seqs {
             // Only what this consumer holds: a stale or duplicated settle,
             // or one for a message returned and redelivered elsewhere since,
             // changes nothing.
-            if !held.remove(&seq) {
-                continue;
-            }
-            let Some(meta) = self.unacked.remove(&seq) else { continue };
-            if outcome == Outcome::Requeue {
-                requeued.push((seq, meta));
-            } else {
-                done.push(seq);
+            if held.remove(&seq) {
+                taken.push(seq);
             }
         }
         if held.is_empty() {
             self.held.remove(consumer);
         }
+        let mut done = Vec::new();
         let mut back = Vec::new();
-        for (seq, meta) in requeued {
-            if self.give_back(seq, meta) {
-                back.push(seq);
-            } else {
-                dropped.push(seq);
+        for seq in taken {
+            let Some(meta) = self.take_unacked(seq) else { continue };
+            match outcome {
+                Outcome::Requeue => {
+                    if self.give_back(seq, meta, &mut done) {
+                        back.push(seq);
+                    }
+                }
+                Outcome::Discard => self.drop_msg(seq, meta, DeathReason::Rejected, &mut done),
+                Outcome::Ack => done.push(seq),
             }
         }
         if !back.is_empty() {
             fx.push(Effect::Requeued { seqs: back });
         }
-        done.extend(dropped);
         if !done.is_empty() {
             fx.push(Effect::Removed { seqs: done });
         }
@@ -850,11 +1092,9 @@ impl QueueSm {
         let Some(held) = self.held.remove(consumer) else { return Vec::new() };
         let mut seqs = Vec::with_capacity(held.len());
         for seq in held {
-            if let Some(meta) = self.unacked.remove(&seq) {
-                if self.give_back(seq, meta) {
+            if let Some(meta) = self.take_unacked(seq) {
+                if self.give_back(seq, meta, dropped) {
                     seqs.push(seq);
-                } else {
-                    dropped.push(seq);
                 }
             }
         }
@@ -951,23 +1191,51 @@ impl QueueSm {
         self.held.iter().find(|(_, seqs)| seqs.contains(&seq)).map(|(id, _)| id)
     }
 
-    /// Whether `seq` is live (ready or held).
+    /// Whether `seq` is live (ready, held, delayed or a dead letter not
+    /// yet published).
     pub fn is_live(&self, seq: Seq) -> bool {
-        self.ready.contains_key(&seq) || self.unacked.contains_key(&seq)
+        self.ready.contains_key(&seq)
+            || self.unacked.contains_key(&seq)
+            || self.delayed.contains_key(&seq)
+            || self.dead_seqs.contains(&seq)
     }
 
-    /// Live messages (ready and held).
+    /// Live messages (ready, held, delayed, dead letters not yet published).
     pub fn live_count(&self) -> usize {
-        self.ready.len() + self.unacked.len()
+        self.ready.len() + self.unacked.len() + self.delayed.len() + self.dead.len()
     }
 
-    /// The lowest seq still live (ready or held), or [`Self::next_seq`]
-    /// when there is none: every message below it is gone, so storage may
-    /// forget everything under it. Never decreases.
+    /// Messages whose delay has not passed.
+    pub fn delayed_count(&self) -> u32 {
+        count(self.delayed.len())
+    }
+
+    /// Dead letters waiting to be published, oldest first: what the
+    /// leader publishes to the dead-letter exchange (then proposes
+    /// [`Command::DeadLettered`]).
+    pub fn dead_letters(&self) -> impl Iterator<Item = (u64, &DeadLetter)> + '_ {
+        self.dead.iter().map(|(id, dl)| (*id, dl))
+    }
+
+    /// Whether dead letter `id` still waits to be published.
+    pub fn is_dead_letter(&self, id: u64) -> bool {
+        self.dead.contains_key(&id)
+    }
+
+    /// Dead letters waiting to be published.
+    pub fn dead_letter_count(&self) -> u32 {
+        count(self.dead.len())
+    }
+
+    /// The lowest seq still live, or [`Self::next_seq`] when there is
+    /// none: every message below it is gone, so storage may forget
+    /// everything under it. Never decreases.
     pub fn ack_floor(&self) -> Seq {
         let ready = self.ready.keys().next();
         let held = self.unacked.keys().next();
-        [ready, held].into_iter().flatten().min().copied().unwrap_or(self.next_seq)
+        let delayed = self.delayed.keys().next();
+        let dead = self.dead_seqs.first();
+        [ready, held, delayed, dead].into_iter().flatten().min().copied().unwrap_or(self.next_seq)
     }
 
     /// The whole state, for Raft log compaction. Bodies are not in it;
@@ -989,6 +1257,11 @@ impl QueueSm {
                     ranges: p.ranges.iter().map(|(s, e)| (*s, *e)).collect(),
                 })
                 .collect(),
+            delayed: self.delayed.iter().map(|(seq, (at, meta))| (*seq, *at, *meta)).collect(),
+            deadlines: self.deadlines.iter().map(|(seq, at)| (*seq, *at)).collect(),
+            dead: self.dead.iter().map(|(id, dl)| (*id, *dl)).collect(),
+            next_dead: self.next_dead,
+            dedup_keys: self.dedup_keys.iter().map(|(k, until)| (k.clone(), *until)).collect(),
         }
     }
 
@@ -997,8 +1270,21 @@ impl QueueSm {
     /// (a seq in two places, at or above `next_seq`, an exclusive consumer
     /// that is not alone, ...) is refused.
     pub fn restore(snap: Snapshot) -> Result<Self, SnapshotError> {
-        let Snapshot { next_seq, deleted, enqueues, ready, consumers, held, publishers } = snap;
-        let mut sm = QueueSm { next_seq, deleted, enqueues, ..QueueSm::default() };
+        let Snapshot {
+            next_seq,
+            deleted,
+            enqueues,
+            ready,
+            consumers,
+            held,
+            publishers,
+            delayed,
+            deadlines,
+            dead,
+            next_dead,
+            dedup_keys,
+        } = snap;
+        let mut sm = QueueSm { next_seq, deleted, enqueues, next_dead, ..QueueSm::default() };
         for (seq, meta) in ready {
             if seq >= next_seq {
                 return Err(SnapshotError("ready seq at or above next_seq"));
@@ -1056,9 +1342,41 @@ impl QueueSm {
                 return Err(SnapshotError("publisher listed twice"));
             }
         }
-        if deleted
-            && (!sm.ready.is_empty() || !sm.held.is_empty() || !sm.consumers.is_empty() || !sm.publishers.is_empty())
-        {
+        for (seq, at, meta) in delayed {
+            if seq >= next_seq {
+                return Err(SnapshotError("delayed seq at or above next_seq"));
+            }
+            if sm.is_live(seq) {
+                return Err(SnapshotError("seq in more than one place"));
+            }
+            sm.delayed.insert(seq, (at, meta));
+            sm.delay_order.insert((at, seq));
+        }
+        for (seq, at) in deadlines {
+            if !sm.unacked.contains_key(&seq) || sm.deadlines.insert(seq, at).is_some() {
+                return Err(SnapshotError("visibility deadline of a message not held"));
+            }
+            sm.deadline_order.insert((at, seq));
+        }
+        for (id, dl) in dead {
+            if dl.seq >= next_seq || id >= next_dead {
+                return Err(SnapshotError("dead letter beyond the counters"));
+            }
+            if sm.is_live(dl.seq) || sm.dead.insert(id, dl).is_some() {
+                return Err(SnapshotError("seq in more than one place"));
+            }
+            sm.dead_seqs.insert(dl.seq);
+        }
+        for (key, until) in dedup_keys {
+            if sm.dedup_keys.len() >= DEDUP_MAX_KEYS {
+                return Err(SnapshotError("too many deduplication keys"));
+            }
+            sm.dedup_order.insert((until, key.clone()));
+            if sm.dedup_keys.insert(key, until).is_some() {
+                return Err(SnapshotError("deduplication key listed twice"));
+            }
+        }
+        if deleted && sm.live_count() + sm.consumers.len() + sm.publishers.len() + sm.dedup_keys.len() > 0 {
             return Err(SnapshotError("deleted queue with state"));
         }
         Ok(sm)
@@ -1083,6 +1401,15 @@ pub struct Snapshot {
     held: Vec<(ConsumerId, Vec<(Seq, MsgMeta)>)>,
     /// Increasing publisher name.
     publishers: Vec<PublisherSnapshot>,
+    /// Delayed messages: (seq, ready at, metadata), increasing seq.
+    delayed: Vec<(Seq, u64, MsgMeta)>,
+    /// Visibility deadlines of held messages: (seq, deadline).
+    deadlines: Vec<(Seq, u64)>,
+    /// Dead letters not yet published, increasing id.
+    dead: Vec<(u64, DeadLetter)>,
+    next_dead: u64,
+    /// Deduplication keys with the end of their window.
+    dedup_keys: Vec<(String, u64)>,
 }
 
 /// Dedup state of one publisher in a [`Snapshot`].
@@ -1109,7 +1436,7 @@ mod tests {
 
     fn enqueue_ids(sm: &mut QueueSm, publisher: &str, ids: &[u64]) -> Vec<Option<Seq>> {
         let msgs =
-            ids.iter().map(|&id| NewMsg { size: 1, persistent: false, publish_id: pid(publisher, id), ttl_ms: None, priority: 0 }).collect();
+            ids.iter().map(|&id| NewMsg { size: 1, persistent: false, publish_id: pid(publisher, id), ttl_ms: None, priority: 0, ..Default::default() }).collect();
         match sm.apply(Command::Enqueue { now_ms: 0, msgs }).as_slice() {
             [Effect::Enqueued { seqs }] => seqs.clone(),
             other => panic!("unexpected {other:?}"),
@@ -1182,7 +1509,7 @@ mod tests {
         let mut snap = QueueSm::new().snapshot();
         snap.next_seq = u64::MAX - 1;
         let mut sm = QueueSm::restore(snap).unwrap();
-        let two = vec![NewMsg { size: 1, persistent: false, publish_id: None, ttl_ms: None, priority: 0 }; 2];
+        let two = vec![NewMsg { size: 1, persistent: false, publish_id: None, ttl_ms: None, priority: 0, ..Default::default() }; 2];
         assert_eq!(
             sm.apply(Command::Enqueue { now_ms: 0, msgs: two.clone() }),
             vec![Effect::Rejected { reason: Rejection::SeqsExhausted }]
@@ -1239,7 +1566,7 @@ mod tests {
 
     fn valid() -> Snapshot {
         let mut sm = QueueSm::new();
-        let msg = NewMsg { size: 3, persistent: true, publish_id: None, ttl_ms: None, priority: 0 };
+        let msg = NewMsg { size: 3, persistent: true, publish_id: None, ttl_ms: None, priority: 0, ..Default::default() };
         sm.apply(Command::Enqueue { now_ms: 0, msgs: vec![msg; 4] });
         sm.apply(Command::Attach { consumer: consumer("a"), opts: ConsumerOpts::default() });
         sm.apply(Command::Checkout { consumer: consumer("a"), seqs: vec![1], now_ms: 0 });

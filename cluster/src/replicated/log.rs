@@ -16,12 +16,12 @@ use crate::Error;
 /// more).
 /// Version byte in front of a log entry (3: messages without priority,
 /// not readable any more).
-const ENTRY_VERSION: u8 = 4;
+const ENTRY_VERSION: u8 = 5;
 
 /// Version byte in front of a [`Checkpoint`] (1: messages without an
 /// expiry; 2: without priority and delivery count; neither readable any
 /// more).
-const CHECKPOINT_VERSION: u8 = 3;
+const CHECKPOINT_VERSION: u8 = 4;
 
 /// Encodes one log entry: the commands, then the bodies (message records)
 /// of its `Enqueue` commands, in order, so that a body can be sliced out of
@@ -310,7 +310,7 @@ mod tests {
 
     #[test]
     fn bodies_are_sliced_out_of_an_entry() {
-        let cmds = vec![Command::Enqueue { now_ms: 0, msgs: vec![NewMsg { size: 1, persistent: true, publish_id: None, ttl_ms: None, priority: 0 }; 3] }];
+        let cmds = vec![Command::Enqueue { now_ms: 0, msgs: vec![NewMsg { size: 1, persistent: true, publish_id: None, ttl_ms: None, priority: 0, ..Default::default() }; 3] }];
         let bodies = vec![Bytes::from_static(b"a"), Bytes::new(), Bytes::from_static(b"ccc")];
         let data = Bytes::from(encode_entry(&cmds, &bodies).unwrap());
         assert_eq!(decode_commands(5, &data).unwrap(), cmds);

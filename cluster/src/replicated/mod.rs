@@ -202,6 +202,7 @@ use crate::consensus::{
     Committed, FjallLogStore, FjallLogStoreError, GroupConfig, GroupId, LogStore, Output, Payload, ProposalId,
     ProposalOutcome, Role, Transport, BOOTSTRAP_INDEX,
 };
+use crate::dead_letter::{self, DeadLetters};
 use crate::replica::queue_sm::{Command, ConsumerOpts, Effect, Limits, NewMsg, Overflow, QueueSm, Rejection};
 pub use crate::replica::queue_sm::{ConsumerId, PublishId, Seq};
 use crate::{record, Error};
@@ -236,6 +237,12 @@ pub const DEFAULT_MAX_ENTRY_BYTES: usize = 1 << 20;
 /// `Op::LogMeta` tag of a replica's checkpoint ([`log::Checkpoint`]),
 /// written in the same storage write as the apply state.
 pub const TAG_QUEUE_CHECKPOINT: u8 = b'q';
+
+/// Dead letters published per batch.
+const DEAD_LETTER_BATCH: usize = 256;
+
+/// Wait before publishing dead letters again after a failure.
+const DEAD_LETTER_RETRY: Duration = Duration::from_secs(1);
 
 /// Ticks a leader keeps running after applying `Delete`, so that its
 /// heartbeats tell the followers the entry committed.
@@ -311,6 +318,13 @@ pub struct ReplicaOptions {
     /// ([`ReplicatedQueue::touch`]) for that long. The node deletes the
     /// queue through the metadata group.
     pub on_expired: Option<Arc<dyn Fn(QueueId) + Send + Sync>>,
+    /// Where the leader publishes the queue's dead letters
+    /// ([`crate::dead_letter`]); `None`: they wait.
+    pub dead_letters: Option<Arc<dyn DeadLetters>>,
+    /// Whether an exchange (vhost, name) is an `x-delayed-message`
+    /// exchange: the `x-delay` header of messages published through one
+    /// delays them. `None`: never.
+    pub delayed_exchange: Option<Arc<dyn Fn(&str, &str) -> bool + Send + Sync>>,
 }
 
 impl std::fmt::Debug for ReplicaOptions {
@@ -347,6 +361,8 @@ impl ReplicaOptions {
             drop_transient_on_open: false,
             join: false,
             on_expired: None,
+            dead_letters: None,
+            delayed_exchange: None,
         }
     }
 
@@ -545,6 +561,12 @@ struct Inner {
     /// Leader: highest log index each peer acknowledged (successful append
     /// responses), for [`ReplicatedQueue::change_voters`].
     acked: HashMap<u64, u64>,
+    /// Leader: an `Expire` is proposed and has not applied yet.
+    expire_inflight: bool,
+    /// Leader: dead letters being published (ids).
+    dl_in_flight: BTreeSet<u64>,
+    /// Leader: no dead-letter publishing before this (after a failure).
+    dl_retry_at: Option<Instant>,
 }
 
 impl Inner {
@@ -753,6 +775,9 @@ impl Inner {
         self.cache.clear();
         self.cursor = 0;
         self.leader_since = None;
+        self.dl_in_flight.clear();
+        self.dl_retry_at = None;
+        self.expire_inflight = false;
     }
 
     /// Replaces the state with a checkpoint's (or, for `None`, the empty
@@ -816,6 +841,8 @@ pub struct ReplicatedQueue {
     driver: Mutex<Option<JoinHandle<()>>>,
     me: Weak<ReplicatedQueue>,
     meter: crate::QueueMeter,
+    /// The queue deduplicates by key (`x-message-deduplication`).
+    limits_dedup: bool,
 }
 
 impl std::fmt::Debug for ReplicatedQueue {
@@ -951,11 +978,16 @@ impl ReplicatedQueue {
             stopped: false,
             removed: false,
             acked: HashMap::new(),
+            dl_in_flight: BTreeSet::new(),
+            dl_retry_at: None,
+            expire_inflight: false,
         };
         if checkpoint.is_some() {
             inner.load(checkpoint)?;
         }
+        let limits_dedup = spec.limits().dedup_window.is_some();
         let queue = Arc::new_cyclic(|me| ReplicatedQueue {
+            limits_dedup,
             spec,
             store,
             opts,
@@ -1321,7 +1353,27 @@ impl ReplicatedQueue {
         // An invalid expiration is refused by the gateway (406) before.
         let ttl_ms = crate::backend::message_ttl(message).ok().flatten();
         let priority = message.properties.priority.unwrap_or(0);
-        let msg = NewMsg { size, persistent: message.is_persistent(), publish_id, ttl_ms, priority };
+        let headers = message.properties.headers.as_ref();
+        let delay_ms = headers
+            .and_then(|h| h.get("x-delay"))
+            // STOMP headers are strings.
+            .and_then(|v| v.as_i64().or_else(|| v.as_str().and_then(|s| s.trim().parse().ok())))
+            .filter(|_| {
+                !message.exchange.is_empty()
+                    && self.opts.delayed_exchange.as_ref().is_some_and(|f| f(&self.spec.vhost, &message.exchange))
+            })
+            .map(|d| u64::try_from(d).unwrap_or(0));
+        let dedup_key = match (&self.limits_dedup, headers.and_then(|h| h.get("x-deduplication-header"))) {
+            (false, _) => None,
+            (true, Some(v)) => Some(match (v.as_str(), v.as_i64()) {
+                (Some(s), _) => s.to_owned(),
+                (None, Some(n)) => n.to_string(),
+                _ => format!("{v:?}"),
+            }),
+            (true, None) => message.properties.message_id.clone(),
+        };
+        let msg =
+            NewMsg { size, persistent: message.is_persistent(), publish_id, ttl_ms, priority, delay_ms, dedup_key };
         let cmd = Command::Enqueue { now_ms: now_ms(), msgs: vec![msg] };
         let body = record::encode(message);
         let mut inner = self.lock();
@@ -1510,17 +1562,47 @@ impl ReplicatedQueue {
         }
         inner.group.tick();
         inner.linger = inner.linger.saturating_sub(1);
-        // TTL: the leader drops the expired head (the state machine has no
-        // clock; the time is in the command).
         if inner.leading && !inner.deleted {
-            let now = now_ms();
-            let due = inner.sm.next_expiry().is_some_and(|at| at <= now);
-            let pending = inner.pending.iter().any(|p| matches!(p.cmd, Command::Expire { .. }));
-            if due && !pending {
-                self.propose_logged(&mut inner, Command::Expire { now_ms: now }, "expire");
-            }
+            self.propose_timers(&mut inner);
             self.check_unused(&mut inner);
         }
+        self.pump(&mut inner);
+    }
+
+    /// Leader: proposes [`Command::Expire`] when a timer of the state
+    /// machine is due (TTL, delays, visibility timeouts: the state machine
+    /// has no clock, the time is in the command).
+    fn propose_timers(&self, inner: &mut Inner) {
+        let now = now_ms();
+        let due = inner.sm.next_timer().is_some_and(|at| at <= now);
+        if due && !inner.expire_inflight {
+            inner.expire_inflight = true;
+            self.propose_logged(inner, Command::Expire { now_ms: now }, "expire");
+        }
+    }
+
+    /// Leader: how long until the next timer of the state machine is due
+    /// (the driver wakes up then rather than at its next tick).
+    fn next_timer_in(&self) -> Option<Duration> {
+        let inner = self.lock();
+        if !inner.leading || inner.deleted || inner.closed {
+            return None;
+        }
+        // An `Expire` on its way: the tick looks again if it never applies.
+        if inner.expire_inflight {
+            return None;
+        }
+        let at = inner.sm.next_timer()?;
+        Some(Duration::from_millis(at.saturating_sub(now_ms())))
+    }
+
+    /// The driver's timer fired.
+    fn fire_timers(&self) {
+        let mut inner = self.lock();
+        if inner.inert() || inner.closed || !inner.leading || inner.deleted {
+            return;
+        }
+        self.propose_timers(&mut inner);
         self.pump(&mut inner);
     }
 
@@ -1596,6 +1678,7 @@ impl ReplicatedQueue {
             if inner.leading && !inner.closed && !inner.deleted {
                 self.expire_unattached(inner);
                 self.schedule(inner);
+                self.dead_letter(inner);
                 if inner.flush_due() {
                     inner.flush();
                 }
@@ -1771,6 +1854,92 @@ impl ReplicatedQueue {
         }
     }
 
+    /// Leader: publishes the dead letters of the state machine that are
+    /// not already on their way, on a task (a publish may go to this very
+    /// queue, so never under the lock); [`Self::dead_lettered`] follows.
+    fn dead_letter(&self, inner: &mut Inner) {
+        let Some(sink) = self.opts.dead_letters.clone() else { return };
+        if inner.sm.dead_letter_count() == 0 || inner.dl_retry_at.is_some_and(|at| Instant::now() < at) {
+            return;
+        }
+        let Some(target) = dead_letter::Target::of(&self.spec.arguments) else { return };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let todo: Vec<(u64, crate::replica::queue_sm::DeadLetter)> = inner
+            .sm
+            .dead_letters()
+            .filter(|(id, _)| !inner.dl_in_flight.contains(id))
+            .take(DEAD_LETTER_BATCH)
+            .map(|(id, dl)| (id, *dl))
+            .collect();
+        if todo.is_empty() {
+            return;
+        }
+        let now_secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let mut sends = Vec::with_capacity(todo.len());
+        let mut lost = Vec::new();
+        for (id, dl) in todo {
+            inner.dl_in_flight.insert(id);
+            match inner.message(dl.seq) {
+                Ok(message) => {
+                    let message = dead_letter::rewrite(message, &self.spec.name, dl.reason, now_secs, &target);
+                    sends.push((id, message));
+                }
+                Err(e) => {
+                    tracing::error!(queue = %self.spec.name, seq = dl.seq, error = %e, "no body for a dead letter: dropped");
+                    lost.push(id);
+                }
+            }
+        }
+        if !lost.is_empty() {
+            inner.push(Command::DeadLettered { ids: lost }, Vec::new(), None);
+        }
+        let me = self.me.clone();
+        let vhost = self.spec.vhost.clone();
+        let publisher = dead_letter::publisher(self.spec.id.0);
+        runtime.spawn(async move {
+            // Started in order (so they reach each target in order), then
+            // awaited.
+            let started: Vec<(u64, Reply<()>)> = sends
+                .into_iter()
+                .map(|(id, message)| {
+                    let pid = PublishId { publisher: publisher.clone(), id };
+                    (id, sink.publish(&vhost, message, pid))
+                })
+                .collect();
+            let mut done = Vec::new();
+            let mut failed = Vec::new();
+            for (id, reply) in started {
+                match reply.await {
+                    Ok(()) => done.push(id),
+                    Err(e) => failed.push((id, e)),
+                }
+            }
+            if let Some(q) = me.upgrade() {
+                q.dead_lettered(done, failed);
+            }
+        });
+    }
+
+    /// Dead letters published (`done`: remove them from the queue) or not
+    /// (`failed`: tried again after [`DEAD_LETTER_RETRY`]).
+    fn dead_lettered(&self, done: Vec<u64>, failed: Vec<(u64, Error)>) {
+        let mut inner = self.lock();
+        if let Some((_, e)) = failed.first() {
+            tracing::warn!(queue = %self.spec.name, count = failed.len(), error = %e, "dead letters not published; retrying");
+            for (id, _) in &failed {
+                inner.dl_in_flight.remove(id);
+            }
+            inner.dl_retry_at = Some(Instant::now() + DEAD_LETTER_RETRY);
+        }
+        if !done.is_empty() && inner.leading && inner.check().is_ok() {
+            inner.push(Command::DeadLettered { ids: done }, Vec::new(), None);
+        }
+        self.pump(&mut inner);
+    }
+
     /// The replica applied `Delete`: stop for good and remove its records
     /// from the store (after every raft write already submitted: the
     /// storage writer applies writes in order).
@@ -1917,7 +2086,15 @@ impl ReplicatedQueue {
             Some(Waiter::Checkout { consumer, .. }) => Some(consumer.clone()),
             _ => None,
         };
+        let dead_lettered = matches!(cmd, Command::DeadLettered { .. });
+        if matches!(cmd, Command::Expire { .. }) {
+            inner.expire_inflight = false;
+        }
         let effects = inner.sm.apply(cmd);
+        if dead_lettered && !inner.dl_in_flight.is_empty() {
+            let Inner { sm, dl_in_flight, .. } = &mut *inner;
+            dl_in_flight.retain(|id| sm.is_dead_letter(*id));
+        }
         let mut delivered = 0usize;
         let mut got = None;
         let mut count = 0;
@@ -2124,15 +2301,22 @@ async fn drive(queue: Weak<ReplicatedQueue>, wake: Arc<Notify>, tick: Duration) 
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut marker: Option<Pin<Box<Completion>>> = None;
     loop {
-        {
+        let timer = {
             let Some(q) = queue.upgrade() else { return };
             match q.drive_once(marker.is_none()) {
                 Drive::Stop => return,
                 Drive::Marker(next) => marker = Some(Box::pin(next)),
                 Drive::Idle => {}
             }
-        }
+            // Not before 1 ms: a timer that is due but whose `Expire` is
+            // still pending must not spin.
+            q.next_timer_in().map(|d| d.max(Duration::from_millis(1)))
+        };
         tokio::select! {
+            _ = tokio::time::sleep(timer.unwrap_or_default()), if timer.is_some() => {
+                let Some(q) = queue.upgrade() else { return };
+                q.fire_timers();
+            }
             _ = async { if let Some(m) = marker.as_mut() { let _ = m.as_mut().await; } }, if marker.is_some() => {
                 marker = None;
             }

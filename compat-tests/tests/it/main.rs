@@ -5,6 +5,7 @@
 mod common;
 
 mod amqp_basic;
+mod amqp_dead_letters;
 mod amqp_errors;
 mod amqp_exchanges;
 mod amqp_limits;

@@ -191,6 +191,7 @@ impl Router {
                             .backend
                             .open_queue(QueueSpec {
                                 id: QueueId(*id),
+                                vhost: vh.name.clone(),
                                 name: meta::partition_name(&q.name, i, n),
                                 durable: q.durable,
                                 arguments: q.arguments.clone(),
@@ -283,6 +284,7 @@ impl Router {
             for (i, id) in q.ids.iter().enumerate() {
                 let spec = QueueSpec {
                     id: QueueId(*id),
+                    vhost: q.vhost.clone(),
                     name: meta::partition_name(&q.name, i, n),
                     durable: q.durable,
                     arguments: q.arguments.clone(),

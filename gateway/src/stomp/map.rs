@@ -29,21 +29,36 @@ const PROPERTY_HEADERS: [&str; 12] = [
 /// into the AMQP headers too; Sluice does not).
 const PROTOCOL_HEADERS: [&str; 4] = ["destination", "receipt", "transaction", "content-length"];
 
-/// Queue arguments that SUBSCRIBE and SEND headers may carry, with whether
-/// the value is an integer (`long`) or a string.
-const ARGUMENT_HEADERS: [(&str, bool); 12] = [
-    ("x-dead-letter-exchange", false),
-    ("x-delivery-limit", true),
-    ("x-dead-letter-routing-key", false),
-    ("x-expires", true),
-    ("x-max-length", true),
-    ("x-max-length-bytes", true),
-    ("x-max-priority", true),
-    ("x-message-ttl", true),
-    ("x-max-age", false),
-    ("x-queue-type", false),
-    ("x-overflow", false),
-    ("x-partitions", true),
+/// The AMQP type a queue-argument header's value is given.
+#[derive(Clone, Copy)]
+enum ArgType {
+    Long,
+    Str,
+    Bool,
+}
+
+/// Queue arguments that SUBSCRIBE and SEND headers may carry, with the
+/// type of their value.
+const ARGUMENT_HEADERS: [(&str, ArgType); 19] = [
+    ("x-dead-letter-exchange", ArgType::Str),
+    ("x-delivery-limit", ArgType::Long),
+    ("x-dead-letter-routing-key", ArgType::Str),
+    ("x-expires", ArgType::Long),
+    ("x-max-length", ArgType::Long),
+    ("x-max-length-bytes", ArgType::Long),
+    ("x-max-priority", ArgType::Long),
+    ("x-message-ttl", ArgType::Long),
+    ("x-max-age", ArgType::Str),
+    ("x-queue-type", ArgType::Str),
+    ("x-overflow", ArgType::Str),
+    ("x-partitions", ArgType::Long),
+    ("x-max-message-size", ArgType::Long),
+    ("x-visibility-timeout", ArgType::Long),
+    ("x-consumer-timeout", ArgType::Long),
+    ("x-message-deduplication", ArgType::Bool),
+    ("x-deduplication-window-ms", ArgType::Long),
+    ("x-ordering", ArgType::Str),
+    ("x-ordering-window-ms", ArgType::Long),
 ];
 
 fn long_string(v: &str) -> FieldValue {
@@ -88,13 +103,19 @@ pub fn message(frame: &Frame, exchange: String, routing_key: String, reply_to: O
 /// Queue arguments from `x-…` headers (RabbitMQ's `build_arguments`).
 pub fn queue_arguments(frame: &Frame) -> Result<Arguments, String> {
     let mut args = Arguments::default();
-    for (name, is_int) in ARGUMENT_HEADERS {
+    for (name, kind) in ARGUMENT_HEADERS {
         let Some(v) = frame.header(name) else { continue };
         let v = v.trim();
-        let value = if is_int {
-            FieldValue::I64(v.parse::<i64>().map_err(|_| format!("invalid value \"{v}\" for header {name}: expected an integer"))?)
-        } else {
-            long_string(v)
+        let value = match kind {
+            ArgType::Long => FieldValue::I64(
+                v.parse::<i64>().map_err(|_| format!("invalid value \"{v}\" for header {name}: expected an integer"))?,
+            ),
+            ArgType::Bool => match v {
+                "true" | "True" => FieldValue::Bool(true),
+                "false" | "False" => FieldValue::Bool(false),
+                _ => return Err(format!("invalid value \"{v}\" for header {name}: expected true or false")),
+            },
+            ArgType::Str => long_string(v),
         };
         args.insert(name, value);
     }
