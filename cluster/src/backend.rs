@@ -87,6 +87,12 @@ impl QueueSpec {
         self.arg_u64("x-max-message-size")
     }
 
+    /// `x-consumer-timeout` (ms): a delivery unacknowledged this long
+    /// closes its channel (406), as in RabbitMQ.
+    pub fn consumer_timeout(&self) -> Option<u64> {
+        self.arg_u64("x-consumer-timeout")
+    }
+
     /// `x-expires` (ms): the queue is deleted after being unused this long.
     pub fn expires(&self) -> Option<u64> {
         self.arg_u64("x-expires")
@@ -374,6 +380,10 @@ pub trait Queue: Send + Sync {
     /// The queue's `x-max-message-size`: a larger publish is refused with
     /// a 406 channel error, as RabbitMQ refuses one above `max_message_size`.
     fn max_message_size(&self) -> Option<u64> {
+        None
+    }
+    /// The queue's `x-consumer-timeout` (ms).
+    fn consumer_timeout(&self) -> Option<u64> {
         None
     }
 }

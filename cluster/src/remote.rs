@@ -390,6 +390,7 @@ pub struct RemoteQueue {
     id: QueueId,
     /// `x-max-message-size` of the queue.
     max_message_size: Option<u64>,
+    consumer_timeout: Option<u64>,
     name: String,
     cluster: Arc<Cluster>,
     publisher: String,
@@ -423,8 +424,10 @@ impl RemoteQueue {
         let handle = cluster.next_handle.fetch_add(1, Ordering::Relaxed);
         let (out, rx) = mpsc::unbounded_channel();
         let max_message_size = spec.max_message_size();
+        let consumer_timeout = spec.consumer_timeout();
         let q = Arc::new(RemoteQueue {
             max_message_size,
+            consumer_timeout,
             id: spec.id,
             name: spec.name,
             publisher: format!("{}/{handle}", cluster.opts.gateway_id),
@@ -772,6 +775,10 @@ impl Queue for RemoteQueue {
     /// the queue's replicas hold the message.
     fn max_message_size(&self) -> Option<u64> {
         self.max_message_size
+    }
+
+    fn consumer_timeout(&self) -> Option<u64> {
+        self.consumer_timeout
     }
 
     fn publish(&self, message: Message) -> Result<Option<Durable>, Error> {

@@ -67,18 +67,31 @@ pub struct SessionCtx {
     pub events: mpsc::UnboundedSender<ConnEvent>,
     /// The client understands server-sent basic.cancel.
     pub cancel_notify: bool,
+    /// The server-wide consumer timeout (ms); queues and consumers may
+    /// set their own (`x-consumer-timeout`).
+    pub consumer_timeout_ms: Option<u64>,
 }
 
 struct Unacked {
     queue: Arc<dyn Queue>,
     msg_id: u64,
     consumer: Option<Arc<Consumer>>,
+    /// When it is due (consumer timeout), with the timeout (ms).
+    due: Option<(std::time::Instant, u64)>,
+}
+
+/// When a delivery made now with a consumer timeout of `ms` is due.
+fn due_in(ms: Option<u64>) -> Option<(std::time::Instant, u64)> {
+    ms.map(|ms| (std::time::Instant::now() + std::time::Duration::from_millis(ms), ms))
 }
 
 /// One client consumer: one backend consumer per partition of its queue
 /// (one for a plain queue), sharing one prefetch window.
 struct ConsumerRec {
     queue_name: String,
+    /// Consumer timeout (ms) of its deliveries: the consumer's
+    /// `x-consumer-timeout` argument, else the queue's, else the server's.
+    timeout_ms: Option<u64>,
     parts: Vec<(Arc<dyn Queue>, Arc<Consumer>)>,
     /// Counts the consumer in `sluice_consumers` while it lives.
     _gauge: crate::metrics::Tracked,
@@ -237,8 +250,22 @@ impl Channel {
                 }
                 return Ok(None);
             }
-            Command::Consume { queue, consumer_tag, no_local: _, no_ack, exclusive, arguments: _ } => {
+            Command::Consume { queue, consumer_tag, no_local: _, no_ack, exclusive, arguments } => {
                 let entry = router.queue(vh, conn, &queue)?;
+                let own_timeout = match arguments.get("x-consumer-timeout") {
+                    None => None,
+                    Some(v) => match v.as_i64() {
+                        Some(ms) if ms > 0 => u64::try_from(ms).ok(),
+                        _ => {
+                            return Err(BrokerError::precondition(format!(
+                                "invalid arg 'x-consumer-timeout' for consumer on {queue}: expected a positive integer"
+                            )))
+                        }
+                    },
+                };
+                let timeout_ms = own_timeout
+                    .or_else(|| entry.partitions.first().and_then(|q| q.consumer_timeout()))
+                    .or(ctx.consumer_timeout_ms);
                 let tag = if consumer_tag.is_empty() {
                     format!("amq.ctag-{}", uuid_like())
                 } else {
@@ -255,6 +282,7 @@ impl Channel {
                 let credit = Credit::new(self.consumer_prefetch);
                 let mut rec = ConsumerRec {
                     queue_name: queue.clone(),
+                    timeout_ms: if no_ack { None } else { timeout_ms },
                     parts: Vec::with_capacity(entry.partitions.len()),
                     _gauge: crate::metrics::Tracked::new(&crate::metrics::CONSUMERS),
                 };
@@ -305,7 +333,8 @@ impl Channel {
                         self.next_tag += 1;
                         count_delivery(q.meter(), d.redelivered);
                         if !no_ack {
-                            self.unacked.insert(tag, Unacked { queue: q, msg_id: d.msg_id, consumer: None });
+                            let due = due_in(q.consumer_timeout().or(self.ctx.consumer_timeout_ms));
+                            self.unacked.insert(tag, Unacked { queue: q, msg_id: d.msg_id, consumer: None, due });
                         }
                         let message = with_delivery_count(d.message, d.delivery_count);
                         Reply::GetOk { delivery_tag: tag, redelivered: d.redelivered, message_count, message }
@@ -502,9 +531,17 @@ impl Channel {
         }
     }
 
+    /// The consumer timeout (ms) of the first unacknowledged delivery past
+    /// it, if any: the connection closes the channel with 406 then.
+    pub fn ack_timed_out(&self, now: std::time::Instant) -> Option<u64> {
+        self.unacked.values().find_map(|u| u.due.filter(|(at, _)| *at <= now).map(|(_, ms)| ms))
+    }
+
     /// A delivery pushed by a queue: assigns its delivery tag.
     pub fn on_delivery(&mut self, consumer: Arc<Consumer>, delivery: Delivery) -> Option<Reply> {
-        let queue = self.consumers.get(&consumer.tag).and_then(|r| r.queue_of(&consumer)).cloned();
+        let rec = self.consumers.get(&consumer.tag);
+        let timeout_ms = rec.and_then(|r| r.timeout_ms);
+        let queue = rec.and_then(|r| r.queue_of(&consumer)).cloned();
         let Some(queue) = queue else {
             if drop_delivery(&consumer, delivery) {
                 self.kick_all();
@@ -515,7 +552,7 @@ impl Channel {
         self.next_tag += 1;
         count_delivery(queue.meter(), delivery.redelivered);
         if !consumer.no_ack {
-            self.unacked.insert(tag, Unacked { queue, msg_id: delivery.msg_id, consumer: Some(consumer.clone()) });
+            self.unacked.insert(tag, Unacked { queue, msg_id: delivery.msg_id, consumer: Some(consumer.clone()), due: due_in(timeout_ms) });
         }
         Some(Reply::Deliver {
             consumer_tag: consumer.tag.clone(),

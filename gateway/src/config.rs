@@ -22,6 +22,7 @@ pub struct FileConfig {
     pub frame_max: Option<u32>,
     pub heartbeat: Option<u16>,
     pub max_message_size: Option<u64>,
+    pub consumer_timeout: Option<u64>,
     pub body_cache_bytes: Option<u64>,
     pub fsync: Option<bool>,
     /// user name → password (the security issue replaces this with hashed
@@ -57,6 +58,11 @@ pub struct ClientArgs {
     /// Largest message body accepted in bytes (default 128 MiB).
     #[arg(long, env = "SLUICE_MAX_MESSAGE_SIZE")]
     pub max_message_size: Option<u64>,
+    /// Milliseconds a delivery may stay unacknowledged before its channel is
+    /// closed with 406 and its messages requeued (default 1800000, RabbitMQ's
+    /// consumer_timeout; 0 = never). Queues override it with x-consumer-timeout.
+    #[arg(long, env = "SLUICE_CONSUMER_TIMEOUT")]
+    pub consumer_timeout: Option<u64>,
 }
 
 /// The same keys as read from a TOML file.
@@ -69,6 +75,7 @@ pub struct ClientFile {
     pub frame_max: Option<u32>,
     pub heartbeat: Option<u16>,
     pub max_message_size: Option<u64>,
+    pub consumer_timeout: Option<u64>,
     pub users: Option<HashMap<String, String>>,
 }
 
@@ -104,6 +111,10 @@ impl ClientArgs {
                 frame_max,
                 heartbeat: self.heartbeat.or(file.heartbeat).unwrap_or(60),
                 max_message_size: self.max_message_size.or(file.max_message_size).unwrap_or(128 * 1024 * 1024),
+                consumer_timeout_ms: match self.consumer_timeout.or(file.consumer_timeout).unwrap_or(1_800_000) {
+                    0 => None,
+                    ms => Some(ms),
+                },
             },
             users,
         };
@@ -160,6 +171,7 @@ impl ServeArgs {
             frame_max: file.frame_max,
             heartbeat: file.heartbeat,
             max_message_size: file.max_message_size,
+            consumer_timeout: file.consumer_timeout,
             users: file.users,
         })?;
         Ok(Config {
@@ -328,6 +340,7 @@ pub struct GatewayFile {
     pub frame_max: Option<u32>,
     pub heartbeat: Option<u16>,
     pub max_message_size: Option<u64>,
+    pub consumer_timeout: Option<u64>,
     pub users: Option<HashMap<String, String>>,
 }
 
@@ -382,6 +395,7 @@ impl GatewayArgs {
             frame_max: file.frame_max,
             heartbeat: file.heartbeat,
             max_message_size: file.max_message_size,
+            consumer_timeout: file.consumer_timeout,
             users: file.users,
         })?;
         let config = GatewayConfig {

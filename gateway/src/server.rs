@@ -27,6 +27,8 @@ pub struct Limits {
     pub frame_max: u32,
     pub heartbeat: u16,
     pub max_message_size: u64,
+    /// Server-wide consumer timeout (ms): `None` = never.
+    pub consumer_timeout_ms: Option<u64>,
 }
 
 /// What every connection shares.

@@ -2412,4 +2412,8 @@ impl Queue for ReplicatedQueue {
     fn max_message_size(&self) -> Option<u64> {
         self.spec.max_message_size()
     }
+
+    fn consumer_timeout(&self) -> Option<u64> {
+        self.spec.consumer_timeout()
+    }
 }

@@ -429,3 +429,56 @@ async fn deduplication_drops_repeats_within_the_window() {
     }
     assert_eq!(bodies, vec!["a1", "b1", "h1", "none1", "none2", "a3"]);
 }
+
+#[tokio::test]
+async fn consumer_timeout_closes_the_channel_with_406_and_requeues() {
+    let s_ = Server::start();
+    let (c, ch) = open(&s_).await;
+    declare_with(&ch, "slowq", &[("x-consumer-timeout", AMQPValue::LongInt(500))]).await.unwrap();
+    publish(&ch, "", "slowq", b"job").await;
+    let lazy = channel(&c).await;
+    let mut consumer =
+        lazy.basic_consume("slowq".into(), "lazy".into(), BasicConsumeOptions::default(), FieldTable::default()).await.unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(5), consumer.next()).await.unwrap().unwrap().unwrap();
+    assert!(!d.redelivered);
+    // Never acked: the channel is closed with 406 within the timeout plus
+    // the once-a-second check; the consumer's stream ends with that error.
+    let end = tokio::time::timeout(Duration::from_secs(5), consumer.next()).await.expect("the channel closes");
+    let err = match end {
+        Some(Err(e)) => e,
+        other => panic!("expected the channel's close, got {other:?}"),
+    };
+    assert_eq!(code(&err), 406, "{err}");
+    assert!(text(&err).contains("delivery acknowledgement on channel"), "{}", text(&err));
+    assert!(!lazy.status().connected(), "the channel was closed");
+    assert!(c.status().connected(), "only the channel is closed");
+    // The message is back, redelivered.
+    let again = get_within(&ch, "slowq").await;
+    assert_eq!(again.delivery.data, b"job");
+    assert!(again.delivery.redelivered);
+}
+
+#[tokio::test]
+async fn consumer_timeout_from_the_server_and_the_consumer() {
+    let s_ = Server::start_with(&["--consumer-timeout", "400"]);
+    let (c, ch) = open(&s_).await;
+    declare(&ch, "plain").await;
+    publish(&ch, "", "plain", b"a").await;
+    // The server-wide default applies to basic.get deliveries too.
+    let g = channel(&c).await;
+    let _held = get_within_ack(&g, "plain").await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while g.status().connected() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!g.status().connected(), "closed by the server-wide timeout");
+    // A consumer argument overrides it.
+    publish(&ch, "", "plain", b"b").await;
+    let patient = channel(&c).await;
+    let args = table(&[("x-consumer-timeout", AMQPValue::LongInt(60_000))]);
+    let mut consumer = patient.basic_consume("plain".into(), "p".into(), BasicConsumeOptions::default(), args).await.unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(5), consumer.next()).await.unwrap().unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(patient.status().connected(), "a longer consumer timeout keeps the channel");
+    d.ack(BasicAckOptions::default()).await.unwrap();
+}

@@ -319,6 +319,7 @@ impl Conn {
             outbox: Arc::new(AmqpOutbox(self.wtx.clone())),
             events: etx,
             cancel_notify,
+            consumer_timeout_ms: self.broker.limits.consumer_timeout_ms,
         });
         Ok(Some((erx, ctx)))
     }
@@ -334,6 +335,9 @@ impl Conn {
         let mut last_read = Instant::now();
         let mut check = tokio::time::interval(if self.heartbeat == 0 { Duration::from_secs(3600) } else { hb });
         let backend = self.broker.router.backend().clone();
+        // Consumer timeouts are checked once a second (RabbitMQ: once a
+        // minute by default).
+        let mut ack_check = tokio::time::interval(Duration::from_secs(1));
         loop {
             let throttled = backend.backlog_bytes() > STORAGE_BACKLOG_LIMIT || self.wtx.queued_bytes() > WRITER_BACKLOG_LIMIT;
             if throttled {
@@ -362,6 +366,23 @@ impl Conn {
                 ev = events.recv() => {
                     if let Some(ev) = ev {
                         self.on_event(ev);
+                    }
+                }
+                _ = ack_check.tick() => {
+                    let now = Instant::now();
+                    let late: Vec<(u16, u64)> = self
+                        .channels
+                        .iter()
+                        .filter(|(_, slot)| !slot.closing)
+                        .filter_map(|(id, slot)| slot.channel.ack_timed_out(now).map(|ms| (*id, ms)))
+                        .collect();
+                    for (channel, ms) in late {
+                        let text = format!(
+                            "delivery acknowledgement on channel {channel} timed out. Timeout value used: {ms} ms. \
+                             This timeout value can be configured, see consumers doc guide to learn more"
+                        );
+                        tracing::info!(channel, timeout_ms = ms, "consumer timeout");
+                        self.channel_error(channel, BrokerError::precondition(text), 0, 0).await;
                     }
                 }
                 _ = check.tick() => {

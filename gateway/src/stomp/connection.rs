@@ -333,6 +333,8 @@ where
         outbox: Arc::new(NoOutbox),
         events: etx,
         cancel_notify: true,
+        // STOMP subscriptions have no consumer timeout (yet).
+        consumer_timeout_ms: None,
     });
     let mut session = Session {
         broker: broker.clone(),
