@@ -79,6 +79,8 @@ impl QueueSpec {
                 .and_then(|v| v.as_bool())
                 .filter(|on| *on)
                 .map(|_| self.arg_u64("x-deduplication-window-ms").unwrap_or(DEFAULT_DEDUP_WINDOW_MS)),
+            strict_window: (self.arguments.get("x-ordering").and_then(|v| v.as_str()) == Some("strict"))
+                .then(|| self.arg_u64("x-ordering-window-ms").unwrap_or(DEFAULT_ORDERING_WINDOW_MS)),
         }
     }
 
@@ -102,6 +104,10 @@ impl QueueSpec {
 /// The deduplication window of a queue with `x-message-deduplication`
 /// but no `x-deduplication-window-ms`: five minutes, as SQS's.
 pub const DEFAULT_DEDUP_WINDOW_MS: u64 = 300_000;
+
+/// The ordering window of an `x-ordering: strict` queue without
+/// `x-ordering-window-ms`.
+pub const DEFAULT_ORDERING_WINDOW_MS: u64 = 100;
 
 /// A message's own TTL: its `expiration` property, a string of
 /// milliseconds as RabbitMQ reads it. `Err` carries RabbitMQ's reason

@@ -218,6 +218,8 @@ const EQUIVALENT_QUEUE_ARGS: &[&str] = &[
     "x-message-deduplication",
     "x-deduplication-window-ms",
     "x-deduplication-header",
+    "x-ordering",
+    "x-ordering-window-ms",
 ];
 
 /// One virtual host.
@@ -1027,6 +1029,9 @@ fn validate_queue_args(args: &Arguments, what: &str) -> Result<(), MetaError> {
         if string && v.as_str().is_none() {
             return Err(invalid(k, format!("{{unacceptable_type,{}}}", type_name(v))));
         }
+        if k == "x-ordering" && !matches!(v.as_str(), Some("strict" | "best-effort")) {
+            return Err(invalid(k, "expected \"strict\" or \"best-effort\"".to_owned()));
+        }
         if k == "x-message-deduplication" && v.as_bool().is_none() {
             return Err(invalid(k, format!("{{unacceptable_type,{}}}", type_name(v))));
         }
@@ -1052,6 +1057,7 @@ fn validate_queue_args(args: &Arguments, what: &str) -> Result<(), MetaError> {
                 | "x-visibility-timeout"
                 | "x-consumer-timeout"
                 | "x-deduplication-window-ms"
+                | "x-ordering-window-ms"
         );
         if !numeric {
             continue;

@@ -100,6 +100,9 @@ pub struct MsgMeta {
     /// How often the message was returned (requeued by a settle, its
     /// holder's channel or gateway gone): the `x-delivery-count` header.
     pub delivery_count: u32,
+    /// Strict ordering (`x-ordering: strict`): the message's timestamp
+    /// (ms), which orders the ready list before seq. 0 otherwise.
+    pub order_ts: u64,
 }
 
 /// What happens when a publish would take the queue over its length
@@ -148,6 +151,11 @@ pub struct Limits {
     /// deduplication key was enqueued within the window is confirmed but
     /// not enqueued again.
     pub dedup_window: Option<u64>,
+    /// `x-ordering: strict` with its window (`x-ordering-window-ms`): a
+    /// message is held until its timestamp plus the window has passed,
+    /// then released in (timestamp, seq) order; one stamped before a
+    /// message already released is late (dead-lettered, reason `late`).
+    pub strict_window: Option<u64>,
 }
 
 /// Identifies one publish for deduplication of gateway retries.
@@ -182,6 +190,9 @@ pub struct NewMsg {
     /// Its deduplication key (`x-deduplication-header` or `message-id`)
     /// when the queue deduplicates.
     pub dedup_key: Option<String>,
+    /// The producer's timestamp (ms; the `timestamp_in_ms` header), for
+    /// strict ordering; `None`: the command's `now_ms`.
+    pub timestamp_ms: Option<u64>,
 }
 
 /// Why a message was dead-lettered: the `reason` of its `x-death` entry.
@@ -196,6 +207,8 @@ pub enum DeathReason {
     Maxlen,
     /// Returned more often than `x-delivery-limit`.
     DeliveryLimit,
+    /// Strict ordering: stamped before a message already released.
+    Late,
 }
 
 impl DeathReason {
@@ -206,6 +219,7 @@ impl DeathReason {
             DeathReason::Expired => "expired",
             DeathReason::Maxlen => "maxlen",
             DeathReason::DeliveryLimit => "delivery_limit",
+            DeathReason::Late => "late",
         }
     }
 }
@@ -490,7 +504,13 @@ pub struct QueueSm {
     ready: BTreeMap<Seq, MsgMeta>,
     /// The keys of `ready` in delivery order: highest priority first, then
     /// seq. Derived from `ready` (not in the snapshot).
-    order: BTreeSet<(Reverse<u8>, Seq)>,
+    order: BTreeSet<(Reverse<u8>, u64, Seq)>,
+    /// Strict ordering: messages held for their window, by seq.
+    holding: BTreeMap<Seq, MsgMeta>,
+    /// (timestamp, seq) of `holding`. Derived.
+    holding_order: BTreeSet<(u64, Seq)>,
+    /// Strict ordering: the highest timestamp released so far.
+    released_ts: u64,
     /// Held messages of every consumer (for counts and the ack floor).
     unacked: BTreeMap<Seq, MsgMeta>,
     /// Which consumer holds what; no empty sets. The sets partition the
@@ -573,12 +593,14 @@ impl QueueSm {
     pub fn next_timer(&self) -> Option<u64> {
         let delay = self.delay_order.first().map(|(at, _)| *at);
         let deadline = self.deadline_order.first().map(|(at, _)| *at);
-        [self.next_expiry(), delay, deadline].into_iter().flatten().min()
+        let window = self.limits.strict_window.unwrap_or(0);
+        let release = self.holding_order.first().map(|(ts, _)| ts.saturating_add(window));
+        [self.next_expiry(), delay, deadline, release].into_iter().flatten().min()
     }
 
     /// The first ready message in delivery order.
     fn ready_head(&self) -> Option<(Seq, &MsgMeta)> {
-        let &(_, seq) = self.order.first()?;
+        let &(_, _, seq) = self.order.first()?;
         self.ready.get(&seq).map(|meta| (seq, meta))
     }
 
@@ -586,21 +608,21 @@ impl QueueSm {
         self.ready_bytes = self.ready_bytes.saturating_add(u64::from(meta.size));
         if let Some(old) = self.ready.insert(seq, meta) {
             self.ready_bytes = self.ready_bytes.saturating_sub(u64::from(old.size));
-            self.order.remove(&(Reverse(old.priority), seq));
+            self.order.remove(&(Reverse(old.priority), old.order_ts, seq));
         }
-        self.order.insert((Reverse(meta.priority), seq));
+        self.order.insert((Reverse(meta.priority), meta.order_ts, seq));
     }
 
     fn ready_remove(&mut self, seq: Seq) -> Option<MsgMeta> {
         let meta = self.ready.remove(&seq)?;
         self.ready_bytes = self.ready_bytes.saturating_sub(u64::from(meta.size));
-        self.order.remove(&(Reverse(meta.priority), seq));
+        self.order.remove(&(Reverse(meta.priority), meta.order_ts, seq));
         Some(meta)
     }
 
     /// Removes the first ready message in delivery order.
     fn ready_pop_first(&mut self) -> Option<(Seq, MsgMeta)> {
-        let (_, seq) = self.order.first().copied()?;
+        let (_, _, seq) = self.order.first().copied()?;
         self.ready_remove(seq).map(|meta| (seq, meta))
     }
 
@@ -677,6 +699,18 @@ impl QueueSm {
     fn timers(&mut self, now_ms: u64, fx: &mut Vec<Effect>) {
         let mut back = Vec::new();
         let mut removed = Vec::new();
+        let window = self.limits.strict_window.unwrap_or(0);
+        while let Some(&(ts, seq)) = self.holding_order.first() {
+            if ts.saturating_add(window) > now_ms {
+                break;
+            }
+            self.holding_order.pop_first();
+            if let Some(meta) = self.holding.remove(&seq) {
+                self.released_ts = self.released_ts.max(ts);
+                self.ready_insert(seq, meta);
+                back.push(seq);
+            }
+        }
         while let Some(&(at, seq)) = self.delay_order.first() {
             if at > now_ms {
                 break;
@@ -768,7 +802,9 @@ impl QueueSm {
             Command::GatewayDown { gateway } => self.gateway_down(gateway, &mut fx),
             Command::Purge => {
                 let ready = self.ready_clear();
-                let seqs: Vec<Seq> = ready.into_keys().collect();
+                let mut seqs: Vec<Seq> = ready.into_keys().collect();
+                seqs.extend(std::mem::take(&mut self.holding).into_keys());
+                self.holding_order.clear();
                 let n = count(seqs.len());
                 if !seqs.is_empty() {
                     fx.push(Effect::Removed { seqs });
@@ -780,6 +816,13 @@ impl QueueSm {
                 let mut seqs: Vec<Seq> = self.ready.iter().filter(|(_, m)| !m.persistent).map(|(s, _)| *s).collect();
                 for seq in &seqs {
                     self.ready_remove(*seq);
+                }
+                let held_back: Vec<(Seq, u64)> =
+                    self.holding.iter().filter(|(_, m)| !m.persistent).map(|(s, m)| (*s, m.order_ts)).collect();
+                for (seq, ts) in held_back {
+                    self.holding.remove(&seq);
+                    self.holding_order.remove(&(ts, seq));
+                    seqs.push(seq);
                 }
                 let delayed: Vec<(Seq, u64)> =
                     self.delayed.iter().filter(|(_, (_, m))| !m.persistent).map(|(s, (at, _))| (*s, *at)).collect();
@@ -811,6 +854,8 @@ impl QueueSm {
                 self.dead_seqs.clear();
                 self.dedup_keys.clear();
                 self.dedup_order.clear();
+                self.holding.clear();
+                self.holding_order.clear();
                 self.deleted = true;
                 fx.push(Effect::Deleted { count: n });
             }
@@ -855,6 +900,12 @@ impl QueueSm {
             let ready_at = msg.delay_ms.filter(|d| *d > 0).map(|d| now_ms.saturating_add(d));
             let expires_at = ttl.map(|ttl| ready_at.unwrap_or(now_ms).saturating_add(ttl));
             let priority = self.limits.max_priority.map_or(0, |max| msg.priority.min(max));
+            // Strict ordering: the producer's stamp, never later than now
+            // (a clock ahead would hold the message for ever).
+            let order_ts = match self.limits.strict_window {
+                Some(_) => msg.timestamp_ms.unwrap_or(now_ms).min(now_ms),
+                None => 0,
+            };
             let meta = MsgMeta {
                 size: msg.size,
                 persistent: msg.persistent,
@@ -862,7 +913,19 @@ impl QueueSm {
                 expires_at,
                 priority,
                 delivery_count: 0,
+                order_ts,
             };
+            if self.limits.strict_window.is_some() && ready_at.is_none() && order_ts < self.released_ts {
+                // Late: a message stamped after it was released already.
+                if let Some(pid) = msg.publish_id {
+                    self.remember(pid);
+                }
+                let seq = self.next_seq;
+                self.next_seq = seq.saturating_add(1);
+                seqs.push(Some(seq));
+                self.drop_msg(seq, meta, DeathReason::Late, &mut removed);
+                continue;
+            }
             if reject && ready_at.is_none() && self.would_overflow(msg.size) {
                 // Not remembered for dedup: a retry is judged again.
                 refused.push(u32::try_from(position).unwrap_or(u32::MAX));
@@ -891,6 +954,11 @@ impl QueueSm {
             if let Some(at) = ready_at {
                 self.delayed.insert(seq, (at, meta));
                 self.delay_order.insert((at, seq));
+                continue;
+            }
+            if self.limits.strict_window.is_some() {
+                self.holding.insert(seq, meta);
+                self.holding_order.insert((order_ts, seq));
                 continue;
             }
             self.ready_insert(seq, meta);
@@ -1162,7 +1230,7 @@ impl QueueSm {
     /// The first `n` ready messages, in delivery order: what the leader may
     /// check out next.
     pub fn next_ready(&self, n: usize) -> impl Iterator<Item = (Seq, &MsgMeta)> + '_ {
-        self.order.iter().take(n).filter_map(|(_, seq)| self.ready.get(seq).map(|meta| (*seq, meta)))
+        self.order.iter().take(n).filter_map(|(_, _, seq)| self.ready.get(seq).map(|meta| (*seq, meta)))
     }
 
     /// Attached consumers, in [`ConsumerId`] order.
@@ -1197,12 +1265,13 @@ impl QueueSm {
         self.ready.contains_key(&seq)
             || self.unacked.contains_key(&seq)
             || self.delayed.contains_key(&seq)
+            || self.holding.contains_key(&seq)
             || self.dead_seqs.contains(&seq)
     }
 
     /// Live messages (ready, held, delayed, dead letters not yet published).
     pub fn live_count(&self) -> usize {
-        self.ready.len() + self.unacked.len() + self.delayed.len() + self.dead.len()
+        self.ready.len() + self.unacked.len() + self.delayed.len() + self.holding.len() + self.dead.len()
     }
 
     /// Messages whose delay has not passed.
@@ -1235,7 +1304,8 @@ impl QueueSm {
         let held = self.unacked.keys().next();
         let delayed = self.delayed.keys().next();
         let dead = self.dead_seqs.first();
-        [ready, held, delayed, dead].into_iter().flatten().min().copied().unwrap_or(self.next_seq)
+        let holding = self.holding.keys().next();
+        [ready, held, delayed, dead, holding].into_iter().flatten().min().copied().unwrap_or(self.next_seq)
     }
 
     /// The whole state, for Raft log compaction. Bodies are not in it;
@@ -1262,6 +1332,8 @@ impl QueueSm {
             dead: self.dead.iter().map(|(id, dl)| (*id, *dl)).collect(),
             next_dead: self.next_dead,
             dedup_keys: self.dedup_keys.iter().map(|(k, until)| (k.clone(), *until)).collect(),
+            holding: self.holding.iter().map(|(seq, meta)| (*seq, *meta)).collect(),
+            released_ts: self.released_ts,
         }
     }
 
@@ -1283,8 +1355,10 @@ impl QueueSm {
             dead,
             next_dead,
             dedup_keys,
+            holding,
+            released_ts,
         } = snap;
-        let mut sm = QueueSm { next_seq, deleted, enqueues, next_dead, ..QueueSm::default() };
+        let mut sm = QueueSm { next_seq, deleted, enqueues, next_dead, released_ts, ..QueueSm::default() };
         for (seq, meta) in ready {
             if seq >= next_seq {
                 return Err(SnapshotError("ready seq at or above next_seq"));
@@ -1352,6 +1426,16 @@ impl QueueSm {
             sm.delayed.insert(seq, (at, meta));
             sm.delay_order.insert((at, seq));
         }
+        for (seq, meta) in holding {
+            if seq >= next_seq {
+                return Err(SnapshotError("held-back seq at or above next_seq"));
+            }
+            if sm.is_live(seq) {
+                return Err(SnapshotError("seq in more than one place"));
+            }
+            sm.holding.insert(seq, meta);
+            sm.holding_order.insert((meta.order_ts, seq));
+        }
         for (seq, at) in deadlines {
             if !sm.unacked.contains_key(&seq) || sm.deadlines.insert(seq, at).is_some() {
                 return Err(SnapshotError("visibility deadline of a message not held"));
@@ -1410,6 +1494,9 @@ pub struct Snapshot {
     next_dead: u64,
     /// Deduplication keys with the end of their window.
     dedup_keys: Vec<(String, u64)>,
+    /// Strict ordering: messages held for their window, increasing seq.
+    holding: Vec<(Seq, MsgMeta)>,
+    released_ts: u64,
 }
 
 /// Dedup state of one publisher in a [`Snapshot`].

@@ -241,6 +241,9 @@ pub const TAG_QUEUE_CHECKPOINT: u8 = b'q';
 /// Dead letters published per batch.
 const DEAD_LETTER_BATCH: usize = 256;
 
+/// How long one dead-letter publish may take before it is tried again.
+const DEAD_LETTER_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// Wait before publishing dead letters again after a failure.
 const DEAD_LETTER_RETRY: Duration = Duration::from_secs(1);
 
@@ -1372,8 +1375,22 @@ impl ReplicatedQueue {
             }),
             (true, None) => message.properties.message_id.clone(),
         };
-        let msg =
-            NewMsg { size, persistent: message.is_persistent(), publish_id, ttl_ms, priority, delay_ms, dedup_key };
+        // Strict ordering: the producer's stamp (RabbitMQ's message
+        // timestamp plugin writes `timestamp_in_ms`).
+        let timestamp_ms = headers
+            .and_then(|h| h.get("timestamp_in_ms"))
+            .and_then(|v| v.as_i64().or_else(|| v.as_str().and_then(|s| s.trim().parse().ok())))
+            .and_then(|n| u64::try_from(n).ok());
+        let msg = NewMsg {
+            size,
+            persistent: message.is_persistent(),
+            publish_id,
+            ttl_ms,
+            priority,
+            delay_ms,
+            dedup_key,
+            timestamp_ms,
+        };
         let cmd = Command::Enqueue { now_ms: now_ms(), msgs: vec![msg] };
         let body = record::encode(message);
         let mut inner = self.lock();
@@ -1912,9 +1929,13 @@ impl ReplicatedQueue {
             let mut done = Vec::new();
             let mut failed = Vec::new();
             for (id, reply) in started {
-                match reply.await {
-                    Ok(()) => done.push(id),
-                    Err(e) => failed.push((id, e)),
+                // Bounded: a publish that never answers (a target replica
+                // that changed under it) is tried again; the target's
+                // deduplication drops a second copy.
+                match tokio::time::timeout(DEAD_LETTER_TIMEOUT, reply).await {
+                    Ok(Ok(())) => done.push(id),
+                    Ok(Err(e)) => failed.push((id, e)),
+                    Err(_) => failed.push((id, Error::Unavailable("dead letter publish timed out".to_owned()))),
                 }
             }
             if let Some(q) = me.upgrade() {
