@@ -21,4 +21,5 @@ mod crash;
 mod metrics;
 mod raw;
 mod stomp;
+mod tls;
 mod web_stomp;
