@@ -83,8 +83,8 @@ impl Pki {
         Pki { dir, ca, server_cert, server_key, ca_der: ca_cert.der().clone(), clients }
     }
 
-    /// A certificate (and key) signed by the CA, written next to the
-    /// others: `name.pem`, `name.key`; for hosts `names`.
+    /// Writes a certificate and key next to the others: `name.pem`,
+    /// `name.key`.
     pub(crate) fn issue_files(&self, name: &str, cert_pem: &str, key_pem: &str) -> (PathBuf, PathBuf) {
         let cert = self.dir.path().join(format!("{name}.pem"));
         let key = self.dir.path().join(format!("{name}.key"));
@@ -564,4 +564,100 @@ fn tls_configuration_errors_name_the_setting_or_file() {
     let (code, _, err) = run(&["--config", path(&cfg)]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("tls_cert"), "{err}");
+}
+
+/// `sluice ctl --node addr status` with `flags`; stdout if it succeeded.
+fn ctl_status_with(home: &Path, addr: &str, flags: &[&str]) -> Option<String> {
+    let out = std::process::Command::new(sluice_compat_tests::sluice_bin())
+        .args(["ctl", "--node", addr])
+        .args(flags)
+        .arg("status")
+        .env("XDG_CONFIG_HOME", home.join("config"))
+        .env("SLUICE_LOG", "error")
+        .output()
+        .ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn refs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// `--cluster-tls-*` flags for the certificate of `cn`.
+fn cluster_flags(pki: &Pki, cn: &str) -> Vec<String> {
+    let (cert, key) = pki.client_files(cn);
+    ["--cluster-tls-cert", path(&cert), "--cluster-tls-key", path(&key), "--cluster-tls-ca", path(&pki.ca)]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_with_node_protocol_tls() {
+    use sluice_compat_tests::{start_gateway, start_node};
+    let pki = Pki::new(&["n1", "n2", "n3", "gw", "ctl"]);
+    let home = tempfile::tempdir().unwrap();
+    let home = home.path();
+    let flags: Vec<Vec<String>> = ["n1", "n2", "n3", "gw", "ctl"].iter().map(|cn| cluster_flags(&pki, cn)).collect();
+    let n1 = start_node(home, "n1", "n1", "127.0.0.1:0", &refs(&flags[0]));
+    let seed = n1.addr.clone();
+    let mut f2 = refs(&flags[1]);
+    f2.extend(["--seeds", &seed]);
+    let n2 = start_node(home, "n2", "n2", "127.0.0.1:0", &f2);
+    let mut f3 = refs(&flags[2]);
+    f3.extend(["--seeds", &seed]);
+    let n3 = start_node(home, "n3", "n3", "127.0.0.1:0", &f3);
+    let nodes = [n1, n2, n3];
+    let ctl = refs(&flags[4]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let formed = nodes.iter().all(|n| {
+            ctl_status_with(home, &n.addr, &ctl).is_some_and(|s| {
+                s.lines().any(|l| l.strip_prefix("cluster members: ").is_some_and(|m| m.split(", ").count() == 3))
+            })
+        });
+        if formed {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the three nodes did not form a cluster over TLS");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Without TLS, or with a certificate from another CA, ctl is refused
+    // (it knows the cluster secret: the TLS layer refuses it).
+    assert!(ctl_status_with(home, &nodes[0].addr, &[]).is_none());
+    let other = Pki::new(&["ctl"]);
+    assert!(ctl_status_with(home, &nodes[0].addr, &refs(&cluster_flags(&other, "ctl"))).is_none());
+
+    let addrs: Vec<&str> = nodes.iter().map(|n| n.addr.as_str()).collect();
+    let gw = start_gateway(home, &addrs, &refs(&flags[3]));
+    let conn = Connection::connect(&gw.url(), ConnectionProperties::default()).await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    ch.queue_declare("tls-cluster".into(), QueueDeclareOptions { durable: true, ..Default::default() }, FieldTable::default())
+        .await
+        .unwrap();
+    for i in 0..20 {
+        let confirm = ch
+            .basic_publish(
+                "".into(),
+                "tls-cluster".into(),
+                BasicPublishOptions::default(),
+                format!("m{i}").as_bytes(),
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(confirm.is_ack());
+    }
+    let mut consumer = ch
+        .basic_consume("tls-cluster".into(), "c".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
+    for i in 0..20 {
+        let d = tokio::time::timeout(Duration::from_secs(10), consumer.next()).await.expect("a delivery").unwrap().unwrap();
+        assert_eq!(d.data, format!("m{i}").as_bytes());
+        d.ack(BasicAckOptions::default()).await.unwrap();
+    }
 }
