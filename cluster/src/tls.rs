@@ -299,3 +299,120 @@ fn tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
     let value = rest.get(..len)?;
     Some((tag, value, rest.get(len..)?))
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may panic
+mod tests {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, DnValue, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+
+    use super::*;
+    use crate::rpc::{self, Client, Handler, PeerInfo, Secret};
+
+    fn leaf(cn: Option<DnValue>, issuer: &Issuer<'_, KeyPair>) -> (rcgen::Certificate, KeyPair) {
+        let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.distinguished_name.push(DnType::OrganizationName, "o");
+        if let Some(cn) = cn {
+            params.distinguished_name.push(DnType::CommonName, cn);
+        }
+        let key = KeyPair::generate().unwrap();
+        (params.signed_by(&key, issuer).unwrap(), key)
+    }
+
+    fn ca() -> (rcgen::Certificate, Issuer<'static, KeyPair>) {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, "test CA");
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+        let cert = params.self_signed(&key).unwrap();
+        (cert, Issuer::new(params, key))
+    }
+
+    #[test]
+    fn subject_cn_reads_every_string_type() {
+        let (_, issuer) = ca();
+        let cases = [
+            (DnValue::Utf8String("alice".into()), "alice"),
+            (DnValue::PrintableString("bob".try_into().unwrap()), "bob"),
+            (DnValue::Ia5String("carol".try_into().unwrap()), "carol"),
+            (DnValue::BmpString("dörte".try_into().unwrap()), "dörte"),
+        ];
+        for (value, want) in cases {
+            let (cert, _) = leaf(Some(value), &issuer);
+            assert_eq!(subject_cn(cert.der()).as_deref(), Some(want));
+        }
+        let (cert, _) = leaf(None, &issuer);
+        assert_eq!(subject_cn(cert.der()), None);
+        // Garbage and truncations never panic.
+        let (cert, _) = leaf(Some(DnValue::Utf8String("x".into())), &issuer);
+        for n in 0..cert.der().len() {
+            let _ = subject_cn(&cert.der()[..n]);
+        }
+        assert_eq!(subject_cn(b"\x30\x84\xff\xff\xff\xff"), None);
+    }
+
+    /// Writes a node certificate set into `dir`: (cert, key, ca) files.
+    fn node_files(dir: &Path, name: &str, ca: &rcgen::Certificate, issuer: &Issuer<'_, KeyPair>) -> NodeTlsFiles {
+        let (cert, key) = leaf(Some(DnValue::Utf8String(name.into())), issuer);
+        let files = NodeTlsFiles {
+            cert: dir.join(format!("{name}.pem")),
+            key: dir.join(format!("{name}.key")),
+            ca: dir.join(format!("{name}-ca.pem")),
+        };
+        std::fs::write(&files.cert, cert.pem()).unwrap();
+        std::fs::write(&files.key, key.serialize_pem()).unwrap();
+        std::fs::write(&files.ca, ca.pem()).unwrap();
+        files
+    }
+
+    #[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
+    struct Text(String);
+    impl rpc::Versioned for Text {}
+
+    struct Echo;
+    impl Handler<Text, Text> for Echo {
+        async fn handle(&self, conn: &Client<Text, Text>, req: Text) -> Text {
+            Text(format!("{} from {}", req.0, conn.peer().node_id))
+        }
+    }
+
+    #[tokio::test]
+    async fn node_protocol_over_mutual_tls() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca_cert, issuer) = ca();
+        let server = NodeTls::load(&node_files(dir.path(), "n1", &ca_cert, &issuer)).unwrap();
+        let client = NodeTls::load(&node_files(dir.path(), "g1", &ca_cert, &issuer)).unwrap();
+        let (other_ca, other_issuer) = ca();
+        let stranger = NodeTls::load(&node_files(dir.path(), "x", &other_ca, &other_issuer)).unwrap();
+        let secret = Secret::new(*b"a test secret, 32 bytes long....").unwrap();
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let serving = tokio::spawn(rpc::serve(listener, secret.clone().with_tls(server), PeerInfo::node("n1"), Echo));
+
+        let (c, _in) = rpc::connect::<Text, Text>(addr, &secret.clone().with_tls(client), PeerInfo::gateway("g1")).await.unwrap();
+        assert_eq!(c.call(Text("hi".into())).await.unwrap(), Text("hi from g1".into()));
+        // Right secret, no TLS: the server's TLS layer drops it.
+        assert!(rpc::connect::<Text, Text>(addr, &secret, PeerInfo::gateway("g2")).await.is_err());
+        // A certificate of another CA: refused both ways.
+        assert!(rpc::connect::<Text, Text>(addr, &secret.clone().with_tls(stranger), PeerInfo::gateway("g3")).await.is_err());
+        // The first connection is unharmed.
+        assert_eq!(c.call(Text("again".into())).await.unwrap(), Text("again from g1".into()));
+        serving.abort();
+    }
+
+    #[test]
+    fn pem_errors_name_the_setting_and_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let e = load_certs("tls_cert", &missing).unwrap_err().to_string();
+        assert!(e.contains("tls_cert") && e.contains("missing.pem"), "{e}");
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "").unwrap();
+        let e = load_certs("tls_ca", &empty).unwrap_err().to_string();
+        assert!(e.contains("tls_ca") && e.contains("empty.pem") && e.contains("no PEM certificate"), "{e}");
+        let e = load_key("tls_key", &empty).unwrap_err().to_string();
+        assert!(e.contains("tls_key") && e.contains("empty.pem"), "{e}");
+    }
+}
