@@ -319,7 +319,15 @@ pub fn start_node(home: &Path, id: &str, dir: &str, listen: &str, extra: &[&str]
 /// Spawns `cmd` with the per-user config under `home/config`, quiet logs
 /// and stdout piped, and returns it with the rest of the first stdout line
 /// that starts with `prefix` (panics if none comes within `timeout`).
-fn spawn_until(mut cmd: Command, home: &Path, prefix: &'static str, timeout: Duration) -> (Child, String) {
+fn spawn_until(cmd: Command, home: &Path, prefix: &'static str, timeout: Duration) -> (Child, String) {
+    let (child, lines) = spawn_until_lines(cmd, home, prefix, timeout);
+    let found = lines.last().and_then(|l| l.strip_prefix(prefix)).unwrap_or_default().to_string();
+    (child, found)
+}
+
+/// [`spawn_until`], returning every stdout line up to and including the
+/// first that starts with `prefix`.
+fn spawn_until_lines(mut cmd: Command, home: &Path, prefix: &'static str, timeout: Duration) -> (Child, Vec<String>) {
     let mut child = cmd
         .env("XDG_CONFIG_HOME", home.join("config"))
         .env("SLUICE_LOG", "error")
@@ -331,13 +339,20 @@ fn spawn_until(mut cmd: Command, home: &Path, prefix: &'static str, timeout: Dur
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(rest) = line.strip_prefix(prefix) {
-                let _ = tx.send(rest.to_string());
-            }
+            let _ = tx.send(line);
         }
     });
-    let found = rx.recv_timeout(timeout).unwrap_or_else(|_| panic!("no line starting with {prefix:?}"));
-    (child, found)
+    let deadline = std::time::Instant::now() + timeout;
+    let mut lines = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = rx.recv_timeout(left).unwrap_or_else(|_| panic!("no line starting with {prefix:?}"));
+        let done = line.starts_with(prefix);
+        lines.push(line);
+        if done {
+            return (child, lines);
+        }
+    }
 }
 
 /// A running `sluice gateway`.
@@ -345,6 +360,8 @@ pub struct GatewayProcess {
     pub child: Child,
     /// The address its AMQP listener is bound to.
     pub amqp: String,
+    /// The AMQP over TLS listener, when `--amqps` was given.
+    pub amqps: Option<String>,
 }
 
 impl GatewayProcess {
@@ -377,8 +394,11 @@ pub fn start_gateway(home: &Path, nodes: &[&str], extra: &[&str]) -> GatewayProc
         cmd.args(["--metrics", "127.0.0.1:0"]);
     }
     cmd.args(extra);
-    let (child, amqp) = spawn_until(cmd, home, "AMQP listening on ", Duration::from_secs(40));
-    GatewayProcess { child, amqp }
+    // The Web-STOMP line comes after every other listener's.
+    let (child, lines) = spawn_until_lines(cmd, home, "Web-STOMP listening on ", Duration::from_secs(40));
+    let find = |prefix: &str| lines.iter().find_map(|l| l.strip_prefix(prefix)).map(|a| a.trim().to_string());
+    let amqp = find("AMQP listening on ").expect("an AMQP listening line");
+    GatewayProcess { child, amqp, amqps: find("AMQPS listening on ") }
 }
 
 /// `sluice ctl --node addr status` lines, with the per-user config under

@@ -558,6 +558,16 @@ fn tls_configuration_errors_name_the_setting_or_file() {
     ]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("tls_ca"), "{err}");
+    // Node protocol TLS: all three settings or none; files are named.
+    let (code, _, err) = run_sluice(&["node", "--id", "n1", "--data-dir", path(&data), "--cluster-tls-cert", path(&pki.server_cert)]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("cluster_tls_key, cluster_tls_ca"), "{err}");
+    let (code, _, err) = run_sluice(&[
+        "gateway", "--nodes", "127.0.0.1:1", "--cluster-tls-cert", path(&missing), "--cluster-tls-key", path(&pki.server_key),
+        "--cluster-tls-ca", path(&pki.ca),
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains(path(&missing)) && err.contains("cluster_tls_cert"), "{err}");
     // The same keys in the config file.
     let cfg = dir.path().join("tls.toml");
     std::fs::write(&cfg, format!("amqps = \"127.0.0.1:0\"\ntls_key = {:?}\n", path(&pki.server_key))).unwrap();
@@ -628,9 +638,14 @@ async fn cluster_with_node_protocol_tls() {
     let other = Pki::new(&["ctl"]);
     assert!(ctl_status_with(home, &nodes[0].addr, &refs(&cluster_flags(&other, "ctl"))).is_none());
 
+    // The gateway also serves AMQP over TLS, with the client listeners'
+    // own certificate settings.
     let addrs: Vec<&str> = nodes.iter().map(|n| n.addr.as_str()).collect();
-    let gw = start_gateway(home, &addrs, &refs(&flags[3]));
-    let conn = Connection::connect(&gw.url(), ConnectionProperties::default()).await.unwrap();
+    let mut gw_flags = refs(&flags[3]);
+    gw_flags.extend(["--amqps", "127.0.0.1:0", "--tls-cert", path(&pki.server_cert), "--tls-key", path(&pki.server_key)]);
+    let gw = start_gateway(home, &addrs, &gw_flags);
+    let relay = tls_relay(pki.client(None), gw.amqps.as_deref().unwrap().parse().unwrap()).await;
+    let conn = Connection::connect(&format!("amqp://guest:guest@{relay}/%2f"), ConnectionProperties::default()).await.unwrap();
     let ch = conn.create_channel().await.unwrap();
     ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
     ch.queue_declare("tls-cluster".into(), QueueDeclareOptions { durable: true, ..Default::default() }, FieldTable::default())
