@@ -344,15 +344,21 @@ fn spawn_until_lines(mut cmd: Command, home: &Path, prefix: &'static str, timeou
     });
     let deadline = std::time::Instant::now() + timeout;
     let mut lines = Vec::new();
-    loop {
+    let found = loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
-        let line = rx.recv_timeout(left).unwrap_or_else(|_| panic!("no line starting with {prefix:?}"));
+        let Ok(line) = rx.recv_timeout(left) else { break false };
         let done = line.starts_with(prefix);
         lines.push(line);
         if done {
-            return (child, lines);
+            break true;
         }
+    };
+    if !found {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("no line starting with {prefix:?} (got {lines:?})");
     }
+    (child, lines)
 }
 
 /// A running `sluice gateway`.
