@@ -495,7 +495,8 @@ async fn plaintext_and_silent_clients_on_tls_ports_do_not_hurt_others() {
     let server = pki.start(&[]);
     let amqps = server.amqps.unwrap();
     // A client that never starts its handshake: it holds only its own task.
-    let _silent = TcpStream::connect(amqps).await.unwrap();
+    let mut silent = TcpStream::connect(amqps).await.unwrap();
+    let silent_since = std::time::Instant::now();
     // Plain AMQP on the TLS port: not a TLS record, the connection is dropped.
     let mut plain = TcpStream::connect(amqps).await.unwrap();
     plain.write_all(b"AMQP\x00\x00\x09\x01").await.unwrap();
@@ -514,6 +515,12 @@ async fn plaintext_and_silent_clients_on_tls_ports_do_not_hurt_others() {
         .await
         .unwrap();
     amqp_round_trip(&conn, "still-up", None).await.unwrap();
+    // The silent client is dropped once the 10 s handshake deadline passes.
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(20), silent.read(&mut byte)).await.expect("dropped in time");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    let waited = silent_since.elapsed();
+    assert!(waited >= Duration::from_secs(9), "dropped after {waited:?}, before the deadline");
 }
 
 #[test]
