@@ -683,3 +683,62 @@ async fn cluster_with_node_protocol_tls() {
         d.ack(BasicAckOptions::default()).await.unwrap();
     }
 }
+
+/// Deliveries far larger than the socket buffers, to consumers that let
+/// their sockets fill up before reading, arrive whole over TLS (AMQP and
+/// STOMP). (The writers flush after each write, as TLS may hold records
+/// back when the socket is full; this test exercises that path but cannot
+/// force the exact timing in which a missing flush would lose the tail.)
+#[tokio::test]
+async fn large_deliveries_to_a_slow_reader_arrive_whole() {
+    // Well beyond what loopback socket buffers hold (a few MB).
+    const N: usize = 24;
+    const SIZE: usize = 1_000_000;
+    let pki = Pki::new(&[]);
+    let server = pki.start(&[]);
+    let publisher = Connection::connect(&server.url(), ConnectionProperties::default()).await.unwrap();
+    let pch = publisher.create_channel().await.unwrap();
+    pch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    for q in ["slow-amqp", "slow-stomp"] {
+        // Durable, as STOMP's /queue/ declares it.
+        pch.queue_declare(q.into(), QueueDeclareOptions { durable: true, ..Default::default() }, FieldTable::default())
+            .await
+            .unwrap();
+        for i in 0..N {
+            let body = vec![i as u8; SIZE];
+            pch.basic_publish("".into(), q.into(), BasicPublishOptions::default(), &body, BasicProperties::default())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    }
+
+    // STOMP: subscribe, then read nothing for a while.
+    let tls = tls_connect(&pki.client(None), server.stomps.unwrap()).await.unwrap();
+    let mut c = Stomp::new(tls);
+    assert_eq!(c.connect(&[]).await.command, Command::Connected);
+    c.send(&frame(Command::Subscribe, &[("id", "s"), ("destination", "/queue/slow-stomp")])).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for i in 0..N {
+        let m = c.expect(Command::Message).await;
+        assert_eq!(m.body.len(), SIZE);
+        assert_eq!(m.body[0], i as u8);
+    }
+
+    // AMQP through the relay, whose reads from the TLS side stall while
+    // lapin is not yet consuming.
+    let relay = tls_relay(pki.client(None), server.amqps.unwrap()).await;
+    let conn = Connection::connect(&format!("amqp://guest:guest@{relay}/%2f"), ConnectionProperties::default()).await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let mut consumer =
+        ch.basic_consume("slow-amqp".into(), "c".into(), BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default())
+            .await
+            .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for i in 0..N {
+        let d = tokio::time::timeout(Duration::from_secs(10), consumer.next()).await.expect("a delivery").unwrap().unwrap();
+        assert_eq!(d.data.len(), SIZE);
+        assert_eq!(d.data[0], i as u8);
+    }
+}

@@ -149,14 +149,18 @@ impl<W: AsyncWrite + Unpin + Send + 'static> StreamSink<W> {
 impl<W: AsyncWrite + Unpin + Send + 'static> FrameSink for StreamSink<W> {
     async fn send(&mut self, frames: &[Bytes]) -> std::io::Result<()> {
         if let [one] = frames {
-            return self.wr.write_all(one).await;
+            self.wr.write_all(one).await?;
+        } else {
+            for f in frames {
+                self.buf.extend_from_slice(f);
+            }
+            let r = self.wr.write_all(&self.buf).await;
+            self.buf.clear();
+            r?;
         }
-        for f in frames {
-            self.buf.extend_from_slice(f);
-        }
-        let r = self.wr.write_all(&self.buf).await;
-        self.buf.clear();
-        r
+        // A no-op on TCP; over TLS it pushes out records the TLS layer
+        // still holds when the socket was full during the write.
+        self.wr.flush().await
     }
 
     async fn close(&mut self) {

@@ -52,7 +52,9 @@ impl<W: AsyncWrite + Unpin> Out<W> {
         if self.closed {
             return Err(std::io::ErrorKind::BrokenPipe.into());
         }
-        self.wr.write_all(bytes).await
+        self.wr.write_all(bytes).await?;
+        // A no-op on TCP; over TLS it pushes out what the TLS layer holds.
+        self.wr.flush().await
     }
 
     /// Sends a close frame (once) and shuts the write side down.
@@ -152,7 +154,11 @@ async fn handshake<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(rd: &mut R, wr: 
     let protocol = choose_protocol(&upgrade.protocols);
     tracing::debug!(?protocol, offered = ?upgrade.protocols, "Web-STOMP upgrade");
     let answer = ws::response_101(&upgrade.key, protocol);
-    match tokio::time::timeout(CLOSE_TIMEOUT, wr.write_all(answer.as_bytes())).await {
+    let sent = async {
+        wr.write_all(answer.as_bytes()).await?;
+        wr.flush().await
+    };
+    match tokio::time::timeout(CLOSE_TIMEOUT, sent).await {
         Ok(Ok(())) => Some(buf),
         _ => None,
     }
