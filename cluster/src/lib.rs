@@ -19,6 +19,8 @@
 //! - `rpc/`: the node protocol (handshake with the cluster secret, frames,
 //!   pipelined calls); `node/`: `sluice node` (`host.rs`: the replicas it
 //!   hosts and the requests of gateways).
+//! - `tls.rs`: PEM files to rustls configs (ring), the node protocol's
+//!   mutual TLS, the subject CN of a certificate (docs/tls.md).
 //! - `error.rs`: [`Error`].
 //!
 //! Invariant: the gateway only uses the traits in `backend.rs` (plus the
@@ -38,6 +40,7 @@ pub mod remote;
 pub mod remote_meta;
 pub mod replicated;
 pub mod rpc;
+pub mod tls;
 
 pub use backend::{
     message_ttl, ready, Backend, ChannelFlow, Consumer, Credit, Delivery, DeliverySink, Durable, Outcome, Queue,

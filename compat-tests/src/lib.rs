@@ -31,6 +31,12 @@ pub fn sluice_bin() -> PathBuf {
     bin
 }
 
+/// Whether `args` hold `flag` (as `--flag VALUE` or `--flag=VALUE`; not
+/// a longer flag such as `--stomps` for `--stomp`).
+fn has_flag(args: &[&str], flag: &str) -> bool {
+    args.iter().any(|a| *a == flag || a.strip_prefix(flag).is_some_and(|rest| rest.starts_with('=')))
+}
+
 /// A running broker.
 pub struct Server {
     child: Option<Child>,
@@ -40,6 +46,10 @@ pub struct Server {
     pub stomp: SocketAddr,
     /// Address of the Web-STOMP (STOMP over WebSocket) listener.
     pub web_stomp: SocketAddr,
+    /// The TLS listeners, when `--amqps`/`--stomps`/`--web-stomps` were given.
+    pub amqps: Option<SocketAddr>,
+    pub stomps: Option<SocketAddr>,
+    pub web_stomps: Option<SocketAddr>,
     /// The data directory (kept across restarts).
     pub data_dir: PathBuf,
     _tmp: Option<tempfile::TempDir>,
@@ -110,13 +120,13 @@ impl Server {
             .arg("127.0.0.1:0");
         // A free port unless the test chose one (the default, 61613, would
         // collide between parallel tests).
-        if !extra.iter().any(|a| a.starts_with("--stomp")) {
+        if !has_flag(extra, "--stomp") {
             cmd.arg("--stomp").arg("127.0.0.1:0");
         }
-        if !extra.iter().any(|a| a.starts_with("--web-stomp")) {
+        if !has_flag(extra, "--web-stomp") {
             cmd.arg("--web-stomp").arg("127.0.0.1:0");
         }
-        if !extra.iter().any(|a| a.starts_with("--metrics")) {
+        if !has_flag(extra, "--metrics") {
             cmd.arg("--metrics").arg("127.0.0.1:0");
         }
         cmd.args(extra)
@@ -139,23 +149,30 @@ impl Server {
         let metrics_line = std::sync::Arc::new(std::sync::Mutex::new(None));
         let metrics_sink = metrics_line.clone();
         std::thread::spawn(move || {
-            // The STOMP line follows the AMQP one, the Web-STOMP line the STOMP one.
+            // The STOMP line follows the AMQP one, then the TLS listeners'
+            // lines, then the Web-STOMP line.
             let (mut amqp, mut stomp) = (None, None);
+            let mut tls: [Option<String>; 3] = [None, None, None];
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(addr) = line.strip_prefix("AMQP listening on ") {
+                let tls_line = ["AMQPS listening on ", "STOMPS listening on ", "Web-STOMPS listening on "]
+                    .iter()
+                    .position(|p| line.starts_with(p));
+                if let Some(i) = tls_line {
+                    tls[i] = line.split(" listening on ").nth(1).map(|a| a.trim().to_string());
+                } else if let Some(addr) = line.strip_prefix("AMQP listening on ") {
                     amqp = Some(addr.trim().to_string());
                 } else if let Some(addr) = line.strip_prefix("STOMP listening on ") {
                     stomp = Some(addr.trim().to_string());
                 } else if let Some(addr) = line.strip_prefix("Web-STOMP listening on ") {
                     if let (Some(amqp), Some(stomp)) = (amqp.take(), stomp.take()) {
-                        let _ = tx.send((amqp, stomp, addr.trim().to_string()));
+                        let _ = tx.send((amqp, stomp, addr.trim().to_string(), std::mem::take(&mut tls)));
                     }
                 } else if let Some(addr) = line.strip_prefix("metrics listening on ") {
                     metrics_sink.lock().map(|mut m| *m = Some(addr.trim().to_string())).ok();
                 }
             }
         });
-        let (addr, stomp, web_stomp) = match rx.recv_timeout(Duration::from_secs(60)) {
+        let (addr, stomp, web_stomp, tls) = match rx.recv_timeout(Duration::from_secs(60)) {
             Ok(a) => a,
             Err(_) => {
                 let _ = child.kill();
@@ -168,6 +185,9 @@ impl Server {
             amqp: addr.parse().map_err(|e| format!("bad address {addr}: {e}"))?,
             stomp: stomp.parse().map_err(|e| format!("bad address {stomp}: {e}"))?,
             web_stomp: web_stomp.parse().map_err(|e| format!("bad address {web_stomp}: {e}"))?,
+            amqps: tls[0].as_deref().and_then(|a| a.parse().ok()),
+            stomps: tls[1].as_deref().and_then(|a| a.parse().ok()),
+            web_stomps: tls[2].as_deref().and_then(|a| a.parse().ok()),
             data_dir: data_dir.to_path_buf(),
             _tmp: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
@@ -299,7 +319,15 @@ pub fn start_node(home: &Path, id: &str, dir: &str, listen: &str, extra: &[&str]
 /// Spawns `cmd` with the per-user config under `home/config`, quiet logs
 /// and stdout piped, and returns it with the rest of the first stdout line
 /// that starts with `prefix` (panics if none comes within `timeout`).
-fn spawn_until(mut cmd: Command, home: &Path, prefix: &'static str, timeout: Duration) -> (Child, String) {
+fn spawn_until(cmd: Command, home: &Path, prefix: &'static str, timeout: Duration) -> (Child, String) {
+    let (child, lines) = spawn_until_lines(cmd, home, prefix, timeout);
+    let found = lines.last().and_then(|l| l.strip_prefix(prefix)).unwrap_or_default().to_string();
+    (child, found)
+}
+
+/// [`spawn_until`], returning every stdout line up to and including the
+/// first that starts with `prefix`.
+fn spawn_until_lines(mut cmd: Command, home: &Path, prefix: &'static str, timeout: Duration) -> (Child, Vec<String>) {
     let mut child = cmd
         .env("XDG_CONFIG_HOME", home.join("config"))
         .env("SLUICE_LOG", "error")
@@ -311,13 +339,26 @@ fn spawn_until(mut cmd: Command, home: &Path, prefix: &'static str, timeout: Dur
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(rest) = line.strip_prefix(prefix) {
-                let _ = tx.send(rest.to_string());
-            }
+            let _ = tx.send(line);
         }
     });
-    let found = rx.recv_timeout(timeout).unwrap_or_else(|_| panic!("no line starting with {prefix:?}"));
-    (child, found)
+    let deadline = std::time::Instant::now() + timeout;
+    let mut lines = Vec::new();
+    let found = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let Ok(line) = rx.recv_timeout(left) else { break false };
+        let done = line.starts_with(prefix);
+        lines.push(line);
+        if done {
+            break true;
+        }
+    };
+    if !found {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("no line starting with {prefix:?} (got {lines:?})");
+    }
+    (child, lines)
 }
 
 /// A running `sluice gateway`.
@@ -325,6 +366,8 @@ pub struct GatewayProcess {
     pub child: Child,
     /// The address its AMQP listener is bound to.
     pub amqp: String,
+    /// The AMQP over TLS listener, when `--amqps` was given.
+    pub amqps: Option<String>,
 }
 
 impl GatewayProcess {
@@ -347,18 +390,21 @@ impl Drop for GatewayProcess {
 pub fn start_gateway(home: &Path, nodes: &[&str], extra: &[&str]) -> GatewayProcess {
     let mut cmd = Command::new(sluice_bin());
     cmd.args(["gateway", "--amqp", "127.0.0.1:0", "--nodes", &nodes.join(",")]);
-    if !extra.iter().any(|a| a.starts_with("--stomp")) {
+    if !has_flag(extra, "--stomp") {
         cmd.args(["--stomp", "127.0.0.1:0"]);
     }
-    if !extra.iter().any(|a| a.starts_with("--web-stomp")) {
+    if !has_flag(extra, "--web-stomp") {
         cmd.args(["--web-stomp", "127.0.0.1:0"]);
     }
-    if !extra.iter().any(|a| a.starts_with("--metrics")) {
+    if !has_flag(extra, "--metrics") {
         cmd.args(["--metrics", "127.0.0.1:0"]);
     }
     cmd.args(extra);
-    let (child, amqp) = spawn_until(cmd, home, "AMQP listening on ", Duration::from_secs(40));
-    GatewayProcess { child, amqp }
+    // The Web-STOMP line comes after every other listener's.
+    let (child, lines) = spawn_until_lines(cmd, home, "Web-STOMP listening on ", Duration::from_secs(40));
+    let find = |prefix: &str| lines.iter().find_map(|l| l.strip_prefix(prefix)).map(|a| a.trim().to_string());
+    let amqp = find("AMQP listening on ").expect("an AMQP listening line");
+    GatewayProcess { child, amqp, amqps: find("AMQPS listening on ") }
 }
 
 /// `sluice ctl --node addr status` lines, with the per-user config under

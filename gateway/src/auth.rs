@@ -1,4 +1,6 @@
-//! SASL authentication: PLAIN and AMQPLAIN against the user table.
+//! SASL authentication: PLAIN and AMQPLAIN against the user table, and
+//! EXTERNAL (the subject CN of a verified TLS client certificate, as
+//! RabbitMQ's rabbitmq_auth_mechanism_ssl) on connections that have one.
 //! (Users, password hashes and permissions come with the security issue;
 //! today the table holds guest/guest and users from the config file.)
 
@@ -16,11 +18,40 @@ pub enum AuthError {
     Malformed(&'static str),
     #[error("user '{0}' - invalid credentials")]
     BadCredentials(String),
+    #[error("user '{0}' (the client certificate's CN) does not exist")]
+    UnknownCertUser(String),
 }
 
-/// Checks a SASL response; returns the user name.
-pub fn authenticate(users: &HashMap<String, String>, mechanism: &str, response: &[u8]) -> Result<String, AuthError> {
+/// The mechanisms offered in connection.start: EXTERNAL only when the
+/// connection has a verified client certificate.
+pub fn mechanisms(cert_user: Option<&str>) -> &'static [u8] {
+    match cert_user {
+        Some(_) => b"PLAIN AMQPLAIN EXTERNAL",
+        None => b"PLAIN AMQPLAIN",
+    }
+}
+
+/// Checks a SASL response; returns the user name. `cert_user` is the
+/// subject CN of the connection's verified client certificate: EXTERNAL
+/// logs in as that user (it must exist; the response is ignored, as
+/// RabbitMQ does), and is an unknown mechanism without one.
+pub fn authenticate(
+    users: &HashMap<String, String>,
+    mechanism: &str,
+    response: &[u8],
+    cert_user: Option<&str>,
+) -> Result<String, AuthError> {
     let (user, pass) = match mechanism {
+        "EXTERNAL" => {
+            let Some(user) = cert_user else {
+                return Err(AuthError::UnknownMechanism(mechanism.to_string()));
+            };
+            return if users.contains_key(user) {
+                Ok(user.to_string())
+            } else {
+                Err(AuthError::UnknownCertUser(user.to_string()))
+            };
+        }
         "PLAIN" => {
             // [authzid] NUL authcid NUL passwd
             let mut parts = response.split(|b| *b == 0);

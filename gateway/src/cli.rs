@@ -1,7 +1,6 @@
 //! The cluster subcommands: `sluice node` and `sluice ctl`.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -10,13 +9,9 @@ use sluice_cluster::rpc::{PeerInfo, Secret};
 
 use crate::config::{CtlArgs, CtlCommand, NodeConfig};
 
-fn secret(path: Option<&PathBuf>) -> anyhow::Result<Secret> {
-    Secret::load_or_create(path.map(PathBuf::as_path)).context("cluster secret")
-}
-
 /// Runs a node until SIGTERM or ctrl-c.
 pub async fn node(config: NodeConfig) -> anyhow::Result<()> {
-    let secret = secret(config.cluster_secret_file.as_ref())?;
+    let secret = crate::config::cluster_credentials(config.cluster_secret_file.as_deref(), config.cluster_tls.as_ref())?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     let signal = crate::server::shutdown_signal()?;
@@ -44,7 +39,7 @@ pub async fn node(config: NodeConfig) -> anyhow::Result<()> {
 
 /// `sluice ctl`.
 pub async fn ctl(args: CtlArgs) -> anyhow::Result<()> {
-    let secret = secret(args.cluster_secret_file.as_ref())?;
+    let secret = args.credentials()?;
     let me = PeerInfo::gateway(format!("ctl-{}", std::process::id()));
     match args.command {
         CtlCommand::Status => {

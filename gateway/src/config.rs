@@ -3,9 +3,11 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::Context;
 use serde::Deserialize;
+use sluice_cluster::tls::{ClientAuth, NodeTls, NodeTlsFiles};
 
 pub use crate::server::Limits;
 
@@ -17,6 +19,14 @@ pub struct FileConfig {
     pub amqp: Option<String>,
     pub stomp: Option<String>,
     pub web_stomp: Option<String>,
+    pub amqps: Option<String>,
+    pub stomps: Option<String>,
+    pub web_stomps: Option<String>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_ca: Option<PathBuf>,
+    pub tls_verify_peer: Option<bool>,
+    pub tls_fail_if_no_peer_cert: Option<bool>,
     pub metrics: Option<String>,
     pub channel_max: Option<u16>,
     pub frame_max: Option<u32>,
@@ -43,6 +53,30 @@ pub struct ClientArgs {
     /// STOMP over WebSocket listener, path /ws (default 0.0.0.0:15674; port 0 picks a free port).
     #[arg(long, env = "SLUICE_WEB_STOMP")]
     pub web_stomp: Option<String>,
+    /// AMQP over TLS listener (off unless given; RabbitMQ uses 5671). Needs --tls-cert and --tls-key.
+    #[arg(long, env = "SLUICE_AMQPS")]
+    pub amqps: Option<String>,
+    /// STOMP over TLS listener (off unless given; RabbitMQ uses 61614). Needs --tls-cert and --tls-key.
+    #[arg(long, env = "SLUICE_STOMPS")]
+    pub stomps: Option<String>,
+    /// STOMP over WebSocket over TLS listener, path /ws (off unless given; RabbitMQ uses 15673).
+    #[arg(long, env = "SLUICE_WEB_STOMPS")]
+    pub web_stomps: Option<String>,
+    /// Server certificate chain, PEM (leaf first), for the TLS listeners.
+    #[arg(long, env = "SLUICE_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key of the server certificate, PEM.
+    #[arg(long, env = "SLUICE_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// CA certificates, PEM, that client certificates must chain to.
+    #[arg(long, env = "SLUICE_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// Ask TLS clients for a certificate, verified against --tls-ca (default false).
+    #[arg(long, env = "SLUICE_TLS_VERIFY_PEER")]
+    pub tls_verify_peer: Option<bool>,
+    /// Refuse TLS clients without a certificate (default false; implies --tls-verify-peer).
+    #[arg(long, env = "SLUICE_TLS_FAIL_IF_NO_PEER_CERT")]
+    pub tls_fail_if_no_peer_cert: Option<bool>,
     /// Prometheus metrics address, GET /metrics (default 0.0.0.0:15692; port 0 picks a free port).
     #[arg(long, env = "SLUICE_METRICS")]
     pub metrics: Option<String>,
@@ -70,6 +104,14 @@ pub struct ClientFile {
     pub amqp: Option<String>,
     pub stomp: Option<String>,
     pub web_stomp: Option<String>,
+    pub amqps: Option<String>,
+    pub stomps: Option<String>,
+    pub web_stomps: Option<String>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_ca: Option<PathBuf>,
+    pub tls_verify_peer: Option<bool>,
+    pub tls_fail_if_no_peer_cert: Option<bool>,
     pub metrics: Option<String>,
     pub channel_max: Option<u16>,
     pub frame_max: Option<u32>,
@@ -85,9 +127,26 @@ pub struct Frontend {
     pub amqp: String,
     pub stomp: String,
     pub web_stomp: String,
+    /// The TLS listeners that are on, and the configuration they share.
+    pub amqps: Option<String>,
+    pub stomps: Option<String>,
+    pub web_stomps: Option<String>,
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     pub metrics: String,
     pub limits: Limits,
     pub users: HashMap<String, String>,
+}
+
+impl CtlArgs {
+    /// The cluster secret, with the node protocol's TLS when configured.
+    pub fn credentials(&self) -> anyhow::Result<sluice_cluster::rpc::Secret> {
+        let tls = node_tls(
+            self.cluster_tls.cluster_tls_cert.clone(),
+            self.cluster_tls.cluster_tls_key.clone(),
+            self.cluster_tls.cluster_tls_ca.clone(),
+        )?;
+        cluster_credentials(self.cluster_secret_file.as_deref(), tls.as_ref())
+    }
 }
 
 impl ClientArgs {
@@ -101,10 +160,31 @@ impl ClientArgs {
         if users.is_empty() {
             users.insert("guest".into(), "guest".into());
         }
+        let amqps = self.amqps.or(file.amqps);
+        let stomps = self.stomps.or(file.stomps);
+        let web_stomps = self.web_stomps.or(file.web_stomps);
+        let tls_listener = [("amqps", &amqps), ("stomps", &stomps), ("web_stomps", &web_stomps)]
+            .into_iter()
+            .find_map(|(name, addr)| addr.as_ref().map(|_| name));
+        let tls = match tls_listener {
+            None => None,
+            Some(listener) => Some(tls_config(
+                listener,
+                self.tls_cert.or(file.tls_cert),
+                self.tls_key.or(file.tls_key),
+                self.tls_ca.or(file.tls_ca),
+                self.tls_verify_peer.or(file.tls_verify_peer).unwrap_or(false),
+                self.tls_fail_if_no_peer_cert.or(file.tls_fail_if_no_peer_cert).unwrap_or(false),
+            )?),
+        };
         let front = Frontend {
             amqp: self.amqp.or(file.amqp).unwrap_or_else(|| "0.0.0.0:5672".into()),
             stomp: self.stomp.or(file.stomp).unwrap_or_else(|| "0.0.0.0:61613".into()),
             web_stomp: self.web_stomp.or(file.web_stomp).unwrap_or_else(|| "0.0.0.0:15674".into()),
+            amqps,
+            stomps,
+            web_stomps,
+            tls,
             metrics: self.metrics.or(file.metrics).unwrap_or_else(|| "0.0.0.0:15692".into()),
             limits: Limits {
                 channel_max: self.channel_max.or(file.channel_max).unwrap_or(2047),
@@ -118,13 +198,88 @@ impl ClientArgs {
             },
             users,
         };
-        for (what, addr) in [("amqp", &front.amqp), ("stomp", &front.stomp), ("web_stomp", &front.web_stomp), ("metrics", &front.metrics)] {
+        let tls_addrs = [("amqps", &front.amqps), ("stomps", &front.stomps), ("web_stomps", &front.web_stomps)];
+        let tls_addrs = tls_addrs.into_iter().filter_map(|(what, addr)| addr.as_ref().map(|a| (what, a)));
+        let plain = [("amqp", &front.amqp), ("stomp", &front.stomp), ("web_stomp", &front.web_stomp), ("metrics", &front.metrics)];
+        for (what, addr) in plain.into_iter().chain(tls_addrs) {
             if addr.parse::<std::net::SocketAddr>().is_err() {
                 anyhow::bail!("{what} address '{addr}' is not HOST:PORT (for example 127.0.0.1:5672)");
             }
         }
         Ok(front)
     }
+}
+
+/// The client listeners' TLS configuration (RabbitMQ's `ssl_options`):
+/// certificate chain and key, and which client certificates to ask for.
+/// `listener` names the TLS listener that needs it, for the errors.
+fn tls_config(
+    listener: &str,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    ca: Option<PathBuf>,
+    verify_peer: bool,
+    fail_if_no_peer_cert: bool,
+) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    let missing = |key: &str, what: &str| {
+        let flag = key.replace('_', "-");
+        let env = key.to_uppercase();
+        anyhow::anyhow!("the {listener} listener needs {key} (--{flag}, SLUICE_{env} or `{key}` in the config file): {what}")
+    };
+    let cert = cert.ok_or_else(|| missing("tls_cert", "the server certificate chain, a PEM file"))?;
+    let key = key.ok_or_else(|| missing("tls_key", "the server's private key, a PEM file"))?;
+    let client_auth = if verify_peer || fail_if_no_peer_cert {
+        let which = if verify_peer { "tls_verify_peer" } else { "tls_fail_if_no_peer_cert" };
+        let Some(ca) = ca else {
+            anyhow::bail!("{which} needs tls_ca (--tls-ca, SLUICE_TLS_CA or `tls_ca` in the config file): the CA certificates, a PEM file, that client certificates must chain to");
+        };
+        ClientAuth::Verify { ca, ca_key: "tls_ca", required: fail_if_no_peer_cert }
+    } else {
+        ClientAuth::None
+    };
+    Ok(sluice_cluster::tls::server_config(("tls_cert", &cert), ("tls_key", &key), &client_auth)?)
+}
+
+/// The node protocol's TLS from its three settings (all or none).
+fn node_tls(cert: Option<PathBuf>, key: Option<PathBuf>, ca: Option<PathBuf>) -> anyhow::Result<Option<NodeTls>> {
+    let files = match (cert, key, ca) {
+        (None, None, None) => return Ok(None),
+        (Some(cert), Some(key), Some(ca)) => NodeTlsFiles { cert, key, ca },
+        (cert, key, ca) => {
+            let missing: Vec<&str> = [("cluster_tls_cert", cert.is_none()), ("cluster_tls_key", key.is_none()), ("cluster_tls_ca", ca.is_none())]
+                .into_iter()
+                .filter_map(|(k, m)| m.then_some(k))
+                .collect();
+            anyhow::bail!(
+                "node protocol TLS needs cluster_tls_cert, cluster_tls_key and cluster_tls_ca together; missing {} (flags --cluster-tls-*, SLUICE_CLUSTER_TLS_*)",
+                missing.join(", ")
+            );
+        }
+    };
+    Ok(Some(NodeTls::load(&files)?))
+}
+
+/// The cluster secret, with the node protocol's TLS when configured.
+pub fn cluster_credentials(secret_file: Option<&Path>, tls: Option<&NodeTls>) -> anyhow::Result<sluice_cluster::rpc::Secret> {
+    let secret = sluice_cluster::rpc::Secret::load_or_create(secret_file).context("cluster secret")?;
+    Ok(match tls {
+        Some(tls) => secret.with_tls(tls.clone()),
+        None => secret,
+    })
+}
+
+/// `--cluster-tls-*` flags of `sluice node`, `sluice gateway` and `sluice ctl`.
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct ClusterTlsArgs {
+    /// This process's certificate for the node protocol, PEM (with --cluster-tls-key and --cluster-tls-ca: node protocol over mutual TLS).
+    #[arg(long, env = "SLUICE_CLUSTER_TLS_CERT")]
+    pub cluster_tls_cert: Option<PathBuf>,
+    /// Private key of --cluster-tls-cert, PEM.
+    #[arg(long, env = "SLUICE_CLUSTER_TLS_KEY")]
+    pub cluster_tls_key: Option<PathBuf>,
+    /// The cluster CA, PEM: every node's and gateway's certificate must chain to it.
+    #[arg(long, env = "SLUICE_CLUSTER_TLS_CA")]
+    pub cluster_tls_ca: Option<PathBuf>,
 }
 
 /// The validated configuration of `sluice serve`.
@@ -166,6 +321,14 @@ impl ServeArgs {
             amqp: file.amqp,
             stomp: file.stomp,
             web_stomp: file.web_stomp,
+            amqps: file.amqps,
+            stomps: file.stomps,
+            web_stomps: file.web_stomps,
+            tls_cert: file.tls_cert,
+            tls_key: file.tls_key,
+            tls_ca: file.tls_ca,
+            tls_verify_peer: file.tls_verify_peer,
+            tls_fail_if_no_peer_cert: file.tls_fail_if_no_peer_cert,
             metrics: file.metrics,
             channel_max: file.channel_max,
             frame_max: file.frame_max,
@@ -200,6 +363,9 @@ pub struct NodeFile {
     pub failure_timeout_ms: Option<u64>,
     pub seeds: Option<Vec<String>>,
     pub cluster_secret_file: Option<PathBuf>,
+    pub cluster_tls_cert: Option<PathBuf>,
+    pub cluster_tls_key: Option<PathBuf>,
+    pub cluster_tls_ca: Option<PathBuf>,
 }
 
 /// `sluice node` flags (each also `SLUICE_*` in the environment).
@@ -229,6 +395,8 @@ pub struct NodeArgs {
     /// The shared cluster secret (default: ~/.config/sluice/cluster-secret, created on first start).
     #[arg(long, env = "SLUICE_CLUSTER_SECRET_FILE")]
     pub cluster_secret_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub cluster_tls: ClusterTlsArgs,
     /// TOML configuration file with the same keys.
     #[arg(long, env = "SLUICE_CONFIG")]
     pub config: Option<PathBuf>,
@@ -245,6 +413,8 @@ pub struct NodeConfig {
     pub failure_timeout_ms: u64,
     pub seeds: Vec<String>,
     pub cluster_secret_file: Option<PathBuf>,
+    /// The node protocol's TLS, when configured.
+    pub cluster_tls: Option<NodeTls>,
 }
 
 impl NodeArgs {
@@ -271,6 +441,11 @@ impl NodeArgs {
             failure_timeout_ms: self.failure_timeout_ms.or(file.failure_timeout_ms).unwrap_or(500),
             seeds: self.seeds.or(file.seeds).unwrap_or_default(),
             cluster_secret_file: self.cluster_secret_file.or(file.cluster_secret_file),
+            cluster_tls: node_tls(
+                self.cluster_tls.cluster_tls_cert.or(file.cluster_tls_cert),
+                self.cluster_tls.cluster_tls_key.or(file.cluster_tls_key),
+                self.cluster_tls.cluster_tls_ca.or(file.cluster_tls_ca),
+            )?,
             id,
         };
         if config.heartbeat_ms == 0 || config.failure_timeout_ms <= config.heartbeat_ms {
@@ -298,6 +473,8 @@ pub struct CtlArgs {
     /// The shared cluster secret (default: ~/.config/sluice/cluster-secret).
     #[arg(long, env = "SLUICE_CLUSTER_SECRET_FILE")]
     pub cluster_secret_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub cluster_tls: ClusterTlsArgs,
     #[command(subcommand)]
     pub command: CtlCommand,
 }
@@ -334,8 +511,19 @@ pub struct GatewayFile {
     pub amqp: Option<String>,
     pub stomp: Option<String>,
     pub web_stomp: Option<String>,
+    pub amqps: Option<String>,
+    pub stomps: Option<String>,
+    pub web_stomps: Option<String>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_ca: Option<PathBuf>,
+    pub tls_verify_peer: Option<bool>,
+    pub tls_fail_if_no_peer_cert: Option<bool>,
     pub metrics: Option<String>,
     pub cluster_secret_file: Option<PathBuf>,
+    pub cluster_tls_cert: Option<PathBuf>,
+    pub cluster_tls_key: Option<PathBuf>,
+    pub cluster_tls_ca: Option<PathBuf>,
     pub channel_max: Option<u16>,
     pub frame_max: Option<u32>,
     pub heartbeat: Option<u16>,
@@ -358,6 +546,8 @@ pub struct GatewayArgs {
     /// The shared cluster secret (default: ~/.config/sluice/cluster-secret, created on first start).
     #[arg(long, env = "SLUICE_CLUSTER_SECRET_FILE")]
     pub cluster_secret_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub cluster_tls: ClusterTlsArgs,
     /// TOML configuration file with the same keys.
     #[arg(long, env = "SLUICE_CONFIG")]
     pub config: Option<PathBuf>,
@@ -370,6 +560,8 @@ pub struct GatewayConfig {
     pub nodes: Vec<String>,
     pub front: Frontend,
     pub cluster_secret_file: Option<PathBuf>,
+    /// The node protocol's TLS, when configured.
+    pub cluster_tls: Option<NodeTls>,
 }
 
 impl GatewayArgs {
@@ -390,6 +582,14 @@ impl GatewayArgs {
             amqp: file.amqp,
             stomp: file.stomp,
             web_stomp: file.web_stomp,
+            amqps: file.amqps,
+            stomps: file.stomps,
+            web_stomps: file.web_stomps,
+            tls_cert: file.tls_cert,
+            tls_key: file.tls_key,
+            tls_ca: file.tls_ca,
+            tls_verify_peer: file.tls_verify_peer,
+            tls_fail_if_no_peer_cert: file.tls_fail_if_no_peer_cert,
             metrics: file.metrics,
             channel_max: file.channel_max,
             frame_max: file.frame_max,
@@ -403,6 +603,11 @@ impl GatewayArgs {
             nodes,
             front,
             cluster_secret_file: self.cluster_secret_file.or(file.cluster_secret_file),
+            cluster_tls: node_tls(
+                self.cluster_tls.cluster_tls_cert.or(file.cluster_tls_cert),
+                self.cluster_tls.cluster_tls_key.or(file.cluster_tls_key),
+                self.cluster_tls.cluster_tls_ca.or(file.cluster_tls_ca),
+            )?,
         };
         for addr in &config.nodes {
             if !addr.contains(':') {

@@ -2,17 +2,17 @@
 //! and shuts down cleanly on SIGTERM or ctrl-c.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use sluice_cluster::remote::{RemoteBackend, RemoteOptions};
-use sluice_cluster::rpc::Secret;
 use sluice_cluster::embedded::{Embedded, EmbeddedOptions};
 use sluice_cluster::Backend;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -84,29 +84,58 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     crate::metrics::spawn_collector(broker.router.clone());
     // Bound after the data dir is open, so that a data-dir error is
     // reported as such whatever holds the STOMP port.
-    let (stomp, web_stomp) = bind_stomp(&config.front).await?;
-    let addr = amqp.local_addr()?;
+    let listeners = bind_others(amqp, &config.front).await?;
     let signal = shutdown_signal()?;
     println!("sluice {} serving; data dir {}", env!("CARGO_PKG_VERSION"), config.data_dir.display());
-    println!("AMQP listening on {addr}");
-    println!("STOMP listening on {}", stomp.local_addr()?);
-    println!("Web-STOMP listening on {}", web_stomp.local_addr()?);
+    announce(&listeners)?;
     println!("metrics listening on {metrics_addr}");
-    run(amqp, stomp, web_stomp, broker, signal).await
+    run(listeners, broker, signal).await
 }
 
-/// The STOMP and Web-STOMP listeners.
-async fn bind_stomp(front: &Frontend) -> anyhow::Result<(TcpListener, TcpListener)> {
+/// A bound listener and what it serves.
+struct Listener {
+    socket: TcpListener,
+    proto: Proto,
+    /// TLS listeners: the handshake runs in each connection's task.
+    tls: Option<TlsAcceptor>,
+}
+
+/// The listeners besides AMQP (already bound): STOMP, Web-STOMP and the
+/// TLS ones that are configured.
+async fn bind_others(amqp: TcpListener, front: &Frontend) -> anyhow::Result<Vec<Listener>> {
+    let plain = |socket, proto| Listener { socket, proto, tls: None };
+    let mut all = vec![plain(amqp, Proto::Amqp)];
     let stomp = TcpListener::bind(&front.stomp).await.with_context(|| format!("cannot listen on {} for STOMP", front.stomp))?;
+    all.push(plain(stomp, Proto::Stomp));
+    let tls_listeners = [(Proto::Amqps, &front.amqps), (Proto::Stomps, &front.stomps), (Proto::WebStomps, &front.web_stomps)];
+    for (proto, addr) in tls_listeners {
+        let Some(addr) = addr else { continue };
+        // config.rs gives a TLS config whenever a TLS listener is set.
+        let Some(config) = front.tls.clone() else {
+            anyhow::bail!("the {} listener has no TLS configuration", proto.name());
+        };
+        let socket = TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} for {}", proto.label()))?;
+        all.push(Listener { socket, proto, tls: Some(TlsAcceptor::from(config)) });
+    }
     let web = TcpListener::bind(&front.web_stomp)
         .await
         .with_context(|| format!("cannot listen on {} for Web-STOMP", front.web_stomp))?;
-    Ok((stomp, web))
+    all.push(plain(web, Proto::WebStomp));
+    Ok(all)
+}
+
+/// Prints "<LABEL> listening on ADDR" for each listener, in the order
+/// bound (the test harness reads these lines; Web-STOMP comes last).
+fn announce(listeners: &[Listener]) -> anyhow::Result<()> {
+    for l in listeners {
+        println!("{} listening on {}", l.proto.label(), l.socket.local_addr()?);
+    }
+    Ok(())
 }
 
 /// Runs a gateway in front of storage nodes until a shutdown signal.
 pub async fn gateway(config: GatewayConfig) -> anyhow::Result<()> {
-    let secret = Secret::load_or_create(config.cluster_secret_file.as_deref()).context("cluster secret")?;
+    let secret = crate::config::cluster_credentials(config.cluster_secret_file.as_deref(), config.cluster_tls.as_ref())?;
     let amqp = TcpListener::bind(&config.front.amqp)
         .await
         .with_context(|| format!("cannot listen on {} for AMQP", config.front.amqp))?;
@@ -129,21 +158,17 @@ pub async fn gateway(config: GatewayConfig) -> anyhow::Result<()> {
     let broker = Broker::new(router, &config.front, first_conn);
     let metrics_addr = crate::metrics::install(&config.front.metrics)?;
     crate::metrics::spawn_collector(broker.router.clone());
-    let (stomp, web_stomp) = bind_stomp(&config.front).await?;
-    let addr = amqp.local_addr()?;
+    let listeners = bind_others(amqp, &config.front).await?;
     let signal = shutdown_signal()?;
     println!("sluice gateway {gateway_id} ({}) in front of {}", env!("CARGO_PKG_VERSION"), config.nodes.join(","));
-    println!("AMQP listening on {addr}");
-    println!("STOMP listening on {}", stomp.local_addr()?);
-    println!("Web-STOMP listening on {}", web_stomp.local_addr()?);
+    announce(&listeners)?;
     println!("metrics listening on {metrics_addr}");
-    run(amqp, stomp, web_stomp, broker, signal).await
+    run(listeners, broker, signal).await
 }
 
 /// Accepts connections until `signal`, then drains them and shuts the
 /// backend down.
-async fn run(amqp: TcpListener, stomp: TcpListener, web_stomp: TcpListener, broker: Arc<Broker>, signal: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-
+async fn run(listeners: Vec<Listener>, broker: Arc<Broker>, signal: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
     let on_signal = shutdown.clone();
@@ -152,11 +177,13 @@ async fn run(amqp: TcpListener, stomp: TcpListener, web_stomp: TcpListener, brok
         tracing::info!("shutdown signal received");
         on_signal.cancel();
     });
-    let stomp_loop = tokio::spawn(accept_loop(stomp, Proto::Stomp, broker.clone(), shutdown.clone(), tracker.clone()));
-    let web_loop = tokio::spawn(accept_loop(web_stomp, Proto::WebStomp, broker.clone(), shutdown.clone(), tracker.clone()));
-    accept_loop(amqp, Proto::Amqp, broker.clone(), shutdown.clone(), tracker.clone()).await;
-    let _ = stomp_loop.await;
-    let _ = web_loop.await;
+    let loops: Vec<_> = listeners
+        .into_iter()
+        .map(|l| tokio::spawn(accept_loop(l, broker.clone(), shutdown.clone(), tracker.clone())))
+        .collect();
+    for l in loops {
+        let _ = l.await;
+    }
 
     tracker.close();
     if tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait()).await.is_err() {
@@ -178,18 +205,53 @@ enum Proto {
     Amqp,
     Stomp,
     WebStomp,
+    Amqps,
+    Stomps,
+    WebStomps,
 }
 
-async fn accept_loop(listener: TcpListener, proto: Proto, broker: Arc<Broker>, shutdown: CancellationToken, tracker: TaskTracker) {
+impl Proto {
+    /// The name in logs and config keys.
+    fn name(self) -> &'static str {
+        match self {
+            Proto::Amqp => "amqp",
+            Proto::Stomp => "stomp",
+            Proto::WebStomp => "web-stomp",
+            Proto::Amqps => "amqps",
+            Proto::Stomps => "stomps",
+            Proto::WebStomps => "web-stomps",
+        }
+    }
+
+    /// The name in the "listening on" line.
+    fn label(self) -> &'static str {
+        match self {
+            Proto::Amqp => "AMQP",
+            Proto::Stomp => "STOMP",
+            Proto::WebStomp => "Web-STOMP",
+            Proto::Amqps => "AMQPS",
+            Proto::Stomps => "STOMPS",
+            Proto::WebStomps => "Web-STOMPS",
+        }
+    }
+}
+
+/// How long a client gets to finish its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn accept_loop(listener: Listener, broker: Arc<Broker>, shutdown: CancellationToken, tracker: TaskTracker) {
     loop {
         let accepted = tokio::select! {
-            a = listener.accept() => a,
+            a = listener.socket.accept() => a,
             _ = shutdown.cancelled() => return,
         };
         match accepted {
             Ok((socket, peer)) => {
                 let _ = socket.set_nodelay(true);
-                spawn_connection(socket, peer, proto, &broker, &shutdown, &tracker);
+                let conn_id = broker.next_conn_id();
+                let span = tracing::info_span!("conn", id = conn_id, %peer, proto = listener.proto.name());
+                let conn = connection(socket, listener.proto, listener.tls.clone(), conn_id, broker.clone(), shutdown.clone());
+                tracker.spawn(crate::metrics::tracked(conn).instrument(span));
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
@@ -200,31 +262,66 @@ async fn accept_loop(listener: TcpListener, proto: Proto, broker: Arc<Broker>, s
     }
 }
 
-fn spawn_connection(
-    socket: tokio::net::TcpStream,
-    peer: SocketAddr,
+/// One accepted connection, run in its own task: the TLS handshake (with a
+/// deadline, so a silent client holds only its own task), then the session.
+async fn connection(
+    socket: TcpStream,
     proto: Proto,
-    broker: &Arc<Broker>,
-    shutdown: &CancellationToken,
-    tracker: &TaskTracker,
+    tls: Option<TlsAcceptor>,
+    conn_id: u64,
+    broker: Arc<Broker>,
+    shutdown: CancellationToken,
 ) {
-    let conn_id = broker.next_conn_id();
-    if let Proto::WebStomp = proto {
-        let span = tracing::info_span!("conn", id = conn_id, %peer, proto = "web-stomp");
-        tracker.spawn(crate::metrics::tracked(crate::stomp::websocket::serve(socket, conn_id, broker.clone(), shutdown.clone())).instrument(span));
-        return;
-    }
-    let (rd, wr) = socket.into_split();
+    let Some(acceptor) = tls else {
+        let (rd, wr) = socket.into_split();
+        return session(rd, wr, proto, conn_id, broker, shutdown, None).await;
+    };
+    let accepted = tokio::select! {
+        r = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(socket)) => r,
+        _ = shutdown.cancelled() => return,
+    };
+    let stream = match accepted {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!("TLS handshake timed out");
+            return;
+        }
+    };
+    // Only a certificate that passed verification against tls_ca is
+    // there: the verifier refuses the handshake otherwise.
+    let cert_user = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(|leaf| sluice_cluster::tls::subject_cn(leaf));
+    tracing::debug!(cert_user = ?cert_user, "TLS handshake done");
+    let (rd, wr) = tokio::io::split(stream);
+    session(rd, wr, proto, conn_id, broker, shutdown, cert_user).await
+}
+
+/// The protocol session over a byte stream's halves. `cert_user`: the
+/// subject CN of the client's verified certificate (EXTERNAL logins).
+async fn session<R, W>(
+    rd: R,
+    wr: W,
+    proto: Proto,
+    conn_id: u64,
+    broker: Arc<Broker>,
+    shutdown: CancellationToken,
+    cert_user: Option<String>,
+) where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     match proto {
-        Proto::Amqp => {
-            let span = tracing::info_span!("conn", id = conn_id, %peer, proto = "amqp");
-            tracker.spawn(crate::metrics::tracked(crate::amqp::serve(rd, wr, conn_id, broker.clone(), shutdown.clone())).instrument(span));
-        }
-        Proto::Stomp => {
-            let span = tracing::info_span!("conn", id = conn_id, %peer, proto = "stomp");
-            tracker.spawn(crate::metrics::tracked(crate::stomp::serve(rd, wr, conn_id, broker.clone(), shutdown.clone())).instrument(span));
-        }
-        Proto::WebStomp => {}
+        Proto::Amqp | Proto::Amqps => crate::amqp::serve(rd, wr, conn_id, broker, shutdown, cert_user).await,
+        Proto::Stomp | Proto::Stomps => crate::stomp::serve(rd, wr, conn_id, broker, shutdown, cert_user).await,
+        Proto::WebStomp | Proto::WebStomps => crate::stomp::websocket::serve(rd, wr, conn_id, broker, shutdown, cert_user).await,
     }
 }
 

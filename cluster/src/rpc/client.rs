@@ -6,7 +6,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpStream, ToSocketAddrs};
+use tokio_rustls::TlsConnector;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
@@ -44,16 +47,43 @@ where
         let stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
         let peer_addr = stream.peer_addr()?;
-        let (r, w) = stream.into_split();
-        let mut read = FramedRead::new(r, frame::codec(HANDSHAKE_MAX_FRAME));
-        let mut write = FramedWrite::new(w, frame::codec(HANDSHAKE_MAX_FRAME));
-        let est = handshake(&mut read, &mut write, secret, &me, options).await?;
-        Ok::<_, Error>((read, write, est, peer_addr))
+        match secret.tls() {
+            None => {
+                let (r, w) = stream.into_split();
+                establish(r, w, peer_addr, secret, &me, options).await
+            }
+            Some(tls) => {
+                // Names are not checked (the cluster CA is; see
+                // `tls::NodeTls`): the peer's address stands in for one.
+                let name = ServerName::IpAddress(peer_addr.ip().into());
+                let stream = TlsConnector::from(tls.client.clone()).connect(name, stream).await?;
+                let (r, w) = tokio::io::split(stream);
+                establish(r, w, peer_addr, secret, &me, options).await
+            }
+        }
     };
-    let (read, write, est, peer_addr) = tokio::time::timeout(options.handshake_timeout, setup)
-        .await
-        .map_err(|_| Error::Timeout)??;
-    tracing::debug!(peer = %est.peer.node_id, %peer_addr, version = est.version,
+    tokio::time::timeout(options.handshake_timeout, setup).await.map_err(|_| Error::Timeout)?
+}
+
+/// The handshake on a connected stream, then the connection's tasks.
+async fn establish<R, W, Req, Resp>(
+    r: R,
+    w: W,
+    peer_addr: SocketAddr,
+    secret: &Secret,
+    me: &PeerInfo,
+    options: &Options,
+) -> Result<(Client<Req, Resp>, Incoming<Req, Resp>), Error>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+    Req: Versioned + Send + 'static,
+    Resp: Versioned + Send + 'static,
+{
+    let mut read = FramedRead::new(r, frame::codec(HANDSHAKE_MAX_FRAME));
+    let mut write = FramedWrite::new(w, frame::codec(HANDSHAKE_MAX_FRAME));
+    let est = handshake(&mut read, &mut write, secret, me, options).await?;
+    tracing::debug!(peer = %est.peer.node_id, %peer_addr, version = est.version, tls = secret.tls().is_some(),
         "node connection established");
     Ok(conn::start(read, write, est, peer_addr, options.max_frame_len, None))
 }

@@ -22,9 +22,14 @@ const SECRET_FILE_NAME: &str = "cluster-secret";
 /// Shortest secret accepted, in bytes.
 const MIN_SECRET_LEN: usize = 16;
 
-/// The shared cluster secret (the HMAC key of the handshake).
+/// The shared cluster secret (the HMAC key of the handshake), and the
+/// node protocol's TLS when it is enabled ([`Secret::with_tls`]): the
+/// credentials every connection of the cluster is opened and accepted with.
 #[derive(Clone)]
-pub struct Secret(Arc<[u8]>);
+pub struct Secret {
+    key: Arc<[u8]>,
+    tls: Option<Arc<crate::tls::NodeTls>>,
+}
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -42,11 +47,23 @@ impl Secret {
                 bytes.len()
             )));
         }
-        Ok(Secret(bytes.into()))
+        Ok(Secret { key: bytes.into(), tls: None })
     }
 
     pub(crate) fn as_bytes(&self) -> &[u8] {
-        &self.0
+        &self.key
+    }
+
+    /// The same secret, with every connection opened and accepted over
+    /// mutual TLS (docs/tls.md); the HMAC handshake runs inside it.
+    pub fn with_tls(mut self, tls: crate::tls::NodeTls) -> Secret {
+        self.tls = Some(Arc::new(tls));
+        self
+    }
+
+    /// The node protocol's TLS, if enabled.
+    pub fn tls(&self) -> Option<&crate::tls::NodeTls> {
+        self.tls.as_deref()
     }
 
     /// The secret of `--cluster-secret-file` when given (it must exist),

@@ -2,10 +2,13 @@
 //! [`Handler`].
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 
@@ -106,14 +109,49 @@ where
     if let Err(e) = stream.set_nodelay(true) {
         tracing::debug!(error = %e, %addr, "node protocol: cannot set TCP_NODELAY");
     }
-    let (r, w) = stream.into_split();
+    match ctx.secret.tls().map(|t| t.server.clone()) {
+        None => {
+            let (r, w) = stream.into_split();
+            establish(ctx, r, w, addr, Instant::now()).await;
+        }
+        Some(config) => {
+            // The TLS handshake counts against the same deadline.
+            let started = Instant::now();
+            let accepted = tokio::select! {
+                biased;
+                _ = ctx.stop.cancelled() => return,
+                r = tokio::time::timeout(ctx.options.handshake_timeout, TlsAcceptor::from(config).accept(stream)) => r,
+            };
+            match accepted {
+                Ok(Ok(tls)) => {
+                    let (r, w) = tokio::io::split(tls);
+                    establish(ctx, r, w, addr, started).await;
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, %addr, "node protocol: TLS handshake failed; dropped"),
+                Err(_) => tracing::warn!(%addr, "node protocol: TLS handshake timed out; dropped"),
+            }
+        }
+    }
+}
+
+/// The node protocol's handshake on an accepted stream (plain or TLS),
+/// then the connection until it closes.
+async fn establish<R, W, Req, Resp, H>(ctx: Arc<Ctx<H>>, r: R, w: W, addr: SocketAddr, started: Instant)
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+    Req: Versioned + Send + 'static,
+    Resp: Versioned + Send + 'static,
+    H: Handler<Req, Resp>,
+{
     let mut read = FramedRead::new(r, frame::codec(HANDSHAKE_MAX_FRAME));
     let mut write = FramedWrite::new(w, frame::codec(HANDSHAKE_MAX_FRAME));
+    let left = ctx.options.handshake_timeout.saturating_sub(started.elapsed());
     let shaken = tokio::select! {
         biased;
         _ = ctx.stop.cancelled() => return,
         r = tokio::time::timeout(
-            ctx.options.handshake_timeout,
+            left,
             handshake(&mut read, &mut write, &ctx.secret, &ctx.me, &ctx.options),
         ) => r.map_err(|_| Error::Timeout).and_then(|r| r),
     };

@@ -22,4 +22,5 @@ mod crash;
 mod metrics;
 mod raw;
 mod stomp;
+mod tls;
 mod web_stomp;

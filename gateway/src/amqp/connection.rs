@@ -64,9 +64,16 @@ struct Slot {
 /// The caller runs it inside the connection's tracing span.
 /// The socket comes as two halves: for TCP, `into_split` gives halves
 /// without the lock that `tokio::io::split` puts between them (TLS streams
-/// will use `tokio::io::split`).
-pub async fn serve<R, W>(mut rd: R, mut wr: W, conn_id: u64, broker: Arc<Broker>, shutdown: CancellationToken)
-where
+/// over TLS, `tokio::io::split`). `cert_user`: the subject CN of the
+/// client's verified TLS certificate, which enables EXTERNAL.
+pub async fn serve<R, W>(
+    mut rd: R,
+    mut wr: W,
+    conn_id: u64,
+    broker: Arc<Broker>,
+    shutdown: CancellationToken,
+    cert_user: Option<String>,
+) where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
@@ -101,6 +108,7 @@ where
         frame_max: FRAME_MIN_SIZE,
         channel_max: 0,
         heartbeat: 0,
+        cert_user,
     };
 
     let ctx = match tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.handshake(&mut reader)).await {
@@ -195,6 +203,8 @@ struct Conn {
     frame_max: u32,
     channel_max: u16,
     heartbeat: u16,
+    /// The verified client certificate's subject CN (EXTERNAL).
+    cert_user: Option<String>,
 }
 
 type HandshakeError = (BrokerError, u16, u16);
@@ -227,7 +237,7 @@ impl Conn {
             version_major: 0,
             version_minor: 9,
             server_properties: server_properties(),
-            mechanisms: Bytes::from_static(b"PLAIN AMQPLAIN"),
+            mechanisms: Bytes::from_static(crate::auth::mechanisms(self.cert_user.as_deref())),
             locales: Bytes::from_static(b"en_US"),
         }));
         let Some(start_ok) = next_method(reader).await? else { return Ok(None) };
@@ -249,7 +259,7 @@ impl Conn {
             .and_then(|c| c.get("consumer_cancel_notify"))
             .and_then(|v| v.as_bool())
             .unwrap_or(false);
-        let user = match crate::auth::authenticate(&self.broker.users, &start_ok.mechanism, &start_ok.response) {
+        let user = match crate::auth::authenticate(&self.broker.users, &start_ok.mechanism, &start_ok.response, self.cert_user.as_deref()) {
             Ok(user) => user,
             Err(crate::auth::AuthError::UnknownMechanism(m)) => {
                 return Err((

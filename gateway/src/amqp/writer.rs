@@ -176,7 +176,13 @@ async fn write<W: tokio::io::AsyncWrite + Unpin>(socket: &mut W, buf: &[u8], fai
     if *failed {
         return;
     }
-    let ok = matches!(tokio::time::timeout(SEND_TIMEOUT, socket.write_all(buf)).await, Ok(Ok(())));
+    // The flush is a no-op on TCP; over TLS it pushes out records the
+    // TLS layer still holds when the socket was full during the write.
+    let sent = async {
+        socket.write_all(buf).await?;
+        socket.flush().await
+    };
+    let ok = matches!(tokio::time::timeout(SEND_TIMEOUT, sent).await, Ok(Ok(())));
     if !ok {
         *failed = true;
         dead.cancel();

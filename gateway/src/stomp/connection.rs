@@ -149,14 +149,18 @@ impl<W: AsyncWrite + Unpin + Send + 'static> StreamSink<W> {
 impl<W: AsyncWrite + Unpin + Send + 'static> FrameSink for StreamSink<W> {
     async fn send(&mut self, frames: &[Bytes]) -> std::io::Result<()> {
         if let [one] = frames {
-            return self.wr.write_all(one).await;
+            self.wr.write_all(one).await?;
+        } else {
+            for f in frames {
+                self.buf.extend_from_slice(f);
+            }
+            let r = self.wr.write_all(&self.buf).await;
+            self.buf.clear();
+            r?;
         }
-        for f in frames {
-            self.buf.extend_from_slice(f);
-        }
-        let r = self.wr.write_all(&self.buf).await;
-        self.buf.clear();
-        r
+        // A no-op on TCP; over TLS it pushes out records the TLS layer
+        // still holds when the socket was full during the write.
+        self.wr.flush().await
     }
 
     async fn close(&mut self) {
@@ -271,18 +275,25 @@ struct Connected {
 
 /// Serves one accepted socket until it closes. The caller runs it inside
 /// the connection's tracing span.
-pub async fn serve<R, W>(rd: R, wr: W, conn_id: u64, broker: Arc<Broker>, shutdown: CancellationToken)
+/// `cert_user`: the subject CN of the client's verified TLS certificate.
+pub async fn serve<R, W>(rd: R, wr: W, conn_id: u64, broker: Arc<Broker>, shutdown: CancellationToken, cert_user: Option<String>)
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    serve_with(rd, StreamSink::new(wr), conn_id, broker, shutdown).await
+    serve_with(rd, StreamSink::new(wr), conn_id, broker, shutdown, cert_user).await
 }
 
 /// [`serve`] with frames read from the byte stream `rd` and written to
 /// `wr` (over TCP, or WebSocket messages turned into/made from frames).
-pub async fn serve_with<R, W>(rd: R, mut wr: W, conn_id: u64, broker: Arc<Broker>, shutdown: CancellationToken)
-where
+pub async fn serve_with<R, W>(
+    rd: R,
+    mut wr: W,
+    conn_id: u64,
+    broker: Arc<Broker>,
+    shutdown: CancellationToken,
+    cert_user: Option<String>,
+) where
     R: AsyncRead + Unpin + Send + 'static,
     W: FrameSink,
 {
@@ -306,7 +317,7 @@ where
         Ok(Some(Ok(Item::Heartbeat))) => return,
     };
     let session_id = format!("session-{:016x}", rand::random::<u64>());
-    let connected = match negotiate(&frame, &broker, &session_id) {
+    let connected = match negotiate(&frame, &broker, &session_id, cert_user.as_deref()) {
         Ok(c) => c,
         Err((f, version)) => {
             tracing::debug!(message = %f.message, "STOMP CONNECT refused");
@@ -380,8 +391,10 @@ where
 }
 
 /// CONNECT/STOMP → CONNECTED, or the ERROR to send (in the version to
-/// encode it with).
-fn negotiate(frame: &Frame, broker: &Broker, session_id: &str) -> Result<Connected, (Fail, Version)> {
+/// encode it with). Without a `login` header, a client with a verified
+/// TLS certificate (`cert_user`, its subject CN) logs in as that user, as
+/// RabbitMQ's `ssl_cert_login`; others as guest/guest.
+fn negotiate(frame: &Frame, broker: &Broker, session_id: &str, cert_user: Option<&str>) -> Result<Connected, (Fail, Version)> {
     if !matches!(frame.command, Cmd::Connect | Cmd::Stomp) {
         return Err((fail("Illegal command", "You must log in using CONNECT first\n"), Version::V1_0));
     }
@@ -400,10 +413,14 @@ fn negotiate(frame: &Frame, broker: &Broker, session_id: &str) -> Result<Connect
     let hb = frame.heart_beat().map_err(|e| bad(e.to_string()))?.unwrap_or_default();
     let host = frame.host().unwrap_or("/");
     let vhost = broker.router.vhost(host).ok_or_else(|| bad(format!("Virtual host '{host}' access denied")))?;
-    // RabbitMQ's default_user: a CONNECT without login is guest/guest.
-    let login = frame.login().unwrap_or("guest");
-    let passcode = frame.passcode().unwrap_or(if frame.login().is_none() { "guest" } else { "" });
-    if !crate::auth::check_password(&broker.users, login, passcode) {
+    let (login, allowed) = match (frame.login(), cert_user) {
+        (Some(login), _) => (login, crate::auth::check_password(&broker.users, login, frame.passcode().unwrap_or(""))),
+        // ssl_cert_login: the certificate is the credential.
+        (None, Some(cn)) => (cn, broker.users.contains_key(cn)),
+        // RabbitMQ's default_user: a CONNECT without login is guest/guest.
+        (None, None) => ("guest", crate::auth::check_password(&broker.users, "guest", frame.passcode().unwrap_or("guest"))),
+    };
+    if !allowed {
         tracing::info!(user = login, "STOMP login refused");
         crate::metrics::auth_failed("stomp");
         return Err(bad(format!("Access refused for user '{login}'\n")));

@@ -19,9 +19,7 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use sluice_codecs::ws::{self, close_code, Message, MessageDecoder, Opcode, Role};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
@@ -43,18 +41,20 @@ const PIPE: usize = 64 * 1024;
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The write half, shared by the STOMP writer and the reader (pongs, close).
-struct Out {
-    wr: OwnedWriteHalf,
+struct Out<W> {
+    wr: W,
     /// A close frame was sent: nothing more may follow.
     closed: bool,
 }
 
-impl Out {
+impl<W: AsyncWrite + Unpin> Out<W> {
     async fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         if self.closed {
             return Err(std::io::ErrorKind::BrokenPipe.into());
         }
-        self.wr.write_all(bytes).await
+        self.wr.write_all(bytes).await?;
+        // A no-op on TCP; over TLS it pushes out what the TLS layer holds.
+        self.wr.flush().await
     }
 
     /// Sends a close frame (once) and shuts the write side down.
@@ -74,12 +74,12 @@ impl Out {
 }
 
 /// STOMP frames out as WebSocket messages.
-struct WsSink {
-    out: Arc<Mutex<Out>>,
+struct WsSink<W> {
+    out: Arc<Mutex<Out<W>>>,
     buf: BytesMut,
 }
 
-impl FrameSink for WsSink {
+impl<W: AsyncWrite + Unpin + Send + 'static> FrameSink for WsSink<W> {
     async fn send(&mut self, frames: &[Bytes]) -> std::io::Result<()> {
         self.buf.clear();
         for f in frames {
@@ -94,10 +94,15 @@ impl FrameSink for WsSink {
     }
 }
 
-/// Serves one accepted socket: the upgrade, then the STOMP session. The
-/// caller runs it inside the connection's tracing span.
-pub async fn serve(socket: TcpStream, conn_id: u64, broker: Arc<Broker>, shutdown: CancellationToken) {
-    let (mut rd, mut wr) = socket.into_split();
+/// Serves one accepted socket (its two halves, over TCP or TLS): the
+/// upgrade, then the STOMP session. The caller runs it inside the
+/// connection's tracing span. `cert_user`: the subject CN of the client's
+/// verified TLS certificate.
+pub async fn serve<R, W>(mut rd: R, mut wr: W, conn_id: u64, broker: Arc<Broker>, shutdown: CancellationToken, cert_user: Option<String>)
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let upgraded = tokio::select! {
         r = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut rd, &mut wr)) => r,
         _ = shutdown.cancelled() => return,
@@ -117,7 +122,7 @@ pub async fn serve(socket: TcpStream, conn_id: u64, broker: Arc<Broker>, shutdow
     let session = {
         let done = done.clone();
         async move {
-            serve_with(session_end, sink, conn_id, broker, shutdown).await;
+            serve_with(session_end, sink, conn_id, broker, shutdown, cert_user).await;
             done.cancel();
         }
     };
@@ -126,7 +131,7 @@ pub async fn serve(socket: TcpStream, conn_id: u64, broker: Arc<Broker>, shutdow
 
 /// Reads the upgrade request and answers it: the bytes that followed the
 /// request head once upgraded, `None` after an error answer.
-async fn handshake(rd: &mut OwnedReadHalf, wr: &mut OwnedWriteHalf) -> Option<BytesMut> {
+async fn handshake<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(rd: &mut R, wr: &mut W) -> Option<BytesMut> {
     let mut buf = BytesMut::with_capacity(2048);
     let (req, len) = loop {
         match ws::parse_request(&buf, MAX_HEAD) {
@@ -149,13 +154,17 @@ async fn handshake(rd: &mut OwnedReadHalf, wr: &mut OwnedWriteHalf) -> Option<By
     let protocol = choose_protocol(&upgrade.protocols);
     tracing::debug!(?protocol, offered = ?upgrade.protocols, "Web-STOMP upgrade");
     let answer = ws::response_101(&upgrade.key, protocol);
-    match tokio::time::timeout(CLOSE_TIMEOUT, wr.write_all(answer.as_bytes())).await {
+    let sent = async {
+        wr.write_all(answer.as_bytes()).await?;
+        wr.flush().await
+    };
+    match tokio::time::timeout(CLOSE_TIMEOUT, sent).await {
         Ok(Ok(())) => Some(buf),
         _ => None,
     }
 }
 
-async fn reject(wr: &mut OwnedWriteHalf, status: u16, body: &str) -> Option<BytesMut> {
+async fn reject<W: AsyncWrite + Unpin>(wr: &mut W, status: u16, body: &str) -> Option<BytesMut> {
     tracing::debug!(status, body, "Web-STOMP handshake refused");
     let answer = ws::response_error(status, &format!("{body}\n"));
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
@@ -179,7 +188,13 @@ pub fn choose_protocol(offered: &[String]) -> Option<&'static str> {
 /// reading until the client closes too, for a while, so that unread
 /// input does not turn our close into a reset that could lose the last
 /// frames.
-async fn read_loop(mut rd: OwnedReadHalf, mut buf: BytesMut, pipe: DuplexStream, out: Arc<Mutex<Out>>, done: CancellationToken) {
+async fn read_loop<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    mut rd: R,
+    mut buf: BytesMut,
+    pipe: DuplexStream,
+    out: Arc<Mutex<Out<W>>>,
+    done: CancellationToken,
+) {
     let mut pipe = Some(pipe);
     let mut decoder = MessageDecoder::new(Role::Server, MAX_MESSAGE);
     loop {
@@ -237,7 +252,7 @@ async fn read_loop(mut rd: OwnedReadHalf, mut buf: BytesMut, pipe: DuplexStream,
 /// the client still sends, until it closes, for a bounded time and size,
 /// so that closing with unread input does not reset the connection
 /// before the client has read our last bytes.
-async fn drain(rd: &mut OwnedReadHalf) {
+async fn drain<R: AsyncRead + Unpin>(rd: &mut R) {
     let mut left: usize = 1 << 20;
     let mut chunk = vec![0u8; 16 * 1024];
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
