@@ -1665,7 +1665,7 @@ mod tests {
     fn restore_refuses_broken_snapshots() {
         let ok = valid();
         assert!(QueueSm::restore(ok.clone()).is_ok());
-        let meta = MsgMeta { size: 0, persistent: false, redelivered: false, expires_at: None, priority: 0, delivery_count: 0 };
+        let meta = MsgMeta { size: 0, persistent: false, redelivered: false, expires_at: None, priority: 0, delivery_count: 0, order_ts: 0 };
         let excl = ConsumerOpts { exclusive: true, no_ack: false };
         let cases: Vec<Box<dyn Fn(&mut Snapshot)>> = vec![
             Box::new(|s| s.ready.push((s.next_seq, meta))),

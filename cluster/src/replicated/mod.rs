@@ -278,6 +278,9 @@ impl Transport for NoPeers {
     }
 }
 
+/// Tells whether exchange (vhost, name) is an `x-delayed-message` exchange.
+pub type DelayedExchange = Arc<dyn Fn(&str, &str) -> bool + Send + Sync>;
+
 /// How a replica runs.
 #[derive(Clone)]
 pub struct ReplicaOptions {
@@ -327,7 +330,7 @@ pub struct ReplicaOptions {
     /// Whether an exchange (vhost, name) is an `x-delayed-message`
     /// exchange: the `x-delay` header of messages published through one
     /// delays them. `None`: never.
-    pub delayed_exchange: Option<Arc<dyn Fn(&str, &str) -> bool + Send + Sync>>,
+    pub delayed_exchange: Option<DelayedExchange>,
 }
 
 impl std::fmt::Debug for ReplicaOptions {

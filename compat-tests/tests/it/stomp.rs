@@ -679,3 +679,64 @@ async fn amqp_consumer_receives_stomp_sends_and_user_id_is_checked() {
     let want: Vec<Vec<u8>> = (0..20).map(|i| format!("w{i}").into_bytes()).collect();
     assert_eq!(bodies, want);
 }
+
+#[test]
+fn dead_letter_and_deduplication_arguments_from_subscribe_headers() {
+    let s = Server::start();
+    let mut c = Client::open(&s, "1.2");
+    // The dead-letter queue first (a SUBSCRIBE declares it), then the
+    // source with its dead-letter arguments as headers.
+    c.subscribe("/queue/x.dlq", "dl", &[("ack", "auto")]);
+    c.subscribe(
+        "/queue/x",
+        "src",
+        &[("ack", "client-individual"), ("x-dead-letter-exchange", ""), ("x-dead-letter-routing-key", "x.dlq")],
+    );
+    // /amq/queue/ does not declare (a /queue/ SEND without the same
+    // arguments would be a different definition).
+    c.call(frame(Command::Send, &[("destination", "/amq/queue/x"), ("persistent", "true")]).with_body(b"poison".to_vec()), "sent");
+    let m = c.expect(Command::Message);
+    assert_eq!(m.header("subscription"), Some("src"));
+    assert_eq!(body(&m), "poison");
+    // NACK requeue:false dead-letters it (a plain NACK requeues, as in RabbitMQ).
+    let f = c.ack(Command::Nack, &m, &[("requeue", "false")]);
+    c.send(&f);
+    let dl = c.expect(Command::Message);
+    assert_eq!(dl.header("subscription"), Some("dl"), "{dl:?}");
+    assert_eq!(body(&dl), "poison");
+    assert_eq!(dl.header("destination"), Some("/queue/x.dlq"), "{dl:?}");
+    // x-death is an array of tables: not a STOMP header (RabbitMQ leaves
+    // such headers out too); the x-first-death-* strings are.
+    assert_eq!(dl.header("x-first-death-reason"), Some("rejected"), "{dl:?}");
+    assert_eq!(dl.header("x-first-death-queue"), Some("x"), "{dl:?}");
+    assert_eq!(dl.header("x-first-death-exchange"), Some(""), "{dl:?}");
+    assert_eq!(dl.header("x-death"), None, "{dl:?}");
+    c.quiet(Duration::from_millis(300));
+    // And the source is empty: a new subscriber gets nothing.
+    let mut other = Client::open(&s, "1.2");
+    other.subscribe("/amq/queue/x", "again", &[]);
+    other.quiet(Duration::from_millis(300));
+
+    // x-message-deduplication as a SUBSCRIBE header.
+    c.subscribe("/queue/d", "dd", &[("x-message-deduplication", "true")]);
+    for (i, text) in ["first", "second"].iter().enumerate() {
+        let f = frame(Command::Send, &[("destination", "/amq/queue/d"), ("amqp-message-id", "same-id")]).with_body(text.as_bytes().to_vec());
+        c.call(f, &format!("d{i}"));
+    }
+    let m = c.expect(Command::Message);
+    assert_eq!(body(&m), "first");
+    assert_eq!(m.header("amqp-message-id"), Some("same-id"));
+    c.quiet(Duration::from_millis(500));
+    // The queue really has the argument (an AMQP declare without it is refused).
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let (_conn, ch) = open(&s).await;
+        let mut args = FieldTable::default();
+        args.insert("x-message-deduplication".into(), AMQPValue::Boolean(true));
+        let durable = QueueDeclareOptions { durable: true, ..Default::default() };
+        ch.queue_declare("d".into(), durable, args).await.expect("same arguments are equivalent");
+        let err = ch.queue_declare("d".into(), durable, FieldTable::default()).await.unwrap_err();
+        assert_eq!(code(&err), 406);
+    });
+    c.disconnect();
+}
