@@ -328,6 +328,11 @@ async fn a_leader_is_elected_and_followers_apply() {
     let q = c.get(l);
     // Followers refuse and name the leader.
     let follower = c.get((l + 1) % 3);
+    // A follower learns the leader from its first heartbeat.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while follower.leader().is_none() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     match follower.publish_as(msg(0), pid(0)) {
         Err(Error::NotLeader { leader }) => assert_eq!(leader, Some(c.ids[l])),
         other => panic!("follower accepted a publish: {:?}", other.map(|d| d.is_some())),
