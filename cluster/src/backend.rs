@@ -71,7 +71,7 @@ impl QueueSpec {
             message_ttl: self.arg_u64("x-message-ttl"),
             max_priority: self.arg_u64("x-max-priority").map(|n| u8::try_from(n).unwrap_or(u8::MAX)),
             delivery_limit: self.arg_u64("x-delivery-limit").map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
-            dead_letter: self.arguments.get("x-dead-letter-exchange").is_some(),
+            dead_letter: crate::dead_letter::Target::of(&self.arguments).is_some(),
             visibility_timeout: self.arg_u64("x-visibility-timeout"),
             dedup_window: self
                 .arguments

@@ -918,6 +918,19 @@ enum Place {
     Gone,
 }
 
+/// `Requeued` then `Removed`, each only when not empty: how the state
+/// machine reports messages given back and messages gone.
+fn requeued_then_removed(back: Vec<Seq>, removed: Vec<Seq>) -> Vec<Effect> {
+    let mut fx = Vec::new();
+    if !back.is_empty() {
+        fx.push(Effect::Requeued { seqs: back });
+    }
+    if !removed.is_empty() {
+        fx.push(Effect::Removed { seqs: removed });
+    }
+    fx
+}
+
 #[derive(Clone, Debug)]
 struct ModelMsg {
     meta: MsgMeta,
@@ -1082,14 +1095,7 @@ impl Model {
         }
         seqs.sort_unstable();
         dropped.sort_unstable();
-        let mut fx = Vec::new();
-        if !seqs.is_empty() {
-            fx.push(Effect::Requeued { seqs });
-        }
-        if !dropped.is_empty() {
-            fx.push(Effect::Removed { seqs: dropped });
-        }
-        fx
+        requeued_then_removed(seqs, dropped)
     }
 
     fn with_limits(limits: Limits) -> Self {
@@ -1226,14 +1232,7 @@ impl Model {
                     }
                 }
                 self.expire_head(now, &mut removed);
-                let mut fx = Vec::new();
-                if !back.is_empty() {
-                    fx.push(Effect::Requeued { seqs: back });
-                }
-                if !removed.is_empty() {
-                    fx.push(Effect::Removed { seqs: removed });
-                }
-                fx
+                requeued_then_removed(back, removed)
             }
             Command::DeadLettered { ids } => {
                 let mut seqs = Vec::new();
@@ -1345,14 +1344,7 @@ impl Model {
                         }
                     }
                 }
-                let mut fx = Vec::new();
-                if !back.is_empty() {
-                    fx.push(Effect::Requeued { seqs: back });
-                }
-                if !done.is_empty() {
-                    fx.push(Effect::Removed { seqs: done });
-                }
-                fx
+                requeued_then_removed(back, done)
             }
             Command::GatewayDown { gateway } => {
                 let mut gone: Vec<ConsumerId> =

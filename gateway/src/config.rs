@@ -99,6 +99,34 @@ pub struct ClientArgs {
     pub consumer_timeout: Option<u64>,
 }
 
+/// The client keys of a config file (`FileConfig` or `GatewayFile`, which
+/// both carry them: serde's `flatten` does not work with
+/// `deny_unknown_fields`) as a [`ClientFile`].
+macro_rules! client_file {
+    ($file:ident) => {
+        ClientFile {
+            amqp: $file.amqp,
+            stomp: $file.stomp,
+            web_stomp: $file.web_stomp,
+            amqps: $file.amqps,
+            stomps: $file.stomps,
+            web_stomps: $file.web_stomps,
+            tls_cert: $file.tls_cert,
+            tls_key: $file.tls_key,
+            tls_ca: $file.tls_ca,
+            tls_verify_peer: $file.tls_verify_peer,
+            tls_fail_if_no_peer_cert: $file.tls_fail_if_no_peer_cert,
+            metrics: $file.metrics,
+            channel_max: $file.channel_max,
+            frame_max: $file.frame_max,
+            heartbeat: $file.heartbeat,
+            max_message_size: $file.max_message_size,
+            consumer_timeout: $file.consumer_timeout,
+            users: $file.users,
+        }
+    };
+}
+
 /// The same keys as read from a TOML file.
 pub struct ClientFile {
     pub amqp: Option<String>,
@@ -317,26 +345,7 @@ impl ServeArgs {
             Some(path) => load_file(path)?,
             None => FileConfig::default(),
         };
-        let front = self.client.resolve(ClientFile {
-            amqp: file.amqp,
-            stomp: file.stomp,
-            web_stomp: file.web_stomp,
-            amqps: file.amqps,
-            stomps: file.stomps,
-            web_stomps: file.web_stomps,
-            tls_cert: file.tls_cert,
-            tls_key: file.tls_key,
-            tls_ca: file.tls_ca,
-            tls_verify_peer: file.tls_verify_peer,
-            tls_fail_if_no_peer_cert: file.tls_fail_if_no_peer_cert,
-            metrics: file.metrics,
-            channel_max: file.channel_max,
-            frame_max: file.frame_max,
-            heartbeat: file.heartbeat,
-            max_message_size: file.max_message_size,
-            consumer_timeout: file.consumer_timeout,
-            users: file.users,
-        })?;
+        let front = self.client.resolve(client_file!(file))?;
         Ok(Config {
             data_dir: self.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("sluice-data")),
             front,
@@ -578,26 +587,7 @@ impl GatewayArgs {
         if nodes.is_empty() {
             anyhow::bail!("a gateway needs storage nodes: give --nodes HOST:PORT,... (or SLUICE_NODES, or `nodes` in the config file)");
         }
-        let front = self.client.resolve(ClientFile {
-            amqp: file.amqp,
-            stomp: file.stomp,
-            web_stomp: file.web_stomp,
-            amqps: file.amqps,
-            stomps: file.stomps,
-            web_stomps: file.web_stomps,
-            tls_cert: file.tls_cert,
-            tls_key: file.tls_key,
-            tls_ca: file.tls_ca,
-            tls_verify_peer: file.tls_verify_peer,
-            tls_fail_if_no_peer_cert: file.tls_fail_if_no_peer_cert,
-            metrics: file.metrics,
-            channel_max: file.channel_max,
-            frame_max: file.frame_max,
-            heartbeat: file.heartbeat,
-            max_message_size: file.max_message_size,
-            consumer_timeout: file.consumer_timeout,
-            users: file.users,
-        })?;
+        let front = self.client.resolve(client_file!(file))?;
         let config = GatewayConfig {
             id: self.id.or(file.id).unwrap_or_else(|| format!("gateway-{}", std::process::id())),
             nodes,

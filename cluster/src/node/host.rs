@@ -321,8 +321,8 @@ impl HostDeadLetters {
                 candidates.push(leader);
             }
             candidates.extend(host.members());
-            candidates.retain(|n| *n != host.node_id);
-            candidates.dedup();
+            let mut seen = HashSet::new();
+            candidates.retain(|n| *n != host.node_id && seen.insert(n.clone()));
             drop(host);
             for node in candidates {
                 let req = NodeRequest::DeadLetter {

@@ -553,6 +553,17 @@ pub struct QueueSm {
 /// window ends first is forgotten.
 pub const DEDUP_MAX_KEYS: usize = 100_000;
 
+/// Reports messages given back (`Requeued`) then messages gone
+/// (`Removed`), each only when there are some.
+fn push_back_and_removed(fx: &mut Vec<Effect>, back: Vec<Seq>, removed: Vec<Seq>) {
+    if !back.is_empty() {
+        fx.push(Effect::Requeued { seqs: back });
+    }
+    if !removed.is_empty() {
+        fx.push(Effect::Removed { seqs: removed });
+    }
+}
+
 fn count(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
@@ -740,12 +751,7 @@ impl QueueSm {
             }
         }
         self.expire_head(now_ms, &mut removed);
-        if !back.is_empty() {
-            fx.push(Effect::Requeued { seqs: back });
-        }
-        if !removed.is_empty() {
-            fx.push(Effect::Removed { seqs: removed });
-        }
+        push_back_and_removed(fx, back, removed);
     }
 
     fn over_limit(&self) -> bool {
@@ -776,12 +782,7 @@ impl QueueSm {
             Command::ReturnAll { consumer } => {
                 let mut dropped = Vec::new();
                 let seqs = self.return_all(&consumer, &mut dropped);
-                if !seqs.is_empty() {
-                    fx.push(Effect::Requeued { seqs });
-                }
-                if !dropped.is_empty() {
-                    fx.push(Effect::Removed { seqs: dropped });
-                }
+                push_back_and_removed(&mut fx, seqs, dropped);
             }
             Command::Checkout { consumer, seqs, now_ms } => self.checkout(consumer, seqs, now_ms, &mut fx),
             Command::Get { holder, no_ack, now_ms } => self.get(holder, no_ack, now_ms, &mut fx),
@@ -1146,12 +1147,7 @@ impl QueueSm {
                 Outcome::Ack => done.push(seq),
             }
         }
-        if !back.is_empty() {
-            fx.push(Effect::Requeued { seqs: back });
-        }
-        if !done.is_empty() {
-            fx.push(Effect::Removed { seqs: done });
-        }
+        push_back_and_removed(fx, back, done);
     }
 
     /// Returns everything `consumer` holds; gives the seqs requeued in
@@ -1187,14 +1183,9 @@ impl QueueSm {
         for holder in &holders {
             seqs.extend(self.return_all(holder, &mut dropped));
         }
-        if !seqs.is_empty() {
-            seqs.sort_unstable();
-            fx.push(Effect::Requeued { seqs });
-        }
-        if !dropped.is_empty() {
-            dropped.sort_unstable();
-            fx.push(Effect::Removed { seqs: dropped });
-        }
+        seqs.sort_unstable();
+        dropped.sort_unstable();
+        push_back_and_removed(fx, seqs, dropped);
     }
 
     /// Ready messages.

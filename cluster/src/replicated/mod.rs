@@ -847,8 +847,8 @@ pub struct ReplicatedQueue {
     driver: Mutex<Option<JoinHandle<()>>>,
     me: Weak<ReplicatedQueue>,
     meter: crate::QueueMeter,
-    /// The queue deduplicates by key (`x-message-deduplication`).
-    limits_dedup: bool,
+    /// The queue's limits (from its definition, as the state machine's).
+    limits: Limits,
 }
 
 impl std::fmt::Debug for ReplicatedQueue {
@@ -991,9 +991,8 @@ impl ReplicatedQueue {
         if checkpoint.is_some() {
             inner.load(checkpoint)?;
         }
-        let limits_dedup = spec.limits().dedup_window.is_some();
         let queue = Arc::new_cyclic(|me| ReplicatedQueue {
-            limits_dedup,
+            limits,
             spec,
             store,
             opts,
@@ -1355,50 +1354,54 @@ impl ReplicatedQueue {
         publish_id: Option<PublishId>,
         tx: Option<Tx<()>>,
     ) -> Result<(), Error> {
-        let size = u32::try_from(message.body.len()).unwrap_or(u32::MAX);
-        // An invalid expiration is refused by the gateway (406) before.
-        let ttl_ms = crate::backend::message_ttl(message).ok().flatten();
-        let priority = message.properties.priority.unwrap_or(0);
-        let headers = message.properties.headers.as_ref();
-        let delay_ms = headers
-            .and_then(|h| h.get("x-delay"))
-            // STOMP headers are strings.
-            .and_then(|v| v.as_i64().or_else(|| v.as_str().and_then(|s| s.trim().parse().ok())))
-            .filter(|_| {
-                !message.exchange.is_empty()
-                    && self.opts.delayed_exchange.as_ref().is_some_and(|f| f(&self.spec.vhost, &message.exchange))
-            })
-            .map(|d| u64::try_from(d).unwrap_or(0));
-        let dedup_key = match (&self.limits_dedup, headers.and_then(|h| h.get("x-deduplication-header"))) {
-            (false, _) => None,
-            (true, Some(v)) => Some(match (v.as_str(), v.as_i64()) {
-                (Some(s), _) => s.to_owned(),
-                (None, Some(n)) => n.to_string(),
-                _ => format!("{v:?}"),
-            }),
-            (true, None) => message.properties.message_id.clone(),
-        };
-        // Strict ordering: the producer's stamp (RabbitMQ's message
-        // timestamp plugin writes `timestamp_in_ms`).
-        let timestamp_ms = headers
-            .and_then(|h| h.get("timestamp_in_ms"))
-            .and_then(|v| v.as_i64().or_else(|| v.as_str().and_then(|s| s.trim().parse().ok())))
-            .and_then(|n| u64::try_from(n).ok());
-        let msg = NewMsg {
-            size,
-            persistent: message.is_persistent(),
-            publish_id,
-            ttl_ms,
-            priority,
-            delay_ms,
-            dedup_key,
-            timestamp_ms,
-        };
+        let msg = self.new_msg(message, publish_id);
         let cmd = Command::Enqueue { now_ms: now_ms(), msgs: vec![msg] };
         let body = record::encode(message);
         let mut inner = self.lock();
         self.propose_entry(&mut inner, cmd, vec![body], Some(Waiter::Enqueue(vec![tx])))?;
         Ok(())
+    }
+
+    /// What the state machine needs to know of a message it enqueues.
+    fn new_msg(&self, message: &Message, publish_id: Option<PublishId>) -> NewMsg {
+        let headers = message.properties.headers.as_ref();
+        // A number, or (STOMP headers are strings) a string of one.
+        let number = |name: &str| {
+            headers
+                .and_then(|h| h.get(name))
+                .and_then(|v| v.as_i64().or_else(|| v.as_str().and_then(|s| s.trim().parse().ok())))
+        };
+        let delay_ms = number("x-delay")
+            .filter(|_| {
+                !message.exchange.is_empty()
+                    && self.opts.delayed_exchange.as_ref().is_some_and(|f| f(&self.spec.vhost, &message.exchange))
+            })
+            .map(|d| u64::try_from(d).unwrap_or(0));
+        let dedup_key = match self.limits.dedup_window {
+            None => None,
+            Some(_) => match headers.and_then(|h| h.get("x-deduplication-header")) {
+                Some(v) => Some(match (v.as_str(), v.as_i64()) {
+                    (Some(s), _) => s.to_owned(),
+                    (None, Some(n)) => n.to_string(),
+                    _ => format!("{v:?}"),
+                }),
+                None => message.properties.message_id.clone(),
+            },
+        };
+        // Strict ordering: the producer's stamp (RabbitMQ's message
+        // timestamp plugin writes `timestamp_in_ms`).
+        let timestamp_ms = self.limits.strict_window.and(number("timestamp_in_ms")).and_then(|n| u64::try_from(n).ok());
+        NewMsg {
+            size: u32::try_from(message.body.len()).unwrap_or(u32::MAX),
+            persistent: message.is_persistent(),
+            publish_id,
+            // An invalid expiration is refused by the gateway (406) before.
+            ttl_ms: crate::backend::message_ttl(message).ok().flatten(),
+            priority: message.properties.priority.unwrap_or(0),
+            delay_ms,
+            dedup_key,
+            timestamp_ms,
+        }
     }
 
     /// (Re)attaches a consumer with the gateway's id (leader only). Resolves
@@ -1603,8 +1606,7 @@ impl ReplicatedQueue {
 
     /// Leader: how long until the next timer of the state machine is due
     /// (the driver wakes up then rather than at its next tick).
-    fn next_timer_in(&self) -> Option<Duration> {
-        let inner = self.lock();
+    fn next_timer_in(inner: &Inner) -> Option<Duration> {
         if !inner.leading || inner.deleted || inner.closed {
             return None;
         }
@@ -1652,20 +1654,22 @@ impl ReplicatedQueue {
     }
 
     /// Pumps and says what the driver should wait for (a marker write only
-    /// if `want_marker` and raft writes are in flight).
-    fn drive_once(&self, want_marker: bool) -> Drive {
+    /// if `want_marker` and raft writes are in flight), and how long until
+    /// the next timer of the state machine is due.
+    fn drive_once(&self, want_marker: bool) -> (Drive, Option<Duration>) {
         let mut inner = self.lock();
         if inner.inert() || inner.closed {
-            return Drive::Stop;
+            return (Drive::Stop, None);
         }
         self.pump(&mut inner);
         if inner.inert() {
-            return Drive::Stop;
+            return (Drive::Stop, None);
         }
+        let timer = Self::next_timer_in(&inner);
         if want_marker && inner.group.store().in_flight() > 0 {
-            Drive::Marker(self.store.write(Vec::new(), false))
+            (Drive::Marker(self.store.write(Vec::new(), false)), timer)
         } else {
-            Drive::Idle
+            (Drive::Idle, timer)
         }
     }
 
@@ -2327,14 +2331,14 @@ async fn drive(queue: Weak<ReplicatedQueue>, wake: Arc<Notify>, tick: Duration) 
     loop {
         let timer = {
             let Some(q) = queue.upgrade() else { return };
-            match q.drive_once(marker.is_none()) {
+            let (drive, timer) = q.drive_once(marker.is_none());
+            match drive {
                 Drive::Stop => return,
                 Drive::Marker(next) => marker = Some(Box::pin(next)),
                 Drive::Idle => {}
             }
-            // Not before 1 ms: a timer that is due but whose `Expire` is
-            // still pending must not spin.
-            q.next_timer_in().map(|d| d.max(Duration::from_millis(1)))
+            // Not before 1 ms: a due timer must not spin.
+            timer.map(|d| d.max(Duration::from_millis(1)))
         };
         tokio::select! {
             _ = tokio::time::sleep(timer.unwrap_or_default()), if timer.is_some() => {
