@@ -1962,10 +1962,12 @@ impl ReplicatedQueue {
             }
             inner.dl_retry_at = Some(Instant::now() + DEAD_LETTER_RETRY);
         }
-        if !done.is_empty() && inner.leading && inner.check().is_ok() {
-            inner.push(Command::DeadLettered { ids: done }, Vec::new(), None);
+        if !done.is_empty() && inner.leading {
+            // Through `propose_entry`, which wakes the driver to see the
+            // write through (a bare push and pump would leave it, and
+            // everything proposed behind it, waiting for the next tick).
+            self.propose_logged(&mut inner, Command::DeadLettered { ids: done }, "dead-lettered");
         }
-        self.pump(&mut inner);
     }
 
     /// The replica applied `Delete`: stop for good and remove its records
