@@ -373,6 +373,13 @@ pub trait Queue: Send + Sync {
     fn consume(&self, consumer: Arc<Consumer>) -> Reply<()>;
     /// Detaches a consumer. Its unacknowledged deliveries stay unacknowledged.
     fn cancel(&self, consumer: &Arc<Consumer>) -> bool;
+    /// The consumer's channel is gone: detaches it and returns everything
+    /// the queue has it holding, including what the gateway believes it
+    /// settled (a settle lost with a failed leader) rather than only the
+    /// deliveries the gateway requeues itself.
+    fn close_consumer(&self, consumer: &Arc<Consumer>) -> bool {
+        self.cancel(consumer)
+    }
     /// Takes the first ready message, with the number of messages left.
     fn get(&self, no_ack: bool) -> Reply<Option<(Delivery, u32)>>;
     /// Settles delivered messages.

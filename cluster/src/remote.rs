@@ -370,6 +370,8 @@ enum Out {
     Publish(u64),
     Settle { consumer: ConsumerId, seqs: Vec<u64>, outcome: WireOutcome },
     Detach(ConsumerId),
+    /// The consumer's channel is gone ([`NodeRequest::Release`]).
+    Release(ConsumerId),
     /// The leader (this link) is gone or no longer leads: find it again.
     LeaderLost(Option<Client>),
     /// A request, answered in order with the one-way messages.
@@ -383,7 +385,14 @@ struct QState {
     consumers: BTreeMap<ConsumerId, Attached>,
     /// Seq -> the consumer holding it (delivered, not settled).
     held: HashMap<u64, ConsumerId>,
+    /// Consumers whose channel closed lately: their release is sent again
+    /// to every new leader for [`RELEASE_MEMORY`], since a one-way message
+    /// to a leader that dies may be lost.
+    released: std::collections::VecDeque<(std::time::Instant, ConsumerId)>,
 }
+
+/// How long a closed consumer's release is repeated to new leaders.
+const RELEASE_MEMORY: Duration = Duration::from_secs(60);
 
 /// One queue (or partition) of the cluster, as a gateway sees it.
 pub struct RemoteQueue {
@@ -452,6 +461,26 @@ impl RemoteQueue {
             channel: 0,
             tag: tag.to_owned(),
         }
+    }
+
+    /// Forgets an attached consumer and tells the leader: a detach
+    /// (basic.cancel), or a release (its channel is gone, also repeated to
+    /// later leaders for a while).
+    fn detach_handle(&self, consumer: &Arc<Consumer>, release: bool) -> bool {
+        let id = {
+            let mut st = self.lock();
+            let id = st.consumers.iter().find(|(_, a)| Arc::ptr_eq(&a.consumer, consumer)).map(|(id, _)| id.clone());
+            if let Some(id) = &id {
+                st.consumers.remove(id);
+                if release {
+                    st.released.push_back((std::time::Instant::now(), id.clone()));
+                }
+            }
+            id
+        };
+        let Some(id) = id else { return false };
+        let _ = self.out.send(if release { Out::Release(id) } else { Out::Detach(id) });
+        true
     }
 
     fn get_holder(&self) -> ConsumerId {
@@ -637,6 +666,7 @@ async fn drive(q: Weak<RemoteQueue>, mut rx: mpsc::UnboundedReceiver<Out>) {
             }
             Out::Settle { consumer, seqs, outcome } => NodeRequest::Settle { queue: queue.id.0, consumer, seqs, outcome },
             Out::Detach(consumer) => NodeRequest::Detach { queue: queue.id.0, consumer },
+            Out::Release(consumer) => NodeRequest::Release { queue: queue.id.0, consumer },
             Out::Call { req, deadline, done } => {
                 call = Some((req, deadline, done));
                 continue;
@@ -715,6 +745,20 @@ async fn resync(queue: &Arc<RemoteQueue>, hint: Option<String>, backlog: &mut Ve
             Ok(NodeResponse::Queue(QueueResult::Ok)) => {}
             Ok(NodeResponse::Queue(QueueResult::Exclusive)) => queue.on_cancelled(&id),
             _ => return None,
+        }
+    }
+    // Closed consumers again: what the old leader did not apply of their
+    // settles and release comes back to the queue.
+    let released: Vec<ConsumerId> = {
+        let mut st = queue.lock();
+        while st.released.front().is_some_and(|(at, _)| at.elapsed() > RELEASE_MEMORY) {
+            st.released.pop_front();
+        }
+        st.released.iter().map(|(_, id)| id.clone()).collect()
+    };
+    for consumer in released {
+        if client.send(NodeRequest::Release { queue: queue.id.0, consumer }).await.is_err() {
+            return None;
         }
     }
     for msg in std::mem::take(backlog) {
@@ -822,21 +866,11 @@ impl Queue for RemoteQueue {
     }
 
     fn cancel(&self, consumer: &Arc<Consumer>) -> bool {
-        let id = {
-            let mut st = self.lock();
-            let id = st.consumers.iter().find(|(_, a)| Arc::ptr_eq(&a.consumer, consumer)).map(|(id, _)| id.clone());
-            if let Some(id) = &id {
-                st.consumers.remove(id);
-            }
-            id
-        };
-        match id {
-            Some(id) => {
-                let _ = self.out.send(Out::Detach(id));
-                true
-            }
-            None => false,
-        }
+        self.detach_handle(consumer, false)
+    }
+
+    fn close_consumer(&self, consumer: &Arc<Consumer>) -> bool {
+        self.detach_handle(consumer, true)
     }
 
     fn get(&self, no_ack: bool) -> Reply<Option<(Delivery, u32)>> {

@@ -107,6 +107,13 @@ impl ConsumerRec {
             q.cancel(c);
         }
     }
+    /// The channel is gone: the queues return everything the consumer
+    /// holds.
+    fn close(&self) {
+        for (q, c) in &self.parts {
+            q.close_consumer(c);
+        }
+    }
 }
 
 struct PendingConfirm {
@@ -580,7 +587,7 @@ impl Channel {
     pub async fn close(&mut self) {
         let consumers: Vec<ConsumerRec> = self.consumers.drain().map(|(_, r)| r).collect();
         for rec in &consumers {
-            rec.cancel();
+            rec.close();
         }
         let mut all: Vec<(u64, Unacked)> = std::mem::take(&mut self.unacked).into_iter().collect();
         // Deliveries taken by an uncommitted transaction go back too.

@@ -782,18 +782,26 @@ impl Host {
                     q.kick();
                 }
             }
-            NodeRequest::Detach { queue, consumer } => {
-                let gone = lock(&self.consumers).remove(&(queue, consumer.clone()));
-                if let Some(q) = self.queue(queue) {
-                    if let Some(c) = gone {
-                        Queue::cancel(q.as_ref(), &c.consumer);
-                    }
-                    q.detach(&consumer);
-                }
-            }
+            NodeRequest::Detach { queue, consumer } => self.detach_remote(queue, &consumer, false),
+            NodeRequest::Release { queue, consumer } => self.detach_remote(queue, &consumer, true),
             other => {
                 tracing::debug!(peer = %conn.peer().node_id, "unexpected one-way message: {other:?}");
             }
+        }
+    }
+
+    /// A gateway's consumer is cancelled (basic.cancel: what it holds stays
+    /// held) or, `release`, its channel is gone (what it holds is requeued).
+    fn detach_remote(&self, queue: u64, consumer: &ConsumerId, release: bool) {
+        let gone = lock(&self.consumers).remove(&(queue, consumer.clone()));
+        let Some(q) = self.queue(queue) else { return };
+        if let Some(c) = gone {
+            Queue::cancel(q.as_ref(), &c.consumer);
+        }
+        if release {
+            q.return_all(consumer);
+        } else {
+            q.detach(consumer);
         }
     }
 

@@ -106,6 +106,10 @@ pub enum NodeRequest {
     /// queue ([`crate::dead_letter`]), deduplicated by (`publisher`, `id`).
     /// Answered `Queue(Ok)` once committed.
     DeadLetter { queue: u64, publisher: String, id: u64, message: serde_bytes::ByteBuf },
+    /// One-way, gateway to leader: the consumer's channel is gone: detach
+    /// it and requeue everything the queue has it holding (also messages
+    /// whose settle was lost with a failed leader).
+    Release { queue: u64, consumer: ConsumerId },
 }
 
 impl Versioned for NodeRequest {}

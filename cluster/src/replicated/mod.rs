@@ -1457,6 +1457,12 @@ impl ReplicatedQueue {
         self.propose_logged(&mut inner, Command::ReturnAll { consumer: id.clone() }, "return");
     }
 
+    /// The id under which `consumer` is attached here, if it is.
+    fn consumer_id(&self, consumer: &Arc<Consumer>) -> Option<ConsumerId> {
+        let inner = self.lock();
+        inner.consumers.iter().find(|(_, c)| Arc::ptr_eq(c, consumer)).map(|(id, _)| id.clone())
+    }
+
     /// The gateway is gone: detach its consumers, requeue what they hold.
     pub fn gateway_down(&self, gateway: &str) {
         let mut inner = self.lock();
@@ -2411,12 +2417,14 @@ impl Queue for ReplicatedQueue {
     }
 
     fn cancel(&self, consumer: &Arc<Consumer>) -> bool {
-        let id = {
-            let inner = self.lock();
-            inner.consumers.iter().find(|(_, c)| Arc::ptr_eq(c, consumer)).map(|(id, _)| id.clone())
-        };
-        let Some(id) = id else { return false };
+        let Some(id) = self.consumer_id(consumer) else { return false };
         self.detach(&id);
+        true
+    }
+
+    fn close_consumer(&self, consumer: &Arc<Consumer>) -> bool {
+        let Some(id) = self.consumer_id(consumer) else { return false };
+        self.return_all(&id);
         true
     }
 

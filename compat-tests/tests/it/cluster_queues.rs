@@ -674,7 +674,6 @@ async fn get_once(url: &str, queue: &str, no_ack: bool) -> Result<Option<lapin::
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: settles lost with a killed leader leave messages held by a consumer whose channel then closes; only the gateway's death returns them (see the session note)"]
 async fn dead_letter_moves_survive_killing_the_source_leader() {
     const TOTAL: u32 = 50;
     let home = tempfile::tempdir().unwrap();
