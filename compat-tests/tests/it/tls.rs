@@ -141,14 +141,14 @@ impl Pki {
         args
     }
 
-    fn start(&self, extra: &[&str]) -> Server {
+    pub(crate) fn start(&self, extra: &[&str]) -> Server {
         let args = self.serve_args(extra);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         Server::start_with(&args)
     }
 }
 
-fn path(p: &Path) -> &str {
+pub(crate) fn path(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
