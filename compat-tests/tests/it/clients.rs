@@ -1,6 +1,7 @@
 //! Other ecosystems' client libraries, unchanged, against the real binary:
 //! pika, kombu, py-amqp and stomp.py (Python), amqplib and @stomp/stompjs
-//! over WebSocket (Node). The test installs
+//! over WebSocket (Node); pika also over TLS with a client certificate
+//! and EXTERNAL (Python's ssl, so OpenSSL on the client side). The test installs
 //! them itself (a venv and an npm folder under `target/`), so a clean
 //! machine needs only the package registries. The full compatibility
 //! matrix is issue #7; these are the smoke tests of the foundation issue.
@@ -102,6 +103,26 @@ fn kombu_producer_and_consumer_work_unchanged() {
 #[test]
 fn py_amqp_with_nested_headers_works_unchanged() {
     python_smoke("smoke_pyamqp.py", "py-amqp ok");
+}
+
+#[test]
+fn pika_over_tls_with_a_client_certificate_and_external() {
+    use crate::tls::{path, Pki};
+    let py = python();
+    let pki = Pki::new(&["alice"]);
+    let s = pki.start(&["--tls-verify-peer", "true"]);
+    let (cert, key) = pki.client_files("alice");
+    let out = run(
+        Command::new(py).arg(manifest_dir().join("python/smoke_pika_tls.py")).args([
+            &s.amqps.expect("amqps listener").port().to_string(),
+            path(&pki.ca),
+            path(&cert),
+            path(&key),
+            "alice",
+        ]),
+        "smoke_pika_tls.py",
+    );
+    assert!(out.contains("pika tls ok"), "smoke_pika_tls.py printed: {out}");
 }
 
 #[test]

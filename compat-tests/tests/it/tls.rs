@@ -141,14 +141,14 @@ impl Pki {
         args
     }
 
-    fn start(&self, extra: &[&str]) -> Server {
+    pub(crate) fn start(&self, extra: &[&str]) -> Server {
         let args = self.serve_args(extra);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         Server::start_with(&args)
     }
 }
 
-fn path(p: &Path) -> &str {
+pub(crate) fn path(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
@@ -525,7 +525,7 @@ async fn plaintext_and_silent_clients_on_tls_ports_do_not_hurt_others() {
 
 #[test]
 fn tls_configuration_errors_name_the_setting_or_file() {
-    let pki = Pki::new(&[]);
+    let pki = Pki::new(&["alice"]);
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let base = ["serve", "--amqp", "127.0.0.1:0", "--web-stomp", "127.0.0.1:0", "--metrics", "127.0.0.1:0", "--data-dir", path(&data)];
@@ -558,6 +558,11 @@ fn tls_configuration_errors_name_the_setting_or_file() {
     let (code, _, err) = run(&["--amqps", "127.0.0.1:0", "--tls-cert", path(&pki.server_cert), "--tls-key", path(&pki.ca)]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains(path(&pki.ca)) && err.contains("tls_key"), "{err}");
+    // A key that is not the certificate's.
+    let (_, alice_key) = pki.client_files("alice");
+    let (code, _, err) = run(&["--amqps", "127.0.0.1:0", "--tls-cert", path(&pki.server_cert), "--tls-key", path(&alice_key)]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("invalid TLS setup") && err.contains(path(&pki.server_cert)), "{err}");
     // verify_peer without a CA.
     let (code, _, err) = run(&[
         "--amqps", "127.0.0.1:0", "--tls-cert", path(&pki.server_cert), "--tls-key", path(&pki.server_key),
