@@ -33,6 +33,28 @@ pub fn ready<T: Send + 'static>(value: Result<T, Error>) -> Reply<T> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct QueueId(pub u64);
 
+/// The channel a basic.get delivery is held by (until it is settled, or
+/// the channel closes).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Getter {
+    /// The gateway's connection id.
+    pub connection: u64,
+    /// The channel number.
+    pub channel: u16,
+}
+
+impl Getter {
+    /// The holder id a queue keeps for it.
+    pub fn holder(self, gateway: &str) -> crate::replica::queue_sm::ConsumerId {
+        crate::replica::queue_sm::ConsumerId {
+            gateway: gateway.to_owned(),
+            connection: self.connection,
+            channel: self.channel,
+            tag: "basic.get".to_owned(),
+        }
+    }
+}
+
 /// What the backend needs to know to create or open a queue.
 #[derive(Clone, Debug)]
 pub struct QueueSpec {
@@ -95,10 +117,25 @@ impl QueueSpec {
         self.arg_u64("x-consumer-timeout")
     }
 
+    /// `x-dead-letter-on-delete: true` with a dead-letter exchange: the
+    /// messages left when the queue is deleted or expires are
+    /// dead-lettered (reason `queue_deleted`) instead of dropped.
+    pub fn dead_letter_on_delete(&self) -> bool {
+        dead_letter_on_delete(&self.arguments)
+    }
+
     /// `x-expires` (ms): the queue is deleted after being unused this long.
     pub fn expires(&self) -> Option<u64> {
         self.arg_u64("x-expires")
     }
+}
+
+/// Whether a queue declared with `arguments` dead-letters the messages
+/// left when it is deleted (`x-dead-letter-on-delete: true` and a
+/// dead-letter exchange).
+pub fn dead_letter_on_delete(arguments: &Arguments) -> bool {
+    arguments.get("x-dead-letter-on-delete").and_then(|v| v.as_bool()) == Some(true)
+        && crate::dead_letter::Target::of(arguments).is_some()
 }
 
 /// The deduplication window of a queue with `x-message-deduplication`
@@ -380,12 +417,22 @@ pub trait Queue: Send + Sync {
     fn close_consumer(&self, consumer: &Arc<Consumer>) -> bool {
         self.cancel(consumer)
     }
-    /// Takes the first ready message, with the number of messages left.
-    fn get(&self, no_ack: bool) -> Reply<Option<(Delivery, u32)>>;
+    /// Takes the first ready message for `getter`, with the number of
+    /// messages left.
+    fn get(&self, no_ack: bool, getter: Getter) -> Reply<Option<(Delivery, u32)>>;
+    /// The channel `getter` is gone: every message it holds from
+    /// basic.get is requeued (also ones whose settle was lost with a
+    /// failed leader).
+    fn close_getter(&self, getter: Getter);
     /// Settles delivered messages.
     fn settle(&self, msg_ids: &[u64], outcome: Outcome);
     /// Drops every ready message and returns how many.
     fn purge(&self) -> Reply<u32>;
+    /// `x-dead-letter-on-delete`, just before the queue is deleted: every
+    /// message it holds is dead-lettered (reason `queue_deleted`);
+    /// resolves with their number once they are all in their dead-letter
+    /// queues.
+    fn retire(self: Arc<Self>) -> Reply<u32>;
     /// Ready messages and attached consumers.
     fn counts(&self) -> Reply<(u32, u32)>;
     /// Tries to deliver to consumers that have credit again.

@@ -34,7 +34,7 @@
 //! it too); deliveries to consumers without a prefetch are bounded only by
 //! the leader's per-consumer pending window and TCP.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
@@ -389,6 +389,9 @@ struct QState {
     /// to every new leader for [`RELEASE_MEMORY`], since a one-way message
     /// to a leader that dies may be lost.
     released: std::collections::VecDeque<(std::time::Instant, ConsumerId)>,
+    /// Channels that took messages by basic.get (with acks) through this
+    /// handle: released when they close.
+    got: HashSet<crate::backend::Getter>,
 }
 
 /// How long a closed consumer's release is repeated to new leaders.
@@ -483,9 +486,6 @@ impl RemoteQueue {
         true
     }
 
-    fn get_holder(&self) -> ConsumerId {
-        ConsumerId { gateway: self.cluster.opts.gateway_id.clone(), connection: 0, channel: 0, tag: "basic.get".to_owned() }
-    }
 
     fn link_lost(&self, client: &Client) {
         let ours = self.leader.borrow().as_ref().is_some_and(|c| same(c, client));
@@ -756,6 +756,7 @@ async fn resync(queue: &Arc<RemoteQueue>, hint: Option<String>, backlog: &mut Ve
         }
         st.released.iter().map(|(_, id)| id.clone()).collect()
     };
+    tracing::debug!(queue = queue.id.0, n = released.len(), "new leader: releasing closed consumers again");
     for consumer in released {
         if client.send(NodeRequest::Release { queue: queue.id.0, consumer }).await.is_err() {
             return None;
@@ -873,12 +874,26 @@ impl Queue for RemoteQueue {
         self.detach_handle(consumer, true)
     }
 
-    fn get(&self, no_ack: bool) -> Reply<Option<(Delivery, u32)>> {
+    fn close_getter(&self, getter: crate::backend::Getter) {
+        let holder = getter.holder(&self.cluster.opts.gateway_id);
+        {
+            let mut st = self.lock();
+            let took = st.got.remove(&getter);
+            tracing::debug!(queue = self.id.0, ?getter, took, "basic.get channel closed");
+            if !took {
+                return;
+            }
+            st.released.push_back((std::time::Instant::now(), holder.clone()));
+        }
+        let _ = self.out.send(Out::Release(holder));
+    }
+
+    fn get(&self, no_ack: bool, getter: crate::backend::Getter) -> Reply<Option<(Delivery, u32)>> {
         let Some(me) = self.cluster.queue(self.id.0) else {
             return ready(Err(Error::QueueDeleted));
         };
         Box::pin(async move {
-            let holder = me.get_holder();
+            let holder = getter.holder(&me.cluster.opts.gateway_id);
             let queue = me.id.0;
             let answer = me.call_leader(NodeRequest::Get { queue, holder: holder.clone(), no_ack }).await?;
             match answer {
@@ -886,7 +901,9 @@ impl Queue for RemoteQueue {
                 NodeResponse::Got { delivery: Some(d), left } => {
                     let message = record::decode(&Bytes::from(d.message.into_vec()))?;
                     if !no_ack {
-                        me.lock().held.insert(d.seq, holder);
+                        let mut st = me.lock();
+                        st.held.insert(d.seq, holder);
+                        st.got.insert(getter);
                     }
                     Ok(Some((
                         Delivery { msg_id: d.seq, redelivered: d.redelivered, delivery_count: d.delivery_count, message },
@@ -924,6 +941,20 @@ impl Queue for RemoteQueue {
                 NodeResponse::Count(n) => Ok(n),
                 NodeResponse::Queue(r) => Err(queue_error(r)),
                 other => Err(Error::Unavailable(format!("unexpected answer to Purge: {other:?}"))),
+            }
+        })
+    }
+
+    fn retire(self: Arc<Self>) -> Reply<u32> {
+        let Some(me) = self.cluster.queue(self.id.0) else {
+            return ready(Err(Error::QueueDeleted));
+        };
+        Box::pin(async move {
+            let queue = me.id.0;
+            match me.call_leader(NodeRequest::Retire { queue }).await? {
+                NodeResponse::Count(n) => Ok(n),
+                NodeResponse::Queue(r) => Err(queue_error(r)),
+                other => Err(Error::Unavailable(format!("unexpected answer to Retire: {other:?}"))),
             }
         })
     }

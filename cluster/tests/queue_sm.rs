@@ -81,8 +81,8 @@ fn enqueue_assigns_increasing_seqs_in_order() {
     assert_eq!(
         first,
         vec![
-            (0, MsgMeta { size: 100, persistent: true, redelivered: false, expires_at: None, priority: 0, delivery_count: 0, order_ts: 0 }),
-            (1, MsgMeta { size: 101, persistent: false, redelivered: false, expires_at: None, priority: 0, delivery_count: 0, order_ts: 0 }),
+            (0, MsgMeta { size: 100, persistent: true, redelivered: false, expires_at: None, priority: 0, delivery_count: 0, order_ts: 0, order_pub: 0 }),
+            (1, MsgMeta { size: 101, persistent: false, redelivered: false, expires_at: None, priority: 0, delivery_count: 0, order_ts: 0, order_pub: 0 }),
         ]
     );
 }
@@ -171,8 +171,8 @@ fn checkout_moves_only_ready_messages() {
         vec![Effect::Delivered {
             consumer: a.clone(),
             msgs: vec![
-                (1, MsgMeta { size: 101, persistent: false, redelivered: false, expires_at: None, priority: 0, delivery_count: 0, order_ts: 0 }),
-                (0, MsgMeta { size: 100, persistent: true, redelivered: false, expires_at: None, priority: 0, delivery_count: 0, order_ts: 0 }),
+                (1, MsgMeta { size: 101, persistent: false, redelivered: false, expires_at: None, priority: 0, delivery_count: 0, order_ts: 0, order_pub: 0 }),
+                (0, MsgMeta { size: 100, persistent: true, redelivered: false, expires_at: None, priority: 0, delivery_count: 0, order_ts: 0, order_pub: 0 }),
             ],
         }]
     );
@@ -244,7 +244,7 @@ fn requeue_returns_to_original_position_flagged_redelivered() {
         fx,
         vec![Effect::Delivered {
             consumer: a.clone(),
-            msgs: vec![(0, MsgMeta { size: 100, persistent: true, redelivered: true, expires_at: None, priority: 0, delivery_count: 1, order_ts: 0 })],
+            msgs: vec![(0, MsgMeta { size: 100, persistent: true, redelivered: true, expires_at: None, priority: 0, delivery_count: 1, order_ts: 0, order_pub: 0 })],
         }]
     );
 }
@@ -293,13 +293,13 @@ fn get_takes_the_first_ready_message() {
     let getter = cid("g1", 1, "");
     enqueue(&mut sm, 3);
     let fx = sm.apply(Command::Get { holder: getter.clone(), no_ack: false, now_ms: 0 });
-    let meta0 = MsgMeta { size: 100, persistent: true, redelivered: false, expires_at: None, priority: 0, delivery_count: 0, order_ts: 0 };
+    let meta0 = MsgMeta { size: 100, persistent: true, redelivered: false, expires_at: None, priority: 0, delivery_count: 0, order_ts: 0, order_pub: 0 };
     assert_eq!(fx, vec![Effect::Got { holder: getter.clone(), msg: Some((0, meta0)), remaining: 2 }]);
     // Held although never attached; settled like any delivery.
     assert_eq!(held(&sm, &getter), vec![0]);
     assert_eq!(sm.consumer_count(), 0);
     let fx = sm.apply(Command::Get { holder: getter.clone(), no_ack: true, now_ms: 0 });
-    let meta1 = MsgMeta { size: 101, persistent: false, redelivered: false, expires_at: None, priority: 0, delivery_count: 0, order_ts: 0 };
+    let meta1 = MsgMeta { size: 101, persistent: false, redelivered: false, expires_at: None, priority: 0, delivery_count: 0, order_ts: 0, order_pub: 0 };
     assert_eq!(
         fx,
         vec![
@@ -574,7 +574,7 @@ fn discard_with_dead_letter_keeps_the_body_live_until_dead_lettered() {
     checkout(&mut sm, &a, &[0, 1]);
     // No Removed: the body must stay until the leader published it.
     assert_eq!(settle(&mut sm, &a, &[0], Outcome::Discard), vec![]);
-    let meta0 = MsgMeta { size: 100, persistent: true, redelivered: false, expires_at: None, priority: 0, delivery_count: 0, order_ts: 0 };
+    let meta0 = MsgMeta { size: 100, persistent: true, redelivered: false, expires_at: None, priority: 0, delivery_count: 0, order_ts: 0, order_pub: 0 };
     let listed: Vec<(u64, DeadLetter)> = sm.dead_letters().map(|(id, dl)| (id, *dl)).collect();
     assert_eq!(listed, vec![(0, DeadLetter { seq: 0, meta: meta0, reason: DeathReason::Rejected })]);
     assert!(sm.is_live(0));
@@ -1167,6 +1167,7 @@ impl Model {
                         delivery_count: 0,
                         // Strict ordering is not generated (no `strict_window`).
                         order_ts: 0,
+                        order_pub: 0,
                     };
                     let rejecting = self.limits.overflow != Overflow::DropHead;
                     if rejecting && ready_at.is_none() && self.over(1, u64::from(m.size)) {
@@ -1383,6 +1384,24 @@ impl Model {
                 fx.push(Effect::Purged { count });
                 fx
             }
+            Command::Retire => {
+                // Every live message (ready, held, delayed), in seq order.
+                let mut removed = Vec::new();
+                let mut count = 0;
+                for i in 0..self.msgs.len() {
+                    if matches!(self.msgs[i].place, Place::Ready | Place::Held(_) | Place::Delayed(_)) {
+                        self.msgs[i].deadline = None;
+                        self.drop_msg(i, DeathReason::QueueDeleted, &mut removed);
+                        count += 1;
+                    }
+                }
+                let mut fx = Vec::new();
+                if !removed.is_empty() {
+                    fx.push(Effect::Removed { seqs: removed });
+                }
+                fx.push(Effect::Purged { count });
+                fx
+            }
             Command::Delete => {
                 let count = self.ready().len() as u32;
                 let mut fx: Vec<Effect> =
@@ -1457,6 +1476,7 @@ enum Op {
     DropTransient,
     Barrier,
     DeadLettered(Vec<DeadPick>),
+    Retire,
     Delete,
 }
 
@@ -1542,6 +1562,7 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         2 => Just(Op::Barrier),
         25 => (0u64..20).prop_map(Op::Expire),
         15 => proptest::collection::vec(dead_pick_strategy(), 0..4).prop_map(Op::DeadLettered),
+        2 => Just(Op::Retire),
         2 => Just(Op::Delete),
     ]
 }
@@ -1645,6 +1666,7 @@ fn resolve(op: &Op, model: &Model) -> Command {
         Op::DropTransient => Command::DropTransient,
         Op::Barrier => Command::Barrier,
         Op::DeadLettered(ps) => Command::DeadLettered { ids: ps.iter().map(|p| resolve_dead_pick(p, model)).collect() },
+        Op::Retire => Command::Retire,
         Op::Delete => Command::Delete,
     }
 }
@@ -1827,4 +1849,69 @@ proptest! {
         let b = postcard::to_allocvec(&follower.snapshot()).expect("encode");
         prop_assert_eq!(a, b);
     }
+}
+
+// ------------------------------------------------------ strict ordering
+
+fn stamped(publisher: &str, id: u64, ts: u64) -> NewMsg {
+    NewMsg { timestamp_ms: Some(ts), ..published(publisher, id) }
+}
+
+/// Enqueues `msgs` one command each (at time 100), releases them (time
+/// 200, past the window) and returns the release order as (publisher, id).
+fn strict_release_order(msgs: &[(&str, u64, u64)]) -> Vec<(String, u64)> {
+    let limits = Limits { strict_window: Some(50), ..Limits::default() };
+    let mut sm = QueueSm::with_limits(limits);
+    let mut by_seq = std::collections::BTreeMap::new();
+    for (p, id, ts) in msgs {
+        let fx = sm.apply(Command::Enqueue { now_ms: 100, msgs: vec![stamped(p, *id, *ts)] });
+        let [Effect::Enqueued { seqs }] = fx.as_slice() else { panic!("{fx:?}") };
+        by_seq.insert(seqs[0].expect("enqueued"), ((*p).to_owned(), *id));
+    }
+    assert!(ready(&sm).is_empty(), "held for the window");
+    assert_eq!(sm.next_timer(), Some(msgs.iter().map(|m| m.2).min().expect("messages") + 50));
+    sm.apply(Command::Expire { now_ms: 200 });
+    ready(&sm).into_iter().map(|(seq, _)| by_seq[&seq].clone()).collect()
+}
+
+#[test]
+fn strict_ordering_breaks_timestamp_ties_by_publisher_then_sequence_whatever_the_arrival_order() {
+    // p and q publish at the same milliseconds; they arrive interleaved
+    // differently (as through two gateways); one stamp is earlier.
+    let a = [("p", 1, 10), ("q", 1, 10), ("p", 2, 10), ("q", 2, 10), ("q", 3, 5)];
+    let b = [("q", 1, 10), ("q", 2, 10), ("p", 1, 10), ("q", 3, 5), ("p", 2, 10)];
+    let first = strict_release_order(&a);
+    let second = strict_release_order(&b);
+    assert_eq!(first, second, "the release order does not depend on the arrival order");
+    assert_eq!(first[0], ("q".to_owned(), 3), "the earliest stamp first");
+    // The ties: one publisher's messages together, each in its sequence.
+    let rest: Vec<&(String, u64)> = first[1..].iter().collect();
+    let publishers: Vec<&str> = rest.iter().map(|(p, _)| p.as_str()).collect();
+    assert!(publishers == ["p", "p", "q", "q"] || publishers == ["q", "q", "p", "p"], "{first:?}");
+    for p in ["p", "q"] {
+        let ids: Vec<u64> = rest.iter().filter(|(x, _)| x == p).map(|(_, id)| *id).collect();
+        assert_eq!(ids, [1, 2], "{p} in its own order");
+    }
+}
+
+#[test]
+fn strict_ordering_dead_letters_a_message_stamped_before_one_released() {
+    let limits = Limits { strict_window: Some(50), dead_letter: true, ..Limits::default() };
+    let mut sm = QueueSm::with_limits(limits);
+    sm.apply(Command::Enqueue { now_ms: 100, msgs: vec![stamped("p", 1, 100)] });
+    sm.apply(Command::Expire { now_ms: 150 });
+    assert_eq!(ready(&sm).len(), 1);
+    // Stamped 90: before the released 100.
+    let fx = sm.apply(Command::Enqueue { now_ms: 160, msgs: vec![stamped("q", 1, 90)] });
+    let [Effect::Enqueued { seqs }] = fx.as_slice() else { panic!("{fx:?}") };
+    let late = seqs[0].expect("logged, then dead-lettered");
+    assert_eq!(dead(&sm), vec![(0, late, DeathReason::Late)]);
+    assert_eq!(ready(&sm).len(), 1, "the late one is not delivered");
+    // Retire (x-dead-letter-on-delete) takes the rest, reason queue_deleted.
+    sm.apply(Command::Enqueue { now_ms: 170, msgs: vec![stamped("p", 2, 170)] });
+    assert_eq!(sm.apply(Command::Retire), vec![Effect::Purged { count: 2 }]);
+    let reasons: Vec<DeathReason> = dead(&sm).into_iter().map(|(_, _, r)| r).collect();
+    assert_eq!(reasons, [DeathReason::Late, DeathReason::QueueDeleted, DeathReason::QueueDeleted]);
+    assert!(ready(&sm).is_empty());
+    assert_eq!(sm.next_timer(), None, "nothing held back any more");
 }

@@ -163,13 +163,13 @@ async fn requeue_get_and_purge() {
     let q = open(&store);
     publish_all(&q, 0..5).await;
     // get takes the first; requeue puts it back at its position.
-    let (first, left) = q.get(false).await.unwrap().unwrap();
+    let (first, left) = q.get(false, Default::default()).await.unwrap().unwrap();
     assert_eq!((body(&first).as_str(), left, first.redelivered), ("m0", 4, false));
-    let (second, left) = q.get(false).await.unwrap().unwrap();
+    let (second, left) = q.get(false, Default::default()).await.unwrap().unwrap();
     assert_eq!((body(&second).as_str(), left), ("m1", 3));
     q.settle(&[first.msg_id], Outcome::Requeue);
     eventually("requeued", || q.counts_now().0 == 4).await;
-    let (again, _) = q.get(true).await.unwrap().unwrap();
+    let (again, _) = q.get(true, Default::default()).await.unwrap().unwrap();
     assert_eq!((body(&again).as_str(), again.redelivered, again.msg_id), ("m0", true, first.msg_id));
     // A consumer sees the requeued one first too.
     let (tx, mut rx) = mpsc::unbounded_channel();
@@ -184,7 +184,7 @@ async fn requeue_get_and_purge() {
     assert_eq!(q.purge().await.unwrap(), 3);
     assert_eq!(q.counts_now().0, 0);
     assert_eq!(q.unacked_count(), 1);
-    assert!(q.get(false).await.unwrap().is_none());
+    assert!(q.get(false, Default::default()).await.unwrap().is_none());
     q.close().await;
 }
 
@@ -215,7 +215,7 @@ async fn reopen_makes_unsettled_messages_ready_again() {
     assert_eq!(q.counts_now(), (8, 0));
     assert_eq!(q.unacked_count(), 0);
     let mut seen = Vec::new();
-    while let Some((d, _)) = q.get(true).await.unwrap() {
+    while let Some((d, _)) = q.get(true, Default::default()).await.unwrap() {
         seen.push((body(&d), d.redelivered, d.msg_id));
     }
     let bodies: Vec<&str> = seen.iter().map(|s| s.0.as_str()).collect();
@@ -240,12 +240,12 @@ async fn a_drop_without_close_reopens_too() {
     {
         let q = open(&store);
         publish_all(&q, 0..3).await;
-        let (d, _) = q.get(false).await.unwrap().unwrap();
+        let (d, _) = q.get(false, Default::default()).await.unwrap().unwrap();
         assert_eq!(body(&d), "m0");
     }
     let q = open(&store);
     assert_eq!(q.counts_now(), (3, 0));
-    let (d, _) = q.get(false).await.unwrap().unwrap();
+    let (d, _) = q.get(false, Default::default()).await.unwrap().unwrap();
     assert_eq!((body(&d).as_str(), d.redelivered), ("m0", true));
     q.close().await;
 }
@@ -287,7 +287,7 @@ async fn delete_stops_the_queue_and_removes_its_log() {
     assert_eq!(tokio::time::timeout(WAIT, q.delete()).await.unwrap().unwrap(), 4);
     assert!(q.is_deleted());
     assert!(matches!(q.publish(msg(9)), Err(sluice_cluster::Error::QueueDeleted)));
-    assert!(matches!(q.get(true).await, Err(sluice_cluster::Error::QueueDeleted)));
+    assert!(matches!(q.get(true, Default::default()).await, Err(sluice_cluster::Error::QueueDeleted)));
     q.close().await;
     drop(q);
     let (_done, applied) = store.write_tracked(Vec::new(), false);
@@ -359,7 +359,7 @@ async fn consume_ack(q: &Arc<ReplicatedQueue>, n: usize) -> Vec<String> {
 
 async fn drain_bodies(q: &ReplicatedQueue) -> Vec<String> {
     let mut out = Vec::new();
-    while let Some((d, _)) = tokio::time::timeout(WAIT, q.get(true)).await.unwrap().unwrap() {
+    while let Some((d, _)) = tokio::time::timeout(WAIT, q.get(true, Default::default())).await.unwrap().unwrap() {
         out.push(body(&d));
     }
     out

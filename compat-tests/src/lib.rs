@@ -280,7 +280,7 @@ pub fn run_sluice(args: &[&str]) -> (i32, String, String) {
     // 61613, would collide between parallel tests).
     let out = Command::new(sluice_bin())
         .args(args)
-        .env("SLUICE_LOG", "warn")
+        .env("SLUICE_LOG", std::env::var("SLUICE_LOG").unwrap_or_else(|_| "warn".into()))
         .env("SLUICE_STOMP", "127.0.0.1:0")
         .output()
         .expect("run sluice");
@@ -330,9 +330,10 @@ fn spawn_until(cmd: Command, home: &Path, prefix: &'static str, timeout: Duratio
 fn spawn_until_lines(mut cmd: Command, home: &Path, prefix: &'static str, timeout: Duration) -> (Child, Vec<String>) {
     let mut child = cmd
         .env("XDG_CONFIG_HOME", home.join("config"))
-        .env("SLUICE_LOG", "error")
+        .env("SLUICE_LOG", std::env::var("SLUICE_LOG").unwrap_or_else(|_| "error".into()))
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        // Logs show (in --no-capture runs) only when SLUICE_LOG asks.
+        .stderr(if std::env::var_os("SLUICE_LOG").is_some() { Stdio::inherit() } else { Stdio::null() })
         .spawn()
         .expect("spawn sluice");
     let stdout = child.stdout.take().expect("stdout");
@@ -413,7 +414,7 @@ pub fn ctl_status(home: &Path, addr: &str) -> Option<String> {
     let out = Command::new(sluice_bin())
         .args(["ctl", "--node", addr, "status"])
         .env("XDG_CONFIG_HOME", home.join("config"))
-        .env("SLUICE_LOG", "error")
+        .env("SLUICE_LOG", std::env::var("SLUICE_LOG").unwrap_or_else(|_| "error".into()))
         .output()
         .ok()?;
     out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())

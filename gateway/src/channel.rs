@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use sluice_cluster::backend::Getter;
 use sluice_cluster::{ChannelFlow, Consumer, Credit, Delivery, DeliverySink, Durable, Outcome, Queue, QueueMeter};
 use sluice_codecs::amqp::reply_code as code;
 use sluice_codecs::command::{Command, Message, Reply};
@@ -145,6 +146,9 @@ pub struct Channel {
     consumer_prefetch: u32,
     /// Where the next basic.get on a partitioned queue starts.
     get_cursor: usize,
+    /// Queues this channel took messages from by basic.get (with acks):
+    /// told when it closes.
+    got_from: Vec<Arc<dyn Queue>>,
     confirm: Option<(u64, mpsc::UnboundedSender<PendingConfirm>)>,
     tx: Option<Vec<TxOp>>,
     /// Counts the channel in `sluice_channels` while it lives.
@@ -163,10 +167,16 @@ impl Channel {
             flow: Arc::new(ChannelFlow::default()),
             consumer_prefetch: 0,
             get_cursor: 0,
+            got_from: Vec::new(),
             confirm: None,
             tx: None,
             _gauge: crate::metrics::Tracked::new(&crate::metrics::CHANNELS),
         }
+    }
+
+    /// Who holds what this channel takes by basic.get.
+    fn getter(&self) -> Getter {
+        Getter { connection: self.ctx.conn_id, channel: self.id }
     }
 
     /// channel.flow: pause or resume deliveries.
@@ -326,7 +336,7 @@ impl Channel {
                 for i in 0..n {
                     let idx = (self.get_cursor + i) % n;
                     let Some(q) = entry.partitions.get(idx) else { continue };
-                    if let Some(found) = q.get(no_ack).await? {
+                    if let Some(found) = q.get(no_ack, self.getter()).await? {
                         self.get_cursor = idx + 1;
                         got = Some((q.clone(), found));
                         break;
@@ -340,6 +350,9 @@ impl Channel {
                         self.next_tag += 1;
                         count_delivery(q.meter(), d.redelivered);
                         if !no_ack {
+                            if !self.got_from.iter().any(|g| g.id() == q.id()) {
+                                self.got_from.push(q.clone());
+                            }
                             let due = due_in(q.consumer_timeout().or(self.ctx.consumer_timeout_ms));
                             self.unacked.insert(tag, Unacked { queue: q, msg_id: d.msg_id, consumer: None, due });
                         }
@@ -597,6 +610,12 @@ impl Channel {
             }
         }
         self.settle_now(all, Outcome::Requeue);
+        // And whatever the queues still have this channel holding from
+        // basic.get (settles lost with a failed leader).
+        let getter = self.getter();
+        for q in std::mem::take(&mut self.got_from) {
+            q.close_getter(getter);
+        }
         for rec in consumers {
             self.ctx.router.consumer_gone(&self.ctx.vhost, &rec.queue_name).await;
         }

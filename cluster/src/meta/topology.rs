@@ -213,6 +213,7 @@ const EQUIVALENT_QUEUE_ARGS: &[&str] = &[
     "x-single-active-consumer",
     "x-partitions",
     "x-max-message-size",
+    "x-dead-letter-on-delete",
     "x-visibility-timeout",
     "x-consumer-timeout",
     "x-message-deduplication",
@@ -1032,7 +1033,7 @@ fn validate_queue_args(args: &Arguments, what: &str) -> Result<(), MetaError> {
         if k == "x-ordering" && !matches!(v.as_str(), Some("strict" | "best-effort")) {
             return Err(invalid(k, "expected \"strict\" or \"best-effort\"".to_owned()));
         }
-        if k == "x-message-deduplication" && v.as_bool().is_none() {
+        if matches!(k, "x-message-deduplication" | "x-dead-letter-on-delete") && v.as_bool().is_none() {
             return Err(invalid(k, format!("{{unacceptable_type,{}}}", type_name(v))));
         }
         if k == "x-overflow" {

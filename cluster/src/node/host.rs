@@ -496,6 +496,15 @@ impl Host {
             vh.queues.values().find(|q| q.ids.contains(&id)).map(|q| (vh.name.clone(), q.name.clone(), q.exclusive_owner))
         });
         let Some((vhost, name, owner)) = found else { return };
+        // x-dead-letter-on-delete: this replica leads (it reported the
+        // expiry): its messages go to the dead-letter exchange first.
+        if let Some(q) = self.queue(id).filter(|q| q.spec().dead_letter_on_delete()) {
+            if let Err(e) = ReplicatedQueue::retire(&q).await {
+                tracing::warn!(queue = name, error = %e, "expired queue not deleted: messages not dead-lettered");
+                q.touch();
+                return;
+            }
+        }
         let cmd = MetaCommand::Topology(crate::meta::Command::DeleteQueue {
             vhost,
             name: name.clone(),
@@ -793,6 +802,7 @@ impl Host {
     /// A gateway's consumer is cancelled (basic.cancel: what it holds stays
     /// held) or, `release`, its channel is gone (what it holds is requeued).
     fn detach_remote(&self, queue: u64, consumer: &ConsumerId, release: bool) {
+        tracing::debug!(queue, ?consumer, release, "remote consumer detached");
         let gone = lock(&self.consumers).remove(&(queue, consumer.clone()));
         let Some(q) = self.queue(queue) else { return };
         if let Some(c) = gone {
@@ -895,6 +905,16 @@ impl Host {
                     Err(r) => return NodeResponse::Queue(r),
                 };
                 match Queue::purge(q.as_ref()).await {
+                    Ok(n) => NodeResponse::Count(n),
+                    Err(e) => NodeResponse::Queue(self.queue_error(e)),
+                }
+            }
+            NodeRequest::Retire { queue } => {
+                let q = match self.leading(queue) {
+                    Ok(q) => q,
+                    Err(r) => return NodeResponse::Queue(r),
+                };
+                match ReplicatedQueue::retire(&q).await {
                     Ok(n) => NodeResponse::Count(n),
                     Err(e) => NodeResponse::Queue(self.queue_error(e)),
                 }

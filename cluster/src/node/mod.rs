@@ -110,6 +110,10 @@ pub enum NodeRequest {
     /// it and requeue everything the queue has it holding (also messages
     /// whose settle was lost with a failed leader).
     Release { queue: u64, consumer: ConsumerId },
+    /// Request, gateway to leader: `x-dead-letter-on-delete` before a
+    /// delete: dead-letter every message. Answered with `Count` once they
+    /// are all published.
+    Retire { queue: u64 },
 }
 
 impl Versioned for NodeRequest {}

@@ -103,6 +103,24 @@ pub struct MsgMeta {
     /// Strict ordering (`x-ordering: strict`): the message's timestamp
     /// (ms), which orders the ready list before seq. 0 otherwise.
     pub order_ts: u64,
+    /// Strict ordering: who published it (a stable hash of the publish
+    /// id's publisher: the gateway's queue handle), which breaks ties of
+    /// `order_ts` before seq. 0 otherwise.
+    pub order_pub: u64,
+}
+
+impl MsgMeta {
+    /// Where strict ordering puts it before its seq: (timestamp,
+    /// publisher).
+    fn order_key(&self) -> (u64, u64) {
+        (self.order_ts, self.order_pub)
+    }
+}
+
+/// FNV-1a: a hash that is the same on every replica and Rust version
+/// (unlike std's `DefaultHasher`).
+fn stable_hash(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// What happens when a publish would take the queue over its length
@@ -209,6 +227,8 @@ pub enum DeathReason {
     DeliveryLimit,
     /// Strict ordering: stamped before a message already released.
     Late,
+    /// The queue was deleted (or expired) with `x-dead-letter-on-delete`.
+    QueueDeleted,
 }
 
 impl DeathReason {
@@ -220,6 +240,7 @@ impl DeathReason {
             DeathReason::Maxlen => "maxlen",
             DeathReason::DeliveryLimit => "delivery_limit",
             DeathReason::Late => "late",
+            DeathReason::QueueDeleted => "queue_deleted",
         }
     }
 }
@@ -366,6 +387,13 @@ pub enum Command {
         /// Dead-letter ids.
         ids: Vec<u64>,
     },
+    /// The queue is about to be deleted (`x-dead-letter-on-delete`): every
+    /// message it holds (ready, held by consumers, delayed, waiting for its
+    /// ordering window) becomes a dead letter with reason `queue_deleted`
+    /// (or is removed when the queue has no dead-letter exchange). Answered
+    /// like [`Command::Purge`], with the number of messages. The queue
+    /// stays usable: the metadata deletes it once the dead letters are out.
+    Retire,
 }
 
 /// Why a command changed nothing.
@@ -504,11 +532,11 @@ pub struct QueueSm {
     ready: BTreeMap<Seq, MsgMeta>,
     /// The keys of `ready` in delivery order: highest priority first, then
     /// seq. Derived from `ready` (not in the snapshot).
-    order: BTreeSet<(Reverse<u8>, u64, Seq)>,
+    order: BTreeSet<(Reverse<u8>, (u64, u64), Seq)>,
     /// Strict ordering: messages held for their window, by seq.
     holding: BTreeMap<Seq, MsgMeta>,
     /// (timestamp, seq) of `holding`. Derived.
-    holding_order: BTreeSet<(u64, Seq)>,
+    holding_order: BTreeSet<((u64, u64), Seq)>,
     /// Strict ordering: the highest timestamp released so far.
     released_ts: u64,
     /// Held messages of every consumer (for counts and the ack floor).
@@ -605,7 +633,7 @@ impl QueueSm {
         let delay = self.delay_order.first().map(|(at, _)| *at);
         let deadline = self.deadline_order.first().map(|(at, _)| *at);
         let window = self.limits.strict_window.unwrap_or(0);
-        let release = self.holding_order.first().map(|(ts, _)| ts.saturating_add(window));
+        let release = self.holding_order.first().map(|((ts, _), _)| ts.saturating_add(window));
         [self.next_expiry(), delay, deadline, release].into_iter().flatten().min()
     }
 
@@ -619,15 +647,15 @@ impl QueueSm {
         self.ready_bytes = self.ready_bytes.saturating_add(u64::from(meta.size));
         if let Some(old) = self.ready.insert(seq, meta) {
             self.ready_bytes = self.ready_bytes.saturating_sub(u64::from(old.size));
-            self.order.remove(&(Reverse(old.priority), old.order_ts, seq));
+            self.order.remove(&(Reverse(old.priority), old.order_key(), seq));
         }
-        self.order.insert((Reverse(meta.priority), meta.order_ts, seq));
+        self.order.insert((Reverse(meta.priority), meta.order_key(), seq));
     }
 
     fn ready_remove(&mut self, seq: Seq) -> Option<MsgMeta> {
         let meta = self.ready.remove(&seq)?;
         self.ready_bytes = self.ready_bytes.saturating_sub(u64::from(meta.size));
-        self.order.remove(&(Reverse(meta.priority), meta.order_ts, seq));
+        self.order.remove(&(Reverse(meta.priority), meta.order_key(), seq));
         Some(meta)
     }
 
@@ -711,7 +739,7 @@ impl QueueSm {
         let mut back = Vec::new();
         let mut removed = Vec::new();
         let window = self.limits.strict_window.unwrap_or(0);
-        while let Some(&(ts, seq)) = self.holding_order.first() {
+        while let Some(&((ts, _), seq)) = self.holding_order.first() {
             if ts.saturating_add(window) > now_ms {
                 break;
             }
@@ -812,17 +840,18 @@ impl QueueSm {
                 }
                 fx.push(Effect::Purged { count: n });
             }
+            Command::Retire => self.retire(&mut fx),
             Command::Barrier => {}
             Command::DropTransient => {
                 let mut seqs: Vec<Seq> = self.ready.iter().filter(|(_, m)| !m.persistent).map(|(s, _)| *s).collect();
                 for seq in &seqs {
                     self.ready_remove(*seq);
                 }
-                let held_back: Vec<(Seq, u64)> =
-                    self.holding.iter().filter(|(_, m)| !m.persistent).map(|(s, m)| (*s, m.order_ts)).collect();
-                for (seq, ts) in held_back {
+                let held_back: Vec<(Seq, (u64, u64))> =
+                    self.holding.iter().filter(|(_, m)| !m.persistent).map(|(s, m)| (*s, m.order_key())).collect();
+                for (seq, key) in held_back {
                     self.holding.remove(&seq);
-                    self.holding_order.remove(&(ts, seq));
+                    self.holding_order.remove(&(key, seq));
                     seqs.push(seq);
                 }
                 let delayed: Vec<(Seq, u64)> =
@@ -862,6 +891,29 @@ impl QueueSm {
             }
         }
         fx
+    }
+
+    /// [`Command::Retire`]: every message becomes a dead letter, in seq
+    /// order (held ones keep their redelivered flag and delivery count).
+    fn retire(&mut self, fx: &mut Vec<Effect>) {
+        let mut all: BTreeMap<Seq, MsgMeta> = self.ready_clear();
+        all.extend(std::mem::take(&mut self.unacked));
+        self.held.clear();
+        self.deadlines.clear();
+        self.deadline_order.clear();
+        all.extend(std::mem::take(&mut self.delayed).into_iter().map(|(s, (_, m))| (s, m)));
+        self.delay_order.clear();
+        all.extend(std::mem::take(&mut self.holding));
+        self.holding_order.clear();
+        let n = count(all.len());
+        let mut removed = Vec::new();
+        for (seq, meta) in all {
+            self.drop_msg(seq, meta, DeathReason::QueueDeleted, &mut removed);
+        }
+        if !removed.is_empty() {
+            fx.push(Effect::Removed { seqs: removed });
+        }
+        fx.push(Effect::Purged { count: n });
     }
 
     fn enqueue(&mut self, now_ms: u64, msgs: Vec<NewMsg>, fx: &mut Vec<Effect>) {
@@ -907,6 +959,10 @@ impl QueueSm {
                 Some(_) => msg.timestamp_ms.unwrap_or(now_ms).min(now_ms),
                 None => 0,
             };
+            let order_pub = match (self.limits.strict_window, &msg.publish_id) {
+                (Some(_), Some(pid)) => stable_hash(&pid.publisher),
+                _ => 0,
+            };
             let meta = MsgMeta {
                 size: msg.size,
                 persistent: msg.persistent,
@@ -915,6 +971,7 @@ impl QueueSm {
                 priority,
                 delivery_count: 0,
                 order_ts,
+                order_pub,
             };
             if self.limits.strict_window.is_some() && ready_at.is_none() && order_ts < self.released_ts {
                 // Late: a message stamped after it was released already.
@@ -959,7 +1016,7 @@ impl QueueSm {
             }
             if self.limits.strict_window.is_some() {
                 self.holding.insert(seq, meta);
-                self.holding_order.insert((order_ts, seq));
+                self.holding_order.insert((meta.order_key(), seq));
                 continue;
             }
             self.ready_insert(seq, meta);
@@ -1425,7 +1482,7 @@ impl QueueSm {
                 return Err(SnapshotError("seq in more than one place"));
             }
             sm.holding.insert(seq, meta);
-            sm.holding_order.insert((meta.order_ts, seq));
+            sm.holding_order.insert((meta.order_key(), seq));
         }
         for (seq, at) in deadlines {
             if !sm.unacked.contains_key(&seq) || sm.deadlines.insert(seq, at).is_some() {
@@ -1656,7 +1713,7 @@ mod tests {
     fn restore_refuses_broken_snapshots() {
         let ok = valid();
         assert!(QueueSm::restore(ok.clone()).is_ok());
-        let meta = MsgMeta { size: 0, persistent: false, redelivered: false, expires_at: None, priority: 0, delivery_count: 0, order_ts: 0 };
+        let meta = MsgMeta { size: 0, persistent: false, redelivered: false, expires_at: None, priority: 0, delivery_count: 0, order_ts: 0, order_pub: 0 };
         let excl = ConsumerOpts { exclusive: true, no_ack: false };
         let cases: Vec<Box<dyn Fn(&mut Snapshot)>> = vec![
             Box::new(|s| s.ready.push((s.next_seq, meta))),

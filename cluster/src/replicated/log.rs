@@ -19,9 +19,9 @@ use crate::Error;
 const ENTRY_VERSION: u8 = 5;
 
 /// Version byte in front of a [`Checkpoint`] (1: messages without an
-/// expiry; 2: without priority and delivery count; neither readable any
-/// more).
-const CHECKPOINT_VERSION: u8 = 4;
+/// expiry; 2: without priority and delivery count; 4: without the
+/// strict-ordering publisher; none readable any more).
+const CHECKPOINT_VERSION: u8 = 5;
 
 /// Encodes one log entry: the commands, then the bodies (message records)
 /// of its `Enqueue` commands, in order, so that a body can be sliced out of

@@ -247,6 +247,10 @@ const DEAD_LETTER_TIMEOUT: Duration = Duration::from_secs(3);
 /// Wait before publishing dead letters again after a failure.
 const DEAD_LETTER_RETRY: Duration = Duration::from_secs(1);
 
+/// How long [`ReplicatedQueue::retire`] waits for the dead letters to be
+/// published.
+const RETIRE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Ticks a leader keeps running after applying `Delete`, so that its
 /// heartbeats tell the followers the entry committed.
 const DELETE_LINGER_TICKS: u32 = 10;
@@ -489,7 +493,7 @@ fn enqueue_may_pass(cmd: &Command) -> bool {
     // New messages are ready only after every held or ready one and are
     // no one's yet: only commands that look at "the first ready message"
     // or at all ready ones see the difference.
-    !matches!(cmd, Command::Get { .. } | Command::Purge | Command::Delete)
+    !matches!(cmd, Command::Get { .. } | Command::Purge | Command::Delete | Command::Retire)
 }
 
 fn settle_may_pass(cmd: &Command) -> bool {
@@ -1486,6 +1490,37 @@ impl ReplicatedQueue {
         self.propose_reply(Command::Delete, Waiter::Delete(tx), rx)
     }
 
+    /// `x-dead-letter-on-delete`, before the queue is deleted (leader
+    /// only): every message becomes a dead letter (reason
+    /// `queue_deleted`); resolves with their number once all of them
+    /// are published to the dead-letter exchange (and gone from here),
+    /// or fails after [`RETIRE_TIMEOUT`].
+    pub fn retire(self: &Arc<Self>) -> Reply<u32> {
+        let (tx, rx) = oneshot::channel();
+        let moved = self.propose_reply(Command::Retire, Waiter::Purge(tx), rx);
+        let me = self.clone();
+        Box::pin(async move {
+            let n = moved.await?;
+            let deadline = Instant::now() + RETIRE_TIMEOUT;
+            loop {
+                let left = {
+                    let inner = me.lock();
+                    if inner.deleted || inner.closed {
+                        return Err(Error::QueueDeleted);
+                    }
+                    inner.sm.dead_letter_count()
+                };
+                if left == 0 {
+                    return Ok(n);
+                }
+                if Instant::now() >= deadline {
+                    return Err(Error::Unavailable(format!("{left} dead letters not published yet")));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    }
+
     fn purge_reply(&self) -> Reply<u32> {
         let (tx, rx) = oneshot::channel();
         self.propose_reply(Command::Purge, Waiter::Purge(tx), rx)
@@ -1650,6 +1685,11 @@ impl ReplicatedQueue {
             tracing::info!(queue = %self.spec.name, expires_ms = expires, "queue unused: expired");
             report(self.spec.id);
         }
+    }
+
+    /// What the queue was opened with.
+    pub fn spec(&self) -> &QueueSpec {
+        &self.spec
     }
 
     /// The queue was used (redeclared): restarts its `x-expires` clock.
@@ -2402,14 +2442,24 @@ impl Queue for ReplicatedQueue {
         self.propose_attach(id, consumer, None)
     }
 
-    fn get(&self, no_ack: bool) -> Reply<Option<(Delivery, u32)>> {
-        let holder =
-            ConsumerId { gateway: self.opts.gateway.clone(), connection: 0, channel: 0, tag: "basic.get".to_owned() };
-        self.get_as(holder, no_ack)
+    fn get(&self, no_ack: bool, getter: crate::backend::Getter) -> Reply<Option<(Delivery, u32)>> {
+        self.get_as(getter.holder(&self.opts.gateway), no_ack)
+    }
+
+    fn close_getter(&self, getter: crate::backend::Getter) {
+        let holder = getter.holder(&self.opts.gateway);
+        let mut inner = self.lock();
+        if inner.sm.held_by(&holder).next().is_some() {
+            self.propose_logged(&mut inner, Command::ReturnAll { consumer: holder }, "return");
+        }
     }
 
     fn purge(&self) -> Reply<u32> {
         self.purge_reply()
+    }
+
+    fn retire(self: Arc<Self>) -> Reply<u32> {
+        ReplicatedQueue::retire(&self)
     }
 
     fn counts(&self) -> Reply<(u32, u32)> {

@@ -593,3 +593,132 @@ async fn strict_ordering_cost() {
         println!("{line}");
     }
 }
+
+/// Drains `queue` by basic.get until `n` messages came (10 s at most):
+/// their bodies and death reasons, in arrival order.
+async fn drain_dead(ch: &Channel, queue: &str, n: usize) -> Vec<(Vec<u8>, Option<String>)> {
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while out.len() < n && Instant::now() < deadline {
+        match ch.basic_get(queue.into(), BasicGetOptions { no_ack: true }).await.expect("basic.get") {
+            Some(m) => {
+                let reason = text_of(first_death(&m.delivery.properties).inner().get("reason"));
+                out.push((m.delivery.data.clone(), reason));
+            }
+            None => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    out
+}
+
+fn on_delete_args() -> Vec<(&'static str, AMQPValue)> {
+    vec![
+        ("x-dead-letter-exchange", s("")),
+        ("x-dead-letter-routing-key", s("graveyard")),
+        ("x-dead-letter-on-delete", AMQPValue::Boolean(true)),
+    ]
+}
+
+#[tokio::test]
+async fn dead_letter_on_delete_moves_every_message_with_reason_queue_deleted() {
+    let s_ = Server::start();
+    let (c, ch) = open(&s_).await;
+    declare(&ch, "graveyard").await;
+    declare_with(&ch, "doomed", &on_delete_args()).await.unwrap();
+    for i in 0..10u8 {
+        publish(&ch, "", "doomed", &[b'm', b'0' + i]).await;
+    }
+    // Three are held unacknowledged by a consumer on another channel.
+    let holder = channel(&c).await;
+    holder.basic_qos(3, BasicQosOptions::default()).await.unwrap();
+    let mut consumer = holder
+        .basic_consume("doomed".into(), "holder".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        let d = tokio::time::timeout(Duration::from_secs(10), consumer.next()).await.expect("a delivery");
+        assert!(d.is_some());
+    }
+    let deleted = ch.queue_delete("doomed".into(), QueueDeleteOptions::default()).await.unwrap();
+    assert_eq!(deleted, 7, "delete-ok counts the ready messages");
+    let dead = drain_dead(&ch, "graveyard", 10).await;
+    let mut bodies: Vec<Vec<u8>> = dead.iter().map(|(b, _)| b.clone()).collect();
+    bodies.sort();
+    let expected: Vec<Vec<u8>> = (0..10u8).map(|i| vec![b'm', b'0' + i]).collect();
+    assert_eq!(bodies, expected, "every message, held ones too, exactly once");
+    assert!(dead.iter().all(|(_, r)| r.as_deref() == Some("queue_deleted")), "{dead:?}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(get_body(&ch, "graveyard").await.is_none(), "no copy arrives later");
+    // The queue is gone.
+    let passive = ch
+        .queue_declare("doomed".into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+        .await;
+    assert_eq!(code(&passive.unwrap_err()), 404);
+}
+
+#[tokio::test]
+async fn without_dead_letter_on_delete_a_deleted_queue_drops_its_messages() {
+    let s_ = Server::start();
+    let (_c, ch) = open(&s_).await;
+    declare(&ch, "graveyard").await;
+    let mut args = on_delete_args();
+    args.pop();
+    declare_with(&ch, "plain", &args).await.unwrap();
+    publish(&ch, "", "plain", b"gone").await;
+    wait_ready(&ch, "plain", 1).await;
+    assert_eq!(ch.queue_delete("plain".into(), QueueDeleteOptions::default()).await.unwrap(), 1);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(get_body(&ch, "graveyard").await.is_none(), "RabbitMQ drops them");
+    // A bad value is refused as RabbitMQ refuses a bad boolean argument.
+    let err = declare_with(&ch, "bad", &[("x-dead-letter-on-delete", s("yes"))]).await.unwrap_err();
+    assert_eq!(code(&err), 406, "{err}");
+}
+
+#[tokio::test]
+async fn dead_letter_on_delete_covers_expired_exclusive_and_auto_delete_queues() {
+    let s_ = Server::start();
+    let (_c, ch) = open(&s_).await;
+    declare(&ch, "graveyard").await;
+    // x-expires: unused for 300 ms.
+    let mut args = on_delete_args();
+    args.push(("x-expires", AMQPValue::LongInt(300)));
+    declare_with(&ch, "expiring", &args).await.unwrap();
+    publish(&ch, "", "expiring", b"expired-queue").await;
+    let dead = drain_dead(&ch, "graveyard", 1).await;
+    assert_eq!(dead, vec![(b"expired-queue".to_vec(), Some("queue_deleted".to_owned()))]);
+
+    // Exclusive: its connection closes.
+    let (c2, ch2) = open(&s_).await;
+    ch2.queue_declare(
+        "mine".into(),
+        QueueDeclareOptions { exclusive: true, ..Default::default() },
+        table(&on_delete_args()),
+    )
+    .await
+    .unwrap();
+    publish(&ch2, "", "mine", b"exclusive").await;
+    wait_ready(&ch2, "mine", 1).await;
+    c2.close(200, "bye".into()).await.unwrap();
+    let dead = drain_dead(&ch, "graveyard", 1).await;
+    assert_eq!(dead, vec![(b"exclusive".to_vec(), Some("queue_deleted".to_owned()))]);
+
+    // Auto-delete: its last consumer cancels while a message is held.
+    ch.queue_declare("auto".into(), QueueDeclareOptions { auto_delete: true, ..Default::default() }, table(&on_delete_args()))
+        .await
+        .unwrap();
+    publish(&ch, "", "auto", b"auto-1").await;
+    publish(&ch, "", "auto", b"auto-2").await;
+    let sub = channel(&_c).await;
+    sub.basic_qos(1, BasicQosOptions::default()).await.unwrap();
+    let mut consumer =
+        sub.basic_consume("auto".into(), "c".into(), BasicConsumeOptions::default(), FieldTable::default()).await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(10), consumer.next()).await.expect("a delivery");
+    assert!(first.is_some());
+    sub.basic_cancel("c".into(), BasicCancelOptions::default()).await.unwrap();
+    let mut dead = drain_dead(&ch, "graveyard", 2).await;
+    dead.sort();
+    assert_eq!(
+        dead,
+        vec![(b"auto-1".to_vec(), Some("queue_deleted".to_owned())), (b"auto-2".to_vec(), Some("queue_deleted".to_owned()))]
+    );
+}

@@ -769,3 +769,106 @@ async fn dead_letter_moves_survive_killing_the_source_leader() {
     assert_eq!(ready_count(&ch, &src).await, 0, "{src} not empty");
     drop(nodes);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letter_on_delete_through_a_gateway_moves_every_message_once() {
+    use lapin::types::AMQPValue;
+    const QUEUES: usize = 4;
+    const PER_QUEUE: u32 = 10;
+    let home = tempfile::tempdir().unwrap();
+    let nodes = three_nodes(home.path());
+    let addrs: Vec<&str> = nodes.iter().map(|n| n.addr.as_str()).collect();
+    let gw = start_gateway(home.path(), &addrs, &[]);
+    let (_c, ch) = open(&gw).await;
+    ch.queue_declare("graveyard".into(), durable(), FieldTable::default()).await.unwrap();
+    let args = args_table(&[
+        ("x-dead-letter-exchange", long_str("")),
+        ("x-dead-letter-routing-key", long_str("graveyard")),
+        ("x-dead-letter-on-delete", AMQPValue::Boolean(true)),
+    ]);
+    ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    for i in 0..QUEUES {
+        let q = format!("doomed-{i}");
+        ch.queue_declare(q.as_str().into(), durable(), args.clone()).await.unwrap();
+        for j in 0..PER_QUEUE {
+            let body = format!("{i}:{j}");
+            let c = ch.basic_publish("".into(), q.as_str().into(), BasicPublishOptions::default(), body.as_bytes(), persistent()).await.unwrap();
+            assert!(c.await.unwrap().is_ack());
+        }
+    }
+    for i in 0..QUEUES {
+        let n = ch.queue_delete(format!("doomed-{i}").as_str().into(), QueueDeleteOptions::default()).await.unwrap();
+        assert_eq!(n, PER_QUEUE, "delete-ok of doomed-{i}");
+    }
+    let mut seen: BTreeMap<String, u32> = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while seen.values().sum::<u32>() < QUEUES as u32 * PER_QUEUE {
+        match ch.basic_get("graveyard".into(), BasicGetOptions { no_ack: true }).await.unwrap() {
+            Some(m) => {
+                let body = String::from_utf8_lossy(&m.delivery.data).into_owned();
+                let (reason, queue) = first_death_of(&m.delivery.properties);
+                assert_eq!(reason.as_deref(), Some("queue_deleted"), "{body}");
+                assert!(queue.is_some_and(|q| q.starts_with("doomed-")), "{body}");
+                *seen.entry(body).or_default() += 1;
+            }
+            None => {
+                assert!(Instant::now() < deadline, "only {} dead letters arrived", seen.len());
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(ready_count(&ch, "graveyard").await, 0, "a duplicate dead letter");
+    assert!(seen.values().all(|n| *n == 1), "{seen:?}");
+    assert_eq!(seen.len(), QUEUES * PER_QUEUE as usize);
+    drop(nodes);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn basic_get_holdings_come_back_when_the_channel_closes_around_a_leader_kill() {
+    const TOTAL: u32 = 30;
+    let home = tempfile::tempdir().unwrap();
+    let mut nodes = three_nodes(home.path());
+    let addrs: Vec<String> = nodes.iter().map(|n| n.addr.clone()).collect();
+    let all: Vec<&str> = addrs.iter().map(String::as_str).collect();
+    let gw = start_gateway(home.path(), &all, &[]);
+    let (c, ch) = open(&gw).await;
+    ch.queue_declare("got".into(), durable(), FieldTable::default()).await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    for i in 0..TOTAL {
+        let c = ch.basic_publish("".into(), "got".into(), BasicPublishOptions::default(), format!("g{i}").as_bytes(), persistent()).await.unwrap();
+        assert!(c.await.unwrap().is_ack());
+    }
+    let leader = leader_of(home.path(), &addrs, "got");
+    let getter = c.create_channel().await.unwrap();
+    for _ in 0..TOTAL {
+        assert!(getter.basic_get("got".into(), BasicGetOptions { no_ack: false }).await.unwrap().is_some());
+    }
+    // The channel closes (its requeues go to the leader) and the leader
+    // dies right after: whatever it did not commit is released again to
+    // the new leader.
+    getter.close(200, "bye".into()).await.unwrap();
+    eprintln!("killing n{} (leader of got)", leader + 1);
+    nodes[leader].child.kill().unwrap();
+    nodes[leader].child.wait().unwrap();
+    let url = gw.url();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen: BTreeMap<String, bool> = BTreeMap::new();
+    let mut last_err = None;
+    while seen.len() < TOTAL as usize {
+        assert!(Instant::now() < deadline, "only {} of {TOTAL} came back: {seen:?}; last error {last_err:?}", seen.len());
+        match get_once(&url, "got", true).await {
+            Ok(Some(m)) => {
+                let body = String::from_utf8_lossy(&m.delivery.data).into_owned();
+                assert!(seen.insert(body.clone(), m.delivery.redelivered).is_none(), "{body} twice");
+            }
+            Ok(None) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(e) => {
+                last_err = Some(e);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    assert!(seen.values().all(|r| *r), "every message comes back flagged redelivered: {seen:?}");
+    drop(nodes);
+}

@@ -770,3 +770,33 @@ fn dead_letter_and_deduplication_arguments_from_subscribe_headers() {
     });
     c.disconnect();
 }
+
+#[test]
+fn consumer_timeout_ends_the_session_with_an_error_and_requeues() {
+    let s = Server::start_with(&["--consumer-timeout", "400"]);
+    let mut c = Client::open(&s, "1.2");
+    c.send_text("/queue/slow", "job");
+    c.subscribe("/queue/slow", "lazy", &[("ack", "client")]);
+    let m = c.expect(Command::Message);
+    assert_eq!(body(&m), "job");
+    // Never acked: ERROR within the timeout plus the once-a-second check.
+    let start = Instant::now();
+    let err = c.expect_error("consumer timeout");
+    assert!(body(&err).contains("delivery acknowledgement timed out"), "{}", body(&err));
+    assert!(start.elapsed() < Duration::from_secs(5));
+    // The message is back, redelivered.
+    let mut again = Client::open(&s, "1.2");
+    again.subscribe("/queue/slow", "b", &[("ack", "client")]);
+    let m = again.expect(Command::Message);
+    assert_eq!(body(&m), "job");
+    assert_eq!(m.header("redelivered"), Some("true"));
+    let f = again.ack(Command::Ack, &m, &[]);
+    again.call(f, "acked");
+    // Auto-ack subscriptions hold nothing: no timeout.
+    again.send_text("/queue/auto", "x");
+    let mut auto = Client::open(&s, "1.2");
+    auto.subscribe("/queue/auto", "a", &[]);
+    auto.expect(Command::Message);
+    auto.quiet(Duration::from_millis(1500));
+    auto.disconnect();
+}

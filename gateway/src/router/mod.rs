@@ -23,6 +23,7 @@ use sluice_cluster::meta::client::MetaClient;
 use sluice_cluster::meta::replica::{Applied, MetaCommand, MetaResult};
 use sluice_cluster::remote::RemoteBackend;
 use sluice_cluster::remote_meta::RemoteMeta;
+use sluice_cluster::backend::dead_letter_on_delete;
 use sluice_cluster::{Backend, Queue, QueueId, QueueSpec};
 use tokio::sync::watch;
 use sluice_codecs::command::{Arguments, Properties};
@@ -65,6 +66,16 @@ async fn counts(partitions: &[Arc<dyn Queue>]) -> Result<(u32, u32), BrokerError
     Ok((m, c))
 }
 
+/// `x-dead-letter-on-delete`: dead-letters every message of the
+/// partitions, waiting until they are in their dead-letter queues.
+async fn retire_all(partitions: &[Arc<dyn Queue>]) -> Result<u32, BrokerError> {
+    let mut n = 0u32;
+    for r in join_all(partitions.iter().map(|p| p.clone().retire())).await {
+        n = n.saturating_add(r?);
+    }
+    Ok(n)
+}
+
 /// A queue's vhost, name and partition handles (metrics).
 pub type QueueHandles = (String, String, Vec<Arc<dyn Queue>>);
 
@@ -93,6 +104,11 @@ struct State {
 impl State {
     fn handles(&self, ids: &[u64]) -> Vec<Arc<dyn Queue>> {
         ids.iter().filter_map(|id| self.queues.get(id).cloned()).collect()
+    }
+
+    /// Whether queue `name` dead-letters its messages when it is deleted.
+    fn retires(&self, vhost: &str, name: &str) -> bool {
+        self.topo.vhost(vhost).and_then(|vh| vh.queues.get(name)).is_some_and(|q| dead_letter_on_delete(&q.arguments))
     }
 
     /// The backend queues of `name`, if it exists.
@@ -419,8 +435,20 @@ impl Router {
         // if-unused and if-empty are decided on counts only the queue
         // knows, measured just before (a publish racing with the delete
         // may land in between, as with RabbitMQ's quorum queues).
-        let partitions = self.read().partitions(&vh.name, name);
+        let (partitions, retire) = {
+            let st = self.read();
+            // Whether it exists and the connection may delete it is the
+            // metadata's to answer (below); only a queue it may delete
+            // is retired.
+            let retire = st.topo.queue(&vh.name, name, Owner(conn)).is_ok_and(|q| dead_letter_on_delete(&q.arguments));
+            (st.partitions(&vh.name, name), retire)
+        };
         let counts = counts(&partitions).await?;
+        // x-dead-letter-on-delete: the messages go to the dead-letter
+        // exchange first (unless the delete is going to be refused).
+        if retire && !(if_unused && counts.1 > 0) && !(if_empty && counts.0 > 0) {
+            retire_all(&partitions).await?;
+        }
         let cmd = Command::DeleteQueue {
             vhost: vh.name.clone(),
             name: name.to_string(),
@@ -454,6 +482,12 @@ impl Router {
                 return;
             }
         };
+        if consumers == 0 && self.read().retires(&vh.name, name) {
+            if let Err(e) = retire_all(&handles).await {
+                tracing::warn!(queue = name, error = %e, "auto-delete: messages not dead-lettered");
+                return;
+            }
+        }
         let cmd = Command::ConsumerGone { vhost: vh.name.clone(), name: name.to_string(), consumers };
         if let Err(err) = self.execute(cmd).await {
             tracing::warn!(queue = name, error = %err, "auto-delete failed");
@@ -464,9 +498,25 @@ impl Router {
     pub async fn connection_closed(&self, conn: ConnId) {
         // Nothing to do (and no round trip) if the connection owns no
         // exclusive queue.
-        let owns = self.read().topo.vhosts().any(|vh| vh.queues.values().any(|q| q.exclusive_owner == Some(Owner(conn))));
+        let (owns, retiring) = {
+            let st = self.read();
+            let mut owns = false;
+            let mut retiring = Vec::new();
+            for q in st.topo.vhosts().flat_map(|vh| vh.queues.values()) {
+                if q.exclusive_owner == Some(Owner(conn)) {
+                    owns = true;
+                    if dead_letter_on_delete(&q.arguments) {
+                        retiring.extend(st.handles(&q.ids));
+                    }
+                }
+            }
+            (owns, retiring)
+        };
         if !owns {
             return;
+        }
+        if let Err(e) = retire_all(&retiring).await {
+            tracing::warn!(error = %e, "exclusive queue delete: messages not dead-lettered");
         }
         if let Err(e) = self.execute(Command::ConnectionClosed { owner: Owner(conn) }).await {
             tracing::warn!(error = %e, "exclusive queue delete not persisted");

@@ -55,6 +55,10 @@ const CHANNEL: u16 = 1;
 /// Separates consumer tag, session and delivery tag in `message-id`.
 const ID_SEPARATOR: &str = "@@";
 
+/// How often unacknowledged deliveries are checked against the consumer
+/// timeout.
+const ACK_CHECK_EVERY: Duration = Duration::from_secs(1);
+
 /// Versions this server speaks, as listed in a version mismatch ERROR.
 const SUPPORTED: &str = "1.0,1.1,1.2";
 
@@ -344,8 +348,9 @@ pub async fn serve_with<R, W>(
         outbox: Arc::new(NoOutbox),
         events: etx,
         cancel_notify: true,
-        // STOMP subscriptions have no consumer timeout (yet).
-        consumer_timeout_ms: None,
+        // Client-ack subscriptions: as AMQP consumers (queue argument
+        // `x-consumer-timeout`, else the server's `consumer_timeout`).
+        consumer_timeout_ms: broker.limits.consumer_timeout_ms,
     });
     let mut session = Session {
         broker: broker.clone(),
@@ -496,6 +501,7 @@ impl Session {
         let limit = expect_every.map(|d| d * HEARTBEAT_GRACE);
         let mut check = tokio::time::interval(expect_every.map(|d| d / 2).unwrap_or(Duration::from_secs(3600)));
         let backend = self.broker.router.backend().clone();
+        let mut ack_check = tokio::time::interval(ACK_CHECK_EVERY);
         loop {
             if self.disconnecting && self.receipts.is_empty() {
                 return End::Disconnect;
@@ -527,6 +533,19 @@ impl Session {
                         if let Err(f) = self.on_event(ev) {
                             return End::Error(f, None);
                         }
+                    }
+                }
+                _ = ack_check.tick() => {
+                    // Consumer timeout: RabbitMQ closes the channel, which
+                    // ends a STOMP connection; its unacknowledged messages
+                    // are requeued as the session closes.
+                    if let Some(ms) = self.channel.ack_timed_out(Instant::now()) {
+                        tracing::info!(timeout_ms = ms, "STOMP consumer timeout");
+                        let body = format!(
+                            "delivery acknowledgement timed out. Timeout value used: {ms} ms. \
+                             This timeout value can be configured, see consumers doc guide to learn more"
+                        );
+                        return End::Error(fail("consumer timeout", body), None);
                     }
                 }
                 _ = check.tick() => {

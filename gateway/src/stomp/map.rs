@@ -39,11 +39,12 @@ enum ArgType {
 
 /// Queue arguments that SUBSCRIBE and SEND headers may carry, with the
 /// type of their value.
-const ARGUMENT_HEADERS: [(&str, ArgType); 19] = [
+const ARGUMENT_HEADERS: [(&str, ArgType); 20] = [
     ("x-dead-letter-exchange", ArgType::Str),
     ("x-delivery-limit", ArgType::Long),
     ("x-dead-letter-routing-key", ArgType::Str),
     ("x-expires", ArgType::Long),
+    ("x-dead-letter-on-delete", ArgType::Bool),
     ("x-max-length", ArgType::Long),
     ("x-max-length-bytes", ArgType::Long),
     ("x-max-priority", ArgType::Long),
