@@ -1,13 +1,24 @@
 //! SASL authentication: PLAIN and AMQPLAIN against the user table, and
 //! EXTERNAL (the subject CN of a verified TLS client certificate, as
 //! RabbitMQ's rabbitmq_auth_mechanism_ssl) on connections that have one.
-//! (Users, password hashes and permissions come with the security issue;
-//! today the table holds guest/guest and users from the config file.)
-
-use std::collections::HashMap;
+//! Users and password hashes are the replicated metadata's
+//! (`sluice_cluster::meta::auth`), read through the router's copy.
 
 use bytes::{BufMut, BytesMut};
 use sluice_codecs::amqp::FieldTable;
+
+use crate::router::Router;
+
+/// Who is on the other end of a connection, as far as logins care.
+#[derive(Clone, Debug, Default)]
+pub struct Peer {
+    /// The subject CN of the client's verified TLS certificate (EXTERNAL,
+    /// STOMP certificate logins).
+    pub cert_user: Option<String>,
+    /// The peer address is a loopback one (127.0.0.0/8, ::1): users in
+    /// `loopback_users` may only log in from such an address.
+    pub loopback: bool,
+}
 
 /// Why a login failed.
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +31,17 @@ pub enum AuthError {
     BadCredentials(String),
     #[error("user '{0}' (the client certificate's CN) does not exist")]
     UnknownCertUser(String),
+    #[error("user '{0}' can only connect via localhost")]
+    LoopbackOnly(String),
+}
+
+/// RabbitMQ's `loopback_users`: refuses `user` unless the peer is on a
+/// loopback address.
+pub fn check_loopback(user: String, loopback_users: &[String], peer: &Peer) -> Result<String, AuthError> {
+    if !peer.loopback && loopback_users.iter().any(|u| *u == user) {
+        return Err(AuthError::LoopbackOnly(user));
+    }
+    Ok(user)
 }
 
 /// The mechanisms offered in connection.start: EXTERNAL only when the
@@ -36,7 +58,7 @@ pub fn mechanisms(cert_user: Option<&str>) -> &'static [u8] {
 /// logs in as that user (it must exist; the response is ignored, as
 /// RabbitMQ does), and is an unknown mechanism without one.
 pub fn authenticate(
-    users: &HashMap<String, String>,
+    users: &Router,
     mechanism: &str,
     response: &[u8],
     cert_user: Option<&str>,
@@ -46,7 +68,7 @@ pub fn authenticate(
             let Some(user) = cert_user else {
                 return Err(AuthError::UnknownMechanism(mechanism.to_string()));
             };
-            return if users.contains_key(user) {
+            return if users.user_exists(user) {
                 Ok(user.to_string())
             } else {
                 Err(AuthError::UnknownCertUser(user.to_string()))
@@ -78,21 +100,9 @@ pub fn authenticate(
         }
         other => return Err(AuthError::UnknownMechanism(other.to_string())),
     };
-    match users.get(&user) {
-        Some(p) if constant_time_eq(p.as_bytes(), pass.as_bytes()) => Ok(user),
-        _ => Err(AuthError::BadCredentials(user)),
+    if users.check_password(&user, &pass) {
+        Ok(user)
+    } else {
+        Err(AuthError::BadCredentials(user))
     }
-}
-
-/// Checks a user name and password (STOMP's `login`/`passcode`) against
-/// the same table as the SASL mechanisms.
-pub fn check_password(users: &HashMap<String, String>, user: &str, pass: &str) -> bool {
-    users.get(user).is_some_and(|p| constant_time_eq(p.as_bytes(), pass.as_bytes()))
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

@@ -13,6 +13,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use sluice_cluster::backend::Getter;
+use sluice_cluster::meta::auth::{Access, Matcher};
 use sluice_cluster::{ChannelFlow, Consumer, Credit, Delivery, DeliverySink, Durable, Outcome, Queue, QueueMeter};
 use sluice_codecs::amqp::reply_code as code;
 use sluice_codecs::command::{Command, Message, Reply};
@@ -117,6 +118,17 @@ impl ConsumerRec {
     }
 }
 
+/// A session's permissions, compiled, re-read when users or permissions
+/// change (the router's auth generation moved).
+#[derive(Default)]
+struct Perms {
+    generation: Option<u64>,
+    matcher: Option<Arc<Matcher>>,
+    /// The last exchange published to and whether writing to it is
+    /// allowed: most channels publish to one exchange.
+    last_write: Option<(String, bool)>,
+}
+
 struct PendingConfirm {
     seq: u64,
     /// When the publish was read (publish-to-confirm latency).
@@ -146,6 +158,8 @@ pub struct Channel {
     consumer_prefetch: u32,
     /// Where the next basic.get on a partitioned queue starts.
     get_cursor: usize,
+    /// The user's permissions in the vhost, as of an auth generation.
+    perms: Perms,
     /// Queues this channel took messages from by basic.get (with acks):
     /// told when it closes.
     got_from: Vec<Arc<dyn Queue>>,
@@ -167,6 +181,7 @@ impl Channel {
             flow: Arc::new(ChannelFlow::default()),
             consumer_prefetch: 0,
             get_cursor: 0,
+            perms: Perms::default(),
             got_from: Vec::new(),
             confirm: None,
             tx: None,
@@ -195,8 +210,71 @@ impl Channel {
         }
     }
 
+    /// RabbitMQ's permission check: `access` to the queue or exchange
+    /// `name` (`kind`), else 403 ACCESS_REFUSED (a channel error).
+    fn allow(&mut self, access: Access, kind: &str, name: &str) -> Result<(), BrokerError> {
+        let generation = self.ctx.router.auth_generation();
+        if self.perms.generation != Some(generation) {
+            self.perms = Perms {
+                generation: Some(generation),
+                matcher: self.ctx.router.permissions(&self.ctx.vhost.name, &self.ctx.user),
+                last_write: None,
+            };
+        }
+        let cached = match (&self.perms.last_write, access) {
+            (Some((last, ok)), Access::Write) if kind == "exchange" && last == name => Some(*ok),
+            _ => None,
+        };
+        let ok = match cached {
+            Some(ok) => ok,
+            None => {
+                let ok = self.perms.matcher.as_ref().is_some_and(|m| m.allows(access, name));
+                if access == Access::Write && kind == "exchange" {
+                    self.perms.last_write = Some((name.to_owned(), ok));
+                }
+                ok
+            }
+        };
+        if ok {
+            return Ok(());
+        }
+        let shown = if name.is_empty() { "amq.default" } else { name };
+        Err(BrokerError::access_refused(format!(
+            "access to {kind} '{shown}' in vhost '{}' refused for user '{}'",
+            self.ctx.vhost.name, self.ctx.user
+        )))
+    }
+
+    /// The permission checks a command needs (RabbitMQ's rabbit_channel).
+    fn authorize(&mut self, cmd: &Command) -> Result<(), BrokerError> {
+        match cmd {
+            Command::ExchangeDeclare { name, passive: false, .. } | Command::ExchangeDelete { name, .. } => {
+                self.allow(Access::Configure, "exchange", name)
+            }
+            Command::ExchangeBind { destination, source, .. } | Command::ExchangeUnbind { destination, source, .. } => {
+                self.allow(Access::Write, "exchange", destination)?;
+                self.allow(Access::Read, "exchange", source)
+            }
+            // A server-named queue is checked by its prefix.
+            Command::QueueDeclare { name, passive: false, .. } => {
+                self.allow(Access::Configure, "queue", if name.is_empty() { "amq.gen-" } else { name })
+            }
+            Command::QueueDelete { queue, .. } => self.allow(Access::Configure, "queue", queue),
+            Command::QueueBind { queue, exchange, .. } | Command::QueueUnbind { queue, exchange, .. } => {
+                self.allow(Access::Write, "queue", queue)?;
+                self.allow(Access::Read, "exchange", exchange)
+            }
+            Command::QueuePurge { queue } | Command::Consume { queue, .. } | Command::Get { queue, .. } => {
+                self.allow(Access::Read, "queue", queue)
+            }
+            Command::Publish { message, .. } => self.allow(Access::Write, "exchange", &message.exchange),
+            _ => Ok(()),
+        }
+    }
+
     /// Executes one command. `Ok(Some(reply))` is the direct answer.
     pub async fn execute(&mut self, cmd: Command) -> Result<Option<Reply>, BrokerError> {
+        self.authorize(&cmd)?;
         let ctx = self.ctx.clone();
         let router = &ctx.router;
         let vh = &ctx.vhost;

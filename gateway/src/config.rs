@@ -35,9 +35,10 @@ pub struct FileConfig {
     pub consumer_timeout: Option<u64>,
     pub body_cache_bytes: Option<u64>,
     pub fsync: Option<bool>,
-    /// user name → password (the security issue replaces this with hashed
-    /// users in the replicated metadata).
+    /// user name → password: created (hashed, tag administrator, all
+    /// permissions on `/`) in the replicated metadata at start if missing.
     pub users: Option<HashMap<String, String>>,
+    pub loopback_users: Option<Vec<String>>,
 }
 
 /// The client-facing part shared by `sluice serve` and `sluice gateway`:
@@ -97,6 +98,10 @@ pub struct ClientArgs {
     /// consumer_timeout; 0 = never). Queues override it with x-consumer-timeout.
     #[arg(long, env = "SLUICE_CONSUMER_TIMEOUT")]
     pub consumer_timeout: Option<u64>,
+    /// Users that may only log in from a loopback address, comma separated
+    /// (default guest, as RabbitMQ's loopback_users; an empty value: none).
+    #[arg(long, env = "SLUICE_LOOPBACK_USERS", value_delimiter = ',')]
+    pub loopback_users: Option<Vec<String>>,
 }
 
 /// The client keys of a config file (`FileConfig` or `GatewayFile`, which
@@ -123,6 +128,7 @@ macro_rules! client_file {
             max_message_size: $file.max_message_size,
             consumer_timeout: $file.consumer_timeout,
             users: $file.users,
+            loopback_users: $file.loopback_users,
         }
     };
 }
@@ -147,6 +153,7 @@ pub struct ClientFile {
     pub max_message_size: Option<u64>,
     pub consumer_timeout: Option<u64>,
     pub users: Option<HashMap<String, String>>,
+    pub loopback_users: Option<Vec<String>>,
 }
 
 /// The validated client-facing configuration.
@@ -162,7 +169,10 @@ pub struct Frontend {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     pub metrics: String,
     pub limits: Limits,
+    /// Users to create at start if missing (config file `users`).
     pub users: HashMap<String, String>,
+    /// `loopback_users`.
+    pub loopback_users: Vec<String>,
 }
 
 impl CtlArgs {
@@ -184,10 +194,14 @@ impl ClientArgs {
         if frame_max < 4096 {
             anyhow::bail!("frame_max must be at least 4096 (got {frame_max})");
         }
-        let mut users = file.users.unwrap_or_default();
-        if users.is_empty() {
-            users.insert("guest".into(), "guest".into());
-        }
+        let users = file.users.unwrap_or_default();
+        let loopback_users: Vec<String> = self
+            .loopback_users
+            .or(file.loopback_users)
+            .unwrap_or_else(|| vec!["guest".into()])
+            .into_iter()
+            .filter(|u| !u.is_empty())
+            .collect();
         let amqps = self.amqps.or(file.amqps);
         let stomps = self.stomps.or(file.stomps);
         let web_stomps = self.web_stomps.or(file.web_stomps);
@@ -225,6 +239,7 @@ impl ClientArgs {
                 },
             },
             users,
+            loopback_users,
         };
         let tls_addrs = [("amqps", &front.amqps), ("stomps", &front.stomps), ("web_stomps", &front.web_stomps)];
         let tls_addrs = tls_addrs.into_iter().filter_map(|(what, addr)| addr.as_ref().map(|a| (what, a)));
@@ -539,6 +554,7 @@ pub struct GatewayFile {
     pub max_message_size: Option<u64>,
     pub consumer_timeout: Option<u64>,
     pub users: Option<HashMap<String, String>>,
+    pub loopback_users: Option<Vec<String>>,
 }
 
 /// `sluice gateway` flags (each also `SLUICE_*` in the environment).

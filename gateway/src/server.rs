@@ -1,7 +1,6 @@
 //! `sluice serve`: opens storage, binds the listeners, accepts connections
 //! and shuts down cleanly on SIGTERM or ctrl-c.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +17,8 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::config::{Config, Frontend, GatewayConfig};
+use crate::auth::Peer;
+use sluice_cluster::meta::auth::{hash_password, AuthCommand, Permission};
 use crate::router::Router;
 
 /// Negotiation limits offered to clients.
@@ -34,16 +35,42 @@ pub struct Limits {
 /// What every connection shares.
 pub struct Broker {
     pub router: Arc<Router>,
-    pub users: HashMap<String, String>,
+    /// Users who may log in from loopback addresses only.
+    pub loopback_users: Vec<String>,
     pub limits: Limits,
     next_conn: AtomicU64,
 }
 
 impl Broker {
+    /// The broker, once the configuration file's users exist in the
+    /// metadata (created if missing: hashed password, tag administrator,
+    /// all permissions on `/`; an existing user is left as it is).
+    async fn start(router: Arc<Router>, front: &Frontend, first_conn: u64) -> anyhow::Result<Arc<Broker>> {
+        let mut names: Vec<&String> = front.users.keys().collect();
+        names.sort();
+        for name in names {
+            if router.user_exists(name) {
+                continue;
+            }
+            let password = front.users.get(name).map(String::as_str).unwrap_or_default();
+            let put = AuthCommand::PutUser {
+                name: name.clone(),
+                password_hash: Some(hash_password(password)),
+                tags: Some(vec!["administrator".into()]),
+                if_absent: true,
+            };
+            router.execute_auth(put).await.map_err(|e| anyhow::anyhow!("creating user '{name}' from the configuration: {e}"))?;
+            let perm = AuthCommand::SetPermissions { vhost: "/".into(), user: name.clone(), permission: Permission::all() };
+            router.execute_auth(perm).await.map_err(|e| anyhow::anyhow!("permissions of user '{name}': {e}"))?;
+            tracing::info!(user = %name, "user created from the configuration file");
+        }
+        Ok(Self::new(router, front, first_conn))
+    }
+
     fn new(router: Arc<Router>, front: &Frontend, first_conn: u64) -> Arc<Broker> {
         Arc::new(Broker {
             router,
-            users: front.users.clone(),
+            loopback_users: front.loopback_users.clone(),
             limits: front.limits.clone(),
             next_conn: AtomicU64::new(first_conn),
         })
@@ -79,7 +106,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let router = Router::open_with_meta(backend, meta)
         .await
         .map_err(|e| anyhow::anyhow!("cannot load definitions: {}", e.text))?;
-    let broker = Broker::new(router, &config.front, 1);
+    let broker = Broker::start(router, &config.front, 1).await?;
     let metrics_addr = crate::metrics::install(&config.front.metrics)?;
     crate::metrics::spawn_collector(broker.router.clone());
     // Bound after the data dir is open, so that a data-dir error is
@@ -155,7 +182,7 @@ pub async fn gateway(config: GatewayConfig) -> anyhow::Result<()> {
     // gateway's tag in the high half lets the nodes delete a vanished
     // gateway's exclusive queues.
     let first_conn = (u64::from(sluice_cluster::remote::owner_tag(&gateway_id)) << 32) | 1;
-    let broker = Broker::new(router, &config.front, first_conn);
+    let broker = Broker::start(router, &config.front, first_conn).await?;
     let metrics_addr = crate::metrics::install(&config.front.metrics)?;
     crate::metrics::spawn_collector(broker.router.clone());
     let listeners = bind_others(amqp, &config.front).await?;
@@ -272,9 +299,13 @@ async fn connection(
     broker: Arc<Broker>,
     shutdown: CancellationToken,
 ) {
+    let loopback = socket.peer_addr().is_ok_and(|a| match a.ip() {
+        std::net::IpAddr::V4(ip) => ip.is_loopback(),
+        std::net::IpAddr::V6(ip) => ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()),
+    });
     let Some(acceptor) = tls else {
         let (rd, wr) = socket.into_split();
-        return session(rd, wr, proto, conn_id, broker, shutdown, None).await;
+        return session(rd, wr, proto, conn_id, broker, shutdown, Peer { cert_user: None, loopback }).await;
     };
     let accepted = tokio::select! {
         r = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(socket)) => r,
@@ -301,7 +332,7 @@ async fn connection(
         .and_then(|leaf| sluice_cluster::tls::subject_cn(leaf));
     tracing::debug!(cert_user = ?cert_user, "TLS handshake done");
     let (rd, wr) = tokio::io::split(stream);
-    session(rd, wr, proto, conn_id, broker, shutdown, cert_user).await
+    session(rd, wr, proto, conn_id, broker, shutdown, Peer { cert_user, loopback }).await
 }
 
 /// The protocol session over a byte stream's halves. `cert_user`: the
@@ -313,15 +344,15 @@ async fn session<R, W>(
     conn_id: u64,
     broker: Arc<Broker>,
     shutdown: CancellationToken,
-    cert_user: Option<String>,
+    peer: Peer,
 ) where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     match proto {
-        Proto::Amqp | Proto::Amqps => crate::amqp::serve(rd, wr, conn_id, broker, shutdown, cert_user).await,
-        Proto::Stomp | Proto::Stomps => crate::stomp::serve(rd, wr, conn_id, broker, shutdown, cert_user).await,
-        Proto::WebStomp | Proto::WebStomps => crate::stomp::websocket::serve(rd, wr, conn_id, broker, shutdown, cert_user).await,
+        Proto::Amqp | Proto::Amqps => crate::amqp::serve(rd, wr, conn_id, broker, shutdown, peer).await,
+        Proto::Stomp | Proto::Stomps => crate::stomp::serve(rd, wr, conn_id, broker, shutdown, peer).await,
+        Proto::WebStomp | Proto::WebStomps => crate::stomp::websocket::serve(rd, wr, conn_id, broker, shutdown, peer).await,
     }
 }
 

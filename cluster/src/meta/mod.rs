@@ -21,6 +21,7 @@
 //! machine has no randomness), and carries out the outcomes on the backend.
 
 mod args_serde;
+pub mod auth;
 pub mod client;
 pub mod matching;
 pub mod persist;

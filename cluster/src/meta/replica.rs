@@ -91,6 +91,7 @@ use sluice_storage::{Completion, Op, Store};
 use tokio::sync::{broadcast, oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 
+use super::auth::{Auth, AuthCommand, AuthError};
 use super::{Command, MetaError, Outcome, Topology};
 use crate::consensus::reconfig::single_change;
 use crate::consensus::{
@@ -103,7 +104,8 @@ use crate::Error;
 pub const ENTRY_VERSION: u8 = 1;
 /// Version byte in front of every encoded [`MetaState`] (snapshots and
 /// checkpoints).
-pub const STATE_VERSION: u8 = 1;
+/// (1: without users and permissions, read as having the default user.)
+pub const STATE_VERSION: u8 = 2;
 /// `Op::LogMeta` tag (on log [`META_GROUP`]) of the state machine's
 /// checkpoint: [`STATE_VERSION`]-prefixed state after an 8-byte
 /// little-endian applied index. Distinct from the log store's own tags.
@@ -137,6 +139,8 @@ pub enum MetaCommand {
         /// The node id.
         id: String,
     },
+    /// A change to users or permissions ([`super::auth`]).
+    Auth(AuthCommand),
 }
 
 /// The replicated metadata: what every replica holds at an applied index.
@@ -146,14 +150,30 @@ pub struct MetaState {
     pub topology: Topology,
     /// Committed members: node id → address.
     pub members: BTreeMap<String, String>,
+    /// Users and permissions.
+    pub auth: Auth,
+}
+
+/// [`MetaState`] as version 1 stored it (before users and permissions).
+#[derive(Deserialize)]
+struct MetaStateV1 {
+    topology: Topology,
+    members: BTreeMap<String, String>,
 }
 
 impl Default for MetaState {
     /// The state of a new cluster: vhost "/" with its standard exchanges,
-    /// no members.
+    /// no members, RabbitMQ's default user.
     fn default() -> Self {
-        MetaState { topology: Topology::load(std::iter::empty()).0, members: BTreeMap::new() }
+        MetaState { topology: Topology::load(std::iter::empty()).0, members: BTreeMap::new(), auth: default_auth() }
     }
+}
+
+/// A new cluster's users: `guest`/`guest` (RabbitMQ's default). The hash's
+/// salt is fixed so that every replica starts from the same state (the
+/// password is public anyway).
+fn default_auth() -> Auth {
+    Auth::bootstrap(super::auth::hash_password_with_salt([0x5e, 0x1c, 0xe0, 0x01], "guest"))
 }
 
 /// What applying a [`MetaCommand`] gave.
@@ -163,13 +183,21 @@ pub enum MetaResult {
     Topology(Result<Outcome, MetaError>),
     /// A member command (always succeeds).
     Members,
+    /// A user or permission change, or why it was refused.
+    Auth(Result<(), AuthError>),
 }
 
 impl MetaState {
     /// Applies one command. Pure and deterministic.
     pub fn apply(&mut self, cmd: &MetaCommand) -> MetaResult {
         match cmd {
-            MetaCommand::Topology(cmd) => MetaResult::Topology(self.topology.apply(cmd.clone())),
+            MetaCommand::Topology(cmd) => {
+                let result = self.topology.apply(cmd.clone());
+                if let (Command::DeleteVhost { name }, Ok(_)) = (cmd, &result) {
+                    self.auth.vhost_deleted(name);
+                }
+                MetaResult::Topology(result)
+            }
             MetaCommand::AddMember { id, addr } => {
                 self.members.insert(id.clone(), addr.clone());
                 MetaResult::Members
@@ -177,6 +205,10 @@ impl MetaState {
             MetaCommand::RemoveMember { id } => {
                 self.members.remove(id);
                 MetaResult::Members
+            }
+            MetaCommand::Auth(cmd) => {
+                let topology = &self.topology;
+                MetaResult::Auth(self.auth.apply(cmd, |v| topology.vhost(v).is_some()))
             }
         }
     }
@@ -197,6 +229,11 @@ impl MetaState {
             None => Ok(MetaState::default()),
             Some((&STATE_VERSION, rest)) => {
                 postcard::from_bytes(rest).map_err(|e| Error::Corrupt(format!("metadata state: {e}")))
+            }
+            Some((1, rest)) => {
+                let old: MetaStateV1 =
+                    postcard::from_bytes(rest).map_err(|e| Error::Corrupt(format!("metadata state (version 1): {e}")))?;
+                Ok(MetaState { topology: old.topology, members: old.members, auth: default_auth() })
             }
             Some((v, _)) => Err(Error::Corrupt(format!("metadata state: unknown version {v}"))),
         }

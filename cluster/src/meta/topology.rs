@@ -263,6 +263,9 @@ pub struct Topology {
 pub enum Command {
     /// Creates a vhost with its standard exchanges (no-op if it exists).
     AddVhost { name: String },
+    /// Deletes a vhost with everything in it (its queues' messages go);
+    /// 404 if it does not exist.
+    DeleteVhost { name: String },
     /// exchange.declare.
     DeclareExchange {
         vhost: String,
@@ -514,7 +517,26 @@ impl Topology {
         let mut out = Outcome::default();
         match cmd {
             Command::AddVhost { name } => {
+                if name.is_empty() || name.len() > 255 {
+                    return Err(MetaError::precondition(format!("invalid vhost name '{name}' (1 to 255 bytes)")));
+                }
                 self.add_vhost(&name);
+            }
+            Command::DeleteVhost { name } => {
+                let vh = self.vhosts.remove(&name).ok_or_else(|| MetaError::not_found(format!("no vhost '{name}'")))?;
+                for (qname, q) in vh.queues {
+                    if q.durable {
+                        out.definitions.push(DefChange::Delete { key: persist::queue_key(&name, &qname) });
+                    }
+                    out.removed.push(RemovedQueue { vhost: name.clone(), name: qname, ids: q.ids });
+                }
+                for (ename, e) in vh.exchanges {
+                    out.definitions.push(DefChange::Delete { key: persist::exchange_key(&name, &ename) });
+                    for b in &e.bindings {
+                        out.definitions.push(DefChange::Delete { key: persist::binding_key(&name, &ename, b) });
+                    }
+                    out.exchanges_removed.push((name.clone(), ename));
+                }
             }
             Command::DeclareExchange { vhost, name, kind, passive, durable, auto_delete, internal, arguments } => {
                 let vh = self.vhost_mut(&vhost)?;

@@ -72,7 +72,7 @@ pub async fn serve<R, W>(
     conn_id: u64,
     broker: Arc<Broker>,
     shutdown: CancellationToken,
-    cert_user: Option<String>,
+    peer: crate::auth::Peer,
 ) where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
@@ -108,7 +108,8 @@ pub async fn serve<R, W>(
         frame_max: FRAME_MIN_SIZE,
         channel_max: 0,
         heartbeat: 0,
-        cert_user,
+        cert_user: peer.cert_user,
+        loopback: peer.loopback,
     };
 
     let ctx = match tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.handshake(&mut reader)).await {
@@ -205,6 +206,8 @@ struct Conn {
     heartbeat: u16,
     /// The verified client certificate's subject CN (EXTERNAL).
     cert_user: Option<String>,
+    /// The peer's address is a loopback one (`loopback_users`).
+    loopback: bool,
 }
 
 type HandshakeError = (BrokerError, u16, u16);
@@ -259,7 +262,10 @@ impl Conn {
             .and_then(|c| c.get("consumer_cancel_notify"))
             .and_then(|v| v.as_bool())
             .unwrap_or(false);
-        let user = match crate::auth::authenticate(&self.broker.users, &start_ok.mechanism, &start_ok.response, self.cert_user.as_deref()) {
+        let peer = crate::auth::Peer { cert_user: self.cert_user.clone(), loopback: self.loopback };
+        let login = crate::auth::authenticate(&self.broker.router, &start_ok.mechanism, &start_ok.response, self.cert_user.as_deref())
+            .and_then(|user| crate::auth::check_loopback(user, &self.broker.loopback_users, &peer));
+        let user = match login {
             Ok(user) => user,
             Err(crate::auth::AuthError::UnknownMechanism(m)) => {
                 return Err((
@@ -319,6 +325,17 @@ impl Conn {
                 40,
             ));
         };
+        if self.broker.router.permissions(&vhost.name, &user).is_none() {
+            tracing::info!(user = %user, vhost = %vhost.name, "vhost access refused");
+            return Err((
+                BrokerError::connection(
+                    code::NOT_ALLOWED,
+                    format!("access to vhost '{}' refused for user '{user}'", vhost.name),
+                ),
+                10,
+                40,
+            ));
+        }
         self.send_method(0, Method::ConnectionOpenOk(ConnectionOpenOk { known_hosts: String::new() }));
         let (etx, erx) = mpsc::unbounded_channel();
         let ctx = Arc::new(SessionCtx {

@@ -15,12 +15,14 @@
 //! across `.await`.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use futures_util::future::join_all;
 use sluice_cluster::meta::{self, Command, MetaError, Owner, Topology};
 use sluice_cluster::meta::client::MetaClient;
-use sluice_cluster::meta::replica::{Applied, MetaCommand, MetaResult};
+use sluice_cluster::meta::auth::{Auth, AuthCommand, Matcher};
+use sluice_cluster::meta::replica::{Applied, MetaCommand, MetaResult, MetaState};
 use sluice_cluster::remote::RemoteBackend;
 use sluice_cluster::remote_meta::RemoteMeta;
 use sluice_cluster::backend::dead_letter_on_delete;
@@ -99,6 +101,11 @@ struct State {
     topo: Topology,
     /// The backend queue of every partition the topology knows.
     queues: HashMap<u64, Arc<dyn Queue>>,
+    /// Users and permissions.
+    auth: Auth,
+    /// Compiled permissions by (vhost, user), built when first asked for
+    /// after a change.
+    matchers: HashMap<(String, String), Option<Arc<Matcher>>>,
 }
 
 impl State {
@@ -127,6 +134,9 @@ pub struct Router {
     meta: Arc<dyn MetaClient>,
     /// The metadata log index the copy has applied.
     applied: watch::Sender<u64>,
+    /// Bumped whenever users or permissions change: sessions re-read
+    /// their permissions when it moved.
+    auth_generation: AtomicU64,
 }
 
 /// After this long without the copy reaching a committed write, the router
@@ -167,15 +177,21 @@ impl Router {
         let (applied, mut seen) = watch::channel(0u64);
         let router = Arc::new(Router {
             backend: backend.clone(),
-            state: RwLock::new(State { topo: Topology::default(), queues: HashMap::new() }),
+            state: RwLock::new(State {
+                topo: Topology::default(),
+                queues: HashMap::new(),
+                auth: Auth::default(),
+                matchers: HashMap::new(),
+            }),
             meta: meta.clone(),
             applied,
+            auth_generation: AtomicU64::new(0),
         });
         let (on_reset, on_applied) = (Arc::downgrade(&router), Arc::downgrade(&router));
         tokio::spawn(meta.follow(
             Box::new(move |index, state| {
                 if let Some(r) = on_reset.upgrade() {
-                    r.reset(index, state.topology);
+                    r.reset(index, state);
                 }
             }),
             Box::new(move |entry| {
@@ -194,8 +210,12 @@ impl Router {
     /// Replaces the local copy of the metadata (first subscription, or a
     /// new one after a lost link): keeps the handles of queues that still
     /// exist, opens the others.
-    fn reset(&self, index: u64, topo: Topology) {
+    fn reset(&self, index: u64, state: MetaState) {
+        let MetaState { topology: topo, auth, .. } = state;
         let mut st = self.write();
+        st.auth = auth;
+        st.matchers.clear();
+        self.auth_generation.fetch_add(1, Ordering::AcqRel);
         let mut queues = HashMap::new();
         for vh in topo.vhosts() {
             for q in vh.queues.values() {
@@ -231,7 +251,16 @@ impl Router {
         let index = entry.index();
         match entry {
             Applied::Command { cmd: MetaCommand::Topology(cmd), .. } => self.apply(cmd),
-            Applied::Reset { index, state } => return self.reset(index, state.topology),
+            Applied::Command { cmd: MetaCommand::Auth(cmd), result: MetaResult::Auth(Ok(())), .. } => {
+                let mut st = self.write();
+                let State { topo, auth, matchers, .. } = &mut *st;
+                if let Err(e) = auth.apply(&cmd, |v| topo.vhost(v).is_some()) {
+                    tracing::error!(error = %e, "users and permissions: the copy refused what the group applied");
+                }
+                matchers.clear();
+                self.auth_generation.fetch_add(1, Ordering::AcqRel);
+            }
+            Applied::Reset { index, state } => return self.reset(index, *state),
             _ => {}
         }
         self.applied.send_replace(index);
@@ -270,6 +299,51 @@ impl Router {
         self.read().topo.vhost(name).map(|_| Arc::new(VHost { name: name.to_string() }))
     }
 
+    // ---- users and permissions --------------------------------------------
+
+    /// Whether `user` exists and `password` is its password.
+    pub fn check_password(&self, user: &str, password: &str) -> bool {
+        self.read().auth.check_password(user, password)
+    }
+
+    /// Whether `user` exists (EXTERNAL logins, by certificate).
+    pub fn user_exists(&self, user: &str) -> bool {
+        self.read().auth.users.contains_key(user)
+    }
+
+    /// A counter that moves whenever users or permissions change.
+    pub fn auth_generation(&self) -> u64 {
+        self.auth_generation.load(Ordering::Acquire)
+    }
+
+    /// `user`'s compiled permissions in `vhost`; `None`: no access to the
+    /// vhost.
+    pub fn permissions(&self, vhost: &str, user: &str) -> Option<Arc<Matcher>> {
+        let key = (vhost.to_owned(), user.to_owned());
+        if let Some(m) = self.read().matchers.get(&key) {
+            return m.clone();
+        }
+        let mut st = self.write();
+        let m = st.auth.permission(vhost, user).map(|p| Arc::new(Matcher::new(p)));
+        st.matchers.insert(key, m.clone());
+        m
+    }
+
+    /// Proposes a change to users or permissions and waits until this
+    /// copy has it.
+    pub async fn execute_auth(&self, cmd: AuthCommand) -> Result<(), BrokerError> {
+        let (index, result) = self.meta.propose(MetaCommand::Auth(cmd)).await?;
+        let mut seen = self.applied.subscribe();
+        let caught_up = tokio::time::timeout(APPLY_TIMEOUT, seen.wait_for(|i| *i >= index)).await;
+        if !caught_up.is_ok_and(|r| r.is_ok()) {
+            return Err(BrokerError::internal("the change of users did not reach this gateway in time"));
+        }
+        match result {
+            MetaResult::Auth(Err(e)) => Err(BrokerError::precondition(e.to_string())),
+            _ => Ok(()),
+        }
+    }
+
     /// Every queue: (vhost, name, partition handles), for metrics.
     pub fn queue_handles(&self) -> Vec<QueueHandles> {
         let st = self.read();
@@ -294,7 +368,16 @@ impl Router {
     /// the queues' data themselves).
     fn apply(&self, cmd: Command) {
         let mut st = self.write();
+        let deleted_vhost = match &cmd {
+            Command::DeleteVhost { name } => Some(name.clone()),
+            _ => None,
+        };
         let Ok(outcome) = st.topo.apply(cmd) else { return };
+        if let Some(name) = deleted_vhost {
+            st.auth.vhost_deleted(&name);
+            st.matchers.clear();
+            self.auth_generation.fetch_add(1, Ordering::AcqRel);
+        }
         for q in &outcome.created {
             let n = q.ids.len();
             for (i, id) in q.ids.iter().enumerate() {

@@ -280,12 +280,12 @@ struct Connected {
 /// Serves one accepted socket until it closes. The caller runs it inside
 /// the connection's tracing span.
 /// `cert_user`: the subject CN of the client's verified TLS certificate.
-pub async fn serve<R, W>(rd: R, wr: W, conn_id: u64, broker: Arc<Broker>, shutdown: CancellationToken, cert_user: Option<String>)
+pub async fn serve<R, W>(rd: R, wr: W, conn_id: u64, broker: Arc<Broker>, shutdown: CancellationToken, peer: crate::auth::Peer)
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    serve_with(rd, StreamSink::new(wr), conn_id, broker, shutdown, cert_user).await
+    serve_with(rd, StreamSink::new(wr), conn_id, broker, shutdown, peer).await
 }
 
 /// [`serve`] with frames read from the byte stream `rd` and written to
@@ -296,7 +296,7 @@ pub async fn serve_with<R, W>(
     conn_id: u64,
     broker: Arc<Broker>,
     shutdown: CancellationToken,
-    cert_user: Option<String>,
+    peer: crate::auth::Peer,
 ) where
     R: AsyncRead + Unpin + Send + 'static,
     W: FrameSink,
@@ -321,7 +321,7 @@ pub async fn serve_with<R, W>(
         Ok(Some(Ok(Item::Heartbeat))) => return,
     };
     let session_id = format!("session-{:016x}", rand::random::<u64>());
-    let connected = match negotiate(&frame, &broker, &session_id, cert_user.as_deref()) {
+    let connected = match negotiate(&frame, &broker, &session_id, &peer) {
         Ok(c) => c,
         Err((f, version)) => {
             tracing::debug!(message = %f.message, "STOMP CONNECT refused");
@@ -399,7 +399,8 @@ pub async fn serve_with<R, W>(
 /// encode it with). Without a `login` header, a client with a verified
 /// TLS certificate (`cert_user`, its subject CN) logs in as that user, as
 /// RabbitMQ's `ssl_cert_login`; others as guest/guest.
-fn negotiate(frame: &Frame, broker: &Broker, session_id: &str, cert_user: Option<&str>) -> Result<Connected, (Fail, Version)> {
+fn negotiate(frame: &Frame, broker: &Broker, session_id: &str, peer: &crate::auth::Peer) -> Result<Connected, (Fail, Version)> {
+    let cert_user = peer.cert_user.as_deref();
     if !matches!(frame.command, Cmd::Connect | Cmd::Stomp) {
         return Err((fail("Illegal command", "You must log in using CONNECT first\n"), Version::V1_0));
     }
@@ -419,16 +420,21 @@ fn negotiate(frame: &Frame, broker: &Broker, session_id: &str, cert_user: Option
     let host = frame.host().unwrap_or("/");
     let vhost = broker.router.vhost(host).ok_or_else(|| bad(format!("Virtual host '{host}' access denied")))?;
     let (login, allowed) = match (frame.login(), cert_user) {
-        (Some(login), _) => (login, crate::auth::check_password(&broker.users, login, frame.passcode().unwrap_or(""))),
+        (Some(login), _) => (login, broker.router.check_password(login, frame.passcode().unwrap_or(""))),
         // ssl_cert_login: the certificate is the credential.
-        (None, Some(cn)) => (cn, broker.users.contains_key(cn)),
+        (None, Some(cn)) => (cn, broker.router.user_exists(cn)),
         // RabbitMQ's default_user: a CONNECT without login is guest/guest.
-        (None, None) => ("guest", crate::auth::check_password(&broker.users, "guest", frame.passcode().unwrap_or("guest"))),
+        (None, None) => ("guest", broker.router.check_password("guest", frame.passcode().unwrap_or("guest"))),
     };
+    let allowed = allowed && crate::auth::check_loopback(login.to_owned(), &broker.loopback_users, peer).is_ok();
     if !allowed {
         tracing::info!(user = login, "STOMP login refused");
         crate::metrics::auth_failed("stomp");
         return Err(bad(format!("Access refused for user '{login}'\n")));
+    }
+    if broker.router.permissions(&vhost.name, login).is_none() {
+        tracing::info!(user = login, vhost = %vhost.name, "STOMP vhost access refused");
+        return Err(bad(format!("Virtual host '{host}' access denied\n")));
     }
     // heart-beat: the client can send every cx ms and wants ours every cy ms.
     let agree = |ms: u32| (ms > 0).then(|| ms.max(MIN_HEARTBEAT_MS));

@@ -98,7 +98,7 @@ impl<W: AsyncWrite + Unpin + Send + 'static> FrameSink for WsSink<W> {
 /// upgrade, then the STOMP session. The caller runs it inside the
 /// connection's tracing span. `cert_user`: the subject CN of the client's
 /// verified TLS certificate.
-pub async fn serve<R, W>(mut rd: R, mut wr: W, conn_id: u64, broker: Arc<Broker>, shutdown: CancellationToken, cert_user: Option<String>)
+pub async fn serve<R, W>(mut rd: R, mut wr: W, conn_id: u64, broker: Arc<Broker>, shutdown: CancellationToken, peer: crate::auth::Peer)
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
@@ -122,7 +122,7 @@ where
     let session = {
         let done = done.clone();
         async move {
-            serve_with(session_end, sink, conn_id, broker, shutdown, cert_user).await;
+            serve_with(session_end, sink, conn_id, broker, shutdown, peer).await;
             done.cancel();
         }
     };
