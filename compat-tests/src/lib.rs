@@ -58,6 +58,8 @@ pub struct Server {
     pub stderr: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     /// The metrics listener, once its line was printed.
     metrics: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+    /// The admin API listener.
+    admin: Option<SocketAddr>,
 }
 
 impl Server {
@@ -129,6 +131,9 @@ impl Server {
         if !has_flag(extra, "--metrics") {
             cmd.arg("--metrics").arg("127.0.0.1:0");
         }
+        if !has_flag(extra, "--admin") {
+            cmd.arg("--admin").arg("127.0.0.1:0");
+        }
         cmd.args(extra)
             .env("SLUICE_LOG", std::env::var("SLUICE_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(Stdio::null())
@@ -151,7 +156,7 @@ impl Server {
         std::thread::spawn(move || {
             // The STOMP line follows the AMQP one, then the TLS listeners'
             // lines, then the Web-STOMP line.
-            let (mut amqp, mut stomp) = (None, None);
+            let (mut amqp, mut stomp, mut admin) = (None, None, None);
             let mut tls: [Option<String>; 3] = [None, None, None];
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 let tls_line = ["AMQPS listening on ", "STOMPS listening on ", "Web-STOMPS listening on "]
@@ -165,14 +170,16 @@ impl Server {
                     stomp = Some(addr.trim().to_string());
                 } else if let Some(addr) = line.strip_prefix("Web-STOMP listening on ") {
                     if let (Some(amqp), Some(stomp)) = (amqp.take(), stomp.take()) {
-                        let _ = tx.send((amqp, stomp, addr.trim().to_string(), std::mem::take(&mut tls)));
+                        let _ = tx.send((amqp, stomp, addr.trim().to_string(), std::mem::take(&mut tls), admin.take()));
                     }
+                } else if let Some(addr) = line.strip_prefix("admin API listening on ") {
+                    admin = Some(addr.trim().to_string());
                 } else if let Some(addr) = line.strip_prefix("metrics listening on ") {
                     metrics_sink.lock().map(|mut m| *m = Some(addr.trim().to_string())).ok();
                 }
             }
         });
-        let (addr, stomp, web_stomp, tls) = match rx.recv_timeout(Duration::from_secs(60)) {
+        let (addr, stomp, web_stomp, tls, admin) = match rx.recv_timeout(Duration::from_secs(60)) {
             Ok(a) => a,
             Err(_) => {
                 let _ = child.kill();
@@ -193,7 +200,13 @@ impl Server {
             extra: extra.iter().map(|s| s.to_string()).collect(),
             stderr: lines,
             metrics: metrics_line,
+            admin: admin.and_then(|a| a.parse().ok()),
         })
+    }
+
+    /// Address of the admin HTTP API (`sluice ctl --admin`).
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.expect("sluice printed no 'admin API listening on' line")
     }
 
     /// `amqp://guest:guest@127.0.0.1:PORT/%2f`
@@ -369,6 +382,8 @@ pub struct GatewayProcess {
     pub amqp: String,
     /// The AMQP over TLS listener, when `--amqps` was given.
     pub amqps: Option<String>,
+    /// The admin HTTP API listener.
+    pub admin: Option<String>,
 }
 
 impl GatewayProcess {
@@ -400,12 +415,15 @@ pub fn start_gateway(home: &Path, nodes: &[&str], extra: &[&str]) -> GatewayProc
     if !has_flag(extra, "--metrics") {
         cmd.args(["--metrics", "127.0.0.1:0"]);
     }
+    if !has_flag(extra, "--admin") {
+        cmd.args(["--admin", "127.0.0.1:0"]);
+    }
     cmd.args(extra);
     // The Web-STOMP line comes after every other listener's.
     let (child, lines) = spawn_until_lines(cmd, home, "Web-STOMP listening on ", Duration::from_secs(40));
     let find = |prefix: &str| lines.iter().find_map(|l| l.strip_prefix(prefix)).map(|a| a.trim().to_string());
     let amqp = find("AMQP listening on ").expect("an AMQP listening line");
-    GatewayProcess { child, amqp, amqps: find("AMQPS listening on ") }
+    GatewayProcess { child, amqp, amqps: find("AMQPS listening on "), admin: find("admin API listening on ") }
 }
 
 /// `sluice ctl --node addr status` lines, with the per-user config under

@@ -39,6 +39,11 @@ pub async fn node(config: NodeConfig) -> anyhow::Result<()> {
 
 /// `sluice ctl`.
 pub async fn ctl(args: CtlArgs) -> anyhow::Result<()> {
+    // Definition and user commands go to a gateway's admin API.
+    let admin_args = args.clone();
+    if tokio::task::spawn_blocking(move || crate::ctl_admin::run(&admin_args)).await?? {
+        return Ok(());
+    }
     let secret = args.credentials()?;
     let me = PeerInfo::gateway(format!("ctl-{}", std::process::id()));
     match args.command {
@@ -60,6 +65,7 @@ pub async fn ctl(args: CtlArgs) -> anyhow::Result<()> {
         CtlCommand::Decommission { node_id, timeout_secs } => {
             decommission(&args.node, &secret, me, &node_id, Duration::from_secs(timeout_secs)).await?
         }
+        _ => anyhow::bail!("not a cluster command"),
     }
     Ok(())
 }

@@ -28,6 +28,7 @@ pub struct FileConfig {
     pub tls_verify_peer: Option<bool>,
     pub tls_fail_if_no_peer_cert: Option<bool>,
     pub metrics: Option<String>,
+    pub admin: Option<String>,
     pub channel_max: Option<u16>,
     pub frame_max: Option<u32>,
     pub heartbeat: Option<u16>,
@@ -81,6 +82,10 @@ pub struct ClientArgs {
     /// Prometheus metrics address, GET /metrics (default 0.0.0.0:15692; port 0 picks a free port).
     #[arg(long, env = "SLUICE_METRICS")]
     pub metrics: Option<String>,
+    /// Admin HTTP API address (RabbitMQ's management API paths; `sluice ctl`;
+    /// default 127.0.0.1:15672; port 0 picks a free port).
+    #[arg(long, env = "SLUICE_ADMIN")]
+    pub admin: Option<String>,
     /// Highest channel number offered to clients (default 2047).
     #[arg(long, env = "SLUICE_CHANNEL_MAX")]
     pub channel_max: Option<u16>,
@@ -122,6 +127,7 @@ macro_rules! client_file {
             tls_verify_peer: $file.tls_verify_peer,
             tls_fail_if_no_peer_cert: $file.tls_fail_if_no_peer_cert,
             metrics: $file.metrics,
+            admin: $file.admin,
             channel_max: $file.channel_max,
             frame_max: $file.frame_max,
             heartbeat: $file.heartbeat,
@@ -147,6 +153,7 @@ pub struct ClientFile {
     pub tls_verify_peer: Option<bool>,
     pub tls_fail_if_no_peer_cert: Option<bool>,
     pub metrics: Option<String>,
+    pub admin: Option<String>,
     pub channel_max: Option<u16>,
     pub frame_max: Option<u32>,
     pub heartbeat: Option<u16>,
@@ -168,6 +175,9 @@ pub struct Frontend {
     pub web_stomps: Option<String>,
     pub tls: Option<Arc<rustls::ServerConfig>>,
     pub metrics: String,
+    /// The admin HTTP API listener (`sluice ctl`, RabbitMQ's management
+    /// API paths).
+    pub admin: String,
     pub limits: Limits,
     /// Users to create at start if missing (config file `users`).
     pub users: HashMap<String, String>,
@@ -228,6 +238,7 @@ impl ClientArgs {
             web_stomps,
             tls,
             metrics: self.metrics.or(file.metrics).unwrap_or_else(|| "0.0.0.0:15692".into()),
+            admin: self.admin.or(file.admin).unwrap_or_else(|| "127.0.0.1:15672".into()),
             limits: Limits {
                 channel_max: self.channel_max.or(file.channel_max).unwrap_or(2047),
                 frame_max,
@@ -243,7 +254,7 @@ impl ClientArgs {
         };
         let tls_addrs = [("amqps", &front.amqps), ("stomps", &front.stomps), ("web_stomps", &front.web_stomps)];
         let tls_addrs = tls_addrs.into_iter().filter_map(|(what, addr)| addr.as_ref().map(|a| (what, a)));
-        let plain = [("amqp", &front.amqp), ("stomp", &front.stomp), ("web_stomp", &front.web_stomp), ("metrics", &front.metrics)];
+        let plain = [("amqp", &front.amqp), ("stomp", &front.stomp), ("web_stomp", &front.web_stomp), ("metrics", &front.metrics), ("admin", &front.admin)];
         for (what, addr) in plain.into_iter().chain(tls_addrs) {
             if addr.parse::<std::net::SocketAddr>().is_err() {
                 anyhow::bail!("{what} address '{addr}' is not HOST:PORT (for example 127.0.0.1:5672)");
@@ -499,11 +510,22 @@ pub struct CtlArgs {
     pub cluster_secret_file: Option<PathBuf>,
     #[command(flatten)]
     pub cluster_tls: ClusterTlsArgs,
+    /// The admin HTTP API of a gateway or `sluice serve` (their `--admin`),
+    /// for the definition and user commands.
+    #[arg(long, env = "SLUICE_ADMIN_URL", default_value = "http://127.0.0.1:15672")]
+    pub admin: String,
+    /// User for the admin API (tag administrator to change anything).
+    #[arg(long, env = "SLUICE_ADMIN_USER", default_value = "guest")]
+    pub user: String,
+    /// Its password.
+    #[arg(long, env = "SLUICE_ADMIN_PASSWORD", default_value = "guest", hide_default_value = true)]
+    pub password: String,
     #[command(subcommand)]
     pub command: CtlCommand,
 }
 
-/// What `sluice ctl` can do (the operations issue adds users, vhosts, ...).
+/// What `sluice ctl` can do: cluster commands talk to a node (`--node`),
+/// definition and user commands to a gateway's admin API (`--admin`).
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum CtlCommand {
     /// Show a node's identity and version.
@@ -524,6 +546,128 @@ pub enum CtlCommand {
         #[arg(long, default_value_t = 300)]
         timeout_secs: u64,
     },
+    /// List queues: name, vhost, ready messages, consumers, durable.
+    ListQueues {
+        #[arg(long, short = 'p')]
+        vhost: Option<String>,
+    },
+    /// List exchanges: name, vhost, type, durable.
+    ListExchanges {
+        #[arg(long, short = 'p')]
+        vhost: Option<String>,
+    },
+    /// List bindings: source, vhost, destination, type, routing key.
+    ListBindings {
+        #[arg(long, short = 'p')]
+        vhost: Option<String>,
+    },
+    /// Declare a queue (durable unless --transient).
+    DeclareQueue {
+        name: String,
+        #[arg(long, short = 'p', default_value = "/")]
+        vhost: String,
+        #[arg(long)]
+        transient: bool,
+        #[arg(long)]
+        auto_delete: bool,
+        /// x-arguments as a JSON object, e.g. '{"x-max-length": 10}'.
+        #[arg(long)]
+        arguments: Option<String>,
+    },
+    /// Delete a queue and its messages.
+    DeleteQueue {
+        name: String,
+        #[arg(long, short = 'p', default_value = "/")]
+        vhost: String,
+    },
+    /// Drop a queue's ready messages.
+    PurgeQueue {
+        name: String,
+        #[arg(long, short = 'p', default_value = "/")]
+        vhost: String,
+    },
+    /// Declare an exchange (durable unless --transient).
+    DeclareExchange {
+        name: String,
+        /// direct, fanout, topic, headers or x-delayed-message.
+        kind: String,
+        #[arg(long, short = 'p', default_value = "/")]
+        vhost: String,
+        #[arg(long)]
+        transient: bool,
+        #[arg(long)]
+        arguments: Option<String>,
+    },
+    /// Delete an exchange.
+    DeleteExchange {
+        name: String,
+        #[arg(long, short = 'p', default_value = "/")]
+        vhost: String,
+    },
+    /// Bind a queue (or, with --to-exchange, an exchange) to an exchange.
+    Bind {
+        source: String,
+        destination: String,
+        #[arg(long, default_value = "")]
+        routing_key: String,
+        #[arg(long)]
+        to_exchange: bool,
+        #[arg(long, short = 'p', default_value = "/")]
+        vhost: String,
+    },
+    /// Remove a binding made without arguments.
+    Unbind {
+        source: String,
+        destination: String,
+        #[arg(long, default_value = "")]
+        routing_key: String,
+        #[arg(long)]
+        to_exchange: bool,
+        #[arg(long, short = 'p', default_value = "/")]
+        vhost: String,
+    },
+    /// List users and their tags.
+    ListUsers,
+    /// Create a user (or set its password), with tags.
+    AddUser {
+        name: String,
+        password: String,
+        /// administrator, monitoring, management, ... (repeatable).
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+    },
+    /// Delete a user and its permissions.
+    DeleteUser { name: String },
+    /// Set a user's tags (none: no tags).
+    SetUserTags { name: String, tags: Vec<String> },
+    /// List vhosts.
+    ListVhosts,
+    /// Create a vhost.
+    AddVhost { name: String },
+    /// Delete a vhost with everything in it.
+    DeleteVhost { name: String },
+    /// List permissions: vhost, user, configure, write, read.
+    ListPermissions,
+    /// Set a user's permissions in a vhost (regular expressions).
+    SetPermissions {
+        user: String,
+        configure: String,
+        write: String,
+        read: String,
+        #[arg(long, short = 'p', default_value = "/")]
+        vhost: String,
+    },
+    /// Remove a user's permissions in a vhost.
+    ClearPermissions {
+        user: String,
+        #[arg(long, short = 'p', default_value = "/")]
+        vhost: String,
+    },
+    /// Write all definitions (RabbitMQ's JSON format) to FILE (`-`: stdout).
+    ExportDefinitions { file: String },
+    /// Load definitions (RabbitMQ's JSON format, e.g. exported from
+    /// RabbitMQ) from FILE (`-`: stdin).
+    ImportDefinitions { file: String },
 }
 
 /// `sluice gateway` in a TOML file (every key optional; unknown keys are an error).
@@ -544,6 +688,7 @@ pub struct GatewayFile {
     pub tls_verify_peer: Option<bool>,
     pub tls_fail_if_no_peer_cert: Option<bool>,
     pub metrics: Option<String>,
+    pub admin: Option<String>,
     pub cluster_secret_file: Option<PathBuf>,
     pub cluster_tls_cert: Option<PathBuf>,
     pub cluster_tls_key: Option<PathBuf>,

@@ -6,11 +6,13 @@
 //! - `ctl`: the admin CLI (operations issue).
 //! - `bench`: the load tool (performance issue).
 
+mod admin;
 mod amqp;
 mod auth;
 mod channel;
 mod cli;
 mod config;
+mod ctl_admin;
 mod error;
 mod metrics;
 mod router;

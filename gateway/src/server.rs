@@ -113,7 +113,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     // reported as such whatever holds the STOMP port.
     let listeners = bind_others(amqp, &config.front).await?;
     let signal = shutdown_signal()?;
+    let admin_addr = crate::admin::serve(&config.front.admin, broker.router.clone(), CancellationToken::new()).await?;
     println!("sluice {} serving; data dir {}", env!("CARGO_PKG_VERSION"), config.data_dir.display());
+    println!("admin API listening on {admin_addr}");
     announce(&listeners)?;
     println!("metrics listening on {metrics_addr}");
     run(listeners, broker, signal).await
@@ -187,7 +189,9 @@ pub async fn gateway(config: GatewayConfig) -> anyhow::Result<()> {
     crate::metrics::spawn_collector(broker.router.clone());
     let listeners = bind_others(amqp, &config.front).await?;
     let signal = shutdown_signal()?;
+    let admin_addr = crate::admin::serve(&config.front.admin, broker.router.clone(), CancellationToken::new()).await?;
     println!("sluice gateway {gateway_id} ({}) in front of {}", env!("CARGO_PKG_VERSION"), config.nodes.join(","));
+    println!("admin API listening on {admin_addr}");
     announce(&listeners)?;
     println!("metrics listening on {metrics_addr}");
     run(listeners, broker, signal).await

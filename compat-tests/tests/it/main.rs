@@ -11,6 +11,7 @@ mod amqp_exchanges;
 mod amqp_limits;
 mod amqp_partitions;
 mod amqp_queues;
+mod auth;
 mod cli;
 mod cluster_cli;
 mod cluster_membership;

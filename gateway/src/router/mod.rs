@@ -299,6 +299,24 @@ impl Router {
         self.read().topo.vhost(name).map(|_| Arc::new(VHost { name: name.to_string() }))
     }
 
+    // ---- administration ---------------------------------------------------
+
+    /// Copies of the topology and of the users (the admin API's reads).
+    pub fn snapshot(&self) -> (Topology, Auth) {
+        let st = self.read();
+        (st.topo.clone(), st.auth.clone())
+    }
+
+    /// Creates a vhost (no-op if it exists).
+    pub async fn add_vhost(&self, name: &str) -> Result<(), BrokerError> {
+        self.execute(Command::AddVhost { name: name.to_owned() }).await
+    }
+
+    /// Deletes a vhost with its queues, exchanges and permissions.
+    pub async fn delete_vhost(&self, name: &str) -> Result<(), BrokerError> {
+        self.execute(Command::DeleteVhost { name: name.to_owned() }).await
+    }
+
     // ---- users and permissions --------------------------------------------
 
     /// Whether `user` exists and `password` is its password.
