@@ -33,6 +33,7 @@ mod tests;
 
 pub use matching::{headers_match, topic_matches};
 pub use topology::{
+    EVENT_EXCHANGE,
     partition_count, partition_hash, partition_name, Binding, Command, CreatedQueue, DefChange, Dest, Exchange, ExchangeKind,
     MetaError, Outcome, Owner, QueueDef, RemovedQueue, Target, Topology, Vhost, MAX_PARTITIONS,
 };

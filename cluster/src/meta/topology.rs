@@ -189,13 +189,20 @@ pub fn partition_count(args: &Arguments) -> usize {
 
 /// The exchanges every vhost has from its creation. They are never stored:
 /// adding the vhost makes them again.
-const STANDARD_EXCHANGES: [(&str, ExchangeKind); 5] = [
+const STANDARD_EXCHANGES: [(&str, ExchangeKind); 6] = [
     ("amq.direct", ExchangeKind::Direct),
     ("amq.fanout", ExchangeKind::Fanout),
     ("amq.topic", ExchangeKind::Topic),
     ("amq.headers", ExchangeKind::Headers),
     ("amq.match", ExchangeKind::Headers),
+    // RabbitMQ's event exchange plugin: audit events (connections,
+    // logins, declares, user changes) are published here.
+    (EVENT_EXCHANGE, ExchangeKind::Topic),
 ];
+
+/// Where audit events are published (topic; internal: clients may bind
+/// to it, not publish to it).
+pub const EVENT_EXCHANGE: &str = "amq.rabbitmq.event";
 
 /// Queue arguments that must match on re-declare (RabbitMQ's list).
 const EQUIVALENT_QUEUE_ARGS: &[&str] = &[
@@ -242,7 +249,7 @@ impl Vhost {
                     kind,
                     durable: true,
                     auto_delete: false,
-                    internal: false,
+                    internal: n == EVENT_EXCHANGE,
                     arguments: Arguments::default(),
                     bindings: Vec::new(),
                 },
@@ -379,6 +386,8 @@ pub struct Outcome {
     pub removed: Vec<RemovedQueue>,
     /// (vhost, name) of exchanges removed, auto-deleted ones included.
     pub exchanges_removed: Vec<(String, String)>,
+    /// (vhost, name) of exchanges created.
+    pub exchanges_created: Vec<(String, String)>,
     pub definitions: Vec<DefChange>,
 }
 
@@ -789,6 +798,7 @@ impl Vhost {
                 value: persist::exchange_value(&self.name, &x),
             });
         }
+        out.exchanges_created.push((self.name.clone(), name.clone()));
         self.exchanges.insert(name, x);
         Ok(())
     }
