@@ -168,6 +168,10 @@ pub struct Delivery {
     /// How often the message was returned to its queue before (requeued,
     /// or its consumer's channel gone): the `x-delivery-count` header.
     pub delivery_count: u32,
+    /// When the queue's leader proposed the message's enqueue (its wall
+    /// clock, ms since the epoch; 0: unknown, e.g. enqueued before a
+    /// restart): the start of the publish-to-deliver latency.
+    pub enqueued_ms: u64,
     pub message: Message,
 }
 
@@ -388,6 +392,9 @@ pub struct QueueStats {
     pub consumers: u32,
     /// Body bytes of the ready messages.
     pub ready_bytes: u64,
+    /// Messages dead-lettered out of the queue since its leader's replica
+    /// opened (a counter; it may restart after a failover or restart).
+    pub dead_lettered: u64,
 }
 
 /// One queue, wherever it lives.

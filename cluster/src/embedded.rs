@@ -89,6 +89,11 @@ impl Embedded {
         Ok(Arc::new(Embedded { host, store }))
     }
 
+    /// Replication figures (metrics).
+    pub fn replication(&self) -> crate::node::ReplicationFigures {
+        self.host.replication()
+    }
+
     /// The metadata group, for the router.
     pub fn meta_client(&self) -> Arc<dyn MetaClient> {
         LocalMeta::new(self.host.meta())

@@ -211,8 +211,8 @@ fn on_push(cluster: &Arc<Cluster>, from: &Client, msg: NodeRequest) {
                 q.on_confirm(from, &publisher, id, result);
             }
         }
-        NodeRequest::Deliver { queue, consumer, seq, redelivered, delivery_count, message } => match cluster.queue(queue) {
-            Some(q) => q.on_deliver(from, consumer, seq, (redelivered, delivery_count), message),
+        NodeRequest::Deliver { queue, consumer, seq, redelivered, delivery_count, enqueued_ms, message } => match cluster.queue(queue) {
+            Some(q) => q.on_deliver(from, consumer, seq, (redelivered, delivery_count, enqueued_ms), message),
             None => {
                 // The handle is gone (queue deleted or gateway shutting
                 // down): give the message back.
@@ -518,8 +518,8 @@ impl RemoteQueue {
         }
     }
 
-    fn on_deliver(&self, from: &Client, consumer: ConsumerId, seq: u64, flags: (bool, u32), message: ByteBuf) {
-        let (redelivered, delivery_count) = flags;
+    fn on_deliver(&self, from: &Client, consumer: ConsumerId, seq: u64, flags: (bool, u32, u64), message: ByteBuf) {
+        let (redelivered, delivery_count, enqueued_ms) = flags;
         // Only from the leader the consumers are attached at: a delivery
         // still in flight from a deposed leader (or sent before our
         // re-attach reached the new one) is not counted, so the held list
@@ -544,7 +544,7 @@ impl RemoteQueue {
         let delivered = match (target, message) {
             (Some(c), Ok(message)) => {
                 c.force_acquire();
-                c.sink.deliver(&c, Delivery { msg_id: seq, redelivered, delivery_count, message })
+                c.sink.deliver(&c, Delivery { msg_id: seq, redelivered, delivery_count, enqueued_ms, message })
             }
             (_, Err(e)) => {
                 tracing::error!(queue = %self.name, seq, error = %e, "undecodable delivery; requeued");
@@ -906,7 +906,13 @@ impl Queue for RemoteQueue {
                         st.got.insert(getter);
                     }
                     Ok(Some((
-                        Delivery { msg_id: d.seq, redelivered: d.redelivered, delivery_count: d.delivery_count, message },
+                        Delivery {
+                            msg_id: d.seq,
+                            redelivered: d.redelivered,
+                            delivery_count: d.delivery_count,
+                            enqueued_ms: d.enqueued_ms,
+                            message,
+                        },
                         left,
                     )))
                 }

@@ -310,6 +310,8 @@ pub struct NodeProcess {
     pub child: Child,
     /// The address its node protocol listens on.
     pub addr: String,
+    /// Its metrics listener, when started with `--metrics`.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Drop for NodeProcess {
@@ -325,21 +327,17 @@ impl Drop for NodeProcess {
 pub fn start_node(home: &Path, id: &str, dir: &str, listen: &str, extra: &[&str]) -> NodeProcess {
     let mut cmd = Command::new(sluice_bin());
     cmd.args(["node", "--id", id, "--listen", listen, "--data-dir"]).arg(home.join(dir)).args(extra);
-    let (child, addr) = spawn_until(cmd, home, "node protocol listening on ", Duration::from_secs(30));
-    NodeProcess { child, addr }
+    let (child, lines) = spawn_until_lines(cmd, home, "node protocol listening on ", Duration::from_secs(30));
+    let find = |prefix: &str| lines.iter().find_map(|l| l.strip_prefix(prefix)).map(|a| a.trim().to_string());
+    let addr = find("node protocol listening on ").unwrap_or_default();
+    let metrics = find("metrics listening on ").and_then(|a| a.parse().ok());
+    NodeProcess { child, addr, metrics }
 }
 
 /// Spawns `cmd` with the per-user config under `home/config`, quiet logs
-/// and stdout piped, and returns it with the rest of the first stdout line
-/// that starts with `prefix` (panics if none comes within `timeout`).
-fn spawn_until(cmd: Command, home: &Path, prefix: &'static str, timeout: Duration) -> (Child, String) {
-    let (child, lines) = spawn_until_lines(cmd, home, prefix, timeout);
-    let found = lines.last().and_then(|l| l.strip_prefix(prefix)).unwrap_or_default().to_string();
-    (child, found)
-}
-
-/// [`spawn_until`], returning every stdout line up to and including the
-/// first that starts with `prefix`.
+/// and stdout piped, and returns it with every stdout line up to and
+/// including the first that starts with `prefix` (panics if none comes
+/// within `timeout`).
 fn spawn_until_lines(mut cmd: Command, home: &Path, prefix: &'static str, timeout: Duration) -> (Child, Vec<String>) {
     let mut child = cmd
         .env("XDG_CONFIG_HOME", home.join("config"))
@@ -384,6 +382,8 @@ pub struct GatewayProcess {
     pub amqps: Option<String>,
     /// The admin HTTP API listener.
     pub admin: Option<String>,
+    /// The metrics listener.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl GatewayProcess {
@@ -423,7 +423,8 @@ pub fn start_gateway(home: &Path, nodes: &[&str], extra: &[&str]) -> GatewayProc
     let (child, lines) = spawn_until_lines(cmd, home, "Web-STOMP listening on ", Duration::from_secs(40));
     let find = |prefix: &str| lines.iter().find_map(|l| l.strip_prefix(prefix)).map(|a| a.trim().to_string());
     let amqp = find("AMQP listening on ").expect("an AMQP listening line");
-    GatewayProcess { child, amqp, amqps: find("AMQPS listening on "), admin: find("admin API listening on ") }
+    let metrics = find("metrics listening on ").and_then(|a| a.parse().ok());
+    GatewayProcess { child, amqp, amqps: find("AMQPS listening on "), admin: find("admin API listening on "), metrics }
 }
 
 /// `sluice ctl --node addr status` lines, with the per-user config under

@@ -72,6 +72,8 @@ pub struct SessionCtx {
     /// The server-wide consumer timeout (ms); queues and consumers may
     /// set their own (`x-consumer-timeout`).
     pub consumer_timeout_ms: Option<u64>,
+    /// The connection's per-user and per-vhost usage counters.
+    pub usage: crate::metrics::Usage,
 }
 
 struct Unacked {
@@ -426,7 +428,8 @@ impl Channel {
                         let message_count = entry.counts().await?.0;
                         let tag = self.next_tag;
                         self.next_tag += 1;
-                        count_delivery(q.meter(), d.redelivered);
+                        count_delivery(q.meter(), &d);
+                        self.ctx.usage.delivered(d.message.body.len());
                         if !no_ack {
                             if !self.got_from.iter().any(|g| g.id() == q.id()) {
                                 self.got_from.push(q.clone());
@@ -543,6 +546,7 @@ impl Channel {
     fn publish(&mut self, mandatory: bool, message: Message) -> Result<Vec<Durable>, BrokerError> {
         let ctx = &self.ctx;
         let queues = ctx.router.route(&ctx.vhost, &message.exchange, &message.routing_key, &message.properties)?;
+        ctx.usage.published(message.body.len());
         if queues.is_empty() {
             if mandatory {
                 ctx.outbox.send(
@@ -648,7 +652,8 @@ impl Channel {
         };
         let tag = self.next_tag;
         self.next_tag += 1;
-        count_delivery(queue.meter(), delivery.redelivered);
+        count_delivery(queue.meter(), &delivery);
+        self.ctx.usage.delivered(delivery.message.body.len());
         if !consumer.no_ack {
             self.unacked.insert(tag, Unacked { queue, msg_id: delivery.msg_id, consumer: Some(consumer.clone()), due: due_in(timeout_ms) });
         }
@@ -761,10 +766,14 @@ fn with_delivery_count(mut message: Message, count: u32) -> Message {
     message
 }
 
-fn count_delivery(meter: &QueueMeter, redelivered: bool) {
+/// Counts a delivery in its queue's meter; a first delivery also in the
+/// publish-to-deliver latency.
+fn count_delivery(meter: &QueueMeter, delivery: &Delivery) {
     QueueMeter::add(&meter.delivered, 1);
-    if redelivered {
+    if delivery.redelivered {
         QueueMeter::add(&meter.redelivered, 1);
+    } else {
+        crate::metrics::record_deliver(delivery.enqueued_ms);
     }
 }
 

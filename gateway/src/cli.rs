@@ -15,6 +15,8 @@ pub async fn node(config: NodeConfig) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     let signal = crate::server::shutdown_signal()?;
+    // Before the node starts, so that a busy port stops nothing.
+    let metrics_addr = config.metrics.as_deref().map(crate::metrics::install).transpose()?;
     let node = Node::start(NodeOptions {
         id: config.id.clone(),
         data_dir: config.data_dir.clone(),
@@ -29,7 +31,13 @@ pub async fn node(config: NodeConfig) -> anyhow::Result<()> {
         },
     })
     .await?;
+    if metrics_addr.is_some() {
+        crate::metrics::spawn_node_collector(node.replication_source());
+    }
     println!("sluice node {} ({}) serving; data dir {}", config.id, env!("CARGO_PKG_VERSION"), config.data_dir.display());
+    if let Some(addr) = metrics_addr {
+        println!("metrics listening on {addr}");
+    }
     println!("node protocol listening on {}", node.addr);
     signal.await;
     node.stop().await.context("flushing storage")?;

@@ -401,6 +401,7 @@ pub struct NodeFile {
     pub cluster_tls_cert: Option<PathBuf>,
     pub cluster_tls_key: Option<PathBuf>,
     pub cluster_tls_ca: Option<PathBuf>,
+    pub metrics: Option<String>,
 }
 
 /// `sluice node` flags (each also `SLUICE_*` in the environment).
@@ -432,6 +433,9 @@ pub struct NodeArgs {
     pub cluster_secret_file: Option<PathBuf>,
     #[command(flatten)]
     pub cluster_tls: ClusterTlsArgs,
+    /// Prometheus metrics address, GET /metrics (off unless given, so that several nodes can share a machine; port 0 picks a free port).
+    #[arg(long, env = "SLUICE_METRICS")]
+    pub metrics: Option<String>,
     /// TOML configuration file with the same keys.
     #[arg(long, env = "SLUICE_CONFIG")]
     pub config: Option<PathBuf>,
@@ -450,6 +454,8 @@ pub struct NodeConfig {
     pub cluster_secret_file: Option<PathBuf>,
     /// The node protocol's TLS, when configured.
     pub cluster_tls: Option<NodeTls>,
+    /// The metrics listener, when configured.
+    pub metrics: Option<String>,
 }
 
 impl NodeArgs {
@@ -476,6 +482,7 @@ impl NodeArgs {
             failure_timeout_ms: self.failure_timeout_ms.or(file.failure_timeout_ms).unwrap_or(500),
             seeds: self.seeds.or(file.seeds).unwrap_or_default(),
             cluster_secret_file: self.cluster_secret_file.or(file.cluster_secret_file),
+            metrics: self.metrics.or(file.metrics),
             cluster_tls: node_tls(
                 self.cluster_tls.cluster_tls_cert.or(file.cluster_tls_cert),
                 self.cluster_tls.cluster_tls_key.or(file.cluster_tls_key),
@@ -493,6 +500,11 @@ impl NodeArgs {
         for addr in std::iter::once(&config.listen).chain(&config.seeds).chain(&config.advertise) {
             if addr.parse::<std::net::SocketAddr>().is_err() && !addr.contains(':') {
                 anyhow::bail!("'{addr}' is not HOST:PORT");
+            }
+        }
+        if let Some(addr) = &config.metrics {
+            if addr.parse::<std::net::SocketAddr>().is_err() {
+                anyhow::bail!("metrics address '{addr}' is not HOST:PORT (for example 127.0.0.1:15692)");
             }
         }
         Ok(config)

@@ -6,19 +6,25 @@
 //! unacknowledged, bytes, consumers), into the exporter every
 //! [`COLLECT_EVERY`]. Series the collector stops refreshing (a deleted
 //! queue's) are dropped by the exporter after [`IDLE_AFTER`]. Histograms
-//! are recorded directly (one sample per confirm, per group commit).
+//! are recorded directly (one sample per confirm, per first delivery, per
+//! group commit). Per-user and per-vhost usage is counted in per-connection
+//! atomics ([`Usage`]) that the collector sums. A node's replication
+//! figures come from [`spawn_node_collector`] (`sluice node`, `sluice
+//! serve`).
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use futures_util::future::join_all;
 use metrics::{counter, gauge, histogram, Histogram};
 use metrics_exporter_prometheus::PrometheusBuilder;
 use metrics_util::MetricKindMask;
+use sluice_cluster::node::ReplicationFigures;
 use sluice_cluster::{QueueMeter, QueueStats};
 
 use crate::router::Router;
@@ -79,6 +85,98 @@ pub fn record_confirm(since: Instant) {
     confirm_latency().record(since.elapsed().as_secs_f64());
 }
 
+/// Publish-to-deliver latency (the queue leader's enqueue stamp to the
+/// delivery handed to the connection's writer).
+pub fn deliver_latency() -> &'static Histogram {
+    static H: OnceLock<Histogram> = OnceLock::new();
+    H.get_or_init(|| histogram!("sluice_publish_deliver_seconds"))
+}
+
+/// Records a first delivery of a message the queue's leader stamped at
+/// `enqueued_ms` (ms since the epoch, its wall clock; 0: unknown, not
+/// recorded).
+pub fn record_deliver(enqueued_ms: u64) {
+    if enqueued_ms == 0 {
+        return;
+    }
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+    // Another host's clock may be ahead: never negative.
+    deliver_latency().record((now - enqueued_ms as f64 / 1000.0).max(0.0));
+}
+
+/// Counts of one connection: messages and body bytes published and
+/// delivered. Bumped by the connection only (relaxed atomics, no lock).
+#[derive(Debug, Default)]
+struct UsageMeter {
+    published: AtomicU64,
+    published_bytes: AtomicU64,
+    delivered: AtomicU64,
+    delivered_bytes: AtomicU64,
+}
+
+impl UsageMeter {
+    fn get(&self) -> [u64; 4] {
+        [&self.published, &self.published_bytes, &self.delivered, &self.delivered_bytes].map(|c| c.load(Relaxed))
+    }
+}
+
+/// Every live connection's meter with its user and vhost, and what closed
+/// connections counted, per user and per vhost.
+struct UsageRegistry {
+    live: Vec<(String, String, Arc<UsageMeter>)>,
+    closed_users: BTreeMap<String, [u64; 4]>,
+    closed_vhosts: BTreeMap<String, [u64; 4]>,
+}
+
+static USAGE: Mutex<UsageRegistry> =
+    Mutex::new(UsageRegistry { live: Vec::new(), closed_users: BTreeMap::new(), closed_vhosts: BTreeMap::new() });
+
+fn usage_registry() -> std::sync::MutexGuard<'static, UsageRegistry> {
+    USAGE.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn add4(to: &mut [u64; 4], from: [u64; 4]) {
+    for (t, f) in to.iter_mut().zip(from) {
+        *t = t.saturating_add(f);
+    }
+}
+
+/// A connection's usage counters, counted under its user and vhost while
+/// it lives and kept in their totals once it is gone.
+#[derive(Debug)]
+pub struct Usage(Arc<UsageMeter>);
+
+impl Usage {
+    pub fn new(user: &str, vhost: &str) -> Usage {
+        let meter = Arc::new(UsageMeter::default());
+        usage_registry().live.push((user.to_owned(), vhost.to_owned(), meter.clone()));
+        Usage(meter)
+    }
+
+    /// A message with `bytes` of body was published.
+    pub fn published(&self, bytes: usize) {
+        self.0.published.fetch_add(1, Relaxed);
+        self.0.published_bytes.fetch_add(bytes as u64, Relaxed);
+    }
+
+    /// A message with `bytes` of body was delivered (consume or get).
+    pub fn delivered(&self, bytes: usize) {
+        self.0.delivered.fetch_add(1, Relaxed);
+        self.0.delivered_bytes.fetch_add(bytes as u64, Relaxed);
+    }
+}
+
+impl Drop for Usage {
+    fn drop(&mut self) {
+        let mut reg = usage_registry();
+        let Some(i) = reg.live.iter().position(|(_, _, m)| Arc::ptr_eq(m, &self.0)) else { return };
+        let (user, vhost, meter) = reg.live.swap_remove(i);
+        let counts = meter.get();
+        add4(reg.closed_users.entry(user).or_default(), counts);
+        add4(reg.closed_vhosts.entry(vhost).or_default(), counts);
+    }
+}
+
 /// Installs the exporter on `addr` (on the current tokio runtime) and
 /// returns the bound address.
 pub fn install(addr: &str) -> anyhow::Result<SocketAddr> {
@@ -124,6 +222,63 @@ fn describe() {
     describe_histogram!("sluice_storage_fsync_seconds", Unit::Seconds, "Group commit with fdatasync.");
     describe_histogram!("sluice_storage_batch_writes", "Writes per storage group commit.");
     describe_counter!("sluice_metrics_collect_errors_total", "Queues whose figures could not be read.");
+    describe_counter!("sluice_queue_messages_dead_lettered_total", "Messages dead-lettered out of the queue (by its leader).");
+    describe_histogram!("sluice_publish_deliver_seconds", Unit::Seconds, "Enqueue at the queue leader to first delivery.");
+    for who in ["user", "vhost"] {
+        describe_counter!(format!("sluice_{who}_messages_published_total"), format!("Messages published, by {who}."));
+        describe_counter!(format!("sluice_{who}_published_bytes_total"), Unit::Bytes, format!("Body bytes published, by {who}."));
+        describe_counter!(format!("sluice_{who}_messages_delivered_total"), format!("Messages delivered, by {who}."));
+        describe_counter!(format!("sluice_{who}_delivered_bytes_total"), Unit::Bytes, format!("Body bytes delivered, by {who}."));
+    }
+    describe_gauge!("sluice_queue_replicas", "Queue replicas hosted by this node, by role.");
+    describe_gauge!("sluice_replication_lag_entries", "Most log entries a follower lacks, over the queues led here.");
+    describe_gauge!("sluice_cluster_members", "Committed cluster members, by state as this node sees them.");
+    describe_gauge!("sluice_meta_leader", "1 if this node leads the metadata group.");
+    describe_counter!("sluice_raft_leader_changes_total", "Raft leader changes seen by the groups of this node.");
+}
+
+/// Copies this node's replication figures into the exporter every
+/// [`COLLECT_EVERY`] while `figures` gives them (`None`: the node is
+/// gone).
+pub fn spawn_node_collector(figures: impl Fn() -> Option<ReplicationFigures> + Send + 'static) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(COLLECT_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(f) = figures() else { return };
+            gauge!("sluice_queue_replicas", "role" => "leader").set(f.leading as f64);
+            gauge!("sluice_queue_replicas", "role" => "follower").set(f.following as f64);
+            gauge!("sluice_replication_lag_entries").set(f.max_lag as f64);
+            gauge!("sluice_cluster_members", "state" => "up").set(f.members_up as f64);
+            gauge!("sluice_cluster_members", "state" => "down").set(f.members_down as f64);
+            gauge!("sluice_meta_leader").set(if f.leads_meta { 1.0 } else { 0.0 });
+            counter!("sluice_raft_leader_changes_total").absolute(sluice_cluster::consensus::LEADER_CHANGES.load(Relaxed));
+        }
+    });
+}
+
+/// Sums the usage meters per user and per vhost into the exporter.
+fn collect_usage() {
+    let (users, vhosts) = {
+        let reg = usage_registry();
+        let (mut users, mut vhosts) = (reg.closed_users.clone(), reg.closed_vhosts.clone());
+        for (user, vhost, meter) in &reg.live {
+            let counts = meter.get();
+            add4(users.entry(user.clone()).or_default(), counts);
+            add4(vhosts.entry(vhost.clone()).or_default(), counts);
+        }
+        (users, vhosts)
+    };
+    for (who, rows) in [("user", users), ("vhost", vhosts)] {
+        for (name, [published, published_bytes, delivered, delivered_bytes]) in rows {
+            let labels = [(who, name)];
+            counter!(format!("sluice_{who}_messages_published_total"), &labels).absolute(published);
+            counter!(format!("sluice_{who}_published_bytes_total"), &labels).absolute(published_bytes);
+            counter!(format!("sluice_{who}_messages_delivered_total"), &labels).absolute(delivered);
+            counter!(format!("sluice_{who}_delivered_bytes_total"), &labels).absolute(delivered_bytes);
+        }
+    }
 }
 
 /// Copies the counters and queue figures into the exporter until the
@@ -146,6 +301,7 @@ async fn collect(router: &Router) {
     gauge!("sluice_consumers").set(CONSUMERS.load(Relaxed) as f64);
     counter!("sluice_auth_failures_total", "protocol" => "amqp").absolute(AUTH_FAILURES_AMQP.load(Relaxed));
     counter!("sluice_auth_failures_total", "protocol" => "stomp").absolute(AUTH_FAILURES_STOMP.load(Relaxed));
+    collect_usage();
     let queues = router.queue_handles();
     gauge!("sluice_queues").set(queues.len() as f64);
     let figures = join_all(queues.iter().map(|(_, _, parts)| async move {
@@ -159,6 +315,7 @@ async fn collect(router: &Router) {
                     sum.unacked = sum.unacked.saturating_add(s.unacked);
                     sum.consumers = sum.consumers.max(s.consumers);
                     sum.ready_bytes = sum.ready_bytes.saturating_add(s.ready_bytes);
+                    sum.dead_lettered = sum.dead_lettered.saturating_add(s.dead_lettered);
                 }
                 _ => ok = false,
             }
@@ -176,6 +333,7 @@ async fn collect(router: &Router) {
                 gauge!("sluice_queue_messages", &labels).set(f64::from(s.ready) + f64::from(s.unacked));
                 gauge!("sluice_queue_messages_ready_bytes", &labels).set(s.ready_bytes as f64);
                 gauge!("sluice_queue_consumers", &labels).set(f64::from(s.consumers));
+                counter!("sluice_queue_messages_dead_lettered_total", &labels).absolute(s.dead_lettered);
             }
             // Unreachable leader: keep the last values rather than drop
             // the series (they expire if this lasts).

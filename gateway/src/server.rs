@@ -102,6 +102,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot open data dir {}", config.data_dir.display()))?;
     node.drop_transient_definitions().await.context("dropping transient definitions")?;
     let meta = node.meta_client();
+    let weak = Arc::downgrade(&node);
     let backend: Arc<dyn Backend> = node;
     let router = Router::open_with_meta(backend, meta)
         .await
@@ -109,6 +110,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let broker = Broker::start(router, &config.front, 1).await?;
     let metrics_addr = crate::metrics::install(&config.front.metrics)?;
     crate::metrics::spawn_collector(broker.router.clone());
+    crate::metrics::spawn_node_collector(move || weak.upgrade().map(|n| n.replication()));
     // Bound after the data dir is open, so that a data-dir error is
     // reported as such whatever holds the STOMP port.
     let listeners = bind_others(amqp, &config.front).await?;
@@ -192,8 +194,9 @@ pub async fn gateway(config: GatewayConfig) -> anyhow::Result<()> {
     let admin_addr = crate::admin::serve(&config.front.admin, broker.router.clone(), CancellationToken::new()).await?;
     println!("sluice gateway {gateway_id} ({}) in front of {}", env!("CARGO_PKG_VERSION"), config.nodes.join(","));
     println!("admin API listening on {admin_addr}");
-    announce(&listeners)?;
+    // Before the listeners: the Web-STOMP line comes last.
     println!("metrics listening on {metrics_addr}");
+    announce(&listeners)?;
     run(listeners, broker, signal).await
 }
 

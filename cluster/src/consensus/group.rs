@@ -157,6 +157,12 @@ impl From<StateRole> for Role {
     }
 }
 
+/// Leader changes seen by the groups of this process: a replica learned of
+/// a leader (itself or another) different from the one it knew before,
+/// including the first election of a group (metrics:
+/// `sluice_raft_leader_changes_total`).
+pub static LEADER_CHANGES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// The role, leader or (for a leader) term changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RoleChange {
@@ -415,6 +421,18 @@ impl<S: LogStore> Group<S> {
         self.node.raft.raft_log.last_index()
     }
 
+    /// Leader only: how many entries the furthest behind other voter or
+    /// learner lacks (last index minus its matched index); `None` when
+    /// not leading.
+    pub fn max_follower_lag(&self) -> Option<u64> {
+        if !self.is_leader() {
+            return None;
+        }
+        let last = self.last_index();
+        let lag = self.node.raft.prs().iter().filter(|(id, _)| **id != self.id).map(|(_, p)| last.saturating_sub(p.matched));
+        Some(lag.max().unwrap_or(0))
+    }
+
     /// What has been handed out for applying.
     pub fn applied(&self) -> &ApplyState {
         &self.applied
@@ -609,6 +627,9 @@ impl<S: LogStore> Group<S> {
         out.snapshot_wanted = self.node.store().take_snapshot_wanted();
         let now = self.role_now();
         if now != self.reported {
+            if now.leader.is_some() && now.leader != self.reported.leader {
+                LEADER_CHANGES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             self.reported = now;
             out.role = Some(now);
         }

@@ -35,7 +35,7 @@ pub mod queue_sim;
 pub use fjall_store::{FjallLogStore, FjallLogStoreError};
 pub use group::{
     Committed, Group, GroupConfig, Output, Payload, PersistTicket, ProposalId, ProposalOutcome,
-    Role, RoleChange,
+    Role, RoleChange, LEADER_CHANGES,
 };
 pub use transport::{raft_id, GroupId, MemNet, Transport, META_GROUP};
 pub use log_store::{

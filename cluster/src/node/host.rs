@@ -387,6 +387,7 @@ impl DeliverySink for GatewaySink {
             seq: delivery.msg_id,
             redelivered: delivery.redelivered,
             delivery_count: delivery.delivery_count,
+            enqueued_ms: delivery.enqueued_ms,
             message: ByteBuf::from(record::encode(&delivery.message).to_vec()),
         };
         self.tx.send((Some(consumer.clone()), msg)).is_ok()
@@ -476,6 +477,33 @@ impl Host {
             out.insert(0, "meta".to_owned());
         }
         out
+    }
+
+    /// Replicas led and followed, replication lag and member states
+    /// (metrics).
+    pub fn replication(&self) -> super::ReplicationFigures {
+        let queues: Vec<Arc<ReplicatedQueue>> =
+            self.queues.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        let mut f = super::ReplicationFigures { leads_meta: self.meta.is_leader(), ..Default::default() };
+        for q in queues {
+            match q.replication() {
+                (true, lag) => {
+                    f.leading += 1;
+                    f.max_lag = f.max_lag.max(lag);
+                }
+                (false, _) => f.following += 1,
+            }
+        }
+        let view = self.links.shared.membership.view();
+        for id in self.members() {
+            let up = view.iter().any(|v| v.id == id && v.state == super::MemberState::Up);
+            if up {
+                f.members_up += 1;
+            } else {
+                f.members_down += 1;
+            }
+        }
+        f
     }
 
     /// Queue replicas hosted here.
@@ -892,6 +920,7 @@ impl Host {
                             seq: d.msg_id,
                             redelivered: d.redelivered,
                             delivery_count: d.delivery_count,
+                            enqueued_ms: d.enqueued_ms,
                             message: ByteBuf::from(record::encode(&d.message).to_vec()),
                         }),
                         left,

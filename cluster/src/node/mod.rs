@@ -63,6 +63,8 @@ pub enum NodeRequest {
         redelivered: bool,
         /// Returns before this delivery (`x-delivery-count`).
         delivery_count: u32,
+        /// The leader's enqueue stamp (ms since the epoch; 0: unknown).
+        enqueued_ms: u64,
         message: serde_bytes::ByteBuf,
     },
     /// One-way, leader to gateway: the queue cancelled the consumer.
@@ -169,6 +171,8 @@ pub struct WireDelivery {
     pub redelivered: bool,
     /// Returns before this delivery (`x-delivery-count`).
     pub delivery_count: u32,
+    /// The leader's enqueue stamp (ms since the epoch; 0: unknown).
+    pub enqueued_ms: u64,
     pub message: serde_bytes::ByteBuf,
 }
 
@@ -219,6 +223,24 @@ pub struct ReplicaInfo {
 }
 
 impl Versioned for NodeResponse {}
+
+/// A node's replication figures, for its metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReplicationFigures {
+    /// Queue replicas hosted here that lead their group.
+    pub leading: u64,
+    /// Queue replicas hosted here that do not (followers, candidates).
+    pub following: u64,
+    /// Over the queues led here: the most log entries a follower lacks
+    /// (leader's last index minus the follower's matched index).
+    pub max_lag: u64,
+    /// Committed cluster members this node hears from (itself included).
+    pub members_up: u64,
+    /// Committed cluster members it does not hear from.
+    pub members_down: u64,
+    /// Whether this node leads the metadata group.
+    pub leads_meta: bool,
+}
 
 /// A node's description of itself.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -411,6 +433,12 @@ impl Node {
     /// The member table as this node sees it.
     pub fn members(&self) -> Vec<MemberView> {
         self.membership.view()
+    }
+
+    /// Replication figures (metrics), while the node's host lives.
+    pub fn replication_source(&self) -> impl Fn() -> Option<ReplicationFigures> + Send + Sync + 'static {
+        let host = Arc::downgrade(&self.host);
+        move || host.upgrade().map(|h| h.replication())
     }
 
     /// Stops heartbeats and serving, and closes storage (flushing it).

@@ -120,6 +120,11 @@ pub(crate) struct Batch {
     pub positions: Option<Vec<u32>>,
     /// Seqs of the batch still live (ready or held).
     pub live: u32,
+    /// The leader's clock when it proposed the entry (ms since the epoch,
+    /// the `Enqueue`'s `now_ms`), for the publish-to-deliver latency.
+    /// Not in checkpoints: 0 (unknown) after a restart.
+    #[serde(skip)]
+    pub enqueued_ms: u64,
 }
 
 /// Where the body of every live message is: one [`Batch`] per `Enqueue`
@@ -148,9 +153,10 @@ impl Batches {
         self.map.clear();
     }
 
-    /// Records the seqs an `Enqueue` assigned; `seqs[i]` is the seq of the
-    /// command's message `i`, whose body is at `first_body + i`.
-    pub fn enqueued(&mut self, index: u64, first_body: u32, seqs: &[Option<Seq>]) {
+    /// Records the seqs an `Enqueue` (stamped `now_ms`) assigned; `seqs[i]`
+    /// is the seq of the command's message `i`, whose body is at
+    /// `first_body + i`.
+    pub fn enqueued(&mut self, index: u64, first_body: u32, seqs: &[Option<Seq>], now_ms: u64) {
         let assigned: Vec<(Seq, u32)> = seqs
             .iter()
             .zip(first_body..)
@@ -161,7 +167,7 @@ impl Batches {
         let gaps = assigned.len() != seqs.len();
         let positions = gaps.then(|| assigned.iter().map(|(_, p)| *p).collect());
         let first_body = assigned.first().map_or(first_body, |(_, p)| *p);
-        self.map.insert(first, Batch { index, count, first_body, positions, live: count });
+        self.map.insert(first, Batch { index, count, first_body, positions, live: count, enqueued_ms: now_ms });
     }
 
     /// Entry index and body position of a live seq.
@@ -177,6 +183,12 @@ impl Batches {
             None => batch.first_body.checked_add(offset)?,
         };
         Some((batch.index, position))
+    }
+
+    /// When the `Enqueue` of a live seq was proposed (ms since the epoch;
+    /// 0: unknown).
+    pub fn enqueued_ms(&self, seq: Seq) -> u64 {
+        self.map.range(..=seq).next_back().map_or(0, |(_, b)| b.enqueued_ms)
     }
 
     /// A message is gone for good.
@@ -323,8 +335,8 @@ mod tests {
     #[test]
     fn batches_locate_and_release() {
         let mut b = Batches::default();
-        b.enqueued(10, 0, &[Some(0), Some(1)]);
-        b.enqueued(11, 2, &[Some(2), None, Some(3)]);
+        b.enqueued(10, 0, &[Some(0), Some(1)], 0);
+        b.enqueued(11, 2, &[Some(2), None, Some(3)], 0);
         assert_eq!(b.locate(1), Some((10, 1)));
         assert_eq!(b.locate(3), Some((11, 4)));
         assert_eq!(b.locate(4), None);

@@ -577,6 +577,10 @@ struct Inner {
     dl_in_flight: BTreeSet<u64>,
     /// Leader: no dead-letter publishing before this (after a failure).
     dl_retry_at: Option<Instant>,
+    /// Dead letters removed from the queue (published to their target)
+    /// since this replica opened: every replica applies the same
+    /// `DeadLettered`s (metrics).
+    dead_lettered: u64,
 }
 
 impl Inner {
@@ -990,6 +994,7 @@ impl ReplicatedQueue {
             acked: HashMap::new(),
             dl_in_flight: BTreeSet::new(),
             dl_retry_at: None,
+            dead_lettered: 0,
             expire_inflight: false,
         };
         if checkpoint.is_some() {
@@ -1553,6 +1558,17 @@ impl ReplicatedQueue {
             unacked: inner.sm.unacked_count(),
             consumers: inner.sm.consumer_count(),
             ready_bytes: inner.sm.ready_bytes(),
+            dead_lettered: inner.dead_lettered,
+        }
+    }
+
+    /// Replication figures of this replica (metrics): whether it leads,
+    /// and as leader the entries the furthest behind follower lacks.
+    pub fn replication(&self) -> (bool, u64) {
+        let inner = self.lock();
+        match inner.group.max_follower_lag() {
+            Some(lag) => (true, lag),
+            None => (false, 0),
         }
     }
 
@@ -2163,6 +2179,10 @@ impl ReplicatedQueue {
             _ => None,
         };
         let dead_lettered = matches!(cmd, Command::DeadLettered { .. });
+        let enqueue_ms = match &cmd {
+            Command::Enqueue { now_ms, .. } => *now_ms,
+            _ => 0,
+        };
         if matches!(cmd, Command::Expire { .. }) {
             inner.expire_inflight = false;
         }
@@ -2179,7 +2199,7 @@ impl ReplicatedQueue {
         let mut full_positions: Vec<u32> = Vec::new();
         for effect in effects {
             match effect {
-                Effect::Enqueued { seqs } => inner.batches.enqueued(index, first_body, &seqs),
+                Effect::Enqueued { seqs } => inner.batches.enqueued(index, first_body, &seqs, enqueue_ms),
                 Effect::Attached { .. } => attached = true,
                 Effect::Detached { consumer } => {
                     // Also covers a detach proposed while its attach was
@@ -2214,6 +2234,7 @@ impl ReplicatedQueue {
                             msg_id: seq,
                             redelivered: meta.redelivered,
                             delivery_count: meta.delivery_count,
+                            enqueued_ms: inner.batches.enqueued_ms(seq),
                             message,
                         };
                         if !consumer.sink.deliver(consumer, delivery) {
@@ -2236,6 +2257,7 @@ impl ReplicatedQueue {
                                     msg_id: seq,
                                     redelivered: meta.redelivered,
                                     delivery_count: meta.delivery_count,
+                                    enqueued_ms: inner.batches.enqueued_ms(seq),
                                     message,
                                 },
                                 remaining,
@@ -2252,6 +2274,9 @@ impl ReplicatedQueue {
                 Effect::Requeued { .. } => {}
                 Effect::Refused { positions } => full_positions = positions,
                 Effect::Removed { seqs } => {
+                    if dead_lettered {
+                        inner.dead_lettered = inner.dead_lettered.saturating_add(seqs.len() as u64);
+                    }
                     for seq in seqs {
                         inner.batches.removed(seq);
                     }

@@ -278,7 +278,10 @@ fn guest_may_only_log_in_from_loopback() {
     let remote = net.addrs[0].clone();
     let (ok, err) = probe(1, "guest", &remote);
     assert!(!ok, "guest from {} must be refused", net.addrs[1]);
-    assert!(err.contains("ACCESS_REFUSED") || err.contains("403") || err.contains("refused"), "{err}");
+    // lapin reports the 403 close, or (when the socket closes first) a
+    // reset; either way the connection is refused, while "remote" gets in
+    // from the same host below.
+    assert!(err.contains("ACCESS_REFUSED") || err.contains("403") || err.contains("reset by peer"), "{err}");
     let (ok, err) = probe(0, "guest", "127.0.0.1");
     assert!(ok, "guest from loopback: {err}");
     let ctl = net

@@ -6,11 +6,12 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use lapin::options::*;
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::common::*;
+use sluice_compat_tests::{ctl_status, start_gateway, start_node, NodeProcess};
 
 /// `GET /metrics` over a plain TCP connection.
 async fn scrape(addr: SocketAddr) -> String {
@@ -51,14 +52,19 @@ fn value(text: &str, series: &str) -> Option<f64> {
 
 /// Scrapes until `f` holds (up to 8 s), returning the last scrape.
 async fn until(addr: SocketAddr, what: &str, f: impl Fn(&str) -> bool) -> String {
-    let deadline = Instant::now() + Duration::from_secs(8);
+    until_for(addr, 8, what, f).await
+}
+
+/// Scrapes until `f` holds (up to `secs`), returning the last scrape.
+async fn until_for(addr: SocketAddr, secs: u64, what: &str, f: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
         let text = scrape(addr).await;
         if f(&text) {
             return text;
         }
         if Instant::now() > deadline {
-            panic!("{what} not seen within 8 s:\n{text}");
+            panic!("{what} not seen within {secs} s:\n{text}");
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -143,6 +149,255 @@ async fn metrics_track_connections_queues_and_pass_promtool() {
 
     promtool(&scrape(addr).await);
     drop((c1, c2));
+}
+
+fn dead_letter_args(target: &str) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
+    args.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(target.into()));
+    args
+}
+
+/// basic.get (with acks) then basic.reject without requeue, `n` times:
+/// every message is dead-lettered.
+async fn get_and_reject(ch: &lapin::Channel, queue: &str, n: usize) {
+    for _ in 0..n {
+        let got = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let Some(m) = ch.basic_get(queue.into(), BasicGetOptions { no_ack: false }).await.unwrap() {
+                    return m;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .expect("a message to reject");
+        got.delivery.reject(BasicRejectOptions { requeue: false }).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn metrics_count_dead_letters_usage_deliver_latency_and_node_figures() {
+    let server = Server::start();
+    let addr = server.metrics_addr();
+    let (c, ch) = open(&server).await;
+    declare(&ch, "m.dlq").await;
+    ch.queue_declare("m.src".into(), QueueDeclareOptions::default(), dead_letter_args("m.dlq")).await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    // 3 messages of 7 bytes, rejected: 3 dead letters.
+    for i in 0..3u8 {
+        let body = [i; 7];
+        let c = ch.basic_publish("".into(), "m.src".into(), BasicPublishOptions::default(), &body, BasicProperties::default());
+        assert!(c.await.unwrap().await.unwrap().is_ack());
+    }
+    get_and_reject(&ch, "m.src", 3).await;
+    let text = until(addr, "3 dead letters", |t| {
+        has(t, "sluice_queue_messages_dead_lettered_total", &q("m.src"), 3.0) && has(t, "sluice_queue_messages_ready", &q("m.dlq"), 3.0)
+    })
+    .await;
+    assert!(has(&text, "sluice_queue_messages_dead_lettered_total", &q("m.dlq"), 0.0), "{text}");
+    // Then the 3 dead letters are fetched: 6 deliveries, all first ones.
+    for _ in 0..3 {
+        let m = ch.basic_get("m.dlq".into(), BasicGetOptions { no_ack: true }).await.unwrap();
+        assert!(m.is_some(), "a dead letter to get");
+    }
+    // Dead letters are not publishes of the user; deliveries count bodies.
+    let text = until(addr, "usage of guest", |t| {
+        value(t, "sluice_user_messages_published_total{user=\"guest\"}") == Some(3.0)
+            && value(t, "sluice_user_messages_delivered_total{user=\"guest\"}") == Some(6.0)
+    })
+    .await;
+    assert_eq!(value(&text, "sluice_user_published_bytes_total{user=\"guest\"}"), Some(21.0), "{text}");
+    assert_eq!(value(&text, "sluice_user_delivered_bytes_total{user=\"guest\"}"), Some(42.0), "{text}");
+    assert_eq!(value(&text, "sluice_vhost_messages_published_total{vhost=\"/\"}"), Some(3.0), "{text}");
+    assert_eq!(value(&text, "sluice_vhost_published_bytes_total{vhost=\"/\"}"), Some(21.0), "{text}");
+    assert_eq!(value(&text, "sluice_vhost_messages_delivered_total{vhost=\"/\"}"), Some(6.0), "{text}");
+    assert_eq!(value(&text, "sluice_vhost_delivered_bytes_total{vhost=\"/\"}"), Some(42.0), "{text}");
+    assert_eq!(value(&text, "sluice_publish_deliver_seconds_count"), Some(6.0), "{text}");
+    // Stamped by this machine's clock a moment ago.
+    let sum = value(&text, "sluice_publish_deliver_seconds_sum").expect("latency sum");
+    assert!((0.0..60.0).contains(&sum), "publish-to-deliver sum {sum}:\n{text}");
+
+    // A redelivery is not a first delivery: the latency count stays.
+    publish(&ch, "", "m.dlq", b"again").await;
+    let m = ch.basic_get("m.dlq".into(), BasicGetOptions { no_ack: false }).await.unwrap().expect("a message");
+    m.delivery.nack(BasicNackOptions { requeue: true, multiple: false }).await.unwrap();
+    let m = ch.basic_get("m.dlq".into(), BasicGetOptions { no_ack: true }).await.unwrap().expect("the requeued message");
+    assert!(m.delivery.redelivered);
+    let text = until(addr, "8 deliveries", |t| value(t, "sluice_user_messages_delivered_total{user=\"guest\"}") == Some(8.0)).await;
+    assert_eq!(value(&text, "sluice_publish_deliver_seconds_count"), Some(7.0), "{text}");
+
+    // The usage of a closed connection is kept.
+    c.close(200, "bye".into()).await.unwrap();
+    until(addr, "0 connections", |t| value(t, "sluice_connections") == Some(0.0)).await;
+    let (_c2, ch2) = open(&server).await;
+    publish(&ch2, "", "m.dlq", b"12345").await;
+    let text = until(addr, "usage after a reconnect", |t| {
+        value(t, "sluice_user_messages_published_total{user=\"guest\"}") == Some(5.0)
+    })
+    .await;
+    assert_eq!(value(&text, "sluice_user_published_bytes_total{user=\"guest\"}"), Some(31.0), "{text}");
+
+    // `sluice serve` is a cluster of one node: its replication figures.
+    assert_eq!(value(&text, "sluice_queue_replicas{role=\"leader\"}"), Some(2.0), "{text}");
+    assert_eq!(value(&text, "sluice_queue_replicas{role=\"follower\"}"), Some(0.0), "{text}");
+    assert_eq!(value(&text, "sluice_cluster_members{state=\"up\"}"), Some(1.0), "{text}");
+    assert_eq!(value(&text, "sluice_cluster_members{state=\"down\"}"), Some(0.0), "{text}");
+    assert_eq!(value(&text, "sluice_replication_lag_entries"), Some(0.0), "{text}");
+    assert_eq!(value(&text, "sluice_meta_leader"), Some(1.0), "{text}");
+    // The metadata group and the two queues each elected a leader.
+    let changes = value(&text, "sluice_raft_leader_changes_total").expect("leader changes");
+    assert!(changes >= 3.0, "{text}");
+    promtool(&text);
+}
+
+/// Whether the node at `addr` leads `queue` (`sluice ctl status`).
+fn leads(home: &std::path::Path, addr: &str, queue: &str) -> bool {
+    ctl_status(home, addr).is_some_and(|s| {
+        s.lines().any(|l| l.strip_prefix("leading: ").is_some_and(|names| names.split(", ").any(|n| n == queue)))
+    })
+}
+
+/// Sum of one series over the nodes' metrics (absent counts 0).
+async fn sum_over(addrs: &[SocketAddr], series: &str) -> f64 {
+    let mut sum = 0.0;
+    for a in addrs {
+        sum += value(&scrape(*a).await, series).unwrap_or(0.0);
+    }
+    sum
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_metrics_show_membership_failover_and_replication_lag() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let m = ["--metrics", "127.0.0.1:0"];
+    let n1 = start_node(h, "n1", "n1", "127.0.0.1:0", &m);
+    let seed = n1.addr.clone();
+    let n2 = start_node(h, "n2", "n2", "127.0.0.1:0", &["--seeds", &seed, "--metrics", "127.0.0.1:0"]);
+    let n3 = start_node(h, "n3", "n3", "127.0.0.1:0", &["--seeds", &seed, "--metrics", "127.0.0.1:0"]);
+    let mut nodes: Vec<Option<NodeProcess>> = vec![Some(n1), Some(n2), Some(n3)];
+    let addrs: Vec<String> = nodes.iter().flatten().map(|n| n.addr.clone()).collect();
+    let metrics: Vec<SocketAddr> = nodes.iter().flatten().map(|n| n.metrics.expect("a node metrics line")).collect();
+    for a in &metrics {
+        until_for(*a, 30, "3 members up", |t| {
+            value(t, "sluice_cluster_members{state=\"up\"}") == Some(3.0)
+                && value(t, "sluice_cluster_members{state=\"down\"}") == Some(0.0)
+        })
+        .await;
+    }
+
+    // Dead letters through a gateway: counted by the source's leader and
+    // read by the gateway; the enqueue stamp crosses the node protocol.
+    let all: Vec<&str> = addrs.iter().map(String::as_str).collect();
+    let gw = start_gateway(h, &all, &[]);
+    let gw_metrics = gw.metrics.expect("a gateway metrics line");
+    let conn = lapin::Connection::connect(&gw.url(), lapin::ConnectionProperties::default()).await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let durable = QueueDeclareOptions { durable: true, ..Default::default() };
+    ch.queue_declare("m.dlq".into(), durable, FieldTable::default()).await.unwrap();
+    ch.queue_declare("m.src".into(), durable, dead_letter_args("m.dlq")).await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    for i in 0..3u8 {
+        let body = [i; 4];
+        let c = ch.basic_publish("".into(), "m.src".into(), BasicPublishOptions::default(), &body, persistent());
+        assert!(c.await.unwrap().await.unwrap().is_ack());
+    }
+    get_and_reject(&ch, "m.src", 3).await;
+    let text = until(gw_metrics, "3 dead letters at the gateway", |t| {
+        has(t, "sluice_queue_messages_dead_lettered_total", &q("m.src"), 3.0) && has(t, "sluice_queue_messages_ready", &q("m.dlq"), 3.0)
+    })
+    .await;
+    assert_eq!(value(&text, "sluice_publish_deliver_seconds_count"), Some(3.0), "{text}");
+    let sum = value(&text, "sluice_publish_deliver_seconds_sum").expect("latency sum");
+    assert!((0.0..60.0).contains(&sum), "publish-to-deliver sum {sum}:\n{text}");
+    assert_eq!(value(&text, "sluice_user_messages_published_total{user=\"guest\"}"), Some(3.0), "{text}");
+    promtool(&text);
+
+    // Two queues, three replicas each: 2 leaders and 4 followers in all.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let leaders = sum_over(&metrics, "sluice_queue_replicas{role=\"leader\"}").await;
+        let followers = sum_over(&metrics, "sluice_queue_replicas{role=\"follower\"}").await;
+        if (leaders, followers) == (2.0, 4.0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "replicas: {leaders} leading, {followers} following");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Kill the leader of m.src: the survivors see a leader change.
+    let leader = (0..3).find(|i| leads(h, &addrs[*i], "m.src")).expect("a leader of m.src");
+    let survivors: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
+    let survivor_metrics: Vec<SocketAddr> = survivors.iter().map(|i| metrics[*i]).collect();
+    let before = sum_over(&survivor_metrics, "sluice_raft_leader_changes_total").await;
+    assert!(before >= 1.0, "no leader change counted yet");
+    drop(nodes[leader].take());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let new_leader = loop {
+        if let Some(i) = survivors.iter().copied().find(|i| leads(h, &addrs[*i], "m.src")) {
+            break i;
+        }
+        assert!(Instant::now() < deadline, "no new leader of m.src");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // Exported within the collector's second.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let after = sum_over(&survivor_metrics, "sluice_raft_leader_changes_total").await;
+        if after > before {
+            break;
+        }
+        assert!(Instant::now() < deadline, "leader changes on the survivors: {before} before the kill, {after} after");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for a in &survivor_metrics {
+        until_for(*a, 20, "2 members up, 1 down", |t| {
+            value(t, "sluice_cluster_members{state=\"up\"}") == Some(2.0)
+                && value(t, "sluice_cluster_members{state=\"down\"}") == Some(1.0)
+        })
+        .await;
+    }
+
+    // 20 confirmed publishes the dead node does not get: the new leader's
+    // followers lag by at least 20 entries.
+    let conn2 = lapin::Connection::connect(&gw.url(), lapin::ConnectionProperties::default()).await.unwrap();
+    let ch2 = conn2.create_channel().await.unwrap();
+    ch2.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    for i in 0..20u8 {
+        let body = [i; 4];
+        let c = ch2.basic_publish("".into(), "m.src".into(), BasicPublishOptions::default(), &body, persistent());
+        let confirm = tokio::time::timeout(Duration::from_secs(20), async { c.await.unwrap().await.unwrap() }).await;
+        assert!(confirm.expect("a confirm").is_ack());
+    }
+    let text = until_for(metrics[new_leader], 10, "lag of 20 entries", |t| {
+        value(t, "sluice_replication_lag_entries").is_some_and(|lag| lag >= 20.0)
+    })
+    .await;
+    promtool(&text);
+    drop((conn, conn2));
+}
+
+#[tokio::test]
+async fn node_metrics_are_off_unless_configured() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let plain = start_node(h, "a", "a", "127.0.0.1:0", &[]);
+    assert!(plain.metrics.is_none(), "a node without --metrics printed a metrics line");
+    // The `metrics` key of the node's config file.
+    let cfg = h.join("node.toml");
+    std::fs::write(&cfg, "metrics = \"127.0.0.1:0\"\n").unwrap();
+    let node = start_node(h, "b", "b", "127.0.0.1:0", &["--config", cfg.to_str().unwrap()]);
+    let addr = node.metrics.expect("a metrics line from the config file");
+    let text = until_for(addr, 20, "this node up", |t| value(t, "sluice_cluster_members{state=\"up\"}") == Some(1.0)).await;
+    assert_eq!(value(&text, "sluice_meta_leader"), Some(1.0), "{text}");
+    promtool(&text);
+    let dir = h.join("c");
+    let (code, _out, err) =
+        sluice_compat_tests::run_sluice(&["node", "--id", "c", "--listen", "127.0.0.1:0", "--data-dir", dir.to_str().unwrap(), "--metrics", "nope"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("metrics address 'nope'"), "{err}");
+    drop((plain, node));
 }
 
 /// `promtool check metrics` on the scrape; installs the Debian package

@@ -338,6 +338,7 @@ impl Conn {
         }
         self.send_method(0, Method::ConnectionOpenOk(ConnectionOpenOk { known_hosts: String::new() }));
         let (etx, erx) = mpsc::unbounded_channel();
+        let usage = crate::metrics::Usage::new(&user, &vhost.name);
         let ctx = Arc::new(SessionCtx {
             router: self.broker.router.clone(),
             vhost,
@@ -347,6 +348,7 @@ impl Conn {
             events: etx,
             cancel_notify,
             consumer_timeout_ms: self.broker.limits.consumer_timeout_ms,
+            usage,
         });
         Ok(Some((erx, ctx)))
     }

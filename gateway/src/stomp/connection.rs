@@ -351,6 +351,7 @@ pub async fn serve_with<R, W>(
         // Client-ack subscriptions: as AMQP consumers (queue argument
         // `x-consumer-timeout`, else the server's `consumer_timeout`).
         consumer_timeout_ms: broker.limits.consumer_timeout_ms,
+        usage: crate::metrics::Usage::new(&connected.user, &connected.vhost.name),
     });
     let mut session = Session {
         broker: broker.clone(),
