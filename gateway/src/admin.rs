@@ -125,8 +125,9 @@ async fn handle(router: &Router, req: Request<Incoming>) -> Response<Full<Bytes>
     builder.body(Full::new(Bytes::from(text))).unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
 }
 
-/// Who is asking, from the basic authentication header.
-fn login(router: &Router, req: &Request<Incoming>) -> Result<Vec<String>, Fail> {
+/// Who is asking, from the basic authentication header: the user and its
+/// tags.
+fn login(router: &Router, req: &Request<Incoming>) -> Result<(String, Vec<String>), Fail> {
     let unauthorized = || Fail(StatusCode::UNAUTHORIZED, "Not_Authorized".to_owned());
     let header = req.headers().get("authorization").and_then(|v| v.to_str().ok()).ok_or_else(unauthorized)?;
     let encoded = header.strip_prefix("Basic ").ok_or_else(unauthorized)?;
@@ -134,16 +135,27 @@ fn login(router: &Router, req: &Request<Incoming>) -> Result<Vec<String>, Fail> 
     let text = String::from_utf8(decoded).map_err(|_| unauthorized())?;
     let (user, password) = text.split_once(':').ok_or_else(unauthorized)?;
     if !router.check_password(user, password) {
-        crate::metrics::auth_failed("admin");
+        crate::metrics::auth_failed("http");
         tracing::info!(user, "admin API login refused");
+        crate::audit::emit(router, crate::audit::Event {
+            name: "user.authentication.failure",
+            user: Some(user),
+            reason: Some("invalid credentials"),
+            protocol: Some("http"),
+            ..Default::default()
+        });
         return Err(unauthorized());
     }
     let (_, auth) = router.snapshot();
-    Ok(auth.users.get(user).map(|u| u.tags.clone()).unwrap_or_default())
+    Ok((user.to_owned(), auth.users.get(user).map(|u| u.tags.clone()).unwrap_or_default()))
 }
 
 async fn answer(router: &Router, req: Request<Incoming>) -> Answer {
-    let tags = login(router, &req)?;
+    let (user, tags) = login(router, &req)?;
+    crate::audit::as_user(user, act(router, req, tags)).await
+}
+
+async fn act(router: &Router, req: Request<Incoming>, tags: Vec<String>) -> Answer {
     let has = |t: &str| tags.iter().any(|x| x == t);
     let method = req.method().clone();
     let reading = method == Method::GET;

@@ -18,6 +18,8 @@ pub struct Peer {
     /// The peer address is a loopback one (127.0.0.0/8, ::1): users in
     /// `loopback_users` may only log in from such an address.
     pub loopback: bool,
+    /// The peer's address (audit events).
+    pub addr: String,
 }
 
 /// Why a login failed.
@@ -37,6 +39,16 @@ pub enum AuthError {
 
 /// RabbitMQ's `loopback_users`: refuses `user` unless the peer is on a
 /// loopback address.
+impl AuthError {
+    /// The user name the failed login gave, if any.
+    pub fn user(&self) -> Option<&str> {
+        match self {
+            AuthError::BadCredentials(u) | AuthError::UnknownCertUser(u) | AuthError::LoopbackOnly(u) => Some(u),
+            AuthError::UnknownMechanism(_) | AuthError::Malformed(_) => None,
+        }
+    }
+}
+
 pub fn check_loopback(user: String, loopback_users: &[String], peer: &Peer) -> Result<String, AuthError> {
     if !peer.loopback && loopback_users.iter().any(|u| *u == user) {
         return Err(AuthError::LoopbackOnly(user));

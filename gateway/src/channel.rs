@@ -275,7 +275,30 @@ impl Channel {
     }
 
     /// Executes one command. `Ok(Some(reply))` is the direct answer.
+    /// Commands that change definitions run with the session's user as
+    /// the actor of their audit events.
     pub async fn execute(&mut self, cmd: Command) -> Result<Option<Reply>, BrokerError> {
+        let changes_definitions = matches!(
+            cmd,
+            Command::ExchangeDeclare { .. }
+                | Command::ExchangeDelete { .. }
+                | Command::ExchangeBind { .. }
+                | Command::ExchangeUnbind { .. }
+                | Command::QueueDeclare { .. }
+                | Command::QueueBind { .. }
+                | Command::QueueUnbind { .. }
+                | Command::QueueDelete { .. }
+                | Command::Cancel { .. }
+        );
+        if changes_definitions {
+            let user = self.ctx.user.clone();
+            crate::audit::as_user(user, self.execute_now(cmd)).await
+        } else {
+            self.execute_now(cmd).await
+        }
+    }
+
+    async fn execute_now(&mut self, cmd: Command) -> Result<Option<Reply>, BrokerError> {
         self.authorize(&cmd)?;
         let ctx = self.ctx.clone();
         let router = &ctx.router;

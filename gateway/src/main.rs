@@ -8,6 +8,7 @@
 
 mod admin;
 mod amqp;
+mod audit;
 mod auth;
 mod channel;
 mod cli;

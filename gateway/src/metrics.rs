@@ -39,6 +39,7 @@ pub static CHANNELS: AtomicI64 = AtomicI64::new(0);
 pub static CONSUMERS: AtomicI64 = AtomicI64::new(0);
 pub static AUTH_FAILURES_AMQP: AtomicU64 = AtomicU64::new(0);
 pub static AUTH_FAILURES_STOMP: AtomicU64 = AtomicU64::new(0);
+pub static AUTH_FAILURES_HTTP: AtomicU64 = AtomicU64::new(0);
 pub static CONNECTIONS_OPENED: AtomicU64 = AtomicU64::new(0);
 
 /// Adds one to a gauge for as long as it lives.
@@ -68,9 +69,14 @@ pub fn tracked<F: Future>(f: F) -> impl Future<Output = F::Output> {
     }
 }
 
-/// Counts a refused login of `protocol` ("amqp" or "stomp").
+/// Counts a refused login of `protocol` ("amqp", "stomp" or "http", the
+/// admin API).
 pub fn auth_failed(protocol: &str) {
-    let c = if protocol == "amqp" { &AUTH_FAILURES_AMQP } else { &AUTH_FAILURES_STOMP };
+    let c = match protocol {
+        "amqp" => &AUTH_FAILURES_AMQP,
+        "http" => &AUTH_FAILURES_HTTP,
+        _ => &AUTH_FAILURES_STOMP,
+    };
     c.fetch_add(1, Relaxed);
 }
 
@@ -301,6 +307,7 @@ async fn collect(router: &Router) {
     gauge!("sluice_consumers").set(CONSUMERS.load(Relaxed) as f64);
     counter!("sluice_auth_failures_total", "protocol" => "amqp").absolute(AUTH_FAILURES_AMQP.load(Relaxed));
     counter!("sluice_auth_failures_total", "protocol" => "stomp").absolute(AUTH_FAILURES_STOMP.load(Relaxed));
+    counter!("sluice_auth_failures_total", "protocol" => "http").absolute(AUTH_FAILURES_HTTP.load(Relaxed));
     collect_usage();
     let queues = router.queue_handles();
     gauge!("sluice_queues").set(queues.len() as f64);

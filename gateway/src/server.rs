@@ -306,13 +306,14 @@ async fn connection(
     broker: Arc<Broker>,
     shutdown: CancellationToken,
 ) {
+    let addr = socket.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     let loopback = socket.peer_addr().is_ok_and(|a| match a.ip() {
         std::net::IpAddr::V4(ip) => ip.is_loopback(),
         std::net::IpAddr::V6(ip) => ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()),
     });
     let Some(acceptor) = tls else {
         let (rd, wr) = socket.into_split();
-        return session(rd, wr, proto, conn_id, broker, shutdown, Peer { cert_user: None, loopback }).await;
+        return session(rd, wr, proto, conn_id, broker, shutdown, Peer { cert_user: None, loopback, addr }).await;
     };
     let accepted = tokio::select! {
         r = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(socket)) => r,
@@ -339,7 +340,7 @@ async fn connection(
         .and_then(|leaf| sluice_cluster::tls::subject_cn(leaf));
     tracing::debug!(cert_user = ?cert_user, "TLS handshake done");
     let (rd, wr) = tokio::io::split(stream);
-    session(rd, wr, proto, conn_id, broker, shutdown, Peer { cert_user, loopback }).await
+    session(rd, wr, proto, conn_id, broker, shutdown, Peer { cert_user, loopback, addr }).await
 }
 
 /// The protocol session over a byte stream's halves. `cert_user`: the

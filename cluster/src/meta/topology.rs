@@ -623,6 +623,29 @@ impl Topology {
         routing_key: &str,
         properties: &Properties,
     ) -> Result<Vec<Target<'_>>, MetaError> {
+        self.route_as(vhost, exchange, routing_key, properties, false)
+    }
+
+    /// [`Self::route`] for the broker's own messages (audit events), which
+    /// may be published to internal exchanges.
+    pub fn route_internal(
+        &self,
+        vhost: &str,
+        exchange: &str,
+        routing_key: &str,
+        properties: &Properties,
+    ) -> Result<Vec<Target<'_>>, MetaError> {
+        self.route_as(vhost, exchange, routing_key, properties, true)
+    }
+
+    fn route_as(
+        &self,
+        vhost: &str,
+        exchange: &str,
+        routing_key: &str,
+        properties: &Properties,
+        broker: bool,
+    ) -> Result<Vec<Target<'_>>, MetaError> {
         let Some(vh) = self.vhost(vhost) else {
             return Err(MetaError::not_found(format!("no vhost '{vhost}'")));
         };
@@ -638,7 +661,7 @@ impl Topology {
         let Some(x) = vh.exchanges.get(exchange) else {
             return Err(MetaError::not_found(format!("no {}", xmsg(exchange, vhost))));
         };
-        if x.internal {
+        if x.internal && !broker {
             return Err(MetaError::access_refused(format!("cannot publish to internal {}", xmsg(exchange, vhost))));
         }
         let mut targets = Vec::new();

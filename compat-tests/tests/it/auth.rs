@@ -302,3 +302,63 @@ fn guest_may_only_log_in_from_loopback() {
     let _ = serve.wait();
     std::thread::sleep(Duration::from_millis(10));
 }
+
+/// Audit events (item 7): a queue bound to `amq.rabbitmq.event` sees user
+/// and permission changes, logins (failed ones too), connections and
+/// declares, with who did them; clients cannot publish there.
+#[tokio::test]
+async fn audit_events_reach_the_event_exchange() {
+    use lapin::types::AMQPValue;
+    let s = Server::start();
+    let (_c, ch) = open(&s).await;
+    ch.queue_declare("audit".into(), QueueDeclareOptions::default(), FieldTable::default()).await.unwrap();
+    ch.queue_bind("audit".into(), "amq.rabbitmq.event".into(), "#".into(), QueueBindOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
+    ctl(&s, &["add-user", "bob", "bob-pw"]);
+    ctl(&s, &["set-permissions", "bob", ".*", ".*", ".*"]);
+    assert!(connect_as(&s, "bob", "wrong", "/").await.is_err());
+    let b = connect_as(&s, "bob", "bob-pw", "/").await.unwrap();
+    let bch = b.create_channel().await.unwrap();
+    bch.queue_declare("bob-q".into(), QueueDeclareOptions::default(), FieldTable::default()).await.unwrap();
+    bch.exchange_declare("bob-x".into(), lapin::ExchangeKind::Fanout, ExchangeDeclareOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
+    bch.queue_delete("bob-q".into(), QueueDeleteOptions::default()).await.unwrap();
+    b.close(200, "bye".into()).await.unwrap();
+    // (event, name header, user header, who acted)
+    let mut seen: Vec<(String, String, String, String)> = Vec::new();
+    let text = |h: &FieldTable, k: &str| match h.inner().get(k) {
+        Some(AMQPValue::LongString(s)) => s.to_string(),
+        _ => String::new(),
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !seen.iter().any(|e| e.0 == "connection.closed" && e.2 == "bob") {
+        assert!(std::time::Instant::now() < deadline, "events so far: {seen:?}");
+        match ch.basic_get("audit".into(), BasicGetOptions { no_ack: true }).await.unwrap() {
+            Some(m) => {
+                let h = m.delivery.properties.headers().clone().unwrap_or_default();
+                assert!(h.inner().contains_key("timestamp_in_ms"));
+                seen.push((m.delivery.routing_key.to_string(), text(&h, "name"), text(&h, "user"), text(&h, "user_who_performed_action")));
+            }
+            None => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    let has = |event: &str, name: &str, user: &str, by: &str| {
+        seen.iter().any(|e| e.0 == event && (name.is_empty() || e.1 == name) && (user.is_empty() || e.2 == user) && e.3 == by)
+    };
+    assert!(has("user.created", "bob", "bob", "guest"), "{seen:?}");
+    assert!(has("permission.created", "", "bob", "guest"), "{seen:?}");
+    assert!(has("user.authentication.failure", "", "bob", "sluice"), "{seen:?}");
+    assert!(has("user.authentication.success", "", "bob", "sluice"), "{seen:?}");
+    assert!(has("connection.created", "", "bob", "sluice"), "{seen:?}");
+    assert!(has("queue.created", "bob-q", "", "bob"), "{seen:?}");
+    assert!(has("exchange.created", "bob-x", "", "bob"), "{seen:?}");
+    assert!(has("queue.deleted", "bob-q", "", "bob"), "{seen:?}");
+    // Clients cannot forge events.
+    ch.basic_publish("amq.rabbitmq.event".into(), "user.created".into(), BasicPublishOptions::default(), b"", BasicProperties::default())
+        .await
+        .unwrap();
+    let err = ch.basic_qos(1, BasicQosOptions::default()).await.unwrap_err();
+    assert_eq!(code(&err), 403, "{err:?}");
+}

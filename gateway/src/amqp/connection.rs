@@ -110,6 +110,7 @@ pub async fn serve<R, W>(
         heartbeat: 0,
         cert_user: peer.cert_user,
         loopback: peer.loopback,
+        peer_addr: peer.addr,
     };
 
     let ctx = match tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.handshake(&mut reader)).await {
@@ -154,7 +155,16 @@ pub async fn serve<R, W>(
     for (_, mut slot) in conn.channels.drain() {
         slot.channel.close().await;
     }
-    broker.router.connection_closed(conn_id).await;
+    let user = session.user.clone();
+    crate::audit::as_user(user.clone(), broker.router.connection_closed(conn_id)).await;
+    crate::audit::emit(&broker.router, crate::audit::Event {
+        name: "connection.closed",
+        vhost: Some(&session.vhost.name),
+        user: Some(&user),
+        object: Some(&conn.peer_addr),
+        protocol: Some("amqp"),
+        ..Default::default()
+    });
     drop(session);
     drop(conn);
     finish_writer(&mut writer).await;
@@ -208,6 +218,8 @@ struct Conn {
     cert_user: Option<String>,
     /// The peer's address is a loopback one (`loopback_users`).
     loopback: bool,
+    /// The peer's address (audit events).
+    peer_addr: String,
 }
 
 type HandshakeError = (BrokerError, u16, u16);
@@ -262,7 +274,7 @@ impl Conn {
             .and_then(|c| c.get("consumer_cancel_notify"))
             .and_then(|v| v.as_bool())
             .unwrap_or(false);
-        let peer = crate::auth::Peer { cert_user: self.cert_user.clone(), loopback: self.loopback };
+        let peer = crate::auth::Peer { cert_user: self.cert_user.clone(), loopback: self.loopback, addr: self.peer_addr.clone() };
         let login = crate::auth::authenticate(&self.broker.router, &start_ok.mechanism, &start_ok.response, self.cert_user.as_deref())
             .and_then(|user| crate::auth::check_loopback(user, &self.broker.loopback_users, &peer));
         let user = match login {
@@ -277,6 +289,15 @@ impl Conn {
             Err(e) => {
                 tracing::info!(error = %e, "login refused");
                 crate::metrics::auth_failed("amqp");
+                let reason = e.to_string();
+                crate::audit::emit(&self.broker.router, crate::audit::Event {
+                    name: "user.authentication.failure",
+                    user: e.user(),
+                    object: Some(&self.peer_addr),
+                    reason: Some(&reason),
+                    protocol: Some("amqp"),
+                    ..Default::default()
+                });
                 let refused = BrokerError::connection(
                     code::ACCESS_REFUSED,
                     format!("Login was refused using authentication mechanism {}. For details see the broker logfile.", start_ok.mechanism),
@@ -288,6 +309,13 @@ impl Conn {
                 return Ok(None);
             }
         };
+        crate::audit::emit(&self.broker.router, crate::audit::Event {
+            name: "user.authentication.success",
+            user: Some(&user),
+            object: Some(&self.peer_addr),
+            protocol: Some("amqp"),
+            ..Default::default()
+        });
         let limits = &self.broker.limits;
         self.send_method(0, Method::ConnectionTune(ConnectionTune {
             channel_max: limits.channel_max,
@@ -337,6 +365,14 @@ impl Conn {
             ));
         }
         self.send_method(0, Method::ConnectionOpenOk(ConnectionOpenOk { known_hosts: String::new() }));
+        crate::audit::emit(&self.broker.router, crate::audit::Event {
+            name: "connection.created",
+            vhost: Some(&vhost.name),
+            user: Some(&user),
+            object: Some(&self.peer_addr),
+            protocol: Some("amqp"),
+            ..Default::default()
+        });
         let (etx, erx) = mpsc::unbounded_channel();
         let usage = crate::metrics::Usage::new(&user, &vhost.name);
         let ctx = Arc::new(SessionCtx {

@@ -269,6 +269,11 @@ impl Router {
     /// Commits `cmd` in the metadata group and returns once the copy has
     /// applied it, with the group's verdict.
     async fn execute(&self, cmd: Command) -> Result<(), BrokerError> {
+        let new_vhost = match &cmd {
+            Command::AddVhost { name } => self.read().topo.vhost(name).is_none(),
+            _ => false,
+        };
+        let audit = cmd.clone();
         let (index, result) = self.meta.propose(MetaCommand::Topology(cmd)).await?;
         let caught_up = |timeout| {
             let mut seen = self.applied.subscribe();
@@ -283,7 +288,42 @@ impl Router {
         }
         match result {
             MetaResult::Topology(Err(e)) => Err(e.into()),
+            MetaResult::Topology(Ok(outcome)) => {
+                self.audit_topology(&audit, &outcome, new_vhost);
+                Ok(())
+            }
             _ => Ok(()),
+        }
+    }
+
+    /// The audit events of a topology change this gateway made.
+    fn audit_topology(&self, cmd: &Command, outcome: &meta::Outcome, new_vhost: bool) {
+        use crate::audit::{emit, Event};
+        match cmd {
+            Command::AddVhost { name } if new_vhost => emit(self, Event { name: "vhost.created", object: Some(name), ..Event::default() }),
+            Command::DeleteVhost { name } => emit(self, Event { name: "vhost.deleted", object: Some(name), ..Event::default() }),
+            Command::Bind { vhost, source, dest, routing_key, .. } | Command::Unbind { vhost, source, dest, routing_key, .. } => {
+                let (kind, to) = match dest {
+                    meta::Dest::Queue(q) => ("queue", q),
+                    meta::Dest::Exchange(x) => ("exchange", x),
+                };
+                let name = if matches!(cmd, Command::Bind { .. }) { "binding.created" } else { "binding.deleted" };
+                let object = format!("{source} -> {kind} {to} ({routing_key})");
+                emit(self, Event { name, vhost: Some(vhost), object: Some(&object), ..Event::default() });
+            }
+            _ => {}
+        }
+        for (vhost, name) in &outcome.exchanges_created {
+            emit(self, Event { name: "exchange.created", vhost: Some(vhost), object: Some(name), ..Event::default() });
+        }
+        for q in &outcome.created {
+            emit(self, Event { name: "queue.created", vhost: Some(&q.vhost), object: Some(&q.name), ..Event::default() });
+        }
+        for q in &outcome.removed {
+            emit(self, Event { name: "queue.deleted", vhost: Some(&q.vhost), object: Some(&q.name), ..Event::default() });
+        }
+        for (vhost, name) in &outcome.exchanges_removed {
+            emit(self, Event { name: "exchange.deleted", vhost: Some(vhost), object: Some(name), ..Event::default() });
         }
     }
 
@@ -350,6 +390,11 @@ impl Router {
     /// Proposes a change to users or permissions and waits until this
     /// copy has it.
     pub async fn execute_auth(&self, cmd: AuthCommand) -> Result<(), BrokerError> {
+        let existed = match &cmd {
+            AuthCommand::PutUser { name, .. } => self.user_exists(name),
+            _ => true,
+        };
+        let audit = cmd.clone();
         let (index, result) = self.meta.propose(MetaCommand::Auth(cmd)).await?;
         let mut seen = self.applied.subscribe();
         let caught_up = tokio::time::timeout(APPLY_TIMEOUT, seen.wait_for(|i| *i >= index)).await;
@@ -358,7 +403,41 @@ impl Router {
         }
         match result {
             MetaResult::Auth(Err(e)) => Err(BrokerError::precondition(e.to_string())),
-            _ => Ok(()),
+            _ => {
+                self.audit_auth(&audit, existed);
+                Ok(())
+            }
+        }
+    }
+
+    /// The audit events of a user or permission change.
+    fn audit_auth(&self, cmd: &AuthCommand, existed: bool) {
+        use crate::audit::{emit, Event};
+        match cmd {
+            AuthCommand::PutUser { name, if_absent: true, .. } if existed => {
+                let _ = name;
+            }
+            AuthCommand::PutUser { name, password_hash, tags, .. } => {
+                if !existed {
+                    emit(self, Event { name: "user.created", user: Some(name), object: Some(name), ..Event::default() });
+                    return;
+                }
+                if password_hash.is_some() {
+                    emit(self, Event { name: "user.password.changed", user: Some(name), object: Some(name), ..Event::default() });
+                }
+                if tags.is_some() {
+                    emit(self, Event { name: "user.tags.set", user: Some(name), object: Some(name), ..Event::default() });
+                }
+            }
+            AuthCommand::DeleteUser { name } => {
+                emit(self, Event { name: "user.deleted", user: Some(name), object: Some(name), ..Event::default() })
+            }
+            AuthCommand::SetPermissions { vhost, user, .. } => {
+                emit(self, Event { name: "permission.created", vhost: Some(vhost), user: Some(user), ..Event::default() })
+            }
+            AuthCommand::ClearPermissions { vhost, user } => {
+                emit(self, Event { name: "permission.deleted", vhost: Some(vhost), user: Some(user), ..Event::default() })
+            }
         }
     }
 
@@ -637,5 +716,13 @@ impl Router {
         let st = self.read();
         let targets = st.topo.route(&vh.name, exchange, routing_key, properties)?;
         Ok(targets.iter().filter_map(|t| st.queues.get(&t.id).cloned()).collect())
+    }
+
+    /// [`Self::route`] for the broker's own messages (audit events to the
+    /// internal `amq.rabbitmq.event`).
+    pub fn route_internal(&self, vhost: &str, exchange: &str, routing_key: &str, properties: &Properties) -> Vec<Arc<dyn Queue>> {
+        let st = self.read();
+        let Ok(targets) = st.topo.route_internal(vhost, exchange, routing_key, properties) else { return Vec::new() };
+        targets.iter().filter_map(|t| st.queues.get(&t.id).cloned()).collect()
     }
 }

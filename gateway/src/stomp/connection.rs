@@ -369,6 +369,14 @@ pub async fn serve_with<R, W>(
         disconnecting: false,
     };
     tracing::debug!(user = %connected.user, vhost = %connected.vhost.name, %version, "STOMP session open");
+    crate::audit::emit(&broker.router, crate::audit::Event {
+        name: "connection.created",
+        vhost: Some(&connected.vhost.name),
+        user: Some(&connected.user),
+        object: Some(&peer.addr),
+        protocol: Some("stomp"),
+        ..Default::default()
+    });
     let end = match session.channel.execute(Command::ConfirmSelect).await {
         Ok(_) => session.run(&mut reader, &mut events, &shutdown, &dead, connected.expect_every).await,
         Err(e) => End::Error(e.into(), None),
@@ -386,8 +394,19 @@ pub async fn serve_with<R, W>(
         }
         End::Gone | End::Disconnect => {}
     }
-    session.channel.close().await;
-    broker.router.connection_closed(conn_id).await;
+    crate::audit::as_user(connected.user.clone(), async {
+        session.channel.close().await;
+        broker.router.connection_closed(conn_id).await;
+    })
+    .await;
+    crate::audit::emit(&broker.router, crate::audit::Event {
+        name: "connection.closed",
+        vhost: Some(&connected.vhost.name),
+        user: Some(&connected.user),
+        object: Some(&peer.addr),
+        protocol: Some("stomp"),
+        ..Default::default()
+    });
     drop(session);
     drop(ctx);
     drop(wtx);
@@ -431,8 +450,23 @@ fn negotiate(frame: &Frame, broker: &Broker, session_id: &str, peer: &crate::aut
     if !allowed {
         tracing::info!(user = login, "STOMP login refused");
         crate::metrics::auth_failed("stomp");
+        crate::audit::emit(&broker.router, crate::audit::Event {
+            name: "user.authentication.failure",
+            user: Some(login),
+            object: Some(&peer.addr),
+            reason: Some("invalid credentials"),
+            protocol: Some("stomp"),
+            ..Default::default()
+        });
         return Err(bad(format!("Access refused for user '{login}'\n")));
     }
+    crate::audit::emit(&broker.router, crate::audit::Event {
+        name: "user.authentication.success",
+        user: Some(login),
+        object: Some(&peer.addr),
+        protocol: Some("stomp"),
+        ..Default::default()
+    });
     if broker.router.permissions(&vhost.name, login).is_none() {
         tracing::info!(user = login, vhost = %vhost.name, "STOMP vhost access refused");
         return Err(bad(format!("Virtual host '{host}' access denied\n")));
