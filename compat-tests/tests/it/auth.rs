@@ -362,3 +362,33 @@ async fn audit_events_reach_the_event_exchange() {
     let err = ch.basic_qos(1, BasicQosOptions::default()).await.unwrap_err();
     assert_eq!(code(&err), 403, "{err:?}");
 }
+
+/// Over STOMP a refused operation is an ERROR frame (`access_refused`, the
+/// AMQP text in the body), as RabbitMQ's STOMP plugin sends.
+#[test]
+fn stomp_gets_an_error_frame_for_a_refused_destination() {
+    use std::io::{Read, Write};
+    let s = Server::start();
+    ctl(&s, &["add-user", "erin", "erin-pw"]);
+    ctl(&s, &["set-permissions", "erin", "^erin-", "^erin-|^amq\\.default$", "^erin-"]);
+    let mut sock = std::net::TcpStream::connect(s.stomp_addr()).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    sock.write_all(b"CONNECT\naccept-version:1.2\nlogin:erin\npasscode:erin-pw\n\n\0").unwrap();
+    sock.write_all(b"SEND\ndestination:/queue/erin-ok\nreceipt:r1\n\nfine\0").unwrap();
+    // The receipt comes once the message is stored.
+    let mut all = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&all).contains("receipt-id:r1") {
+        let n = sock.read(&mut buf).unwrap();
+        assert!(n > 0, "closed before the receipt: {}", String::from_utf8_lossy(&all).replace('\0', "^@"));
+        all.extend_from_slice(&buf[..n]);
+    }
+    assert!(String::from_utf8_lossy(&all).starts_with("CONNECTED"));
+    sock.write_all(b"SEND\ndestination:/queue/frank-q\n\nnope\0").unwrap();
+    let mut all = Vec::new();
+    let _ = sock.read_to_end(&mut all);
+    let text = String::from_utf8_lossy(&all).replace('\0', "^@");
+    let error = text.split("ERROR\n").nth(1).unwrap_or_else(|| panic!("no ERROR frame: {text}"));
+    assert!(error.contains("message:access_refused"), "{error}");
+    assert!(error.contains("access to queue 'frank-q' in vhost '/' refused for user 'erin'"), "{error}");
+}

@@ -872,3 +872,45 @@ async fn basic_get_holdings_come_back_when_the_channel_closes_around_a_leader_ki
     assert!(seen.values().all(|r| *r), "every message comes back flagged redelivered: {seen:?}");
     drop(nodes);
 }
+
+/// Users and permissions live in the replicated metadata: a user made
+/// through one gateway's admin API logs in through the other gateway,
+/// with the permissions set there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_made_through_one_gateway_log_in_through_the_other() {
+    let home = tempfile::tempdir().unwrap();
+    let nodes = three_nodes(home.path());
+    let addrs: Vec<&str> = nodes.iter().map(|n| n.addr.as_str()).collect();
+    let ga = start_gateway(home.path(), &addrs, &[]);
+    let gb = start_gateway(home.path(), &addrs, &["--stomp", "127.0.0.1:0"]);
+    let admin = format!("http://{}", ga.admin.clone().expect("admin line"));
+    let ctl = |args: &[&str]| {
+        let mut all = vec!["ctl", "--admin", &admin];
+        all.extend_from_slice(args);
+        let (code, out, err) = sluice_compat_tests::run_sluice(&all);
+        assert_eq!(code, 0, "ctl {args:?}: {err}");
+        out
+    };
+    ctl(&["add-user", "carol", "carol-pw"]);
+    ctl(&["set-permissions", "carol", "^carol-", "^carol-|^amq\\.default$", "^carol-"]);
+    let url = gb.url().replace("guest:guest", "carol:carol-pw");
+    let mut conn = None;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while conn.is_none() {
+        // Gateway B applies the change from the metadata stream.
+        match lapin::Connection::connect(&url, lapin::ConnectionProperties::default()).await {
+            Ok(c) => conn = Some(c),
+            Err(e) => {
+                assert!(Instant::now() < deadline, "carol cannot log in through gateway B: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let conn = conn.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare("carol-q".into(), durable(), FieldTable::default()).await.unwrap();
+    let err = ch.queue_declare("dave-q".into(), durable(), FieldTable::default()).await.unwrap_err();
+    assert!(format!("{err:?}").contains("ACCESS_REFUSED"), "{err:?}");
+    assert!(ctl(&["list-queues"]).contains("carol-q"));
+    drop(nodes);
+}
