@@ -49,8 +49,10 @@ const SEVEN: [&str; 7] = [
 /// to update.
 #[test]
 fn golden_placements() {
+    /// (vhost, queue, partition, members, replicas, expected replica set)
+    type Row<'a> = (&'a str, &'a str, Option<u32>, &'a [&'a str], usize, &'a [&'a str]);
     #[rustfmt::skip]
-    let table: Vec<(&str, &str, Option<u32>, &[&str], usize, &[&str])> = vec![
+    let table: Vec<Row> = vec![
         ("/", "orders", None, &THREE, 3, &["sluice-1", "sluice-2", "sluice-3"]),
         ("/", "orders", None, &FIVE, 3, &["node-e", "node-a", "node-b"]),
         ("/", "orders", None, &SEVEN, 3, &["rabbit@echo", "rabbit@bravo", "rabbit@charlie"]),

@@ -50,7 +50,7 @@ impl AuthError {
 }
 
 pub fn check_loopback(user: String, loopback_users: &[String], peer: &Peer) -> Result<String, AuthError> {
-    if !peer.loopback && loopback_users.iter().any(|u| *u == user) {
+    if !peer.loopback && loopback_users.contains(&user) {
         return Err(AuthError::LoopbackOnly(user));
     }
     Ok(user)

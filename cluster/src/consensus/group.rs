@@ -1126,10 +1126,7 @@ mod tests {
         append.from = 2;
         append.term = 2;
         append.index = 1;
-        let mut entry = Entry::default();
-        entry.index = 5;
-        entry.term = 2;
-        append.entries.push(entry);
+        append.entries.push(Entry { index: 5, term: 2, ..Entry::default() });
         assert!(matches!(group.step(append), Err(Error::InvalidMessage(_))));
     }
 

@@ -630,11 +630,7 @@ mod tests {
     use super::*;
 
     fn entry(index: u64, term: u64) -> Entry {
-        let mut entry = Entry::default();
-        entry.index = index;
-        entry.term = term;
-        entry.data = Bytes::from(vec![index as u8; 4]);
-        entry
+        Entry { index, term, data: Bytes::from(vec![index as u8; 4]), ..Entry::default() }
     }
 
     fn write(number: u64, entries: Vec<Entry>) -> LogWrite {

@@ -1715,7 +1715,8 @@ mod tests {
         assert!(QueueSm::restore(ok.clone()).is_ok());
         let meta = MsgMeta { size: 0, persistent: false, redelivered: false, expires_at: None, priority: 0, delivery_count: 0, order_ts: 0, order_pub: 0 };
         let excl = ConsumerOpts { exclusive: true, no_ack: false };
-        let cases: Vec<Box<dyn Fn(&mut Snapshot)>> = vec![
+        type Corruption<'a> = Box<dyn Fn(&mut Snapshot) + 'a>;
+        let cases: Vec<Corruption> = vec![
             Box::new(|s| s.ready.push((s.next_seq, meta))),
             Box::new(|s| s.ready.push((0, meta))),
             Box::new(|s| s.held[0].1.push((0, meta))),

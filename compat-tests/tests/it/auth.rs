@@ -49,10 +49,10 @@ async fn users_and_permissions_made_with_ctl_are_enforced() {
     assert!(users.contains("alice\t[]") && users.contains("guest\t[administrator]"), "{users}");
 
     // Wrong password: refused (lapin sees the connection closed with 403).
-    let err = connect_as(&s, "alice", "nope", "dev").await.err().expect("a wrong password is refused");
+    let err = connect_as(&s, "alice", "nope", "dev").await.expect_err("a wrong password is refused");
     assert!(format!("{err:?}").contains("ACCESS_REFUSED") || format!("{err:?}").contains("403"), "{err:?}");
     // No permissions on "/": 530 NOT_ALLOWED at connection.open.
-    let err = connect_as(&s, "alice", "alice-pw", "/").await.err().expect("no access to /");
+    let err = connect_as(&s, "alice", "alice-pw", "/").await.expect_err("no access to /");
     assert_eq!(code(&err), 530, "{err:?}");
     assert!(text(&err).contains("access to vhost '/' refused for user 'alice'"), "{}", text(&err));
 
