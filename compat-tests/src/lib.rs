@@ -295,6 +295,7 @@ pub fn run_sluice(args: &[&str]) -> (i32, String, String) {
         .args(args)
         .env("SLUICE_LOG", std::env::var("SLUICE_LOG").unwrap_or_else(|_| "warn".into()))
         .env("SLUICE_STOMP", "127.0.0.1:0")
+        .env("SLUICE_ADMIN", "127.0.0.1:0")
         .output()
         .expect("run sluice");
     (

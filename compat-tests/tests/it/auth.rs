@@ -258,7 +258,8 @@ fn guest_may_only_log_in_from_loopback() {
         .unwrap();
     let stdout = serve.stdout.take().unwrap();
     let (mut amqp_port, mut admin) = (None, None);
-    for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+    let mut lines = BufReader::new(stdout).lines();
+    for line in lines.by_ref().map_while(Result::ok) {
         if let Some(a) = line.strip_prefix("admin API listening on ") {
             admin = Some(a.trim().to_owned());
         }
@@ -267,6 +268,8 @@ fn guest_may_only_log_in_from_loopback() {
             break;
         }
     }
+    // Keep reading: a closed pipe would fail the server's later lines.
+    std::thread::spawn(move || lines.for_each(drop));
     let (port, admin) = (amqp_port.expect("AMQP line"), admin.expect("admin line"));
     let client = PathBuf::from(env!("CARGO_BIN_EXE_cluster_client"));
     let probe = |host: usize, user: &str, addr: &str| {

@@ -56,6 +56,7 @@ fn config_file_and_environment_are_read() {
         .env("SLUICE_STOMP", "127.0.0.1:0")
         .env("SLUICE_WEB_STOMP", "127.0.0.1:0")
         .env("SLUICE_METRICS", "127.0.0.1:0")
+        .env("SLUICE_ADMIN", "127.0.0.1:0")
         .env("SLUICE_LOG", "warn")
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -64,7 +65,7 @@ fn config_file_and_environment_are_read() {
     let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
     let mut found = false;
-    for _ in 0..2 {
+    for _ in 0..3 {
         line.clear();
         std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
         found |= line.starts_with("AMQP listening on 127.0.0.1:");
