@@ -71,6 +71,8 @@ pub struct SessionCtx {
     /// The server-wide consumer timeout (ms); queues and consumers may
     /// set their own (`x-consumer-timeout`).
     pub consumer_timeout_ms: Option<u64>,
+    /// Most consumers on one channel (`consumer_max_per_channel`).
+    pub consumer_max_per_channel: Option<u32>,
 }
 
 struct Unacked {
@@ -293,6 +295,14 @@ impl Channel {
                         code::NOT_ALLOWED,
                         format!("attempt to reuse consumer tag '{tag}'"),
                     ));
+                }
+                if let Some(max) = ctx.consumer_max_per_channel {
+                    if self.consumers.len() >= max as usize {
+                        return Err(BrokerError::connection(
+                            code::NOT_ALLOWED,
+                            format!("reached maximum ({max}) of consumers per channel"),
+                        ));
+                    }
                 }
                 let sink: Arc<dyn sluice_cluster::DeliverySink> =
                     Arc::new(ChannelSink { channel: self.id, events: ctx.events.clone() });
