@@ -74,6 +74,8 @@ pub struct SessionCtx {
     pub consumer_timeout_ms: Option<u64>,
     /// The connection's per-user and per-vhost usage counters.
     pub usage: crate::metrics::Usage,
+    /// Most consumers on one channel (`consumer_max_per_channel`).
+    pub consumer_max_per_channel: Option<u32>,
 }
 
 struct Unacked {
@@ -396,6 +398,14 @@ impl Channel {
                         code::NOT_ALLOWED,
                         format!("attempt to reuse consumer tag '{tag}'"),
                     ));
+                }
+                if let Some(max) = ctx.consumer_max_per_channel {
+                    if self.consumers.len() >= max as usize {
+                        return Err(BrokerError::connection(
+                            code::NOT_ALLOWED,
+                            format!("reached maximum ({max}) of consumers per channel"),
+                        ));
+                    }
                 }
                 let sink: Arc<dyn sluice_cluster::DeliverySink> =
                     Arc::new(ChannelSink { channel: self.id, events: ctx.events.clone() });

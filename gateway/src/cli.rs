@@ -10,13 +10,31 @@ use sluice_cluster::rpc::{PeerInfo, Secret};
 use crate::config::{CtlArgs, CtlCommand, NodeConfig};
 
 /// Runs a node until SIGTERM or ctrl-c.
-pub async fn node(config: NodeConfig) -> anyhow::Result<()> {
+pub async fn node(config: NodeConfig, reload: crate::server::Reload) -> anyhow::Result<()> {
     let secret = crate::config::cluster_credentials(config.cluster_secret_file.as_deref(), config.cluster_tls.as_ref())?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     let signal = crate::server::shutdown_signal()?;
     // Before the node starts, so that a busy port stops nothing.
     let metrics_addr = config.metrics.as_deref().map(crate::metrics::install).transpose()?;
+    // The node watches its own memory and disk; gateways ask for the
+    // state (NodeRequest::Alarms) and block their publishers.
+    let alarms = crate::alarm::Alarms::new(config.alarm, Some(config.data_dir.clone()));
+    alarms.spawn_monitor();
+    crate::server::spawn_reload(alarms.clone(), reload)?;
+    let node_alarms = std::sync::Arc::new(node::NodeAlarms::default());
+    let mut watch = alarms.subscribe();
+    let shared = node_alarms.clone();
+    tokio::spawn(async move {
+        loop {
+            let s = *watch.borrow_and_update();
+            shared.memory.store(s.memory, std::sync::atomic::Ordering::Relaxed);
+            shared.disk.store(s.disk, std::sync::atomic::Ordering::Relaxed);
+            if watch.changed().await.is_err() {
+                return;
+            }
+        }
+    });
     let node = Node::start(NodeOptions {
         id: config.id.clone(),
         data_dir: config.data_dir.clone(),
@@ -29,6 +47,7 @@ pub async fn node(config: NodeConfig) -> anyhow::Result<()> {
             failure_timeout: std::time::Duration::from_millis(config.failure_timeout_ms),
             ..MembershipOptions::default()
         },
+        alarms: node_alarms,
     })
     .await?;
     if metrics_addr.is_some() {

@@ -10,6 +10,7 @@ use serde::Deserialize;
 use sluice_cluster::tls::{ClientAuth, NodeTls, NodeTlsFiles};
 
 pub use crate::server::Limits;
+use crate::alarm::{AlarmLimits, MemoryWatermark};
 
 /// The file format (every key optional; unknown keys are an error).
 #[derive(Debug, Default, Deserialize)]
@@ -34,6 +35,11 @@ pub struct FileConfig {
     pub heartbeat: Option<u16>,
     pub max_message_size: Option<u64>,
     pub consumer_timeout: Option<u64>,
+    pub memory_high_watermark: Option<f64>,
+    pub memory_high_watermark_bytes: Option<u64>,
+    pub disk_free_limit: Option<u64>,
+    pub max_connections: Option<u64>,
+    pub consumer_max_per_channel: Option<u32>,
     pub body_cache_bytes: Option<u64>,
     pub fsync: Option<bool>,
     /// user name → password: created (hashed, tag administrator, all
@@ -107,6 +113,26 @@ pub struct ClientArgs {
     /// (default guest, as RabbitMQ's loopback_users; an empty value: none).
     #[arg(long, env = "SLUICE_LOOPBACK_USERS", value_delimiter = ',')]
     pub loopback_users: Option<Vec<String>>,
+    /// Memory alarm threshold as a fraction of the machine's RAM (default 0.4,
+    /// RabbitMQ's vm_memory_high_watermark; 0 blocks every publisher). Above it
+    /// publishing connections are blocked until memory use drops.
+    #[arg(long, env = "SLUICE_MEMORY_HIGH_WATERMARK")]
+    pub memory_high_watermark: Option<f64>,
+    /// Memory alarm threshold in bytes of resident memory (overrides --memory-high-watermark).
+    #[arg(long, env = "SLUICE_MEMORY_HIGH_WATERMARK_BYTES")]
+    pub memory_high_watermark_bytes: Option<u64>,
+    /// Disk alarm threshold: free bytes on the data directory's file system below
+    /// which publishers are blocked (default 50000000, RabbitMQ's disk_free_limit).
+    #[arg(long, env = "SLUICE_DISK_FREE_LIMIT")]
+    pub disk_free_limit: Option<u64>,
+    /// Most client connections (AMQP, STOMP, Web-STOMP together) at once;
+    /// more are refused (default: no limit).
+    #[arg(long, env = "SLUICE_MAX_CONNECTIONS")]
+    pub max_connections: Option<u64>,
+    /// Most consumers on one AMQP channel; one more is a 530 connection error
+    /// (default: no limit; RabbitMQ's consumer_max_per_channel).
+    #[arg(long, env = "SLUICE_CONSUMER_MAX_PER_CHANNEL")]
+    pub consumer_max_per_channel: Option<u32>,
 }
 
 /// The client keys of a config file (`FileConfig` or `GatewayFile`, which
@@ -133,6 +159,11 @@ macro_rules! client_file {
             heartbeat: $file.heartbeat,
             max_message_size: $file.max_message_size,
             consumer_timeout: $file.consumer_timeout,
+            memory_high_watermark: $file.memory_high_watermark,
+            memory_high_watermark_bytes: $file.memory_high_watermark_bytes,
+            disk_free_limit: $file.disk_free_limit,
+            max_connections: $file.max_connections,
+            consumer_max_per_channel: $file.consumer_max_per_channel,
             users: $file.users,
             loopback_users: $file.loopback_users,
         }
@@ -159,6 +190,11 @@ pub struct ClientFile {
     pub heartbeat: Option<u16>,
     pub max_message_size: Option<u64>,
     pub consumer_timeout: Option<u64>,
+    pub memory_high_watermark: Option<f64>,
+    pub memory_high_watermark_bytes: Option<u64>,
+    pub disk_free_limit: Option<u64>,
+    pub max_connections: Option<u64>,
+    pub consumer_max_per_channel: Option<u32>,
     pub users: Option<HashMap<String, String>>,
     pub loopback_users: Option<Vec<String>>,
 }
@@ -229,6 +265,11 @@ impl ClientArgs {
                 self.tls_fail_if_no_peer_cert.or(file.tls_fail_if_no_peer_cert).unwrap_or(false),
             )?),
         };
+        let alarm = alarm_limits(
+            self.memory_high_watermark.or(file.memory_high_watermark),
+            self.memory_high_watermark_bytes.or(file.memory_high_watermark_bytes),
+            self.disk_free_limit.or(file.disk_free_limit),
+        )?;
         let front = Frontend {
             amqp: self.amqp.or(file.amqp).unwrap_or_else(|| "0.0.0.0:5672".into()),
             stomp: self.stomp.or(file.stomp).unwrap_or_else(|| "0.0.0.0:61613".into()),
@@ -248,6 +289,9 @@ impl ClientArgs {
                     0 => None,
                     ms => Some(ms),
                 },
+                alarm,
+                max_connections: self.max_connections.or(file.max_connections),
+                consumer_max_per_channel: self.consumer_max_per_channel.or(file.consumer_max_per_channel),
             },
             users,
             loopback_users,
@@ -262,6 +306,20 @@ impl ClientArgs {
         }
         Ok(front)
     }
+}
+
+/// The alarm limits from the (merged) keys `memory_high_watermark`,
+/// `memory_high_watermark_bytes` (wins) and `disk_free_limit`.
+fn alarm_limits(fraction: Option<f64>, bytes: Option<u64>, disk_free_limit: Option<u64>) -> anyhow::Result<AlarmLimits> {
+    let memory = match (bytes, fraction) {
+        (Some(bytes), _) => MemoryWatermark::Bytes(bytes),
+        (None, Some(f)) if (0.0..=1.0).contains(&f) => MemoryWatermark::Fraction(f),
+        (None, Some(f)) => anyhow::bail!(
+            "memory_high_watermark must be a fraction of RAM from 0 to 1 (got {f}); give memory_high_watermark_bytes for an absolute limit"
+        ),
+        (None, None) => MemoryWatermark::Fraction(crate::alarm::DEFAULT_MEMORY_FRACTION),
+    };
+    Ok(AlarmLimits { memory, disk_free_limit: disk_free_limit.unwrap_or(crate::alarm::DEFAULT_DISK_FREE_LIMIT) })
 }
 
 /// The client listeners' TLS configuration (RabbitMQ's `ssl_options`):
@@ -402,6 +460,9 @@ pub struct NodeFile {
     pub cluster_tls_key: Option<PathBuf>,
     pub cluster_tls_ca: Option<PathBuf>,
     pub metrics: Option<String>,
+    pub memory_high_watermark: Option<f64>,
+    pub memory_high_watermark_bytes: Option<u64>,
+    pub disk_free_limit: Option<u64>,
 }
 
 /// `sluice node` flags (each also `SLUICE_*` in the environment).
@@ -436,6 +497,16 @@ pub struct NodeArgs {
     /// Prometheus metrics address, GET /metrics (off unless given, so that several nodes can share a machine; port 0 picks a free port).
     #[arg(long, env = "SLUICE_METRICS")]
     pub metrics: Option<String>,
+    /// Memory alarm threshold as a fraction of the machine's RAM (default 0.4);
+    /// while this node's memory or disk alarm is on, gateways block publishers.
+    #[arg(long, env = "SLUICE_MEMORY_HIGH_WATERMARK")]
+    pub memory_high_watermark: Option<f64>,
+    /// Memory alarm threshold in bytes (overrides --memory-high-watermark).
+    #[arg(long, env = "SLUICE_MEMORY_HIGH_WATERMARK_BYTES")]
+    pub memory_high_watermark_bytes: Option<u64>,
+    /// Disk alarm threshold: free bytes on the data directory's file system (default 50000000).
+    #[arg(long, env = "SLUICE_DISK_FREE_LIMIT")]
+    pub disk_free_limit: Option<u64>,
     /// TOML configuration file with the same keys.
     #[arg(long, env = "SLUICE_CONFIG")]
     pub config: Option<PathBuf>,
@@ -456,6 +527,8 @@ pub struct NodeConfig {
     pub cluster_tls: Option<NodeTls>,
     /// The metrics listener, when configured.
     pub metrics: Option<String>,
+    /// Memory and free-disk alarm thresholds.
+    pub alarm: AlarmLimits,
 }
 
 impl NodeArgs {
@@ -487,6 +560,11 @@ impl NodeArgs {
                 self.cluster_tls.cluster_tls_cert.or(file.cluster_tls_cert),
                 self.cluster_tls.cluster_tls_key.or(file.cluster_tls_key),
                 self.cluster_tls.cluster_tls_ca.or(file.cluster_tls_ca),
+            )?,
+            alarm: alarm_limits(
+                self.memory_high_watermark.or(file.memory_high_watermark),
+                self.memory_high_watermark_bytes.or(file.memory_high_watermark_bytes),
+                self.disk_free_limit.or(file.disk_free_limit),
             )?,
             id,
         };
@@ -710,6 +788,11 @@ pub struct GatewayFile {
     pub heartbeat: Option<u16>,
     pub max_message_size: Option<u64>,
     pub consumer_timeout: Option<u64>,
+    pub memory_high_watermark: Option<f64>,
+    pub memory_high_watermark_bytes: Option<u64>,
+    pub disk_free_limit: Option<u64>,
+    pub max_connections: Option<u64>,
+    pub consumer_max_per_channel: Option<u32>,
     pub users: Option<HashMap<String, String>>,
     pub loopback_users: Option<Vec<String>>,
 }

@@ -7,6 +7,7 @@
 //! - `bench`: the load tool (performance issue).
 
 mod admin;
+mod alarm;
 mod amqp;
 mod audit;
 mod auth;
@@ -63,11 +64,21 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
-        Cmd::Serve(args) => args.resolve().and_then(|config| runtime().and_then(|rt| rt.block_on(server::serve(config)))),
-        Cmd::Node(args) => args.resolve().and_then(|config| runtime().and_then(|rt| rt.block_on(cli::node(config)))),
+        Cmd::Serve(args) => {
+            let again = args.clone();
+            let reload: server::Reload = Box::new(move || again.clone().resolve().map(|c| c.front.limits.alarm));
+            args.resolve().and_then(|config| runtime().and_then(|rt| rt.block_on(server::serve(config, reload))))
+        }
+        Cmd::Node(args) => {
+            let again = args.clone();
+            let reload: server::Reload = Box::new(move || again.clone().resolve().map(|c| c.alarm));
+            args.resolve().and_then(|config| runtime().and_then(|rt| rt.block_on(cli::node(config, reload))))
+        }
         Cmd::Ctl(args) => runtime().and_then(|rt| rt.block_on(cli::ctl(args))),
         Cmd::Gateway(args) => {
-            args.resolve().and_then(|config| runtime().and_then(|rt| rt.block_on(server::gateway(config))))
+            let again = args.clone();
+            let reload: server::Reload = Box::new(move || again.clone().resolve().map(|c| c.front.limits.alarm));
+            args.resolve().and_then(|config| runtime().and_then(|rt| rt.block_on(server::gateway(config, reload))))
         }
         Cmd::Bench => {
             eprintln!("sluice: this subcommand is not implemented yet");

@@ -41,6 +41,12 @@ pub static AUTH_FAILURES_AMQP: AtomicU64 = AtomicU64::new(0);
 pub static AUTH_FAILURES_STOMP: AtomicU64 = AtomicU64::new(0);
 pub static AUTH_FAILURES_HTTP: AtomicU64 = AtomicU64::new(0);
 pub static CONNECTIONS_OPENED: AtomicU64 = AtomicU64::new(0);
+/// 1 while the memory alarm is on (set by [`crate::alarm`]).
+pub static ALARM_MEMORY: AtomicI64 = AtomicI64::new(0);
+/// 1 while the free-disk alarm is on.
+pub static ALARM_DISK: AtomicI64 = AtomicI64::new(0);
+/// Connections not read because of a resource alarm.
+pub static BLOCKED_CONNECTIONS: AtomicI64 = AtomicI64::new(0);
 
 /// Adds one to a gauge for as long as it lives.
 #[derive(Debug)]
@@ -214,6 +220,8 @@ fn describe() {
     describe_gauge!("sluice_channels", "Open AMQP channels (one per STOMP session too).");
     describe_gauge!("sluice_consumers", "Consumers on this gateway.");
     describe_counter!("sluice_auth_failures_total", "Refused logins, by protocol.");
+    describe_gauge!("sluice_alarm", "1 while the resource alarm is on (resource=memory|disk), else 0.");
+    describe_gauge!("sluice_blocked_connections", "Publishing connections not read because of a resource alarm.");
     describe_gauge!("sluice_queues", "Queues known to this gateway.");
     describe_gauge!("sluice_queue_messages_ready", "Messages ready for delivery.");
     describe_gauge!("sluice_queue_messages_unacked", "Messages delivered and not yet acknowledged.");
@@ -309,6 +317,9 @@ async fn collect(router: &Router) {
     counter!("sluice_auth_failures_total", "protocol" => "stomp").absolute(AUTH_FAILURES_STOMP.load(Relaxed));
     counter!("sluice_auth_failures_total", "protocol" => "http").absolute(AUTH_FAILURES_HTTP.load(Relaxed));
     collect_usage();
+    gauge!("sluice_alarm", "resource" => "memory").set(ALARM_MEMORY.load(Relaxed) as f64);
+    gauge!("sluice_alarm", "resource" => "disk").set(ALARM_DISK.load(Relaxed) as f64);
+    gauge!("sluice_blocked_connections").set(BLOCKED_CONNECTIONS.load(Relaxed) as f64);
     let queues = router.queue_handles();
     gauge!("sluice_queues").set(queues.len() as f64);
     let figures = join_all(queues.iter().map(|(_, _, parts)| async move {

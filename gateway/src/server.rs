@@ -1,6 +1,7 @@
 //! `sluice serve`: opens storage, binds the listeners, accepts connections
 //! and shuts down cleanly on SIGTERM or ctrl-c.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::alarm::{AlarmLimits, Alarms};
 use crate::config::{Config, Frontend, GatewayConfig};
 use crate::auth::Peer;
 use sluice_cluster::meta::auth::{hash_password, AuthCommand, Permission};
@@ -30,6 +32,13 @@ pub struct Limits {
     pub max_message_size: u64,
     /// Server-wide consumer timeout (ms): `None` = never.
     pub consumer_timeout_ms: Option<u64>,
+    /// Memory and free-disk alarm thresholds (at start; SIGHUP reloads them
+    /// into [`Broker::alarms`]).
+    pub alarm: crate::alarm::AlarmLimits,
+    /// Most client connections at once (`None`: no limit).
+    pub max_connections: Option<u64>,
+    /// Most consumers per AMQP channel (`None`: no limit).
+    pub consumer_max_per_channel: Option<u32>,
 }
 
 /// What every connection shares.
@@ -38,14 +47,18 @@ pub struct Broker {
     /// Users who may log in from loopback addresses only.
     pub loopback_users: Vec<String>,
     pub limits: Limits,
+    /// Memory and disk alarms: publishers are not read while one is on.
+    pub alarms: Arc<Alarms>,
     next_conn: AtomicU64,
+    /// Sessions past login, for `max_connections`.
+    sessions: Arc<AtomicU64>,
 }
 
 impl Broker {
     /// The broker, once the configuration file's users exist in the
     /// metadata (created if missing: hashed password, tag administrator,
     /// all permissions on `/`; an existing user is left as it is).
-    async fn start(router: Arc<Router>, front: &Frontend, first_conn: u64) -> anyhow::Result<Arc<Broker>> {
+    async fn start(router: Arc<Router>, front: &Frontend, first_conn: u64, disk: Option<PathBuf>) -> anyhow::Result<Arc<Broker>> {
         let mut names: Vec<&String> = front.users.keys().collect();
         names.sort();
         for name in names {
@@ -64,20 +77,45 @@ impl Broker {
             router.execute_auth(perm).await.map_err(|e| anyhow::anyhow!("permissions of user '{name}': {e}"))?;
             tracing::info!(user = %name, "user created from the configuration file");
         }
-        Ok(Self::new(router, front, first_conn))
+        Ok(Self::new(router, front, first_conn, disk))
     }
 
-    fn new(router: Arc<Router>, front: &Frontend, first_conn: u64) -> Arc<Broker> {
+    /// `disk`: the data directory whose free space is watched (`None` for
+    /// a gateway, which stores nothing).
+    fn new(router: Arc<Router>, front: &Frontend, first_conn: u64, disk: Option<PathBuf>) -> Arc<Broker> {
         Arc::new(Broker {
             router,
             loopback_users: front.loopback_users.clone(),
             limits: front.limits.clone(),
+            alarms: Alarms::new(front.limits.alarm, disk),
             next_conn: AtomicU64::new(first_conn),
+            sessions: Arc::new(AtomicU64::new(0)),
         })
     }
 
     pub fn next_conn_id(&self) -> u64 {
         self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Counts a session that passed login against `max_connections`; the
+    /// slot is given back when the returned guard drops. `Err` carries the
+    /// text to refuse with (RabbitMQ's).
+    pub fn admit(&self) -> Result<SessionSlot, String> {
+        let n = self.sessions.fetch_add(1, Ordering::AcqRel);
+        let slot = SessionSlot(self.sessions.clone());
+        match self.limits.max_connections {
+            Some(max) if n >= max => Err(format!("connection refused: node connection limit ({max}) is reached")),
+            _ => Ok(slot),
+        }
+    }
+}
+
+/// One admitted session (see [`Broker::admit`]).
+pub struct SessionSlot(Arc<AtomicU64>);
+
+impl Drop for SessionSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -88,7 +126,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Runs the all-in-one broker until a shutdown signal.
-pub async fn serve(config: Config) -> anyhow::Result<()> {
+pub async fn serve(config: Config, reload: Reload) -> anyhow::Result<()> {
     let amqp = TcpListener::bind(&config.front.amqp)
         .await
         .with_context(|| format!("cannot listen on {} for AMQP", config.front.amqp))?;
@@ -107,10 +145,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let router = Router::open_with_meta(backend, meta)
         .await
         .map_err(|e| anyhow::anyhow!("cannot load definitions: {}", e.text))?;
-    let broker = Broker::start(router, &config.front, 1).await?;
+    let broker = Broker::start(router, &config.front, 1, Some(config.data_dir.clone())).await?;
     let metrics_addr = crate::metrics::install(&config.front.metrics)?;
     crate::metrics::spawn_collector(broker.router.clone());
     crate::metrics::spawn_node_collector(move || weak.upgrade().map(|n| n.replication()));
+    broker.alarms.spawn_monitor();
+    spawn_reload(broker.alarms.clone(), reload)?;
     // Bound after the data dir is open, so that a data-dir error is
     // reported as such whatever holds the STOMP port.
     let listeners = bind_others(amqp, &config.front).await?;
@@ -165,7 +205,7 @@ fn announce(listeners: &[Listener]) -> anyhow::Result<()> {
 }
 
 /// Runs a gateway in front of storage nodes until a shutdown signal.
-pub async fn gateway(config: GatewayConfig) -> anyhow::Result<()> {
+pub async fn gateway(config: GatewayConfig, reload: Reload) -> anyhow::Result<()> {
     let secret = crate::config::cluster_credentials(config.cluster_secret_file.as_deref(), config.cluster_tls.as_ref())?;
     let amqp = TcpListener::bind(&config.front.amqp)
         .await
@@ -178,7 +218,7 @@ pub async fn gateway(config: GatewayConfig) -> anyhow::Result<()> {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
     let gateway_id = format!("{}@{incarnation}", config.id);
-    let backend = RemoteBackend::new(RemoteOptions::new(gateway_id.clone(), config.nodes.clone(), secret));
+    let backend = RemoteBackend::new(RemoteOptions::new(gateway_id.clone(), config.nodes.clone(), secret.clone()));
     let router = Router::open_cluster(backend)
         .await
         .map_err(|e| anyhow::anyhow!("cannot reach the storage nodes {}: {}", config.nodes.join(","), e.text))?;
@@ -186,9 +226,12 @@ pub async fn gateway(config: GatewayConfig) -> anyhow::Result<()> {
     // gateway's tag in the high half lets the nodes delete a vanished
     // gateway's exclusive queues.
     let first_conn = (u64::from(sluice_cluster::remote::owner_tag(&gateway_id)) << 32) | 1;
-    let broker = Broker::start(router, &config.front, first_conn).await?;
+    let broker = Broker::start(router, &config.front, first_conn, None).await?;
     let metrics_addr = crate::metrics::install(&config.front.metrics)?;
     crate::metrics::spawn_collector(broker.router.clone());
+    broker.alarms.spawn_monitor();
+    spawn_reload(broker.alarms.clone(), reload)?;
+    spawn_node_alarms(broker.alarms.clone(), config.nodes.clone(), secret, format!("{gateway_id}/alarms"));
     let listeners = bind_others(amqp, &config.front).await?;
     let signal = shutdown_signal()?;
     let admin_addr = crate::admin::serve(&config.front.admin, broker.router.clone(), CancellationToken::new()).await?;
@@ -198,6 +241,63 @@ pub async fn gateway(config: GatewayConfig) -> anyhow::Result<()> {
     println!("metrics listening on {metrics_addr}");
     announce(&listeners)?;
     run(listeners, broker, signal).await
+}
+
+/// How often a gateway re-reads the member list for its alarm probes.
+const MEMBERS_EVERY: u32 = 10;
+
+/// A gateway's view of the storage nodes' resource alarms: every
+/// [`crate::alarm::CHECK_EVERY`] it asks each member (over one standing
+/// link per node) and blocks its publishers while any node has an alarm,
+/// as RabbitMQ blocks publishers cluster-wide. A node that does not answer
+/// counts as without alarm (it stores nothing meanwhile).
+fn spawn_node_alarms(alarms: Arc<Alarms>, seeds: Vec<String>, secret: sluice_cluster::rpc::Secret, me: String) {
+    use sluice_cluster::node::{self, AlarmProbe};
+    use sluice_cluster::rpc::PeerInfo;
+    tokio::spawn(async move {
+        let me = PeerInfo::gateway(me);
+        let timeout = crate::alarm::CHECK_EVERY;
+        let mut probes: Vec<AlarmProbe> = seeds.iter().map(|a| AlarmProbe::new(a.clone(), secret.clone(), me.clone())).collect();
+        let mut tick = tokio::time::interval(crate::alarm::CHECK_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut round = 0u32;
+        loop {
+            tick.tick().await;
+            if round.is_multiple_of(MEMBERS_EVERY) {
+                // The members as any node knows them (seeds first).
+                for addr in seeds.iter().chain(probes.iter().map(|p| &p.addr)).cloned().collect::<Vec<_>>() {
+                    if let Ok(Ok(rows)) = tokio::time::timeout(timeout, node::members(&addr, &secret, me.clone())).await {
+                        let known: Vec<String> = rows.into_iter().map(|m| m.addr).collect();
+                        probes.retain(|p| known.contains(&p.addr));
+                        for a in known {
+                            if !probes.iter().any(|p| p.addr == a) {
+                                probes.push(AlarmProbe::new(a, secret.clone(), me.clone()));
+                            }
+                        }
+                        break;
+                    }
+                }
+            }
+            round = round.wrapping_add(1);
+            let answers = futures_util::future::join_all(probes.iter_mut().map(|p| async move {
+                let r = p.ask(timeout).await;
+                (p.addr.clone(), r)
+            }))
+            .await;
+            let mut state = crate::alarm::AlarmState::default();
+            let mut who = Vec::new();
+            for (addr, r) in answers {
+                if let Ok((memory, disk)) = r {
+                    if memory || disk {
+                        who.push(addr);
+                    }
+                    state.memory |= memory;
+                    state.disk |= disk;
+                }
+            }
+            alarms.set_remote(state, &who.join(","));
+        }
+    });
 }
 
 /// Accepts connections until `signal`, then drains them and shuts the
@@ -362,6 +462,36 @@ async fn session<R, W>(
         Proto::Stomp | Proto::Stomps => crate::stomp::serve(rd, wr, conn_id, broker, shutdown, peer).await,
         Proto::WebStomp | Proto::WebStomps => crate::stomp::websocket::serve(rd, wr, conn_id, broker, shutdown, peer).await,
     }
+}
+
+/// Reads the alarm limits again (flags and environment as at start over
+/// the config file as it is now).
+pub type Reload = Box<dyn Fn() -> anyhow::Result<AlarmLimits> + Send + Sync>;
+
+/// On SIGHUP, reloads the alarm limits (RabbitMQ changes them at run time
+/// with `rabbitmqctl set_vm_memory_high_watermark` / `set_disk_free_limit`);
+/// a config that does not load keeps the old limits.
+pub fn spawn_reload(alarms: Arc<Alarms>, reload: Reload) -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                match reload() {
+                    Ok(limits) => {
+                        tracing::info!(?limits, "SIGHUP: resource limits reloaded");
+                        let a = alarms.clone();
+                        let _ = tokio::task::spawn_blocking(move || a.set_limits(limits)).await;
+                    }
+                    Err(e) => tracing::warn!(error = %format!("{e:#}"), "SIGHUP: config not reloaded; keeping the old limits"),
+                }
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    drop((alarms, reload));
+    Ok(())
 }
 
 /// Resolves on SIGTERM or ctrl-c. The handlers are installed when this is

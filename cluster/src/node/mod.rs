@@ -116,6 +116,9 @@ pub enum NodeRequest {
     /// delete: dead-letter every message. Answered with `Count` once they
     /// are all published.
     Retire { queue: u64 },
+    /// Request, gateway to node: this node's resource alarms. Answered
+    /// with `Alarms`.
+    Alarms,
 }
 
 impl Versioned for NodeRequest {}
@@ -204,6 +207,8 @@ pub enum NodeResponse {
     Replicas(Vec<ReplicaInfo>),
     /// A queue's figures (answer to `Stats`).
     Stats(crate::QueueStats),
+    /// The node's resource alarms (answer to `Alarms`).
+    Alarms { memory: bool, disk: bool },
 }
 
 /// One queue replica as its node sees it.
@@ -276,6 +281,16 @@ pub struct NodeOptions {
     pub secret: Secret,
     /// Heartbeat interval and failure timeout.
     pub membership: MembershipOptions,
+    /// The node's resource alarms, set by whoever watches its memory and
+    /// disk (the `sluice node` process); gateways ask for them.
+    pub alarms: Arc<NodeAlarms>,
+}
+
+/// A node's resource alarms (memory, free disk).
+#[derive(Debug, Default)]
+pub struct NodeAlarms {
+    pub memory: std::sync::atomic::AtomicBool,
+    pub disk: std::sync::atomic::AtomicBool,
 }
 
 /// Errors starting a node.
@@ -316,6 +331,7 @@ struct NodeHandler {
     membership: Arc<Membership>,
     host: Arc<host::Host>,
     pushes: host::Pushes,
+    alarms: Arc<NodeAlarms>,
 }
 
 impl Handler<NodeRequest, NodeResponse> for NodeHandler {
@@ -340,6 +356,10 @@ impl Handler<NodeRequest, NodeResponse> for NodeHandler {
                 }
             }
             NodeRequest::Members => NodeResponse::Members(self.membership.view()),
+            NodeRequest::Alarms => {
+                use std::sync::atomic::Ordering::Relaxed;
+                NodeResponse::Alarms { memory: self.alarms.memory.load(Relaxed), disk: self.alarms.disk.load(Relaxed) }
+            }
             other => self.host.request(conn, other, &self.pushes).await,
         }
     }
@@ -418,6 +438,7 @@ impl Node {
             membership: membership.clone(),
             host: host.clone(),
             pushes: host::Pushes::default(),
+            alarms: options.alarms.clone(),
         };
         let peer = PeerInfo::node(options.id.clone());
         let serve = tokio::spawn(rpc::serve(listener, options.secret.clone(), peer, handler));
@@ -462,6 +483,42 @@ pub(crate) async fn ask(addr: &str, secret: &Secret, me: PeerInfo, req: NodeRequ
     match resp? {
         NodeResponse::Refused { reason } => Err(rpc::Error::Refused { reason }),
         resp => Ok(resp),
+    }
+}
+
+/// A standing link to one node for asking its resource alarms again and
+/// again (a gateway polls every node each second; one connection each, so
+/// that the node does not see a gateway come and go every second).
+pub struct AlarmProbe {
+    pub addr: String,
+    secret: Secret,
+    me: PeerInfo,
+    link: Option<(Client<NodeRequest, NodeResponse>, rpc::Incoming<NodeRequest, NodeResponse>)>,
+}
+
+impl AlarmProbe {
+    pub fn new(addr: String, secret: Secret, me: PeerInfo) -> Self {
+        AlarmProbe { addr, secret, me, link: None }
+    }
+
+    /// The node's (memory, disk) alarms; reconnects when the link is gone.
+    pub async fn ask(&mut self, timeout: std::time::Duration) -> Result<(bool, bool), rpc::Error> {
+        if self.link.as_ref().is_none_or(|(c, _)| c.is_closed()) {
+            let link = tokio::time::timeout(timeout, rpc::connect::<NodeRequest, NodeResponse>(&self.addr, &self.secret, self.me.clone()))
+                .await
+                .map_err(|_| rpc::Error::Timeout)??;
+            self.link = Some(link);
+        }
+        let Some((client, _)) = &self.link else { return Err(rpc::Error::Timeout) };
+        match client.call_timeout(NodeRequest::Alarms, timeout).await {
+            Ok(NodeResponse::Alarms { memory, disk }) => Ok((memory, disk)),
+            Ok(other) => Err(rpc::Error::Protocol(format!("unexpected answer to Alarms: {other:?}"))),
+            Err(e) => {
+                client.close();
+                self.link = None;
+                Err(e)
+            }
+        }
     }
 }
 

@@ -26,6 +26,7 @@ async fn start(dir: &Path, id: &str, listen: &str, seeds: &[&Node], secret: &Sec
         seeds: seeds.iter().map(|n| n.addr.to_string()).collect(),
         secret: secret.clone(),
         membership: fast(),
+        alarms: Default::default(),
     })
     .await
     .unwrap()

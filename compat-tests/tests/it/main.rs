@@ -4,6 +4,7 @@
 
 mod common;
 
+mod alarms;
 mod amqp_basic;
 mod amqp_dead_letters;
 mod amqp_errors;

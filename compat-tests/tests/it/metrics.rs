@@ -14,7 +14,7 @@ use crate::common::*;
 use sluice_compat_tests::{ctl_status, start_gateway, start_node, NodeProcess};
 
 /// `GET /metrics` over a plain TCP connection.
-async fn scrape(addr: SocketAddr) -> String {
+pub(crate) async fn scrape(addr: SocketAddr) -> String {
     let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect to metrics");
     s.write_all(format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
     let mut raw = Vec::new();
@@ -43,7 +43,7 @@ fn dechunk(mut body: &str) -> String {
 }
 
 /// The value of the series whose name-and-labels text is exactly `series`.
-fn value(text: &str, series: &str) -> Option<f64> {
+pub(crate) fn value(text: &str, series: &str) -> Option<f64> {
     text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
         let (k, v) = l.rsplit_once(' ')?;
         (k == series).then(|| v.parse().ok()).flatten()
@@ -51,7 +51,7 @@ fn value(text: &str, series: &str) -> Option<f64> {
 }
 
 /// Scrapes until `f` holds (up to 8 s), returning the last scrape.
-async fn until(addr: SocketAddr, what: &str, f: impl Fn(&str) -> bool) -> String {
+pub(crate) async fn until(addr: SocketAddr, what: &str, f: impl Fn(&str) -> bool) -> String {
     until_for(addr, 8, what, f).await
 }
 

@@ -11,8 +11,8 @@ use sluice_codecs::amqp::*;
 
 use crate::common::Server;
 
-struct Raw {
-    sock: TcpStream,
+pub(crate) struct Raw {
+    pub(crate) sock: TcpStream,
     buf: BytesMut,
 }
 
@@ -23,18 +23,18 @@ impl Raw {
         Raw { sock, buf: BytesMut::new() }
     }
 
-    fn send(&mut self, f: &Frame) {
+    pub(crate) fn send(&mut self, f: &Frame) {
         let mut out = BytesMut::new();
         encode_frame(f, &mut out);
         self.sock.write_all(&out).unwrap();
     }
 
-    fn method(&mut self, channel: u16, m: Method) {
+    pub(crate) fn method(&mut self, channel: u16, m: Method) {
         self.send(&Frame::Method { channel, method: m });
     }
 
     /// Next frame, or None on EOF.
-    fn read(&mut self) -> Option<Frame> {
+    pub(crate) fn read(&mut self) -> Option<Frame> {
         loop {
             if let Some(f) = decode_frame(&mut self.buf, 0).unwrap() {
                 return Some(f);
@@ -48,7 +48,7 @@ impl Raw {
         }
     }
 
-    fn read_method(&mut self) -> Method {
+    pub(crate) fn read_method(&mut self) -> Method {
         loop {
             match self.read().expect("connection closed while waiting for a method") {
                 Frame::Method { method, .. } => return method,
@@ -60,11 +60,15 @@ impl Raw {
     /// Protocol header, connection.start, and a start-ok with `mechanism`
     /// and `response`; returns the server's next method (tune on success).
     fn start(s: &Server, mechanism: &str, response: bytes::Bytes) -> (Raw, Method) {
+        Raw::start_with(s, mechanism, response, FieldTable::default())
+    }
+
+    fn start_with(s: &Server, mechanism: &str, response: bytes::Bytes, client_properties: FieldTable) -> (Raw, Method) {
         let mut r = Raw::connect(s);
         r.sock.write_all(&PROTOCOL_HEADER).unwrap();
         assert!(matches!(r.read_method(), Method::ConnectionStart(_)));
         r.method(0, Method::ConnectionStartOk(ConnectionStartOk {
-            client_properties: FieldTable::default(),
+            client_properties,
             mechanism: mechanism.into(),
             response,
             locale: "en_US".into(),
@@ -75,7 +79,12 @@ impl Raw {
 
     /// Handshake with PLAIN guest/guest and the given heartbeat.
     fn open(s: &Server, heartbeat: u16) -> Raw {
-        let (mut r, next) = Raw::start(s, "PLAIN", bytes::Bytes::from_static(b"\0guest\0guest"));
+        Raw::open_with(s, heartbeat, FieldTable::default())
+    }
+
+    /// Handshake with PLAIN guest/guest, `heartbeat` and `client_properties`.
+    pub(crate) fn open_with(s: &Server, heartbeat: u16, client_properties: FieldTable) -> Raw {
+        let (mut r, next) = Raw::start_with(s, "PLAIN", bytes::Bytes::from_static(b"\0guest\0guest"), client_properties);
         let Method::ConnectionTune(t) = next else { panic!("expected tune") };
         r.method(0, Method::ConnectionTuneOk(ConnectionTuneOk { channel_max: t.channel_max, frame_max: t.frame_max, heartbeat }));
         r.method(0, Method::ConnectionOpen(ConnectionOpen { virtual_host: "/".into(), ..Default::default() }));
@@ -84,7 +93,7 @@ impl Raw {
     }
 
     /// Reads until connection.close and returns its reply code.
-    fn expect_close(&mut self) -> u16 {
+    pub(crate) fn expect_close(&mut self) -> u16 {
         loop {
             match self.read() {
                 Some(Frame::Method { method: Method::ConnectionClose(c), .. }) => {

@@ -48,7 +48,7 @@ impl Client {
         Client::connect_at(s.stomp_addr(), headers)
     }
 
-    fn connect_at(addr: SocketAddr, headers: &[(&str, &str)]) -> (Client, Frame) {
+    pub(crate) fn connect_at(addr: SocketAddr, headers: &[(&str, &str)]) -> (Client, Frame) {
         let mut c = Client::tcp_at(addr);
         c.send(&frame(Command::Connect, headers));
         let reply = c.recv();
@@ -106,7 +106,7 @@ impl Client {
     }
 
     /// The next frame (heart-beats skipped), or None when the server closed.
-    fn try_recv(&mut self, timeout: Duration) -> Option<Frame> {
+    pub(crate) fn try_recv(&mut self, timeout: Duration) -> Option<Frame> {
         let deadline = Instant::now() + timeout;
         loop {
             match self.item(deadline.saturating_duration_since(Instant::now())) {

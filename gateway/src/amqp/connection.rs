@@ -40,6 +40,9 @@ const STORAGE_BACKLOG_LIMIT: u64 = 32 * 1024 * 1024;
 /// Above this many bytes queued for our own socket (returns, replies), the
 /// connection stops reading: a client that never reads cannot grow it.
 const WRITER_BACKLOG_LIMIT: u64 = 16 * 1024 * 1024;
+/// After a resource alarm stopped reading a connection, its acks get this
+/// long to be read before consumer timeouts are checked again.
+pub(crate) const ACK_GRACE_AFTER_BLOCK: Duration = Duration::from_secs(5);
 
 type Reader<R> = FramedRead<R, FrameCodec>;
 
@@ -111,6 +114,10 @@ pub async fn serve<R, W>(
         cert_user: peer.cert_user,
         loopback: peer.loopback,
         peer_addr: peer.addr,
+        blocked_notify: false,
+        published: false,
+        blocked: None,
+        _slot: None,
     };
 
     let ctx = match tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.handshake(&mut reader)).await {
@@ -220,6 +227,16 @@ struct Conn {
     loopback: bool,
     /// The peer's address (audit events).
     peer_addr: String,
+    /// The client announced the `connection.blocked` capability.
+    blocked_notify: bool,
+    /// A content header was read: from now on a resource alarm stops
+    /// reading this connection (RabbitMQ blocks connections that publish).
+    published: bool,
+    /// Set while a resource alarm keeps us from reading; counts the
+    /// connection in `sluice_blocked_connections`.
+    blocked: Option<crate::metrics::Tracked>,
+    /// This session's place under `max_connections`.
+    _slot: Option<crate::server::SessionSlot>,
 }
 
 type HandshakeError = (BrokerError, u16, u16);
@@ -265,6 +282,13 @@ impl Conn {
             .get("capabilities")
             .and_then(|c| c.as_table())
             .and_then(|c| c.get("authentication_failure_close"))
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
+        self.blocked_notify = start_ok
+            .client_properties
+            .get("capabilities")
+            .and_then(|c| c.as_table())
+            .and_then(|c| c.get("connection.blocked"))
             .and_then(|v| v.as_bool())
             .unwrap_or(false);
         let cancel_notify = start_ok
@@ -364,6 +388,13 @@ impl Conn {
                 40,
             ));
         }
+        match self.broker.admit() {
+            Ok(slot) => self._slot = Some(slot),
+            Err(text) => {
+                tracing::info!(limit = ?self.broker.limits.max_connections, "connection refused: max_connections reached");
+                return Err((BrokerError::connection(code::NOT_ALLOWED, text), 10, 40));
+            }
+        }
         self.send_method(0, Method::ConnectionOpenOk(ConnectionOpenOk { known_hosts: String::new() }));
         crate::audit::emit(&self.broker.router, crate::audit::Event {
             name: "connection.created",
@@ -385,6 +416,7 @@ impl Conn {
             cancel_notify,
             consumer_timeout_ms: self.broker.limits.consumer_timeout_ms,
             usage,
+            consumer_max_per_channel: self.broker.limits.consumer_max_per_channel,
         });
         Ok(Some((erx, ctx)))
     }
@@ -403,14 +435,27 @@ impl Conn {
         // Consumer timeouts are checked once a second (RabbitMQ: once a
         // minute by default).
         let mut ack_check = tokio::time::interval(Duration::from_secs(1));
+        let mut alarms = self.broker.alarms.subscribe();
+        // Acks cannot be read while blocked: no consumer timeout until a
+        // while after the block ends.
+        let mut no_ack_timeouts_until = Instant::now();
         loop {
-            let throttled = backend.backlog_bytes() > STORAGE_BACKLOG_LIMIT || self.wtx.queued_bytes() > WRITER_BACKLOG_LIMIT;
+            let alarm = *alarms.borrow_and_update();
+            self.update_blocked(alarm);
+            let alarm_blocked = self.blocked.is_some();
+            if alarm_blocked {
+                no_ack_timeouts_until = Instant::now() + ACK_GRACE_AFTER_BLOCK;
+            }
+            let backlog = backend.backlog_bytes() > STORAGE_BACKLOG_LIMIT || self.wtx.queued_bytes() > WRITER_BACKLOG_LIMIT;
+            let throttled = alarm_blocked || backlog;
             if throttled {
                 // Our silence is not the client's: don't count it as missed heartbeats.
                 last_read = Instant::now();
             }
             tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(1)), if throttled => {}
+                // Backlogs are polled; alarms wake us when they change.
+                _ = tokio::time::sleep(Duration::from_millis(1)), if backlog && !alarm_blocked => {}
+                Ok(()) = alarms.changed() => {}
                 frame = reader.next(), if !throttled => {
                     last_read = Instant::now();
                     match frame {
@@ -433,7 +478,7 @@ impl Conn {
                         self.on_event(ev);
                     }
                 }
-                _ = ack_check.tick() => {
+                _ = ack_check.tick(), if Instant::now() >= no_ack_timeouts_until => {
                     let now = Instant::now();
                     let late: Vec<(u16, u64)> = self
                         .channels
@@ -465,6 +510,30 @@ impl Conn {
                         0,
                     );
                 }
+            }
+        }
+    }
+
+    /// Blocks or unblocks the connection for the alarm state `alarm`:
+    /// a connection that has published is not read while an alarm is on,
+    /// and is told so with connection.blocked / connection.unblocked if it
+    /// announced the capability. Others are blocked when they publish.
+    fn update_blocked(&mut self, alarm: crate::alarm::AlarmState) {
+        let block = alarm.any() && self.published;
+        if block == self.blocked.is_some() {
+            return;
+        }
+        if block {
+            tracing::debug!(reason = alarm.reason(), "connection blocked by a resource alarm");
+            self.blocked = Some(crate::metrics::Tracked::new(&crate::metrics::BLOCKED_CONNECTIONS));
+            if self.blocked_notify {
+                self.send_method(0, Method::ConnectionBlocked(ConnectionBlocked { reason: alarm.reason().to_string() }));
+            }
+        } else {
+            tracing::debug!("connection unblocked");
+            self.blocked = None;
+            if self.blocked_notify {
+                self.send_method(0, Method::ConnectionUnblocked(ConnectionUnblocked {}));
             }
         }
     }
@@ -516,6 +585,9 @@ impl Conn {
         }
         if channel == 0 {
             return self.on_channel_zero(frame);
+        }
+        if let Frame::Header { .. } = frame {
+            self.published = true;
         }
         if channel > self.channel_max {
             return Some(End::Close(

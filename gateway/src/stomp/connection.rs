@@ -330,6 +330,14 @@ pub async fn serve_with<R, W>(
         }
     };
     let version = connected.version;
+    let slot = match broker.admit() {
+        Ok(slot) => slot,
+        Err(text) => {
+            tracing::info!(limit = ?broker.limits.max_connections, "STOMP connection refused: max_connections reached");
+            write_now(&mut wr, &error_frame(fail("not_allowed", format!("{text}\n")), None), version).await;
+            return;
+        }
+    };
     reader.decoder_mut().set_version(version);
 
     let dead = CancellationToken::new();
@@ -352,6 +360,7 @@ pub async fn serve_with<R, W>(
         // `x-consumer-timeout`, else the server's `consumer_timeout`).
         consumer_timeout_ms: broker.limits.consumer_timeout_ms,
         usage: crate::metrics::Usage::new(&connected.user, &connected.vhost.name),
+        consumer_max_per_channel: broker.limits.consumer_max_per_channel,
     });
     let mut session = Session {
         broker: broker.clone(),
@@ -367,6 +376,10 @@ pub async fn serve_with<R, W>(
         confirmed: 0,
         receipts: VecDeque::new(),
         disconnecting: false,
+        sent: false,
+        held: None,
+        blocked: None,
+        _slot: slot,
     };
     tracing::debug!(user = %connected.user, vhost = %connected.vhost.name, %version, "STOMP session open");
     crate::audit::emit(&broker.router, crate::audit::Event {
@@ -527,6 +540,16 @@ struct Session {
     receipts: VecDeque<(u64, String)>,
     /// DISCONNECT seen: no more frames, close once `receipts` is empty.
     disconnecting: bool,
+    /// A SEND was read: from now on a resource alarm stops reading this
+    /// session (as RabbitMQ blocks connections that publish).
+    sent: bool,
+    /// The SEND read while an alarm was on, processed once it clears.
+    held: Option<Frame>,
+    /// Set while a resource alarm keeps us from reading; counts the
+    /// session in `sluice_blocked_connections`.
+    blocked: Option<crate::metrics::Tracked>,
+    /// This session's place under `max_connections`.
+    _slot: crate::server::SessionSlot,
 }
 
 impl Session {
@@ -543,18 +566,42 @@ impl Session {
         let mut check = tokio::time::interval(expect_every.map(|d| d / 2).unwrap_or(Duration::from_secs(3600)));
         let backend = self.broker.router.backend().clone();
         let mut ack_check = tokio::time::interval(ACK_CHECK_EVERY);
+        let mut alarms = self.broker.alarms.subscribe();
+        // Acks cannot be read while blocked: no consumer timeout until a
+        // while after the block ends.
+        let mut no_ack_timeouts_until = Instant::now();
         loop {
             if self.disconnecting && self.receipts.is_empty() {
                 return End::Disconnect;
             }
-            let throttled =
+            let alarm = *alarms.borrow_and_update();
+            let alarm_blocked = alarm.any() && self.sent;
+            if alarm_blocked {
+                no_ack_timeouts_until = Instant::now() + crate::amqp::connection::ACK_GRACE_AFTER_BLOCK;
+            }
+            if alarm_blocked != self.blocked.is_some() {
+                tracing::debug!(blocked = alarm_blocked, reason = alarm.reason(), "STOMP session blocked state");
+                self.blocked = alarm_blocked.then(|| crate::metrics::Tracked::new(&crate::metrics::BLOCKED_CONNECTIONS));
+            }
+            if !alarm_blocked {
+                if let Some(frame) = self.held.take() {
+                    if let Err(end) = self.handle(frame).await {
+                        return end;
+                    }
+                    continue;
+                }
+            }
+            let backlog =
                 backend.backlog_bytes() > STORAGE_BACKLOG_LIMIT || self.wtx.queued.load(Ordering::Acquire) > WRITER_BACKLOG_LIMIT;
+            let throttled = backlog || alarm_blocked;
             if throttled {
                 last_read = Instant::now();
             }
             let reading = !throttled && !self.disconnecting;
             tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(1)), if throttled => {}
+                // Backlogs are polled; alarms wake us when they change.
+                _ = tokio::time::sleep(Duration::from_millis(1)), if backlog && !alarm_blocked => {}
+                Ok(()) = alarms.changed() => {}
                 item = reader.next(), if reading => {
                     last_read = Instant::now();
                     match item {
@@ -562,9 +609,16 @@ impl Session {
                         Some(Err(e)) => return End::Error(fail(e.summary(), e.to_string()), None),
                         Some(Ok(Item::Heartbeat)) => {}
                         Some(Ok(Item::Frame(frame))) => {
-                            let receipt = frame.receipt_request().map(str::to_string);
-                            if let Err(f) = self.on_frame(frame).await {
-                                return End::Error(f, receipt);
+                            if frame.command == Cmd::Send {
+                                self.sent = true;
+                                if self.broker.alarms.state().any() {
+                                    // Not processed (no receipt) until the alarm clears.
+                                    self.held = Some(frame);
+                                    continue;
+                                }
+                            }
+                            if let Err(end) = self.handle(frame).await {
+                                return end;
                             }
                         }
                     }
@@ -576,7 +630,7 @@ impl Session {
                         }
                     }
                 }
-                _ = ack_check.tick() => {
+                _ = ack_check.tick(), if Instant::now() >= no_ack_timeouts_until => {
                     // Consumer timeout: RabbitMQ closes the channel, which
                     // ends a STOMP connection; its unacknowledged messages
                     // are requeued as the session closes.
@@ -601,6 +655,12 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Processes one frame; `Err` ends the session.
+    async fn handle(&mut self, frame: Frame) -> Result<(), End> {
+        let receipt = frame.receipt_request().map(str::to_string);
+        self.on_frame(frame).await.map_err(|f| End::Error(f, receipt))
     }
 
     fn send_frame(&self, frame: &Frame) {
