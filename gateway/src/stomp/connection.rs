@@ -368,7 +368,11 @@ pub async fn serve_with<R, W>(
         receipts: VecDeque::new(),
         disconnecting: false,
     };
-    tracing::debug!(user = %connected.user, vhost = %connected.vhost.name, %version, "STOMP session open");
+    // The connection's span (server.rs accept_loop) gets the login.
+    let span = tracing::Span::current();
+    span.record("user", connected.user.as_str());
+    span.record("vhost", connected.vhost.name.as_str());
+    tracing::debug!(%version, "STOMP session open");
     let end = match session.channel.execute(Command::ConfirmSelect).await {
         Ok(_) => session.run(&mut reader, &mut events, &shutdown, &dead, connected.expect_every).await,
         Err(e) => End::Error(e.into(), None),
