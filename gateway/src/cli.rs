@@ -7,7 +7,7 @@ use anyhow::Context;
 use sluice_cluster::node::{self, MemberView, MembershipOptions, Node, NodeOptions, ReplicaInfo};
 use sluice_cluster::rpc::{PeerInfo, Secret};
 
-use crate::config::{CtlArgs, CtlCommand, NodeConfig};
+use crate::config::{CtlCommand, CtlConfig, NodeConfig};
 
 /// Runs a node until SIGTERM or ctrl-c.
 pub async fn node(config: NodeConfig, reload: crate::server::Reload) -> anyhow::Result<()> {
@@ -65,7 +65,7 @@ pub async fn node(config: NodeConfig, reload: crate::server::Reload) -> anyhow::
 }
 
 /// `sluice ctl`.
-pub async fn ctl(args: CtlArgs) -> anyhow::Result<()> {
+pub async fn ctl(args: CtlConfig) -> anyhow::Result<()> {
     // Definition and user commands go to a gateway's admin API.
     let admin_args = args.clone();
     if tokio::task::spawn_blocking(move || crate::ctl_admin::run(&admin_args)).await?? {

@@ -46,6 +46,69 @@ pub struct FileConfig {
     /// permissions on `/`) in the replicated metadata at start if missing.
     pub users: Option<HashMap<String, String>>,
     pub loopback_users: Option<Vec<String>>,
+    pub log_level: Option<String>,
+    pub log_format: Option<LogFormat>,
+}
+
+/// How log lines are written to stderr (`log_format`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    #[default]
+    Text,
+    /// One JSON object per line, with the fields of the current span
+    /// (a connection's id, peer, proto, user and vhost).
+    Json,
+}
+
+/// `--log-level` and `--log-format` of `serve`, `gateway` and `node`.
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct LogArgs {
+    /// Which log lines to write to stderr: a level (error, warn, info, debug,
+    /// trace, off) or tracing's EnvFilter directives, e.g. `warn,sluice=debug`
+    /// (default warn).
+    #[arg(long, env = "SLUICE_LOG")]
+    pub log_level: Option<String>,
+    /// Log line format: text or json (default text).
+    #[arg(long, env = "SLUICE_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+/// The validated logging configuration.
+#[derive(Debug, Clone)]
+pub struct Logging {
+    /// EnvFilter directives, already checked to parse.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl LogArgs {
+    /// Flags/env over the file's `log_level` and `log_format`, validated.
+    pub fn resolve(self, level: Option<String>, format: Option<LogFormat>) -> anyhow::Result<Logging> {
+        let level = self.log_level.or(level).unwrap_or_else(|| "warn".into());
+        check_log_level(&level)?;
+        Ok(Logging { level, format: self.log_format.or(format).unwrap_or_default() })
+    }
+}
+
+/// EnvFilter accepts a bare word as a target name (`verbose` = everything
+/// from target `verbose`, so in effect nothing): a typo for a level would
+/// silently turn logging off, so a bare word must be a level here
+/// (`TARGET=LEVEL` names a target).
+pub fn check_log_level(level: &str) -> anyhow::Result<()> {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    let hint = "(a level: off, error, warn, info, debug, trace; or directives such as warn,sluice=debug)";
+    for part in level.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let plain = !part.contains(['=', '[', ':']);
+        if plain && !LEVELS.iter().any(|l| l.eq_ignore_ascii_case(part)) {
+            anyhow::bail!("log_level '{level}': '{part}' is not a level {hint}");
+        }
+    }
+    if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(level) {
+        anyhow::bail!("log_level '{level}' is not a log filter {hint}: {e}");
+    }
+    Ok(())
 }
 
 /// The client-facing part shared by `sluice serve` and `sluice gateway`:
@@ -221,7 +284,7 @@ pub struct Frontend {
     pub loopback_users: Vec<String>,
 }
 
-impl CtlArgs {
+impl CtlConfig {
     /// The cluster secret, with the node protocol's TLS when configured.
     pub fn credentials(&self) -> anyhow::Result<sluice_cluster::rpc::Secret> {
         let tls = node_tls(
@@ -401,6 +464,7 @@ pub struct Config {
     pub front: Frontend,
     pub body_cache_bytes: u64,
     pub fsync: bool,
+    pub log: Logging,
 }
 
 /// Values given on the command line or in the environment.
@@ -420,17 +484,18 @@ pub struct ServeArgs {
     /// fsync before confirming persistent messages (default true; false loses data on power failure).
     #[arg(long, env = "SLUICE_FSYNC")]
     pub fsync: Option<bool>,
+    #[command(flatten)]
+    pub log: LogArgs,
 }
 
 impl ServeArgs {
     /// Merges flags/env over the file over the defaults and validates.
     pub fn resolve(self) -> anyhow::Result<Config> {
-        let file = match &self.config {
-            Some(path) => load_file(path)?,
-            None => FileConfig::default(),
-        };
+        let file: FileConfig = load_file(self.config.as_deref())?;
+        let log = self.log.resolve(file.log_level, file.log_format)?;
         let front = self.client.resolve(client_file!(file))?;
         Ok(Config {
+            log,
             data_dir: self.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("sluice-data")),
             front,
             body_cache_bytes: self.body_cache_bytes.or(file.body_cache_bytes).unwrap_or(16 * 1024 * 1024),
@@ -439,9 +504,41 @@ impl ServeArgs {
     }
 }
 
-fn load_file(path: &Path) -> anyhow::Result<FileConfig> {
+/// Reads a TOML config file (none: every key unset). Errors name the file,
+/// the line and the key.
+fn load_file<T: serde::de::DeserializeOwned + Default>(path: Option<&Path>) -> anyhow::Result<T> {
+    let Some(path) = path else { return Ok(T::default()) };
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
-    toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+    toml::from_str(&text).map_err(|e| anyhow::anyhow!("invalid config file {}: {}", path.display(), toml_error(&text, &e)))
+}
+
+/// One line for a TOML error: `line N, key `K`: MESSAGE` (toml's own
+/// Display spans several lines with the source excerpt). The key is the one
+/// on the error's line, with the table it is in (`users.alice`).
+fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    let message = e.message().trim().replace('\n', " ");
+    let Some(start) = e.span().map(|s| s.start) else { return message };
+    let before = text.get(..start).unwrap_or(text);
+    let line_no = before.matches('\n').count() + 1;
+    let mut table = String::new();
+    for line in text.lines().take(line_no - 1) {
+        let line = line.trim();
+        if line.starts_with('[') {
+            table = line.trim_matches(|c| c == '[' || c == ']').trim().to_string();
+        }
+    }
+    let line = text.lines().nth(line_no - 1).unwrap_or("").trim();
+    let key = match line.split_once('=') {
+        Some((key, _)) if !line.starts_with('[') => key.trim().trim_matches('"').to_string(),
+        _ if line.starts_with('[') => line.trim_matches(|c| c == '[' || c == ']').trim().to_string(),
+        _ => String::new(),
+    };
+    let key = match (table.is_empty() || line.starts_with('['), key.is_empty()) {
+        (_, true) => return format!("line {line_no}: {message}"),
+        (true, false) => key,
+        (false, false) => format!("{table}.{key}"),
+    };
+    format!("line {line_no}, key `{key}`: {message}")
 }
 
 /// `sluice node` in a TOML file (every key optional; unknown keys are an error).
@@ -463,6 +560,8 @@ pub struct NodeFile {
     pub memory_high_watermark: Option<f64>,
     pub memory_high_watermark_bytes: Option<u64>,
     pub disk_free_limit: Option<u64>,
+    pub log_level: Option<String>,
+    pub log_format: Option<LogFormat>,
 }
 
 /// `sluice node` flags (each also `SLUICE_*` in the environment).
@@ -507,6 +606,8 @@ pub struct NodeArgs {
     /// Disk alarm threshold: free bytes on the data directory's file system (default 50000000).
     #[arg(long, env = "SLUICE_DISK_FREE_LIMIT")]
     pub disk_free_limit: Option<u64>,
+    #[command(flatten)]
+    pub log: LogArgs,
     /// TOML configuration file with the same keys.
     #[arg(long, env = "SLUICE_CONFIG")]
     pub config: Option<PathBuf>,
@@ -529,25 +630,21 @@ pub struct NodeConfig {
     pub metrics: Option<String>,
     /// Memory and free-disk alarm thresholds.
     pub alarm: AlarmLimits,
+    pub log: Logging,
 }
 
 impl NodeArgs {
     pub fn resolve(self) -> anyhow::Result<NodeConfig> {
-        let file: NodeFile = match &self.config {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("cannot read config file {}", path.display()))?;
-                toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))?
-            }
-            None => NodeFile::default(),
-        };
+        let file: NodeFile = load_file(self.config.as_deref())?;
+        let log = self.log.resolve(file.log_level, file.log_format)?;
         let Some(id) = self.id.or(file.id) else {
             anyhow::bail!("a node needs an identity: give --id (or SLUICE_ID, or `id` in the config file)");
         };
         if id.is_empty() || id.len() > 255 {
-            anyhow::bail!("node id must be 1 to 255 bytes long");
+            anyhow::bail!("id must be 1 to 255 bytes long (a node's identity)");
         }
         let config = NodeConfig {
+            log,
             data_dir: self.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from(format!("sluice-node-{id}"))),
             listen: self.listen.or(file.listen).unwrap_or_else(|| "0.0.0.0:25680".into()),
             advertise: self.advertise.or(file.advertise),
@@ -570,14 +667,17 @@ impl NodeArgs {
         };
         if config.heartbeat_ms == 0 || config.failure_timeout_ms <= config.heartbeat_ms {
             anyhow::bail!(
-                "failure timeout ({} ms) must be longer than the heartbeat interval ({} ms), which must be above 0",
+                "failure_timeout_ms ({}) must be longer than heartbeat_ms ({}), which must be above 0",
                 config.failure_timeout_ms,
                 config.heartbeat_ms
             );
         }
-        for addr in std::iter::once(&config.listen).chain(&config.seeds).chain(&config.advertise) {
+        let addrs = std::iter::once(("listen", &config.listen))
+            .chain(config.seeds.iter().map(|a| ("seeds", a)))
+            .chain(config.advertise.iter().map(|a| ("advertise", a)));
+        for (key, addr) in addrs {
             if addr.parse::<std::net::SocketAddr>().is_err() && !addr.contains(':') {
-                anyhow::bail!("'{addr}' is not HOST:PORT");
+                anyhow::bail!("{key} address '{addr}' is not HOST:PORT");
             }
         }
         if let Some(addr) = &config.metrics {
@@ -589,29 +689,84 @@ impl NodeArgs {
     }
 }
 
-/// `sluice ctl` flags shared by its commands.
+/// `sluice ctl` in a TOML file (every key optional; unknown keys are an error).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CtlFile {
+    pub node: Option<String>,
+    pub cluster_secret_file: Option<PathBuf>,
+    pub cluster_tls_cert: Option<PathBuf>,
+    pub cluster_tls_key: Option<PathBuf>,
+    pub cluster_tls_ca: Option<PathBuf>,
+    pub admin_url: Option<String>,
+    pub admin_user: Option<String>,
+    pub admin_password: Option<String>,
+}
+
+/// `sluice ctl` flags shared by its commands (each also `SLUICE_*` in the
+/// environment and a key of the file given with `--config`).
 #[derive(Debug, Clone, clap::Args)]
 pub struct CtlArgs {
-    /// A node of the cluster, HOST:PORT.
-    #[arg(long, env = "SLUICE_NODE", default_value = "127.0.0.1:25680")]
-    pub node: String,
+    /// A node of the cluster, HOST:PORT (default 127.0.0.1:25680).
+    #[arg(long, env = "SLUICE_NODE")]
+    pub node: Option<String>,
     /// The shared cluster secret (default: ~/.config/sluice/cluster-secret).
     #[arg(long, env = "SLUICE_CLUSTER_SECRET_FILE")]
     pub cluster_secret_file: Option<PathBuf>,
     #[command(flatten)]
     pub cluster_tls: ClusterTlsArgs,
     /// The admin HTTP API of a gateway or `sluice serve` (their `--admin`),
-    /// for the definition and user commands.
-    #[arg(long, env = "SLUICE_ADMIN_URL", default_value = "http://127.0.0.1:15672")]
-    pub admin: String,
-    /// User for the admin API (tag administrator to change anything).
-    #[arg(long, env = "SLUICE_ADMIN_USER", default_value = "guest")]
-    pub user: String,
-    /// Its password.
-    #[arg(long, env = "SLUICE_ADMIN_PASSWORD", default_value = "guest", hide_default_value = true)]
-    pub password: String,
+    /// for the definition and user commands (default http://127.0.0.1:15672).
+    #[arg(long, visible_alias = "admin", env = "SLUICE_ADMIN_URL")]
+    pub admin_url: Option<String>,
+    /// User for the admin API (tag administrator to change anything; default guest).
+    #[arg(long, visible_alias = "user", env = "SLUICE_ADMIN_USER")]
+    pub admin_user: Option<String>,
+    /// Its password (default guest).
+    #[arg(long, visible_alias = "password", env = "SLUICE_ADMIN_PASSWORD")]
+    pub admin_password: Option<String>,
+    /// TOML configuration file with the same keys.
+    #[arg(long, env = "SLUICE_CONFIG")]
+    pub config: Option<PathBuf>,
     #[command(subcommand)]
     pub command: CtlCommand,
+}
+
+/// The resolved settings of `sluice ctl`.
+#[derive(Debug, Clone)]
+pub struct CtlConfig {
+    pub node: String,
+    pub cluster_secret_file: Option<PathBuf>,
+    /// Loaded only by the commands that talk to a node.
+    pub cluster_tls: ClusterTlsArgs,
+    pub admin: String,
+    pub user: String,
+    pub password: String,
+    pub command: CtlCommand,
+}
+
+impl CtlArgs {
+    /// Flags/env over the file over the defaults.
+    pub fn resolve(self) -> anyhow::Result<CtlConfig> {
+        let file: CtlFile = load_file(self.config.as_deref())?;
+        let node = self.node.or(file.node).unwrap_or_else(|| "127.0.0.1:25680".into());
+        if !node.contains(':') {
+            anyhow::bail!("node address '{node}' is not HOST:PORT");
+        }
+        Ok(CtlConfig {
+            node,
+            cluster_secret_file: self.cluster_secret_file.or(file.cluster_secret_file),
+            cluster_tls: ClusterTlsArgs {
+                cluster_tls_cert: self.cluster_tls.cluster_tls_cert.or(file.cluster_tls_cert),
+                cluster_tls_key: self.cluster_tls.cluster_tls_key.or(file.cluster_tls_key),
+                cluster_tls_ca: self.cluster_tls.cluster_tls_ca.or(file.cluster_tls_ca),
+            },
+            admin: self.admin_url.or(file.admin_url).unwrap_or_else(|| "http://127.0.0.1:15672".into()),
+            user: self.admin_user.or(file.admin_user).unwrap_or_else(|| "guest".into()),
+            password: self.admin_password.or(file.admin_password).unwrap_or_else(|| "guest".into()),
+            command: self.command,
+        })
+    }
 }
 
 /// What `sluice ctl` can do: cluster commands talk to a node (`--node`),
@@ -795,6 +950,8 @@ pub struct GatewayFile {
     pub consumer_max_per_channel: Option<u32>,
     pub users: Option<HashMap<String, String>>,
     pub loopback_users: Option<Vec<String>>,
+    pub log_level: Option<String>,
+    pub log_format: Option<LogFormat>,
 }
 
 /// `sluice gateway` flags (each also `SLUICE_*` in the environment).
@@ -813,6 +970,8 @@ pub struct GatewayArgs {
     pub cluster_secret_file: Option<PathBuf>,
     #[command(flatten)]
     pub cluster_tls: ClusterTlsArgs,
+    #[command(flatten)]
+    pub log: LogArgs,
     /// TOML configuration file with the same keys.
     #[arg(long, env = "SLUICE_CONFIG")]
     pub config: Option<PathBuf>,
@@ -827,24 +986,20 @@ pub struct GatewayConfig {
     pub cluster_secret_file: Option<PathBuf>,
     /// The node protocol's TLS, when configured.
     pub cluster_tls: Option<NodeTls>,
+    pub log: Logging,
 }
 
 impl GatewayArgs {
     pub fn resolve(self) -> anyhow::Result<GatewayConfig> {
-        let file: GatewayFile = match &self.config {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("cannot read config file {}", path.display()))?;
-                toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))?
-            }
-            None => GatewayFile::default(),
-        };
+        let file: GatewayFile = load_file(self.config.as_deref())?;
+        let log = self.log.resolve(file.log_level, file.log_format)?;
         let nodes = self.nodes.or(file.nodes).unwrap_or_default();
         if nodes.is_empty() {
             anyhow::bail!("a gateway needs storage nodes: give --nodes HOST:PORT,... (or SLUICE_NODES, or `nodes` in the config file)");
         }
         let front = self.client.resolve(client_file!(file))?;
         let config = GatewayConfig {
+            log,
             id: self.id.or(file.id).unwrap_or_else(|| format!("gateway-{}", std::process::id())),
             nodes,
             front,
@@ -857,9 +1012,231 @@ impl GatewayArgs {
         };
         for addr in &config.nodes {
             if !addr.contains(':') {
-                anyhow::bail!("node address '{addr}' is not HOST:PORT");
+                anyhow::bail!("nodes address '{addr}' is not HOST:PORT");
             }
         }
         Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Every key of every config file is a flag and a `SLUICE_*` variable
+    //! too, and docs/configuration.md has a row for it: adding a key
+    //! without its flag or its documentation fails here.
+
+    use super::*;
+    use clap::Args;
+
+    /// The error of [`Probe`]: the field names serde asked for.
+    #[derive(Debug)]
+    struct Fields(&'static [&'static str]);
+
+    impl std::fmt::Display for Fields {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "{:?}", self.0)
+        }
+    }
+
+    impl std::error::Error for Fields {}
+
+    impl serde::de::Error for Fields {
+        fn custom<M: std::fmt::Display>(_: M) -> Self {
+            Fields(&[])
+        }
+    }
+
+    /// A deserializer that only records the field list a derived
+    /// `Deserialize` passes to `deserialize_struct`: the keys the TOML file
+    /// may hold.
+    struct Probe;
+
+    impl<'de> serde::Deserializer<'de> for Probe {
+        type Error = Fields;
+
+        fn deserialize_any<V: serde::de::Visitor<'de>>(self, _: V) -> Result<V::Value, Fields> {
+            Err(Fields(&[]))
+        }
+
+        fn deserialize_struct<V: serde::de::Visitor<'de>>(
+            self,
+            _name: &'static str,
+            fields: &'static [&'static str],
+            _visitor: V,
+        ) -> Result<V::Value, Fields> {
+            Err(Fields(fields))
+        }
+
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
+            bytes byte_buf option unit unit_struct newtype_struct seq tuple
+            tuple_struct map enum identifier ignored_any
+        }
+    }
+
+    fn file_keys<T: serde::de::DeserializeOwned>() -> Vec<&'static str> {
+        match T::deserialize(Probe) {
+            Err(Fields(fields)) => fields.to_vec(),
+            Ok(_) => Vec::new(),
+        }
+    }
+
+    /// The environment variable of a key.
+    fn env_of(key: &str) -> String {
+        match key {
+            "log_level" => "SLUICE_LOG".into(),
+            _ => format!("SLUICE_{}", key.to_uppercase()),
+        }
+    }
+
+    /// Keys that are only in the file (a TOML table has no flag form).
+    const FILE_ONLY: [&str; 1] = ["users"];
+
+    fn roles() -> Vec<(&'static str, Vec<&'static str>, clap::Command)> {
+        vec![
+            ("serve", file_keys::<FileConfig>(), ServeArgs::augment_args(clap::Command::new("serve"))),
+            ("gateway", file_keys::<GatewayFile>(), GatewayArgs::augment_args(clap::Command::new("gateway"))),
+            ("node", file_keys::<NodeFile>(), NodeArgs::augment_args(clap::Command::new("node"))),
+            ("ctl", file_keys::<CtlFile>(), CtlArgs::augment_args(clap::Command::new("ctl"))),
+        ]
+    }
+
+    #[test]
+    fn probe_sees_the_file_keys() {
+        let keys = file_keys::<NodeFile>();
+        assert!(keys.contains(&"heartbeat_ms") && keys.contains(&"log_format"), "{keys:?}");
+    }
+
+    #[test]
+    fn every_file_key_is_a_flag_and_an_env_var_and_back() {
+        for (role, keys, cmd) in roles() {
+            assert!(keys.len() > 5, "{role}: {keys:?}");
+            for key in keys.iter().filter(|k| !FILE_ONLY.contains(k)) {
+                let arg = cmd.get_arguments().find(|a| a.get_id().as_str() == *key);
+                let Some(arg) = arg else { panic!("sluice {role}: file key `{key}` has no flag") };
+                assert_eq!(arg.get_long(), Some(key.replace('_', "-").as_str()), "sluice {role} {key}");
+                assert_eq!(arg.get_env().and_then(|e| e.to_str()), Some(env_of(key).as_str()), "sluice {role} {key}");
+            }
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                assert!(id == "config" || keys.contains(&id), "sluice {role}: flag --{id} has no file key");
+            }
+        }
+    }
+
+    /// The sections of docs/configuration.md by their `## ` heading.
+    fn doc_sections() -> Vec<(&'static str, &'static str)> {
+        let doc = include_str!("../../docs/configuration.md");
+        let mut sections = Vec::new();
+        let mut starts: Vec<usize> = doc.match_indices("\n## ").map(|(i, _)| i + 1).collect();
+        starts.push(doc.len());
+        for pair in starts.windows(2) {
+            let text = &doc[pair[0]..pair[1]];
+            let heading = text.lines().next().unwrap_or("").trim_start_matches("## ").trim();
+            sections.push((heading, text));
+        }
+        sections
+    }
+
+    fn section(heading: &str) -> &'static str {
+        match doc_sections().into_iter().find(|(h, _)| *h == heading) {
+            Some((_, text)) => text,
+            None => panic!("docs/configuration.md has no section `## {heading}`"),
+        }
+    }
+
+    const CLIENT: &str = "Client keys: `sluice serve` and `sluice gateway`";
+    const LOGGING: &str = "Logging: `sluice serve`, `sluice gateway`, `sluice node`";
+
+    #[test]
+    fn docs_have_a_row_for_every_key_with_its_flag_and_env_var() {
+        for (role, keys, cmd) in roles() {
+            let own = format!("`sluice {role}`");
+            let mut places = vec![section(&own)];
+            if role != "ctl" {
+                places.push(section(LOGGING));
+            }
+            if role == "serve" || role == "gateway" {
+                places.push(section(CLIENT));
+            }
+            for key in keys.iter().copied().chain(["config"]) {
+                let start = format!("| `{key}` |");
+                let row = places.iter().flat_map(|s| s.lines()).find(|l| l.starts_with(&start));
+                let Some(row) = row else { panic!("docs/configuration.md: no row `{start}` for sluice {role}") };
+                if FILE_ONLY.contains(&key) {
+                    continue;
+                }
+                let arg = cmd.get_arguments().find(|a| a.get_id().as_str() == key);
+                let Some(arg) = arg else { panic!("sluice {role}: no flag for {key}") };
+                let flag = format!("`--{}", arg.get_long().unwrap_or_default());
+                let env = format!("`{}`", arg.get_env().and_then(|e| e.to_str()).unwrap_or_default());
+                assert!(row.contains(&flag) && row.contains(&env), "docs/configuration.md, sluice {role}: {row}\nneeds {flag} and {env}");
+            }
+        }
+        // No row for a key that does not exist.
+        let all: Vec<&str> = roles().into_iter().flat_map(|(_, keys, _)| keys).chain(["config"]).collect();
+        for heading in ["`sluice serve`", "`sluice gateway`", "`sluice node`", "`sluice ctl`", CLIENT, LOGGING] {
+            for row in section(heading).lines().filter(|l| l.starts_with("| `")) {
+                let key = row.split('`').nth(1).unwrap_or("");
+                assert!(all.contains(&key), "docs/configuration.md ({heading}) documents `{key}`, which no config file takes");
+            }
+        }
+    }
+
+    #[test]
+    fn example_files_in_the_docs_are_valid() {
+        let doc = include_str!("../../docs/configuration.md");
+        let mut seen = Vec::new();
+        for block in doc.split("```toml\n").skip(1) {
+            let text = block.split("```").next().unwrap_or("");
+            let first = text.lines().next().unwrap_or("");
+            let result = if first.contains("`sluice serve") {
+                toml::from_str::<FileConfig>(text).map(|_| "serve")
+            } else if first.contains("`sluice gateway") {
+                toml::from_str::<GatewayFile>(text).map(|_| "gateway")
+            } else if first.contains("`sluice node") {
+                toml::from_str::<NodeFile>(text).map(|_| "node")
+            } else if first.contains("`sluice ctl") {
+                toml::from_str::<CtlFile>(text).map(|_| "ctl")
+            } else {
+                panic!("a TOML example must start with a comment naming its role: {first}");
+            };
+            match result {
+                Ok(role) => seen.push(role),
+                Err(e) => panic!("docs/configuration.md example ({first}): {}", toml_error(text, &e)),
+            }
+        }
+        assert_eq!(seen, ["serve", "gateway", "node", "ctl"]);
+    }
+
+    fn toml_message<T: serde::de::DeserializeOwned + std::fmt::Debug>(text: &str) -> String {
+        match toml::from_str::<T>(text) {
+            Ok(v) => panic!("{text} was accepted: {v:?}"),
+            Err(e) => toml_error(text, &e),
+        }
+    }
+
+    #[test]
+    fn toml_errors_name_line_and_key() {
+        let m = toml_message::<FileConfig>("amqp = \"127.0.0.1:0\"\nchannel_max = \"many\"\n");
+        assert!(m.starts_with("line 2, key `channel_max`: "), "{m}");
+        let m = toml_message::<FileConfig>("unknown_key = 1\n");
+        assert!(m.starts_with("line 1, key `unknown_key`: unknown field"), "{m}");
+        let m = toml_message::<FileConfig>("fsync = true\n[users]\nalice = 3\n");
+        assert!(m.starts_with("line 3, key `users.alice`: "), "{m}");
+        let m = toml_message::<NodeFile>("log_format = \"xml\"\n");
+        assert!(m.starts_with("line 1, key `log_format`: ") && m.contains("json"), "{m}");
+        assert!(!m.contains('\n'), "{m}");
+    }
+
+    #[test]
+    fn log_level_must_be_a_level_or_directives() {
+        for good in ["warn", "INFO", "off", "warn,sluice=debug", "sluice::server=trace"] {
+            assert!(check_log_level(good).is_ok(), "{good}");
+        }
+        for bad in ["verbose", "warn,loud", "sluice=loud"] {
+            let e = check_log_level(bad).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(e.starts_with("log_level"), "{bad}: {e}");
+        }
     }
 }

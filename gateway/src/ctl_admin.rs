@@ -10,13 +10,13 @@ use anyhow::{bail, Context};
 use base64::Engine as _;
 use serde_json::{json, Value};
 
-use crate::config::{CtlArgs, CtlCommand};
+use crate::config::{CtlCommand, CtlConfig};
 
 /// How long one request may take.
 const TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Runs an admin command; `Ok(false)` if `args.command` is not one.
-pub fn run(args: &CtlArgs) -> anyhow::Result<bool> {
+pub fn run(args: &CtlConfig) -> anyhow::Result<bool> {
     let api = Api::new(args)?;
     let enc = |s: &str| percent_encode(s);
     match &args.command {
@@ -193,15 +193,15 @@ struct Api {
 }
 
 impl Api {
-    fn new(args: &CtlArgs) -> anyhow::Result<Api> {
+    fn new(args: &CtlConfig) -> anyhow::Result<Api> {
         let host = args
             .admin
             .strip_prefix("http://")
-            .ok_or_else(|| anyhow::anyhow!("--admin '{}' must be an http:// URL (http://HOST:PORT)", args.admin))?
+            .ok_or_else(|| anyhow::anyhow!("admin_url (--admin-url) '{}' must be an http:// URL (http://HOST:PORT)", args.admin))?
             .trim_end_matches('/')
             .to_owned();
         if !host.contains(':') {
-            bail!("--admin '{}' needs a port (http://HOST:PORT)", args.admin);
+            bail!("admin_url (--admin-url) '{}' needs a port (http://HOST:PORT)", args.admin);
         }
         let auth = base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", args.user, args.password));
         Ok(Api { host, auth })

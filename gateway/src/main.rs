@@ -21,7 +21,7 @@ mod router;
 mod server;
 mod stomp;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 /// mimalloc returns freed memory to the OS far better than glibc's malloc
 /// under this workload (many threads, short-lived message buffers): in the
@@ -54,31 +54,82 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }
 
+/// Starts logging to stderr, once the configuration is resolved (its
+/// errors are printed with eprintln).
+fn init_logging(log: &config::Logging) {
+    // The level was checked when the configuration was resolved.
+    let filter = tracing_subscriber::EnvFilter::builder().parse_lossy(&log.level);
+    // Colours only on a terminal, not in files or pipes.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    match log.format {
+        config::LogFormat::Text => fmt.init(),
+        // One object a line; "span" holds the connection's fields (id,
+        // peer, proto, user, vhost).
+        config::LogFormat::Json => fmt.json().with_current_span(true).with_span_list(false).init(),
+    }
+}
+
+/// Exits with clap's error; a bad value that came from a `SLUICE_*`
+/// variable (clap names only the flag) also names the variable.
+fn clap_exit(e: clap::Error) -> ! {
+    use clap::error::{ContextKind, ContextValue};
+    if let (Some(ContextValue::String(arg)), Some(ContextValue::String(value))) =
+        (e.get(ContextKind::InvalidArg), e.get(ContextKind::InvalidValue))
+    {
+        // arg is "--channel-max <CHANNEL_MAX>".
+        let long = arg.split_whitespace().next().unwrap_or("").trim_start_matches("--");
+        let on_command_line =
+            std::env::args().any(|a| a == format!("--{long}") || a.starts_with(&format!("--{long}=")));
+        let env = Cli::command()
+            .get_subcommands()
+            .flat_map(|sub| sub.get_arguments())
+            .find(|a| a.get_long() == Some(long))
+            .and_then(|a| a.get_env().and_then(|e| e.to_str()).map(str::to_string));
+        if let Some(env) = env.filter(|env| !on_command_line && std::env::var(env).as_deref() == Ok(value.as_str())) {
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("").trim_start_matches("error: ");
+            eprintln!("sluice: environment variable {env}: {first}");
+            std::process::exit(2);
+        }
+    }
+    e.exit()
+}
+
 fn main() {
-    let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let cli = Cli::try_parse().unwrap_or_else(|e| clap_exit(e));
     let result = match cli.command {
         Cmd::Serve(args) => {
+            // SIGHUP re-reads the alarm limits from the same sources.
             let again = args.clone();
             let reload: server::Reload = Box::new(move || again.clone().resolve().map(|c| c.front.limits.alarm));
-            args.resolve().and_then(|config| runtime().and_then(|rt| rt.block_on(server::serve(config, reload))))
+            args.resolve().and_then(|config| {
+                init_logging(&config.log);
+                runtime().and_then(|rt| rt.block_on(server::serve(config, reload)))
+            })
         }
         Cmd::Node(args) => {
             let again = args.clone();
             let reload: server::Reload = Box::new(move || again.clone().resolve().map(|c| c.alarm));
-            args.resolve().and_then(|config| runtime().and_then(|rt| rt.block_on(cli::node(config, reload))))
+            args.resolve().and_then(|config| {
+                init_logging(&config.log);
+                runtime().and_then(|rt| rt.block_on(cli::node(config, reload)))
+            })
         }
-        Cmd::Ctl(args) => runtime().and_then(|rt| rt.block_on(cli::ctl(args))),
+        Cmd::Ctl(args) => {
+            // ctl has no log keys: SLUICE_LOG only, warn if unset or invalid.
+            let level = std::env::var("SLUICE_LOG").unwrap_or_default();
+            let level = if config::check_log_level(&level).is_ok() && !level.is_empty() { level } else { "warn".into() };
+            init_logging(&config::Logging { level, format: config::LogFormat::Text });
+            args.resolve().and_then(|config| runtime().and_then(|rt| rt.block_on(cli::ctl(config))))
+        }
         Cmd::Gateway(args) => {
             let again = args.clone();
             let reload: server::Reload = Box::new(move || again.clone().resolve().map(|c| c.front.limits.alarm));
-            args.resolve().and_then(|config| runtime().and_then(|rt| rt.block_on(server::gateway(config, reload))))
+            args.resolve().and_then(|config| {
+                init_logging(&config.log);
+                runtime().and_then(|rt| rt.block_on(server::gateway(config, reload)))
+            })
         }
         Cmd::Bench => {
             eprintln!("sluice: this subcommand is not implemented yet");

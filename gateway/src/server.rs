@@ -383,7 +383,17 @@ async fn accept_loop(listener: Listener, broker: Arc<Broker>, shutdown: Cancella
             Ok((socket, peer)) => {
                 let _ = socket.set_nodelay(true);
                 let conn_id = broker.next_conn_id();
-                let span = tracing::info_span!("conn", id = conn_id, %peer, proto = listener.proto.name());
+                // user and vhost are recorded once the login succeeds. At
+                // level ERROR so that no log_level filters it out: events
+                // of every level inside the connection carry its fields.
+                let span = tracing::error_span!(
+                    "conn",
+                    id = conn_id,
+                    %peer,
+                    proto = listener.proto.name(),
+                    user = tracing::field::Empty,
+                    vhost = tracing::field::Empty
+                );
                 let conn = connection(socket, listener.proto, listener.tls.clone(), conn_id, broker.clone(), shutdown.clone());
                 tracker.spawn(crate::metrics::tracked(conn).instrument(span));
             }

@@ -197,7 +197,7 @@ fn advertise_address_and_membership_timings_are_configurable() {
         .output()
         .unwrap();
     assert_eq!(bad.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("failure timeout"), "{}", String::from_utf8_lossy(&bad.stderr));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("failure_timeout_ms"), "{}", String::from_utf8_lossy(&bad.stderr));
 
     // b listens on every loopback address and advertises 127.0.0.2: the
     // other node lists it (and reaches it) there.

@@ -138,7 +138,11 @@ pub async fn serve<R, W>(
     frame_max.store(conn.frame_max, Ordering::Release);
     heartbeat.store(u32::from(conn.heartbeat), Ordering::Release);
     reader.decoder_mut().frame_max = conn.frame_max;
-    tracing::debug!(user = %ctx.1.user, vhost = %ctx.1.vhost.name, "connection open");
+    // The connection's span (server.rs accept_loop) gets the login.
+    let span = tracing::Span::current();
+    span.record("user", ctx.1.user.as_str());
+    span.record("vhost", ctx.1.vhost.name.as_str());
+    tracing::debug!("connection open");
 
     let (mut events, session) = ctx;
     let end = conn.run(&mut reader, &mut events, session.clone(), &shutdown).await;

@@ -381,7 +381,11 @@ pub async fn serve_with<R, W>(
         blocked: None,
         _slot: slot,
     };
-    tracing::debug!(user = %connected.user, vhost = %connected.vhost.name, %version, "STOMP session open");
+    // The connection's span (server.rs accept_loop) gets the login.
+    let span = tracing::Span::current();
+    span.record("user", connected.user.as_str());
+    span.record("vhost", connected.vhost.name.as_str());
+    tracing::debug!(%version, "STOMP session open");
     crate::audit::emit(&broker.router, crate::audit::Event {
         name: "connection.created",
         vhost: Some(&connected.vhost.name),
