@@ -247,6 +247,10 @@ const DEAD_LETTER_TIMEOUT: Duration = Duration::from_secs(3);
 /// Wait before publishing dead letters again after a failure.
 const DEAD_LETTER_RETRY: Duration = Duration::from_secs(1);
 
+/// How long dead letters may stay sent without their `DeadLettered`
+/// applying before they are sent again.
+const DEAD_LETTER_STUCK: Duration = Duration::from_secs(10);
+
 /// How long [`ReplicatedQueue::retire`] waits for the dead letters to be
 /// published.
 const RETIRE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -577,6 +581,11 @@ struct Inner {
     dl_in_flight: BTreeSet<u64>,
     /// Leader: no dead-letter publishing before this (after a failure).
     dl_retry_at: Option<Instant>,
+    /// When the oldest dead letter of `dl_in_flight` was sent: past
+    /// [`DEAD_LETTER_STUCK`] without its `DeadLettered` applying, the set
+    /// is cleared and the dead letters are sent again (the target drops
+    /// copies), so a lost answer or entry cannot hold them for ever.
+    dl_sent_at: Option<Instant>,
     /// Dead letters removed from the queue (published to their target)
     /// since this replica opened: every replica applies the same
     /// `DeadLettered`s (metrics).
@@ -791,6 +800,7 @@ impl Inner {
         self.leader_since = None;
         self.dl_in_flight.clear();
         self.dl_retry_at = None;
+        self.dl_sent_at = None;
         self.expire_inflight = false;
     }
 
@@ -994,6 +1004,7 @@ impl ReplicatedQueue {
             acked: HashMap::new(),
             dl_in_flight: BTreeSet::new(),
             dl_retry_at: None,
+            dl_sent_at: None,
             dead_lettered: 0,
             expire_inflight: false,
         };
@@ -1950,6 +1961,13 @@ impl ReplicatedQueue {
         }
         let Some(target) = dead_letter::Target::of(&self.spec.arguments) else { return };
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        if inner.dl_in_flight.is_empty() {
+            inner.dl_sent_at = None;
+        } else if inner.dl_sent_at.is_some_and(|at| at.elapsed() > DEAD_LETTER_STUCK) {
+            tracing::warn!(queue = %self.spec.name, count = inner.dl_in_flight.len(), "dead letters unanswered: sending them again");
+            inner.dl_in_flight.clear();
+            inner.dl_sent_at = None;
+        }
         let todo: Vec<(u64, crate::replica::queue_sm::DeadLetter)> = inner
             .sm
             .dead_letters()
@@ -1966,6 +1984,7 @@ impl ReplicatedQueue {
             .unwrap_or(0);
         let mut sends = Vec::with_capacity(todo.len());
         let mut lost = Vec::new();
+        inner.dl_sent_at.get_or_insert_with(Instant::now);
         for (id, dl) in todo {
             inner.dl_in_flight.insert(id);
             match inner.message(dl.seq) {

@@ -733,8 +733,20 @@ async fn dead_letter_moves_survive_killing_the_source_leader() {
             let (_c, ch) = open(&gw).await;
             let (in_src, in_dlq) = (ready_count(&ch, &src).await, ready_count(&ch, &dlq).await);
             let missing: Vec<String> = (0..TOTAL).map(|i| format!("m{i}")).filter(|m| !seen.contains_key(m)).collect();
+            // Where the missing ones are: held (unacked) or waiting to be
+            // dead-lettered, as the source's leader reports them.
+            let figures = match gw.metrics {
+                Some(addr) => crate::metrics::scrape(addr)
+                    .await
+                    .lines()
+                    .filter(|l| l.contains(&format!("queue=\"{src}\"")) && (l.contains("unacked") || l.contains("dead_letter")))
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+                    .join("; "),
+                None => String::new(),
+            };
             panic!(
-                "only {} of {TOTAL} dead letters {:?} after the kill (missing {missing:?}; ready now: {in_src} in {src}, {in_dlq} in {dlq}; {rejected_again} rejected again after failover; messages neither ready nor dead-lettered are still held for the closed consumer)",
+                "only {} of {TOTAL} dead letters {:?} after the kill (missing {missing:?}; ready now: {in_src} in {src}, {in_dlq} in {dlq}; {rejected_again} rejected again after failover; source figures: {figures})",
                 seen.len(),
                 killed_at.elapsed()
             );
