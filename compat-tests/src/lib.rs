@@ -117,9 +117,10 @@ impl Server {
         }
         cmd.arg("serve")
             .arg("--data-dir")
-            .arg(data_dir)
-            .arg("--amqp")
-            .arg("127.0.0.1:0");
+            .arg(data_dir);
+        if !has_flag(extra, "--amqp") {
+            cmd.arg("--amqp").arg("127.0.0.1:0");
+        }
         // A free port unless the test chose one (the default, 61613, would
         // collide between parallel tests).
         if !has_flag(extra, "--stomp") {
@@ -278,6 +279,40 @@ impl Server {
         let mut s = Self::spawn(&self.data_dir, &extra).expect("restart sluice");
         s._tmp = tmp;
         *self = s;
+    }
+
+    /// Stops the broker (SIGTERM) and starts it again on the same data dir
+    /// and the same AMQP, STOMP and Web-STOMP addresses, so clients can
+    /// reconnect to the address they had (retries while the ports are
+    /// still being released).
+    pub fn restart_same_ports(&mut self) {
+        self.terminate();
+        let (amqp, stomp, web) = (self.amqp.to_string(), self.stomp.to_string(), self.web_stomp.to_string());
+        let mut extra: Vec<String> = Vec::new();
+        let mut old = self.extra.iter();
+        while let Some(a) = old.next() {
+            if ["--amqp", "--stomp", "--web-stomp"].contains(&a.as_str()) {
+                old.next();
+            } else if !["--amqp=", "--stomp=", "--web-stomp="].iter().any(|p| a.starts_with(p)) {
+                extra.push(a.clone());
+            }
+        }
+        extra.extend(["--amqp".into(), amqp, "--stomp".into(), stomp, "--web-stomp".into(), web]);
+        let args: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let tmp = self._tmp.take();
+        let mut last = String::new();
+        for _ in 0..50 {
+            match Self::spawn(&self.data_dir, &args) {
+                Ok(mut s) => {
+                    s._tmp = tmp;
+                    *self = s;
+                    return;
+                }
+                Err(e) => last = e,
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("restart on the same ports failed: {last}");
     }
 }
 

@@ -3,8 +3,9 @@
 //! over WebSocket (Node); pika also over TLS with a client certificate
 //! and EXTERNAL (Python's ssl, so OpenSSL on the client side). The test installs
 //! them itself (a venv and an npm folder under `target/`), so a clean
-//! machine needs only the package registries. The full compatibility
-//! matrix is issue #7; these are the smoke tests of the foundation issue.
+//! machine needs only the package registries. These are smoke tests; the
+//! full compatibility matrix (issue #7) is `matrix.rs`, which shares the
+//! installers below.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -13,12 +14,12 @@ use std::process::Command;
 
 use sluice_compat_tests::{sluice_bin, Server};
 
-fn manifest_dir() -> PathBuf {
+pub(crate) fn manifest_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
 /// `target/` (next to `target/<profile>/sluice`).
-fn target_dir() -> PathBuf {
+pub(crate) fn target_dir() -> PathBuf {
     sluice_bin().parent().and_then(Path::parent).expect("target dir").to_path_buf()
 }
 
@@ -40,7 +41,7 @@ fn run(cmd: &mut Command, what: &str) -> String {
 }
 
 /// A venv with the pinned Python clients; returns its python.
-fn python() -> PathBuf {
+pub(crate) fn python() -> PathBuf {
     let venv = target_dir().join("compat-venv");
     let python = venv.join("bin/python");
     let requirements = manifest_dir().join("python/requirements.txt");
@@ -61,7 +62,7 @@ fn python() -> PathBuf {
 }
 
 /// An npm folder with the pinned Node clients; returns it.
-fn node_dir() -> PathBuf {
+pub(crate) fn node_dir() -> PathBuf {
     let dir = target_dir().join("compat-node");
     let package = std::fs::read_to_string(manifest_dir().join("node/package.json")).expect("package.json");
     locked("compat-node", || {

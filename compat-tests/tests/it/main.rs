@@ -21,6 +21,8 @@ mod cluster_queues;
 mod cluster_rebalance;
 mod clients;
 mod crash;
+mod matrix;
+mod matrix_lapin;
 mod metrics;
 mod raw;
 mod stomp;
