@@ -420,9 +420,43 @@ pub struct GatewayProcess {
     pub admin: Option<String>,
     /// The metrics listener.
     pub metrics: Option<SocketAddr>,
+    /// The STOMP and Web-STOMP listeners.
+    pub stomp: Option<String>,
+    pub web_stomp: Option<String>,
+    /// How it was started (for [`GatewayProcess::restart_same_ports`]).
+    home: PathBuf,
+    nodes: Vec<String>,
+    extra: Vec<String>,
 }
 
 impl GatewayProcess {
+    /// Stops the gateway (SIGTERM) and starts it again on the same
+    /// listener ports (retrying while the ports are freed).
+    pub fn restart_same_ports(&mut self) {
+        // SAFETY: plain syscall on our own child.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let _ = self.child.wait();
+        let mut extra: Vec<String> = self.extra.clone();
+        for (flag, addr) in [("--amqp", Some(self.amqp.clone())), ("--stomp", self.stomp.clone()), ("--web-stomp", self.web_stomp.clone())] {
+            if let Some(a) = addr {
+                extra.push(flag.into());
+                extra.push(a);
+            }
+        }
+        let nodes: Vec<&str> = self.nodes.iter().map(String::as_str).collect();
+        let args: Vec<&str> = extra.iter().map(String::as_str).collect();
+        for _ in 0..50 {
+            let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| start_gateway(&self.home, &nodes, &args)));
+            if let Ok(mut g) = started {
+                g.extra = self.extra.clone();
+                *self = g;
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("gateway restart on the same ports failed");
+    }
+
     /// `amqp://guest:guest@ADDR/%2f`.
     pub fn url(&self) -> String {
         format!("amqp://guest:guest@{}/%2f", self.amqp)
@@ -441,7 +475,10 @@ impl Drop for GatewayProcess {
 /// waits for its listening line (it prints it once it has the metadata).
 pub fn start_gateway(home: &Path, nodes: &[&str], extra: &[&str]) -> GatewayProcess {
     let mut cmd = Command::new(sluice_bin());
-    cmd.args(["gateway", "--amqp", "127.0.0.1:0", "--nodes", &nodes.join(",")]);
+    cmd.args(["gateway", "--nodes", &nodes.join(",")]);
+    if !has_flag(extra, "--amqp") {
+        cmd.args(["--amqp", "127.0.0.1:0"]);
+    }
     if !has_flag(extra, "--stomp") {
         cmd.args(["--stomp", "127.0.0.1:0"]);
     }
@@ -460,7 +497,18 @@ pub fn start_gateway(home: &Path, nodes: &[&str], extra: &[&str]) -> GatewayProc
     let find = |prefix: &str| lines.iter().find_map(|l| l.strip_prefix(prefix)).map(|a| a.trim().to_string());
     let amqp = find("AMQP listening on ").expect("an AMQP listening line");
     let metrics = find("metrics listening on ").and_then(|a| a.parse().ok());
-    GatewayProcess { child, amqp, amqps: find("AMQPS listening on "), admin: find("admin API listening on "), metrics }
+    GatewayProcess {
+        child,
+        amqp,
+        amqps: find("AMQPS listening on "),
+        admin: find("admin API listening on "),
+        metrics,
+        stomp: find("STOMP listening on "),
+        web_stomp: find("Web-STOMP listening on "),
+        home: home.to_path_buf(),
+        nodes: nodes.iter().map(|n| (*n).to_owned()).collect(),
+        extra: extra.iter().map(|e| (*e).to_owned()).collect(),
+    }
 }
 
 /// `sluice ctl --node addr status` lines, with the per-user config under

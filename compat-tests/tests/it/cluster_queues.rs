@@ -29,7 +29,7 @@ fn status_field(home: &Path, addr: &str, key: &str) -> Option<Vec<String>> {
 
 /// Three nodes (n1 founds the cluster, n2 and n3 join through it), once
 /// every node lists all three as members.
-fn three_nodes(home: &Path) -> Vec<NodeProcess> {
+pub(crate) fn three_nodes(home: &Path) -> Vec<NodeProcess> {
     let n1 = start_node(home, "n1", "n1", "127.0.0.1:0", &[]);
     let seed = n1.addr.clone();
     let n2 = start_node(home, "n2", "n2", "127.0.0.1:0", &["--seeds", &seed]);

@@ -38,7 +38,7 @@ pub const SCENARIOS: &[&str] = &[
 
 /// Runs `cmd` (a client script) to its end, restarting `server` on the same
 /// ports whenever it prints `RESTART?`; returns its JSON lines.
-fn drive(mut cmd: Command, server: &mut Server, timeout: Duration) -> Vec<Value> {
+fn drive(mut cmd: Command, restart: &mut dyn FnMut(), timeout: Duration) -> Vec<Value> {
     let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -70,7 +70,7 @@ fn drive(mut cmd: Command, server: &mut Server, timeout: Duration) -> Vec<Value>
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
             Ok(line) if line.trim() == "RESTART?" => {
-                server.restart_same_ports();
+                restart();
                 writeln!(stdin, "RESTARTED").and_then(|_| stdin.flush()).expect("answer RESTARTED");
             }
             Ok(line) => match serde_json::from_str::<Value>(&line) {
@@ -130,7 +130,7 @@ fn run_row(file: &str, cmd: impl FnOnce(&Server) -> Command, clients: &[(&str, &
     let started = Instant::now();
     let mut server = Server::start();
     let command = cmd(&server);
-    let rows = drive(command, &mut server, Duration::from_secs(170));
+    let rows = drive(command, &mut || server.restart_same_ports(), Duration::from_secs(170));
     record(file, &rows, started.elapsed());
     for (client, scenarios, na) in clients {
         check(&rows, client, scenarios, na);
@@ -138,18 +138,18 @@ fn run_row(file: &str, cmd: impl FnOnce(&Server) -> Command, clients: &[(&str, &
 }
 
 fn python_cmd(script: &str) -> impl FnOnce(&Server) -> Command {
-    let py = python();
-    let script = manifest_dir().join("python").join(script);
-    move |s: &Server| {
-        let mut c = Command::new(py);
-        c.arg(script)
-            .arg(s.amqp.port().to_string())
-            .arg(s.stomp_addr().port().to_string())
-            .arg(s.web_stomp_addr().port().to_string())
-            .env("PYTHONUNBUFFERED", "1")
-            .env("PYTHONDONTWRITEBYTECODE", "1");
-        c
-    }
+    let script = script.to_owned();
+    move |s: &Server| python_at(&script, [s.amqp.port(), s.stomp_addr().port(), s.web_stomp_addr().port()])
+}
+
+/// A Python matrix script against the given (AMQP, STOMP, Web-STOMP) ports.
+fn python_at(script: &str, ports: [u16; 3]) -> Command {
+    let mut c = Command::new(python());
+    c.arg(manifest_dir().join("python").join(script))
+        .args(ports.map(|p| p.to_string()))
+        .env("PYTHONUNBUFFERED", "1")
+        .env("PYTHONDONTWRITEBYTECODE", "1");
+    c
 }
 
 fn node_cmd(script: &str, extra: &'static [&'static str]) -> impl FnOnce(&Server) -> Command {
@@ -237,4 +237,55 @@ async fn matrix_lapin() {
     let rows = crate::matrix_lapin::run_all(&mut server).await;
     record("lapin", &rows, started.elapsed());
     check(&rows, "lapin", SCENARIOS, &[]);
+}
+
+/// Issue #7 item 4: the scenarios through two gateways of a 3-node cluster
+/// at once: pika (blocking) through gateway A, stomp.py through gateway B;
+/// "reconnect after restart" restarts the client's gateway on its ports.
+///
+/// Ignored in CI until the cluster bugs it found are fixed (docs/cluster.md,
+/// "Known problems"): 16 MiB messages and 500 simultaneous connections
+/// through a gateway fail with 541, and stomp.py's prefetch, priority and
+/// transaction scenarios failed in one of two runs. Run it with
+/// `cargo nextest run -p sluice-compat-tests -E 'test(/matrix_cluster/)' --run-ignored all`.
+#[test]
+#[ignore = "finds open cluster bugs (docs/cluster.md, Known problems)"]
+fn matrix_cluster_through_two_gateways() {
+    let started = Instant::now();
+    let home = tempfile::tempdir().unwrap();
+    let nodes = crate::cluster_queues::three_nodes(home.path());
+    let addrs: Vec<&str> = nodes.iter().map(|n| n.addr.as_str()).collect();
+    let port = |a: &Option<String>| a.as_deref().and_then(|a| a.rsplit(':').next()).and_then(|p| p.parse::<u16>().ok()).expect("listener");
+    let run = |script: &'static str| {
+        let home = home.path().to_path_buf();
+        let addrs: Vec<String> = addrs.iter().map(|a| (*a).to_owned()).collect();
+        std::thread::spawn(move || {
+            let nodes: Vec<&str> = addrs.iter().map(String::as_str).collect();
+            let mut gw = sluice_compat_tests::start_gateway(&home, &nodes, &[]);
+            let ports = [port(&Some(gw.amqp.clone())), port(&gw.stomp), port(&gw.web_stomp)];
+            drive(python_at(script, ports), &mut || gw.restart_same_ports(), Duration::from_secs(240))
+        })
+    };
+    let (a, b) = (run("matrix_pika.py"), run("matrix_stomppy.py"));
+    let mut rows = a.join().expect("pika through gateway A");
+    rows.extend(b.join().expect("stomp.py through gateway B"));
+    record("cluster", &rows, started.elapsed());
+    let na: &[&str] = &["mandatory_return"];
+    // Known cluster bugs (docs/compatibility.md, issue #7 notes): a 16 MiB
+    // message through a gateway gets 541 "no leader answered in time", and
+    // 500 connections at once get 541 "no metadata leader answered". They
+    // must still be reported; every other scenario must pass.
+    let known: &[&str] = &["large_16mib", "connections_500"];
+    for r in rows.iter().filter(|r| r["client"] == "pika (blocking)" && known.iter().any(|k| r["scenario"] == *k)) {
+        eprintln!("[matrix] known cluster bug, {}: ok={} {}", r["scenario"], r["ok"], r["detail"]);
+    }
+    let checked: Vec<&str> = SCENARIOS.iter().copied().filter(|s| !known.contains(s)).collect();
+    check(&rows, "pika (blocking)", &checked, &[]);
+    for k in known {
+        assert!(rows.iter().any(|r| r["client"] == "pika (blocking)" && r["scenario"] == *k), "{k} not reported");
+    }
+    for v in ["stomp.py 1.0", "stomp.py 1.1", "stomp.py 1.2"] {
+        check(&rows, v, SCENARIOS, na);
+    }
+    drop(nodes);
 }
