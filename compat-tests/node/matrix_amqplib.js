@@ -3,7 +3,7 @@
 // (amqplib/callback_api; its asynchronous methods are awaited here through a
 // thin promise wrapper, every call still goes through the callback model).
 const crypto = require('crypto');
-const { amqpPort, NotApplicable, restart, sleep, check, waitUntil, sha, run, done } = require('./matrix_common');
+const { amqpPort, NotApplicable, restart, sleep, check, waitUntil, sha, run, standard, done } = require('./matrix_common');
 
 const mode = process.argv[5] || 'promise';
 const CLIENT = mode === 'callback' ? 'amqplib (callback API)' : 'amqplib (promise API)';
@@ -235,17 +235,7 @@ async function connections500() {
   return `500 opened concurrently in ${opened.toFixed(1)}s`;
 }
 
-run(CLIENT, [
-  ['declare_bind', declareBind],
-  ['publish_consume_ack', publishConsumeAck],
-  ['prefetch', prefetch],
-  ['confirms', confirms],
-  ['mandatory_return', mandatoryReturn],
-  ['dead_letter', deadLetter],
-  ['ttl', ttl],
-  ['priority', priority],
-  ['transactions', transactions],
-  ['reconnect', reconnect],
-  ['large_16mib', large],
-  ['connections_500', connections500],
-]).then(done);
+run(CLIENT, standard({
+  declareBind, publishConsumeAck, prefetch, confirms, mandatoryReturn, deadLetter,
+  ttl, priority, transactions, reconnect, large, connections500,
+})).then(done);

@@ -39,6 +39,31 @@ function report(client, scenario, ok, detail, secs) {
   console.log(JSON.stringify({ client, scenario, ok, detail: detail || '', secs: Math.round(secs * 100) / 100 }));
 }
 
+// The scenarios every client script runs, in order: [matrix name, name of
+// the script's function for it].
+const SCENARIOS = [
+  ['declare_bind', 'declareBind'],
+  ['publish_consume_ack', 'publishConsumeAck'],
+  ['prefetch', 'prefetch'],
+  ['confirms', 'confirms'],
+  ['mandatory_return', 'mandatoryReturn'],
+  ['dead_letter', 'deadLetter'],
+  ['ttl', 'ttl'],
+  ['priority', 'priority'],
+  ['transactions', 'transactions'],
+  ['reconnect', 'reconnect'],
+  ['large_16mib', 'large'],
+  ['connections_500', 'connections500'],
+];
+
+// [name, fn] for every scenario of SCENARIOS, from an object of the script's functions.
+function standard(fns) {
+  return SCENARIOS.map(([name, key]) => {
+    if (typeof fns[key] !== 'function') throw new Error(`no function ${key} for scenario ${name}`);
+    return [name, fns[key]];
+  });
+}
+
 // Runs each [name, fn] independently (60 s each at most).
 async function run(client, scenarios) {
   for (const [name, fn] of scenarios) {
@@ -57,4 +82,4 @@ async function run(client, scenarios) {
 
 function done() { rl.close(); process.exit(0); }
 
-module.exports = { amqpPort, stompPort, wsPort, NotApplicable, restart, sleep, check, waitUntil, sha, run, done };
+module.exports = { amqpPort, stompPort, wsPort, NotApplicable, restart, sleep, check, waitUntil, sha, run, standard, done };

@@ -5,7 +5,7 @@
 const crypto = require('crypto');
 const { Client } = require('@stomp/stompjs');
 const WebSocket = require('ws');
-const { wsPort, NotApplicable, restart, sleep, check, waitUntil, sha, run, done } = require('./matrix_common');
+const { wsPort, NotApplicable, restart, sleep, check, waitUntil, sha, run, standard, done } = require('./matrix_common');
 
 const CLIENT = '@stomp/stompjs (WebSocket)';
 const URL = `ws://127.0.0.1:${wsPort}/ws`;
@@ -205,17 +205,7 @@ async function connections500() {
   return `500 opened concurrently in ${opened.toFixed(1)}s`;
 }
 
-run(CLIENT, [
-  ['declare_bind', declareBind],
-  ['publish_consume_ack', publishConsumeAck],
-  ['prefetch', prefetch],
-  ['confirms', confirms],
-  ['mandatory_return', mandatoryReturn],
-  ['dead_letter', deadLetter],
-  ['ttl', ttl],
-  ['priority', priority],
-  ['transactions', transactions],
-  ['reconnect', reconnect],
-  ['large_16mib', large],
-  ['connections_500', connections500],
-]).then(done);
+run(CLIENT, standard({
+  declareBind, publishConsumeAck, prefetch, confirms, mandatoryReturn, deadLetter,
+  ttl, priority, transactions, reconnect, large, connections500,
+})).then(done);

@@ -28,6 +28,29 @@ def report(client, scenario, ok, detail="", secs=0.0):
     print(json.dumps({"client": client, "scenario": scenario, "ok": ok, "detail": detail, "secs": round(secs, 2)}), flush=True)
 
 
+# The scenarios every client script runs, in order: (matrix name, name of
+# the script's function for it).
+SCENARIOS = [
+    ("declare_bind", "declare_bind"),
+    ("publish_consume_ack", "publish_consume_ack"),
+    ("prefetch", "prefetch"),
+    ("confirms", "confirms"),
+    ("mandatory_return", "mandatory_return"),
+    ("dead_letter", "dead_letter"),
+    ("ttl", "ttl"),
+    ("priority", "priority"),
+    ("transactions", "transactions"),
+    ("reconnect", "reconnect"),
+    ("large_16mib", "large"),
+    ("connections_500", "connections_500"),
+]
+
+
+def standard(functions):
+    """(name, function) for every scenario of SCENARIOS, from a script's globals() or locals()."""
+    return [(name, functions[fn]) for name, fn in SCENARIOS]
+
+
 def run(client, scenarios):
     """Runs each (name, fn) independently; fn returns an optional detail string."""
     for name, fn in scenarios:

@@ -6,7 +6,7 @@ import time
 import pika
 from pika.adapters.asyncio_connection import AsyncioConnection
 
-from matrix_common import AMQP_PORT, big_body, check, report, restart, sha
+from matrix_common import AMQP_PORT, big_body, check, report, restart, sha, standard
 
 CLIENT = "pika (asyncio)"
 
@@ -299,20 +299,7 @@ async def connections_500():
 
 
 async def main():
-    for name, fn in [
-        ("declare_bind", declare_bind),
-        ("publish_consume_ack", publish_consume_ack),
-        ("prefetch", prefetch),
-        ("confirms", confirms),
-        ("mandatory_return", mandatory_return),
-        ("dead_letter", dead_letter),
-        ("ttl", ttl),
-        ("priority", priority),
-        ("transactions", transactions),
-        ("reconnect", reconnect),
-        ("large_16mib", large),
-        ("connections_500", connections_500),
-    ]:
+    for name, fn in standard(globals()):
         start = time.monotonic()
         try:
             detail = await asyncio.wait_for(fn(), 60) or ""

@@ -5,7 +5,7 @@ import time
 
 import amqp
 
-from matrix_common import AMQP_PORT, big_body, check, restart, run, sha, wait_until
+from matrix_common import AMQP_PORT, big_body, check, restart, run, sha, standard, wait_until
 
 CLIENT = "py-amqp"
 
@@ -262,17 +262,4 @@ def connections_500():
     return f"500 opened in {opened:.1f}s"
 
 
-run(CLIENT, [
-    ("declare_bind", declare_bind),
-    ("publish_consume_ack", publish_consume_ack),
-    ("prefetch", prefetch),
-    ("confirms", confirms),
-    ("mandatory_return", mandatory_return),
-    ("dead_letter", dead_letter),
-    ("ttl", ttl),
-    ("priority", priority),
-    ("transactions", transactions),
-    ("reconnect", reconnect),
-    ("large_16mib", large),
-    ("connections_500", connections_500),
-])
+run(CLIENT, standard(globals()))

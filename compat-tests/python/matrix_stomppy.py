@@ -10,7 +10,7 @@ import time
 
 import stomp
 
-from matrix_common import STOMP_PORT, NotApplicable, check, restart, run, sha
+from matrix_common import STOMP_PORT, NotApplicable, check, restart, run, sha, standard
 
 HOSTS = [("127.0.0.1", STOMP_PORT)]
 MAX_FRAME = 4 * 1024 * 1024
@@ -268,20 +268,7 @@ def scenarios(v):
             c.disconnect()
         return f"500 opened in {opened:.1f}s"
 
-    return [
-        ("declare_bind", declare_bind),
-        ("publish_consume_ack", publish_consume_ack),
-        ("prefetch", prefetch),
-        ("confirms", confirms),
-        ("mandatory_return", mandatory_return),
-        ("dead_letter", dead_letter),
-        ("ttl", ttl),
-        ("priority", priority),
-        ("transactions", transactions),
-        ("reconnect", reconnect),
-        ("large_16mib", large),
-        ("connections_500", connections_500),
-    ]
+    return standard(locals())
 
 
 for version in ["1.0", "1.1", "1.2"]:
