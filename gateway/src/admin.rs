@@ -171,7 +171,7 @@ async fn act(router: &Router, req: Request<Incoming>, tags: Vec<String>) -> Answ
         .collect::<Result<_, _>>()
         .map_err(Fail::bad)?;
     let body = if matches!(method, Method::PUT | Method::POST) {
-        let bytes = Limited::read(req.into_body()).await?;
+        let bytes = read_body(req.into_body()).await?;
         if bytes.is_empty() {
             Value::Object(Map::new())
         } else {
@@ -317,15 +317,10 @@ async fn act(router: &Router, req: Request<Incoming>, tags: Vec<String>) -> Answ
 }
 
 /// Reads a request body up to [`MAX_BODY`].
-struct Limited;
-
-impl Limited {
-    async fn read(body: Incoming) -> Result<Bytes, Fail> {
-        let limited = http_body_util::Limited::new(body, MAX_BODY);
-        match limited.collect().await {
-            Ok(c) => Ok(c.to_bytes()),
-            Err(e) => Err(Fail(StatusCode::PAYLOAD_TOO_LARGE, format!("request body: {e}"))),
-        }
+async fn read_body(body: Incoming) -> Result<Bytes, Fail> {
+    match http_body_util::Limited::new(body, MAX_BODY).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) => Err(Fail(StatusCode::PAYLOAD_TOO_LARGE, format!("request body: {e}"))),
     }
 }
 

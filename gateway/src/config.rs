@@ -176,18 +176,8 @@ pub struct ClientArgs {
     /// (default guest, as RabbitMQ's loopback_users; an empty value: none).
     #[arg(long, env = "SLUICE_LOOPBACK_USERS", value_delimiter = ',')]
     pub loopback_users: Option<Vec<String>>,
-    /// Memory alarm threshold as a fraction of the machine's RAM (default 0.4,
-    /// RabbitMQ's vm_memory_high_watermark; 0 blocks every publisher). Above it
-    /// publishing connections are blocked until memory use drops.
-    #[arg(long, env = "SLUICE_MEMORY_HIGH_WATERMARK")]
-    pub memory_high_watermark: Option<f64>,
-    /// Memory alarm threshold in bytes of resident memory (overrides --memory-high-watermark).
-    #[arg(long, env = "SLUICE_MEMORY_HIGH_WATERMARK_BYTES")]
-    pub memory_high_watermark_bytes: Option<u64>,
-    /// Disk alarm threshold: free bytes on the data directory's file system below
-    /// which publishers are blocked (default 50000000, RabbitMQ's disk_free_limit).
-    #[arg(long, env = "SLUICE_DISK_FREE_LIMIT")]
-    pub disk_free_limit: Option<u64>,
+    #[command(flatten)]
+    pub alarm: AlarmArgs,
     /// Most client connections (AMQP, STOMP, Web-STOMP together) at once;
     /// more are refused (default: no limit).
     #[arg(long, env = "SLUICE_MAX_CONNECTIONS")]
@@ -328,11 +318,7 @@ impl ClientArgs {
                 self.tls_fail_if_no_peer_cert.or(file.tls_fail_if_no_peer_cert).unwrap_or(false),
             )?),
         };
-        let alarm = alarm_limits(
-            self.memory_high_watermark.or(file.memory_high_watermark),
-            self.memory_high_watermark_bytes.or(file.memory_high_watermark_bytes),
-            self.disk_free_limit.or(file.disk_free_limit),
-        )?;
+        let alarm = self.alarm.resolve(file.memory_high_watermark, file.memory_high_watermark_bytes, file.disk_free_limit)?;
         let front = Frontend {
             amqp: self.amqp.or(file.amqp).unwrap_or_else(|| "0.0.0.0:5672".into()),
             stomp: self.stomp.or(file.stomp).unwrap_or_else(|| "0.0.0.0:61613".into()),
@@ -368,6 +354,34 @@ impl ClientArgs {
             }
         }
         Ok(front)
+    }
+}
+
+/// The resource alarm flags, shared by `serve`, `gateway` and `node`.
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct AlarmArgs {
+    /// Memory alarm threshold as a fraction of the machine's RAM (default 0.4,
+    /// RabbitMQ's vm_memory_high_watermark; 0 blocks every publisher). Above it
+    /// publishers are blocked (on every gateway, for a node's alarm) until memory use drops.
+    #[arg(long, env = "SLUICE_MEMORY_HIGH_WATERMARK")]
+    pub memory_high_watermark: Option<f64>,
+    /// Memory alarm threshold in bytes of resident memory (overrides --memory-high-watermark).
+    #[arg(long, env = "SLUICE_MEMORY_HIGH_WATERMARK_BYTES")]
+    pub memory_high_watermark_bytes: Option<u64>,
+    /// Disk alarm threshold: free bytes on the data directory's file system below
+    /// which publishers are blocked (default 50000000, RabbitMQ's disk_free_limit).
+    #[arg(long, env = "SLUICE_DISK_FREE_LIMIT")]
+    pub disk_free_limit: Option<u64>,
+}
+
+impl AlarmArgs {
+    /// Flags/env over the file's keys, validated.
+    fn resolve(self, fraction: Option<f64>, bytes: Option<u64>, disk_free_limit: Option<u64>) -> anyhow::Result<AlarmLimits> {
+        alarm_limits(
+            self.memory_high_watermark.or(fraction),
+            self.memory_high_watermark_bytes.or(bytes),
+            self.disk_free_limit.or(disk_free_limit),
+        )
     }
 }
 
@@ -596,16 +610,8 @@ pub struct NodeArgs {
     /// Prometheus metrics address, GET /metrics (off unless given, so that several nodes can share a machine; port 0 picks a free port).
     #[arg(long, env = "SLUICE_METRICS")]
     pub metrics: Option<String>,
-    /// Memory alarm threshold as a fraction of the machine's RAM (default 0.4);
-    /// while this node's memory or disk alarm is on, gateways block publishers.
-    #[arg(long, env = "SLUICE_MEMORY_HIGH_WATERMARK")]
-    pub memory_high_watermark: Option<f64>,
-    /// Memory alarm threshold in bytes (overrides --memory-high-watermark).
-    #[arg(long, env = "SLUICE_MEMORY_HIGH_WATERMARK_BYTES")]
-    pub memory_high_watermark_bytes: Option<u64>,
-    /// Disk alarm threshold: free bytes on the data directory's file system (default 50000000).
-    #[arg(long, env = "SLUICE_DISK_FREE_LIMIT")]
-    pub disk_free_limit: Option<u64>,
+    #[command(flatten)]
+    pub alarm: AlarmArgs,
     #[command(flatten)]
     pub log: LogArgs,
     /// TOML configuration file with the same keys.
@@ -658,11 +664,7 @@ impl NodeArgs {
                 self.cluster_tls.cluster_tls_key.or(file.cluster_tls_key),
                 self.cluster_tls.cluster_tls_ca.or(file.cluster_tls_ca),
             )?,
-            alarm: alarm_limits(
-                self.memory_high_watermark.or(file.memory_high_watermark),
-                self.memory_high_watermark_bytes.or(file.memory_high_watermark_bytes),
-                self.disk_free_limit.or(file.disk_free_limit),
-            )?,
+            alarm: self.alarm.resolve(file.memory_high_watermark, file.memory_high_watermark_bytes, file.disk_free_limit)?,
             id,
         };
         if config.heartbeat_ms == 0 || config.failure_timeout_ms <= config.heartbeat_ms {

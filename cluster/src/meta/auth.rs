@@ -245,15 +245,11 @@ impl Matcher {
 /// base64(salt ‖ SHA-256(salt ‖ password)).
 pub fn hash_password(password: &str) -> String {
     let salt: [u8; 4] = rand::random();
-    hash_with_salt(salt, password)
+    hash_password_with_salt(salt, password)
 }
 
 /// [`hash_password`] with a given salt (a deterministic default user).
 pub fn hash_password_with_salt(salt: [u8; 4], password: &str) -> String {
-    hash_with_salt(salt, password)
-}
-
-fn hash_with_salt(salt: [u8; 4], password: &str) -> String {
     let mut h = Sha256::new();
     h.update(salt);
     h.update(password.as_bytes());
@@ -270,7 +266,7 @@ pub fn verify_password(hash: &str, password: &str) -> bool {
     if raw.len() != 4 + 32 {
         return false;
     }
-    let expected = hash_with_salt(*salt, password);
+    let expected = hash_password_with_salt(*salt, password);
     let (a, b) = (expected.as_bytes(), hash.as_bytes());
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
@@ -295,7 +291,7 @@ mod tests {
     fn rabbitmq_definitions_hashes_verify() {
         // From RabbitMQ's documentation (passwords.md, "Computing a
         // password hash"): salt 908D C60A, password "test12".
-        let hash = hash_with_salt([0x90, 0x8D, 0xC6, 0x0A], "test12");
+        let hash = hash_password_with_salt([0x90, 0x8D, 0xC6, 0x0A], "test12");
         assert_eq!(hash, "kI3GCqW5JLMJa4iX1lo7X4D6XbYqlLgxIs30+P6tENUV2POR");
         assert!(verify_password(&hash, "test12"));
     }

@@ -900,7 +900,7 @@ async fn users_made_through_one_gateway_log_in_through_the_other() {
     let nodes = three_nodes(home.path());
     let addrs: Vec<&str> = nodes.iter().map(|n| n.addr.as_str()).collect();
     let ga = start_gateway(home.path(), &addrs, &[]);
-    let gb = start_gateway(home.path(), &addrs, &["--stomp", "127.0.0.1:0"]);
+    let gb = start_gateway(home.path(), &addrs, &[]);
     let admin = format!("http://{}", ga.admin.clone().expect("admin line"));
     let ctl = |args: &[&str]| {
         let mut all = vec!["ctl", "--admin", &admin];

@@ -274,7 +274,20 @@ impl Router {
             _ => false,
         };
         let audit = cmd.clone();
-        let (index, result) = self.meta.propose(MetaCommand::Topology(cmd)).await?;
+        match self.propose(MetaCommand::Topology(cmd)).await? {
+            MetaResult::Topology(Err(e)) => Err(e.into()),
+            MetaResult::Topology(Ok(outcome)) => {
+                self.audit_topology(&audit, &outcome, new_vhost);
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Commits `cmd` in the metadata group and returns the group's verdict
+    /// once this copy has applied it.
+    async fn propose(&self, cmd: MetaCommand) -> Result<MetaResult, BrokerError> {
+        let (index, result) = self.meta.propose(cmd).await?;
         let caught_up = |timeout| {
             let mut seen = self.applied.subscribe();
             async move { tokio::time::timeout(timeout, seen.wait_for(|i| *i >= index)).await.is_ok_and(|r| r.is_ok()) }
@@ -286,14 +299,7 @@ impl Router {
                 return Err(BrokerError::internal("the metadata change did not reach this gateway in time"));
             }
         }
-        match result {
-            MetaResult::Topology(Err(e)) => Err(e.into()),
-            MetaResult::Topology(Ok(outcome)) => {
-                self.audit_topology(&audit, &outcome, new_vhost);
-                Ok(())
-            }
-            _ => Ok(()),
-        }
+        Ok(result)
     }
 
     /// The audit events of a topology change this gateway made.
@@ -395,13 +401,7 @@ impl Router {
             _ => true,
         };
         let audit = cmd.clone();
-        let (index, result) = self.meta.propose(MetaCommand::Auth(cmd)).await?;
-        let mut seen = self.applied.subscribe();
-        let caught_up = tokio::time::timeout(APPLY_TIMEOUT, seen.wait_for(|i| *i >= index)).await;
-        if !caught_up.is_ok_and(|r| r.is_ok()) {
-            return Err(BrokerError::internal("the change of users did not reach this gateway in time"));
-        }
-        match result {
+        match self.propose(MetaCommand::Auth(cmd)).await? {
             MetaResult::Auth(Err(e)) => Err(BrokerError::precondition(e.to_string())),
             _ => {
                 self.audit_auth(&audit, existed);
@@ -414,9 +414,8 @@ impl Router {
     fn audit_auth(&self, cmd: &AuthCommand, existed: bool) {
         use crate::audit::{emit, Event};
         match cmd {
-            AuthCommand::PutUser { name, if_absent: true, .. } if existed => {
-                let _ = name;
-            }
+            // Seeding a user that exists changes nothing.
+            AuthCommand::PutUser { if_absent: true, .. } if existed => {}
             AuthCommand::PutUser { name, password_hash, tags, .. } => {
                 if !existed {
                     emit(self, Event { name: "user.created", user: Some(name), object: Some(name), ..Event::default() });
