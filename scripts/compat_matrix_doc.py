@@ -82,6 +82,9 @@ compat-tests/tests/it/matrix_lapin.rs) against a fresh `sluice serve` on
 127.0.0.1. ✓ passed, ✗ failed, n/a the scenario does not exist for that
 client (the reason is in the notes).
 
+The clients' own integration suites (py-amqp's, kombu's, amqplib's), run
+unchanged against sluice: [client-suites.md](client-suites.md).
+
 {passed} passed, {failed} failed, {na} n/a. The matrix tests took {secs} s of
 wall time on this machine (rows run in parallel; per row: {timing}).
 

@@ -79,7 +79,19 @@ impl Server {
 
     /// Starts a broker on an existing data directory.
     pub fn spawn(data_dir: &Path, extra: &[&str]) -> Result<Server, String> {
-        Self::spawn_limited(data_dir, extra, false)
+        Self::spawn_limited(data_dir, extra, false, None)
+    }
+
+    /// Starts a broker on a fresh data directory inside the network
+    /// namespace `netns` (a name under /run/netns, e.g. a
+    /// [`netns::Loopback`]): its listeners are reachable only from
+    /// processes in that namespace. `restart` does not keep the namespace.
+    pub fn start_in_netns(netns: &str, extra: &[&str]) -> Server {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().to_path_buf();
+        let mut s = Self::spawn_limited(&dir, extra, false, Some(netns)).expect("start sluice");
+        s._tmp = Some(tmp);
+        s
     }
 
     /// Starts a broker that will be able to run out of file space: SIGXFSZ
@@ -89,7 +101,7 @@ impl Server {
     pub fn start_for_disk_full() -> Server {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path().to_path_buf();
-        let mut s = Self::spawn_limited(&dir, &[], true).expect("start sluice");
+        let mut s = Self::spawn_limited(&dir, &[], true, None).expect("start sluice");
         s._tmp = Some(tmp);
         s
     }
@@ -103,8 +115,31 @@ impl Server {
         assert_eq!(r, 0, "prlimit: {}", std::io::Error::last_os_error());
     }
 
-    fn spawn_limited(data_dir: &Path, extra: &[&str], ignore_sigxfsz: bool) -> Result<Server, String> {
+    fn spawn_limited(
+        data_dir: &Path,
+        extra: &[&str],
+        ignore_sigxfsz: bool,
+        netns: Option<&str>,
+    ) -> Result<Server, String> {
         let mut cmd = Command::new(sluice_bin());
+        if let Some(name) = netns {
+            use std::os::fd::{AsRawFd, OwnedFd};
+            use std::os::unix::process::CommandExt;
+            let ns: OwnedFd = std::fs::File::open(Path::new("/run/netns").join(name))
+                .map_err(|e| format!("network namespace {name}: {e}"))?
+                .into();
+            // SAFETY: only an async-signal-safe syscall between fork and
+            // exec; the closure owns the descriptor, so it stays open.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
         if ignore_sigxfsz {
             use std::os::unix::process::CommandExt;
             // SAFETY: only an async-signal-safe libc call between fork and exec.

@@ -4,7 +4,8 @@
 //! and EXTERNAL (Python's ssl, so OpenSSL on the client side). The test installs
 //! them itself (a venv and an npm folder under `target/`), so a clean
 //! machine needs only the package registries. These are smoke tests; the
-//! full compatibility matrix (issue #7) is `matrix.rs`, which shares the
+//! full compatibility matrix (issue #7) is `matrix.rs`, and the clients' own
+//! integration suites are `client_suites.rs`; both share the
 //! installers below.
 
 use std::fs::File;
@@ -24,7 +25,7 @@ pub(crate) fn target_dir() -> PathBuf {
 }
 
 /// Runs `f` holding an exclusive lock, so parallel test processes install once.
-fn locked<T>(name: &str, f: impl FnOnce() -> T) -> T {
+pub(crate) fn locked<T>(name: &str, f: impl FnOnce() -> T) -> T {
     let lock = File::create(target_dir().join(format!("{name}.lock"))).expect("lock file");
     // SAFETY: flock on a file descriptor we own for the whole call.
     assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
@@ -33,7 +34,7 @@ fn locked<T>(name: &str, f: impl FnOnce() -> T) -> T {
     out
 }
 
-fn run(cmd: &mut Command, what: &str) -> String {
+pub(crate) fn run(cmd: &mut Command, what: &str) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "{what} failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));

@@ -19,6 +19,7 @@ mod cluster_membership;
 mod cluster_partition;
 mod cluster_queues;
 mod cluster_rebalance;
+mod client_suites;
 mod clients;
 mod crash;
 mod matrix;
