@@ -159,23 +159,33 @@ impl Cluster {
 /// How long leader discovery waits for one node (connect, then answer).
 const DISCOVERY_TIMEOUT: Duration = Duration::from_millis(500);
 
-/// How often a link is checked, and how long its node may take to answer.
+/// How often a link is checked, how long its node may take to answer, and
+/// how many pings in a row it may leave unanswered before the link closes.
 const PING_EVERY: Duration = Duration::from_millis(200);
 const PING_TIMEOUT: Duration = Duration::from_millis(600);
+const PING_MISSES: u32 = 2;
 
 /// Closes a link whose node stops answering (a partition leaves the TCP
 /// connection open but silent), so the queues led through it look for
 /// their leader elsewhere: the gateway notices within about
-/// `PING_EVERY + PING_TIMEOUT`.
+/// `PING_MISSES * (PING_EVERY + PING_TIMEOUT)`. One slow answer is not
+/// silence: a node busy with a 16 MiB message can take longer than one
+/// timeout, and closing its link would send that message again.
 async fn watchdog(client: Client) {
+    let mut misses = 0;
     loop {
         tokio::time::sleep(PING_EVERY).await;
         if client.is_closed() {
             return;
         }
         match client.call_timeout(NodeRequest::Status, PING_TIMEOUT).await {
-            Ok(_) => {}
+            Ok(_) => misses = 0,
             Err(rpc::Error::Timeout) => {
+                misses += 1;
+                if misses < PING_MISSES {
+                    tracing::debug!(node = %client.peer().node_id, "node slow to answer a ping");
+                    continue;
+                }
                 tracing::warn!(node = %client.peer().node_id, addr = %client.peer_addr(), "node stopped answering; link closed");
                 client.close();
                 return;
@@ -895,16 +905,24 @@ impl Queue for RemoteQueue {
         Box::pin(async move {
             let holder = getter.holder(&me.cluster.opts.gateway_id);
             let queue = me.id.0;
-            let answer = me.call_leader(NodeRequest::Get { queue, holder: holder.clone(), no_ack }).await?;
+            // A Get whose answer is lost (link closed, timeout) is sent
+            // again, and the first one may have been applied: so every
+            // Get holds what it takes (`no_ack` ones are acked below,
+            // once the message is here), and the channel's close releases
+            // the holder whatever it took. An auto-ack Get retried that
+            // way cannot lose a message.
+            me.lock().got.insert(getter);
+            let answer = me.call_leader(NodeRequest::Get { queue, holder: holder.clone(), no_ack: false }).await?;
             match answer {
                 NodeResponse::Got { delivery: None, .. } => Ok(None),
                 NodeResponse::Got { delivery: Some(d), left } => {
-                    let message = record::decode(&Bytes::from(d.message.into_vec()))?;
-                    if !no_ack {
-                        let mut st = me.lock();
-                        st.held.insert(d.seq, holder);
-                        st.got.insert(getter);
+                    let message = record::decode(&Bytes::from(d.message.into_vec()));
+                    if no_ack {
+                        let _ = me.out.send(Out::Settle { consumer: holder, seqs: vec![d.seq], outcome: WireOutcome::Ack });
+                    } else {
+                        me.lock().held.insert(d.seq, holder);
                     }
+                    let message = message?;
                     Ok(Some((
                         Delivery {
                             msg_id: d.seq,

@@ -613,6 +613,54 @@ impl Topology {
         Ok(out)
     }
 
+    /// Whether `cmd` would change nothing here and succeed: a declare of a
+    /// queue (owned by the declaring connection, if exclusive) or an
+    /// exchange that exists as declared, or a binding that exists. A
+    /// gateway answers those from its copy without a round trip to the
+    /// metadata group (clients redeclare their topology on every
+    /// connection); anything else, refusals included, is the group's to
+    /// decide.
+    pub fn changes_nothing(&self, cmd: &Command) -> bool {
+        match cmd {
+            Command::DeclareQueue {
+                vhost,
+                name,
+                generated: false,
+                passive,
+                durable,
+                conn,
+                exclusive,
+                auto_delete,
+                arguments,
+                ..
+            } => {
+                let Some(e) = self.vhost(vhost).and_then(|v| v.queues.get(name)) else { return false };
+                if check_owner(e, *conn, vhost).is_err() {
+                    return false;
+                }
+                let d = DeclaredAs { durable: *durable, exclusive: *exclusive, auto_delete: *auto_delete, arguments };
+                *passive || check_equivalent(e, d, "").is_ok()
+            }
+            Command::DeclareExchange { vhost, name, kind, passive, durable, auto_delete, internal, arguments } => {
+                if name.is_empty() {
+                    return false;
+                }
+                let Some(x) = self.vhost(vhost).and_then(|v| v.exchanges.get(name)) else { return false };
+                *passive
+                    || (ExchangeKind::parse_with(kind, arguments) == Some(x.kind)
+                        && (x.durable, x.auto_delete, x.internal) == (*durable, *auto_delete, *internal))
+            }
+            Command::Bind { vhost, source, dest, routing_key, arguments, conn } => {
+                let Some(v) = self.vhost(vhost) else { return false };
+                v.check_bind(source, dest, *conn).is_ok()
+                    && v.exchanges.get(source).is_some_and(|x| {
+                        x.bindings.iter().any(|b| b.dest == *dest && b.routing_key == *routing_key && b.arguments == *arguments)
+                    })
+            }
+            _ => false,
+        }
+    }
+
     /// Resolves the queue partitions a message published to `exchange`
     /// reaches, each once, following exchange-to-exchange bindings (each
     /// exchange visited once, so cycles end).
@@ -747,6 +795,15 @@ fn stored_queue(vhost: &str, q: &QueueDef) -> StoredQueue {
 }
 
 /// The fields of [`Command::DeclareQueue`] the rules look at.
+/// What a queue.declare asks of an existing queue (see `check_equivalent`).
+#[derive(Clone, Copy)]
+struct DeclaredAs<'a> {
+    durable: bool,
+    exclusive: bool,
+    auto_delete: bool,
+    arguments: &'a Arguments,
+}
+
 struct QueueDeclare {
     name: String,
     generated: bool,
@@ -960,7 +1017,13 @@ impl Vhost {
         if let Some(e) = self.queues.get(&d.name) {
             check_owner(e, d.conn, &self.name)?;
             if !d.passive {
-                check_equivalent(e, &d, &what)?;
+                let as_declared = DeclaredAs {
+                    durable: d.durable,
+                    exclusive: d.exclusive,
+                    auto_delete: d.auto_delete,
+                    arguments: &d.arguments,
+                };
+                check_equivalent(e, as_declared, &what)?;
             }
             return Ok(());
         }
@@ -1025,7 +1088,7 @@ fn check_owner(q: &QueueDef, conn: Owner, vhost: &str) -> Result<(), MetaError> 
     }
 }
 
-fn check_equivalent(e: &QueueDef, d: &QueueDeclare, what: &str) -> Result<(), MetaError> {
+fn check_equivalent(e: &QueueDef, d: DeclaredAs<'_>, what: &str) -> Result<(), MetaError> {
     for (arg, got, cur) in [
         ("durable", d.durable, e.durable),
         ("exclusive", d.exclusive, e.exclusive_owner.is_some()),

@@ -269,6 +269,11 @@ impl Router {
     /// Commits `cmd` in the metadata group and returns once the copy has
     /// applied it, with the group's verdict.
     async fn execute(&self, cmd: Command) -> Result<(), BrokerError> {
+        // Redeclaring what exists changes nothing: the copy answers (500
+        // clients declaring one queue at once make no proposal each).
+        if self.read().topo.changes_nothing(&cmd) {
+            return Ok(());
+        }
         let new_vhost = match &cmd {
             Command::AddVhost { name } => self.read().topo.vhost(name).is_none(),
             _ => false,
