@@ -757,6 +757,16 @@ async fn resync(queue: &Arc<RemoteQueue>, hint: Option<String>, backlog: &mut Ve
             _ => return None,
         }
     }
+    // What could not be sent, in the order the session produced it: a
+    // closed consumer's acks before its release below, or the acked
+    // messages would come back.
+    for (sent, msg) in backlog.iter().enumerate() {
+        if client.send(msg.clone()).await.is_err() {
+            backlog.drain(..sent);
+            return None;
+        }
+    }
+    backlog.clear();
     // Closed consumers again: what the old leader did not apply of their
     // settles and release comes back to the queue.
     let released: Vec<ConsumerId> = {
@@ -769,11 +779,6 @@ async fn resync(queue: &Arc<RemoteQueue>, hint: Option<String>, backlog: &mut Ve
     tracing::debug!(queue = queue.id.0, n = released.len(), "new leader: releasing closed consumers again");
     for consumer in released {
         if client.send(NodeRequest::Release { queue: queue.id.0, consumer }).await.is_err() {
-            return None;
-        }
-    }
-    for msg in std::mem::take(backlog) {
-        if client.send(msg).await.is_err() {
             return None;
         }
     }

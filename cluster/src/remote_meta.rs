@@ -34,7 +34,14 @@ pub struct RemoteMeta {
     /// Raised when the copy does not catch up with a write: the node
     /// followed may be cut off from the group, so follow another one.
     lagging: tokio::sync::Notify,
+    /// When `lagging` last asked for a new subscription: many writes
+    /// waiting at once ask together, and one new subscription answers
+    /// them all.
+    lagging_asked: Mutex<Option<std::time::Instant>>,
 }
+
+/// The least time between two new subscriptions asked by `lagging`.
+const LAGGING_EVERY: Duration = Duration::from_secs(2);
 
 impl RemoteMeta {
     pub fn new(backend: Arc<RemoteBackend>) -> Arc<Self> {
@@ -44,6 +51,7 @@ impl RemoteMeta {
             timeout: Duration::from_secs(15),
             me: me.clone(),
             lagging: tokio::sync::Notify::new(),
+            lagging_asked: Mutex::new(None),
         })
     }
 
@@ -185,6 +193,13 @@ impl MetaClient for RemoteMeta {
     }
 
     fn lagging(&self) {
+        {
+            let mut asked = self.lagging_asked.lock().unwrap_or_else(|p| p.into_inner());
+            if asked.is_some_and(|at| at.elapsed() < LAGGING_EVERY) {
+                return;
+            }
+            *asked = Some(std::time::Instant::now());
+        }
         self.lagging.notify_one();
     }
 }

@@ -262,7 +262,12 @@ def scenarios(v):
             c.send(dest, str(i))
         c0, l0 = conns[0]
         c0.subscribe(dest, id="s")
-        got = {get(l0).body for _ in range(500)}
+        got = set()
+        for _ in range(500):
+            try:
+                got.add(get(l0).body)
+            except AssertionError:
+                raise AssertionError(f"no MESSAGE within timeout after {len(got)} of 500") from None
         check(got == {str(i) for i in range(500)}, f"{len(got)} distinct messages")
         for c, _ in conns:
             c.disconnect()

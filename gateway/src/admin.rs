@@ -251,6 +251,7 @@ async fn act(router: &Router, req: Request<Incoming>, tags: Vec<String>) -> Answ
                 exclusive: false,
                 auto_delete: body["auto_delete"].as_bool().unwrap_or(false),
                 arguments: arguments_of(&body["arguments"])?,
+                nowait: true,
             };
             router.declare_queue(&vh, ADMIN_CONN, d).await?;
             Ok((StatusCode::CREATED, Value::Null))
@@ -622,6 +623,7 @@ async fn import(router: &Router, defs: &Value) -> Result<(), Fail> {
             exclusive: false,
             auto_delete: q["auto_delete"].as_bool().unwrap_or(false),
             arguments,
+            nowait: true,
         };
         router.declare_queue(&vh, ADMIN_CONN, d).await?;
     }

@@ -323,9 +323,9 @@ impl Channel {
                 router.unbind(vh, conn, &source, Dest::Exchange(destination), &routing_key, arguments).await?;
                 Reply::ExchangeUnbindOk
             }
-            Command::QueueDeclare { name, passive, durable, exclusive, auto_delete, arguments } => {
+            Command::QueueDeclare { name, passive, durable, exclusive, auto_delete, arguments, nowait } => {
                 let (queue, message_count, consumer_count) = router
-                    .declare_queue(vh, conn, QueueDeclare { name, passive, durable, exclusive, auto_delete, arguments })
+                    .declare_queue(vh, conn, QueueDeclare { name, passive, durable, exclusive, auto_delete, arguments, nowait })
                     .await?;
                 Reply::QueueDeclareOk { queue, message_count, consumer_count }
             }

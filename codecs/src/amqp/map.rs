@@ -61,6 +61,7 @@ pub fn inbound(assembled: Assembled) -> Inbound {
             exclusive: m.exclusive,
             auto_delete: m.auto_delete,
             arguments: m.arguments,
+            nowait: m.nowait,
         },
         Method::QueueBind(m) => Command::QueueBind {
             queue: m.queue,

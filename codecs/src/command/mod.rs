@@ -69,7 +69,8 @@ pub enum Command {
         arguments: Arguments,
     },
     /// Declare (or check, when `passive`) a queue; an empty name asks the
-    /// server to generate one.
+    /// server to generate one. `nowait`: the client wants no
+    /// declare-ok, so the queue's counts are not fetched.
     QueueDeclare {
         name: String,
         passive: bool,
@@ -77,6 +78,7 @@ pub enum Command {
         exclusive: bool,
         auto_delete: bool,
         arguments: Arguments,
+        nowait: bool,
     },
     /// Bind a queue to an exchange.
     QueueBind {

@@ -243,13 +243,11 @@ async fn matrix_lapin() {
 /// at once: pika (blocking) through gateway A, stomp.py through gateway B;
 /// "reconnect after restart" restarts the client's gateway on its ports.
 ///
-/// Ignored in CI until the cluster bugs it found are fixed (docs/cluster.md,
-/// "Known problems"): 16 MiB messages and 500 simultaneous connections
-/// through a gateway fail with 541, and stomp.py's prefetch, priority and
-/// transaction scenarios failed in one of two runs. Run it with
-/// `cargo nextest run -p sluice-compat-tests -E 'test(/matrix_cluster/)' --run-ignored all`.
+/// Every scenario must pass. It found two bugs a single node does not
+/// show, now fixed: a 16 MiB message made a busy node miss a ping and its
+/// gateway close the link (then send the message again), and 500
+/// connections declaring one queue made 500 metadata proposals.
 #[test]
-#[ignore = "finds open cluster bugs (docs/cluster.md, Known problems)"]
 fn matrix_cluster_through_two_gateways() {
     let started = Instant::now();
     let home = tempfile::tempdir().unwrap();
@@ -271,19 +269,7 @@ fn matrix_cluster_through_two_gateways() {
     rows.extend(b.join().expect("stomp.py through gateway B"));
     record("cluster", &rows, started.elapsed());
     let na: &[&str] = &["mandatory_return"];
-    // Known cluster bugs (docs/compatibility.md, issue #7 notes): a 16 MiB
-    // message through a gateway gets 541 "no leader answered in time", and
-    // 500 connections at once get 541 "no metadata leader answered". They
-    // must still be reported; every other scenario must pass.
-    let known: &[&str] = &["large_16mib", "connections_500"];
-    for r in rows.iter().filter(|r| r["client"] == "pika (blocking)" && known.iter().any(|k| r["scenario"] == *k)) {
-        eprintln!("[matrix] known cluster bug, {}: ok={} {}", r["scenario"], r["ok"], r["detail"]);
-    }
-    let checked: Vec<&str> = SCENARIOS.iter().copied().filter(|s| !known.contains(s)).collect();
-    check(&rows, "pika (blocking)", &checked, &[]);
-    for k in known {
-        assert!(rows.iter().any(|r| r["client"] == "pika (blocking)" && r["scenario"] == *k), "{k} not reported");
-    }
+    check(&rows, "pika (blocking)", SCENARIOS, &[]);
     for v in ["stomp.py 1.0", "stomp.py 1.1", "stomp.py 1.2"] {
         check(&rows, v, SCENARIOS, na);
     }

@@ -94,6 +94,8 @@ pub struct QueueDeclare {
     pub exclusive: bool,
     pub auto_delete: bool,
     pub arguments: Arguments,
+    /// No declare-ok wanted: the counts are not fetched (answered 0).
+    pub nowait: bool,
 }
 
 /// What the router's lock guards.
@@ -137,6 +139,10 @@ pub struct Router {
     /// Bumped whenever users or permissions change: sessions re-read
     /// their permissions when it moved.
     auth_generation: AtomicU64,
+    /// One turn per thing being declared or bound: identical declares at
+    /// once (500 clients starting together) wait for the first one's
+    /// proposal and then find nothing left to change.
+    declaring: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// After this long without the copy reaching a committed write, the router
@@ -145,6 +151,35 @@ const LAGGING_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How long a command waits for the copy to reach it.
 const APPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// What a declare or bind changes, for [`Router::turn`]; `None` for
+/// commands that are not retried as a whole by many clients at once.
+fn declare_key(cmd: &Command) -> Option<String> {
+    match cmd {
+        Command::DeclareQueue { vhost, name, generated: false, .. } => Some(format!("q\0{vhost}\0{name}")),
+        Command::DeclareExchange { vhost, name, .. } => Some(format!("x\0{vhost}\0{name}")),
+        Command::Bind { vhost, source, .. } => Some(format!("b\0{vhost}\0{source}")),
+        _ => None,
+    }
+}
+
+/// A held turn of [`Router::turn`]; the last one out removes the slot.
+struct Turn<'a> {
+    router: &'a Router,
+    key: String,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        self.guard.take();
+        let mut slots = self.router.declaring.lock().unwrap_or_else(|p| p.into_inner());
+        // Only the map holds the slot: nobody waits for it.
+        if slots.get(&self.key).is_some_and(|s| Arc::strong_count(s) == 1) {
+            slots.remove(&self.key);
+        }
+    }
+}
 
 /// A new queue id: random, never 0 (the metadata group's id).
 fn random_id() -> u64 {
@@ -186,6 +221,7 @@ impl Router {
             meta: meta.clone(),
             applied,
             auth_generation: AtomicU64::new(0),
+            declaring: std::sync::Mutex::new(HashMap::new()),
         });
         let (on_reset, on_applied) = (Arc::downgrade(&router), Arc::downgrade(&router));
         tokio::spawn(meta.follow(
@@ -274,6 +310,16 @@ impl Router {
         if self.read().topo.changes_nothing(&cmd) {
             return Ok(());
         }
+        let _turn = match declare_key(&cmd) {
+            Some(key) => {
+                let turn = self.turn(key).await;
+                if self.read().topo.changes_nothing(&cmd) {
+                    return Ok(());
+                }
+                Some(turn)
+            }
+            None => None,
+        };
         let new_vhost = match &cmd {
             Command::AddVhost { name } => self.read().topo.vhost(name).is_none(),
             _ => false,
@@ -287,6 +333,13 @@ impl Router {
             }
             _ => Ok(()),
         }
+    }
+
+    /// Waits for the turn to change `key` (see `declaring`).
+    async fn turn(&self, key: String) -> Turn<'_> {
+        let slot = self.declaring.lock().unwrap_or_else(|p| p.into_inner()).entry(key.clone()).or_default().clone();
+        let guard = slot.lock_owned().await;
+        Turn { router: self, key, guard: Some(guard) }
     }
 
     /// Commits `cmd` in the metadata group and returns the group's verdict
@@ -602,6 +655,9 @@ impl Router {
             new_ids,
         };
         self.execute(cmd).await?;
+        if d.nowait {
+            return Ok((name, 0, 0));
+        }
         let partitions = self.read().partitions(&vh.name, &name);
         let (m, c) = counts(&partitions).await?;
         Ok((name, m, c))

@@ -800,6 +800,8 @@ impl Session {
                 exclusive: p.exclusive,
                 auto_delete: p.auto_delete,
                 arguments,
+                // The name is all STOMP needs back: no counts.
+                nowait: !name.is_empty(),
             })
             .await?;
         match reply {
