@@ -589,8 +589,11 @@ impl RemoteQueue {
     }
 }
 
+/// The same connection (not merely the same node: a delivery still
+/// arriving on a link the watchdog closed is not from the link the
+/// consumers were re-attached on, even if both lead to one node).
 fn same(a: &Client, b: &Client) -> bool {
-    a.peer_addr() == b.peer_addr() && a.peer().node_id == b.peer().node_id
+    a.id() == b.id()
 }
 
 fn queue_error(r: QueueResult) -> Error {
