@@ -402,7 +402,15 @@ struct QState {
     /// Channels that took messages by basic.get (with acks) through this
     /// handle: released when they close.
     got: HashSet<crate::backend::Getter>,
+    /// Consumers cancelled lately whose channel is still open: a settle
+    /// of theirs lost with a failed leader leaves messages held by them,
+    /// returned when the channel closes (`close_consumer`). The newest
+    /// [`CANCELLED_MEMORY`].
+    cancelled: std::collections::VecDeque<(Weak<Consumer>, ConsumerId)>,
 }
+
+/// How many cancelled consumers a handle remembers for `close_consumer`.
+const CANCELLED_MEMORY: usize = 256;
 
 /// How long a closed consumer's release is repeated to new leaders.
 const RELEASE_MEMORY: Duration = Duration::from_secs(60);
@@ -482,12 +490,22 @@ impl RemoteQueue {
     fn detach_handle(&self, consumer: &Arc<Consumer>, release: bool) -> bool {
         let id = {
             let mut st = self.lock();
-            let id = st.consumers.iter().find(|(_, a)| Arc::ptr_eq(&a.consumer, consumer)).map(|(id, _)| id.clone());
+            let mut id = st.consumers.iter().find(|(_, a)| Arc::ptr_eq(&a.consumer, consumer)).map(|(id, _)| id.clone());
             if let Some(id) = &id {
                 st.consumers.remove(id);
-                if release {
-                    st.released.push_back((std::time::Instant::now(), id.clone()));
+                if !release {
+                    if st.cancelled.len() >= CANCELLED_MEMORY {
+                        st.cancelled.pop_front();
+                    }
+                    st.cancelled.push_back((Arc::downgrade(consumer), id.clone()));
                 }
+            } else if release {
+                // Cancelled earlier, its channel closing now.
+                let at = st.cancelled.iter().position(|(c, _)| std::ptr::eq(c.as_ptr(), Arc::as_ptr(consumer)));
+                id = at.and_then(|i| st.cancelled.remove(i)).map(|(_, id)| id);
+            }
+            if let (Some(id), true) = (&id, release) {
+                st.released.push_back((std::time::Instant::now(), id.clone()));
             }
             id
         };

@@ -149,6 +149,9 @@ enum TxOp {
     Settle { taken: Vec<(u64, Unacked)>, outcome: Outcome },
 }
 
+/// How many cancelled consumers a channel remembers until it closes.
+const CANCELLED_KEPT: usize = 64;
+
 /// One channel's state.
 pub struct Channel {
     pub id: u16,
@@ -167,6 +170,10 @@ pub struct Channel {
     /// Queues this channel took messages from by basic.get (with acks):
     /// told when it closes.
     got_from: Vec<Arc<dyn Queue>>,
+    /// Consumers cancelled while the channel stays open (the newest
+    /// [`CANCELLED_KEPT`]): their queues are told when it closes, so that
+    /// what they still hold (a settle lost with a failed leader) returns.
+    cancelled: std::collections::VecDeque<(Arc<dyn Queue>, Arc<Consumer>)>,
     confirm: Option<(u64, mpsc::UnboundedSender<PendingConfirm>)>,
     tx: Option<Vec<TxOp>>,
     /// Counts the channel in `sluice_channels` while it lives.
@@ -187,9 +194,20 @@ impl Channel {
             get_cursor: 0,
             perms: Perms::default(),
             got_from: Vec::new(),
+            cancelled: std::collections::VecDeque::new(),
             confirm: None,
             tx: None,
             _gauge: crate::metrics::Tracked::new(&crate::metrics::CHANNELS),
+        }
+    }
+
+    /// Remembers a cancelled consumer for [`Self::close`].
+    fn keep_cancelled(&mut self, rec: &ConsumerRec) {
+        for part in &rec.parts {
+            if self.cancelled.len() >= CANCELLED_KEPT {
+                self.cancelled.pop_front();
+            }
+            self.cancelled.push_back(part.clone());
         }
     }
 
@@ -436,6 +454,7 @@ impl Channel {
             Command::Cancel { consumer_tag } => {
                 if let Some(rec) = self.consumers.remove(&consumer_tag) {
                     rec.cancel();
+                    self.keep_cancelled(&rec);
                     router.consumer_gone(vh, &rec.queue_name).await;
                 }
                 Reply::CancelOk { consumer_tag }
@@ -731,6 +750,9 @@ impl Channel {
         let getter = self.getter();
         for q in std::mem::take(&mut self.got_from) {
             q.close_getter(getter);
+        }
+        for (q, c) in std::mem::take(&mut self.cancelled) {
+            q.close_consumer(&c);
         }
         for rec in consumers {
             self.ctx.router.consumer_gone(&self.ctx.vhost, &rec.queue_name).await;
