@@ -79,8 +79,11 @@ Each row is an unchanged client library installed by the tests themselves
 packages from compat-tests/node/package.json, lapin from Cargo.lock), run by
 its script (compat-tests/python/matrix_*.py, compat-tests/node/matrix_*.js,
 compat-tests/tests/it/matrix_lapin.rs) against a fresh `sluice serve` on
-127.0.0.1. ✓ passed, ✗ failed, n/a the scenario does not exist for that
-client (the reason is in the notes).
+127.0.0.1. Rows marked (cluster) ran through two gateways of a 3-node
+cluster instead (`sluice node` ×3, `sluice gateway` ×2): pika through one
+gateway and stomp.py through the other, at once; their reconnect scenario
+restarts the client's gateway. ✓ passed, ✗ failed, n/a the scenario does
+not exist for that client (the reason is in the notes).
 
 The clients' own integration suites (py-amqp's, kombu's, amqplib's), run
 unchanged against sluice: [client-suites.md](client-suites.md).

@@ -733,10 +733,13 @@ impl Channel {
     /// Tears the channel down: cancels consumers and requeues every
     /// unacknowledged delivery (channel.close, connection loss).
     pub async fn close(&mut self) {
-        let consumers: Vec<ConsumerRec> = self.consumers.drain().map(|(_, r)| r).collect();
-        for rec in &consumers {
-            rec.close();
-        }
+        // No more deliveries to this channel's consumers (the requeues
+        // below free their credit). Then the channel's own deliveries go
+        // back, while their consumers still hold them: a single node may
+        // apply a consumer's release at once and hand the messages to
+        // another consumer, and a requeue sent after that would be taken
+        // for the new holder's (a duplicate delivery).
+        self.flow.paused.store(true, Ordering::Release);
         let mut all: Vec<(u64, Unacked)> = std::mem::take(&mut self.unacked).into_iter().collect();
         // Deliveries taken by an uncommitted transaction go back too.
         for op in self.tx.take().unwrap_or_default() {
@@ -745,6 +748,10 @@ impl Channel {
             }
         }
         self.settle_now(all, Outcome::Requeue);
+        let consumers: Vec<ConsumerRec> = self.consumers.drain().map(|(_, r)| r).collect();
+        for rec in &consumers {
+            rec.close();
+        }
         // And whatever the queues still have this channel holding from
         // basic.get (settles lost with a failed leader).
         let getter = self.getter();
