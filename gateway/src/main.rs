@@ -11,6 +11,7 @@ mod alarm;
 mod amqp;
 mod audit;
 mod auth;
+mod bench;
 mod channel;
 mod cli;
 mod config;
@@ -46,8 +47,8 @@ enum Cmd {
     Gateway(config::GatewayArgs),
     /// Administer a cluster.
     Ctl(config::CtlArgs),
-    /// Load-test an AMQP or STOMP broker (not implemented yet).
-    Bench,
+    /// Load-test an AMQP 0-9-1 broker (sluice or any other), PerfTest-style.
+    Bench(bench::BenchArgs),
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -131,10 +132,7 @@ fn main() {
                 runtime().and_then(|rt| rt.block_on(server::gateway(config, reload)))
             })
         }
-        Cmd::Bench => {
-            eprintln!("sluice: this subcommand is not implemented yet");
-            std::process::exit(2);
-        }
+        Cmd::Bench(args) => runtime().and_then(|rt| rt.block_on(bench::run(args))),
     };
     if let Err(e) = result {
         // One line: the context chain joined, skipping causes whose text

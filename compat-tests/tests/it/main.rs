@@ -13,6 +13,7 @@ mod amqp_limits;
 mod amqp_partitions;
 mod amqp_queues;
 mod auth;
+mod bench;
 mod cli;
 mod cluster_cli;
 mod cluster_membership;

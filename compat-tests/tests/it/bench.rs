@@ -1,0 +1,73 @@
+//! `sluice bench` against a real server: the short smoke runs CI makes
+//! (issue #8: the benchmark's figures are not part of pass/fail, but the
+//! tool must work). Each run's JSON report must account for every message.
+
+use serde_json::Value;
+use sluice_compat_tests::{run_sluice, Server};
+
+fn bench(s: &Server, extra: &[&str]) -> Value {
+    let uri = s.url();
+    let mut args = vec!["bench", "--uri", &uri, "--json"];
+    args.extend_from_slice(extra);
+    let (code, out, err) = run_sluice(&args);
+    assert_eq!(code, 0, "sluice bench {extra:?} failed: {err}\n{out}");
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("not one JSON report ({e}): {out}"))
+}
+
+fn n(v: &Value, key: &str) -> u64 {
+    v[key].as_u64().unwrap_or_else(|| panic!("{key} missing in {v}"))
+}
+
+#[test]
+fn persistent_confirmed_manual_ack_run_accounts_for_every_message() {
+    let s = Server::start();
+    let r = bench(&s, &["-z", "1", "--persistent", "-c", "64", "-q", "100"]);
+    let published = n(&r, "published");
+    assert!(published > 0, "{r}");
+    assert_eq!(n(&r, "confirmed"), published, "{r}");
+    assert_eq!(n(&r, "nacked"), 0, "{r}");
+    assert_eq!(n(&r, "consumed"), published, "{r}");
+    for key in ["latency_us", "confirm_latency_us"] {
+        let p = &r[key];
+        let (p50, p99, max) = (n(p, "p50"), n(p, "p99"), n(p, "max"));
+        assert!(p50 <= p99 && p99 <= max && max > 0, "{key}: {p}");
+    }
+}
+
+#[test]
+fn fixed_count_fanout_and_multi_queue_runs() {
+    let s = Server::start();
+    // Fan-out to 3 queues: every message reaches each of them.
+    let r = bench(&s, &["-C", "300", "--fanout", "3", "-y", "3", "-s", "16"]);
+    assert_eq!(n(&r, "published"), 300, "{r}");
+    assert_eq!(n(&r, "consumed"), 900, "{r}");
+    // 4 queues with a producer and a consumer each, auto-ack, 64 KiB.
+    let r = bench(&s, &["-C", "50", "--queues", "4", "-x", "4", "-y", "4", "-a", "-s", "65536"]);
+    assert_eq!((n(&r, "published"), n(&r, "consumed")), (200, 200), "{r}");
+    // The queues are gone afterwards (no --keep).
+    let (code, out, err) = run_sluice(&["ctl", "--admin", &format!("http://{}", s.admin_addr()), "list-queues"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.contains("sluice-bench"), "{out}");
+}
+
+#[test]
+fn a_fixed_rate_is_kept() {
+    let s = Server::start();
+    let r = bench(&s, &["-z", "2", "-r", "200"]);
+    let published = n(&r, "published");
+    // 200 msg/s for 2 s: 400, give or take the start and the stop.
+    assert!((380..=420).contains(&published), "{r}");
+    assert_eq!(n(&r, "consumed"), published);
+}
+
+#[test]
+fn bad_input_is_named() {
+    let (code, _, err) = run_sluice(&["bench", "--uri", "http://localhost", "-z", "1"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--uri") && err.contains("amqp://"), "{err}");
+    let s = Server::start();
+    let uri = s.url().replace("guest:guest", "guest:wrong");
+    let (code, _, err) = run_sluice(&["bench", "--uri", &uri, "-z", "1"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("login as \"guest\" refused"), "{err}");
+}
