@@ -73,7 +73,9 @@ pub struct BenchArgs {
     /// Publish for this many seconds (default 10 unless --count).
     #[arg(short = 'z', long)]
     pub duration: Option<f64>,
-    /// Publish this many messages per producer.
+    /// Publish this many messages per producer; with --producers 0, the
+    /// number of messages the consumers drain in total (a backlog filled
+    /// by an earlier run with --keep).
     #[arg(short = 'C', long)]
     pub count: Option<u64>,
     /// Arguments for the queues' declare, as name=value (value as a string,
@@ -209,7 +211,8 @@ pub async fn measure(args: &BenchArgs) -> Result<Report> {
     let nqueues = args.fanout.unwrap_or(args.queues);
     let queues: Vec<String> = (0..nqueues).map(|i| format!("{}-{i}", args.prefix)).collect();
     let exchange = args.fanout.map(|_| format!("{}-fanout", args.prefix));
-    setup(&uri, &queues, exchange.as_deref(), args.persistent, &queue_args).await?;
+    // A drain-only run (no producers) keeps what the queues hold.
+    setup(&uri, &queues, exchange.as_deref(), args.persistent, &queue_args, args.producers > 0).await?;
 
     let shared = Arc::new(Shared {
         start: Instant::now(),
@@ -223,6 +226,7 @@ pub async fn measure(args: &BenchArgs) -> Result<Report> {
         e2e_latency: Mutex::new(histogram()?),
     });
     // Consumers first, so nothing published waits in a queue for them.
+    let consuming_since = Instant::now();
     let mut consumers = Vec::new();
     for j in 0..args.consumers {
         let queue = queues[j % queues.len()].clone();
@@ -230,6 +234,7 @@ pub async fn measure(args: &BenchArgs) -> Result<Report> {
         consumers.push(tokio::spawn(consume(conn, queue, args.clone(), shared.clone())));
     }
     let duration = match (args.duration, args.count) {
+        _ if args.producers == 0 => None,
         (Some(d), _) => Some(Duration::from_secs_f64(d.max(0.0))),
         (None, Some(_)) => None,
         (None, None) => Some(Duration::from_secs(10)),
@@ -260,6 +265,7 @@ pub async fn measure(args: &BenchArgs) -> Result<Report> {
     // what was published to it (fan-out: everything published).
     let consumed_queues: Vec<usize> = (0..queues.len()).filter(|q| *q < args.consumers).collect();
     let expected: u64 = match args.fanout {
+        _ if args.producers == 0 => args.count.unwrap_or(0),
         Some(_) => published * consumed_queues.len() as u64,
         None => consumed_queues.iter().map(|q| shared.per_target[*q].load(Ordering::Acquire)).sum(),
     };
@@ -275,7 +281,7 @@ pub async fn measure(args: &BenchArgs) -> Result<Report> {
             break;
         }
     }
-    let consume_secs = started.elapsed().as_secs_f64();
+    let consume_secs = consuming_since.elapsed().as_secs_f64();
     ticker.abort();
     progress.finish_and_clear();
     for c in consumers {
@@ -316,7 +322,7 @@ pub async fn measure(args: &BenchArgs) -> Result<Report> {
 
 /// Declares (and purges) the queues, and the fanout exchange with its
 /// bindings.
-async fn setup(uri: &Uri, queues: &[String], exchange: Option<&str>, durable: bool, args: &FieldTable) -> Result<()> {
+async fn setup(uri: &Uri, queues: &[String], exchange: Option<&str>, durable: bool, args: &FieldTable, purge: bool) -> Result<()> {
     use sluice_codecs::amqp::{ExchangeDeclare, QueueBind, QueueDeclare, QueuePurge};
     let (mut r, mut w) = amqp::connect(uri).await?;
     if let Some(x) = exchange {
@@ -326,7 +332,9 @@ async fn setup(uri: &Uri, queues: &[String], exchange: Option<&str>, durable: bo
     for q in queues {
         let m = QueueDeclare { queue: q.clone(), durable, arguments: args.clone(), ..Default::default() };
         amqp::call(&mut r, &mut w, m, |m| matches!(m, Method::QueueDeclareOk(_))).await?;
-        amqp::call(&mut r, &mut w, QueuePurge { queue: q.clone(), ..Default::default() }, |m| matches!(m, Method::QueuePurgeOk(_))).await?;
+        if purge {
+            amqp::call(&mut r, &mut w, QueuePurge { queue: q.clone(), ..Default::default() }, |m| matches!(m, Method::QueuePurgeOk(_))).await?;
+        }
         if let Some(x) = exchange {
             let m = QueueBind { queue: q.clone(), exchange: x.to_owned(), ..Default::default() };
             amqp::call(&mut r, &mut w, m, |m| matches!(m, Method::QueueBindOk(_))).await?;
@@ -526,7 +534,8 @@ async fn consume(conn: (Reader, Writer), queue: String, args: BenchArgs, shared:
             Frame::Body { payload, .. } => {
                 if want_stamp {
                     want_stamp = false;
-                    if payload.len() >= 8 {
+                    // A drain-only run's bodies were stamped by another run.
+                    if payload.len() >= 8 && args.producers > 0 {
                         let mut b = [0u8; 8];
                         b.copy_from_slice(&payload[..8]);
                         stamp = Some(u64::from_be_bytes(b));
