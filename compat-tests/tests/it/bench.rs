@@ -71,3 +71,28 @@ fn bad_input_is_named() {
     assert_ne!(code, 0);
     assert!(err.contains("login as \"guest\" refused"), "{err}");
 }
+
+#[test]
+fn stomp_runs_with_receipts_and_through_a_fanout_exchange() {
+    let s = Server::start();
+    let stomp = format!("stomp://guest:guest@{}/", s.stomp_addr());
+    let run = |extra: &[&str]| {
+        let mut args = vec!["bench", "--uri", &stomp, "--json"];
+        args.extend_from_slice(extra);
+        let (code, out, err) = run_sluice(&args);
+        assert_eq!(code, 0, "sluice bench {extra:?} failed: {err}\n{out}");
+        serde_json::from_str::<Value>(out.trim()).unwrap_or_else(|e| panic!("not one JSON report ({e}): {out}"))
+    };
+    // Receipts as confirms, client (cumulative) acks.
+    let r = run(&["-z", "1", "--persistent", "-c", "32", "-q", "64", "--multi-ack", "10"]);
+    let published = n(&r, "published");
+    assert!(published > 0, "{r}");
+    assert_eq!((n(&r, "confirmed"), n(&r, "consumed")), (published, published), "{r}");
+    // Fan-out needs the exchange declared over AMQP.
+    let manage = s.url();
+    let r = run(&["-C", "100", "--fanout", "2", "-y", "2", "-a", "--manage-uri", &manage]);
+    assert_eq!((n(&r, "published"), n(&r, "consumed")), (100, 200), "{r}");
+    let (code, _, err) = run_sluice(&["bench", "--uri", &stomp, "--fanout", "2", "-z", "1"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--manage-uri"), "{err}");
+}

@@ -12,6 +12,7 @@
 //! as text or `--json`.
 
 mod amqp;
+mod stomp;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -27,9 +28,16 @@ use amqp::{Reader, Uri, Writer};
 /// `sluice bench` flags.
 #[derive(clap::Args, Clone, Debug)]
 pub struct BenchArgs {
-    /// The broker: amqp://user:password@host:port/vhost.
+    /// The broker: amqp://user:password@host:port/vhost, or
+    /// stomp://user:password@host:port/vhost for STOMP 1.2 (SEND and
+    /// SUBSCRIBE on /queue/NAME, receipts as confirms).
     #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     pub uri: String,
+    /// STOMP runs: an AMQP URI of the same broker to declare, purge and
+    /// delete the queues with (then /amq/queue/NAME is used, and --fanout
+    /// works through /exchange/NAME).
+    #[arg(long)]
+    pub manage_uri: Option<String>,
     /// Publishing connections.
     #[arg(short = 'x', long, default_value_t = 1)]
     pub producers: usize,
@@ -206,13 +214,27 @@ pub async fn measure(args: &BenchArgs) -> Result<Report> {
     if args.queues == 0 || args.fanout == Some(0) {
         bail!("--queues and --fanout must be at least 1");
     }
-    let uri = Uri::parse(&args.uri, "amqp", 5672)?;
+    let stomp = args.uri.starts_with("stomp://");
+    let uri = if stomp { Uri::parse(&args.uri, "stomp", 61613)? } else { Uri::parse(&args.uri, "amqp", 5672)? };
+    // Where the queues are declared, purged and deleted (over AMQP).
+    let manage = match (&args.manage_uri, stomp) {
+        (Some(m), _) => Some(Uri::parse(m, "amqp", 5672)?),
+        (None, false) => Some(uri.clone()),
+        (None, true) => None,
+    };
+    if stomp && args.fanout.is_some() && manage.is_none() {
+        bail!("--fanout over STOMP needs --manage-uri (the exchange is declared over AMQP)");
+    }
     let queue_args = parse_queue_args(&args.queue_args)?;
     let nqueues = args.fanout.unwrap_or(args.queues);
     let queues: Vec<String> = (0..nqueues).map(|i| format!("{}-{i}", args.prefix)).collect();
     let exchange = args.fanout.map(|_| format!("{}-fanout", args.prefix));
-    // A drain-only run (no producers) keeps what the queues hold.
-    setup(&uri, &queues, exchange.as_deref(), args.persistent, &queue_args, args.producers > 0).await?;
+    // A drain-only run (no producers) keeps what the queues hold. STOMP's
+    // /queue/ destinations are durable queues.
+    if let Some(m) = &manage {
+        setup(m, &queues, exchange.as_deref(), args.persistent || stomp, &queue_args, args.producers > 0).await?;
+    }
+    let stomp_dest = |q: &str| if manage.is_some() { format!("/amq/queue/{q}") } else { format!("/queue/{q}") };
 
     let shared = Arc::new(Shared {
         start: Instant::now(),
@@ -230,8 +252,13 @@ pub async fn measure(args: &BenchArgs) -> Result<Report> {
     let mut consumers = Vec::new();
     for j in 0..args.consumers {
         let queue = queues[j % queues.len()].clone();
-        let conn = amqp::connect(&uri).await?;
-        consumers.push(tokio::spawn(consume(conn, queue, args.clone(), shared.clone())));
+        if stomp {
+            let conn = stomp::connect(&uri).await?;
+            consumers.push(tokio::spawn(consume_stomp(conn, stomp_dest(&queue), args.clone(), shared.clone())));
+        } else {
+            let conn = amqp::connect(&uri).await?;
+            consumers.push(tokio::spawn(consume(conn, queue, args.clone(), shared.clone())));
+        }
     }
     let duration = match (args.duration, args.count) {
         _ if args.producers == 0 => None,
@@ -245,8 +272,17 @@ pub async fn measure(args: &BenchArgs) -> Result<Report> {
             Some(x) => (x.clone(), String::new(), 0),
             None => (String::new(), queues[i % queues.len()].clone(), i % queues.len()),
         };
-        let conn = amqp::connect(&uri).await?;
-        producers.push(tokio::spawn(produce(conn, target, args.clone(), shared.clone())));
+        if stomp {
+            let dest = match &exchange {
+                Some(x) => format!("/exchange/{x}"),
+                None => stomp_dest(&target.1),
+            };
+            let conn = stomp::connect(&uri).await?;
+            producers.push(tokio::spawn(produce_stomp(conn, dest, target.2, args.clone(), shared.clone())));
+        } else {
+            let conn = amqp::connect(&uri).await?;
+            producers.push(tokio::spawn(produce(conn, target, args.clone(), shared.clone())));
+        }
     }
     let progress = progress_bar(args.json);
     let ticker = tokio::spawn(tick(progress.clone(), shared.clone()));
@@ -287,8 +323,8 @@ pub async fn measure(args: &BenchArgs) -> Result<Report> {
     for c in consumers {
         c.abort();
     }
-    if !args.keep {
-        let _ = teardown(&uri, &queues, exchange.as_deref()).await;
+    if let (false, Some(m)) = (args.keep, &manage) {
+        let _ = teardown(m, &queues, exchange.as_deref()).await;
     }
     let consumed = shared.consumed.load(Ordering::Acquire);
     let confirmed = shared.confirmed.load(Ordering::Acquire);
@@ -553,6 +589,143 @@ async fn consume(conn: (Reader, Writer), queue: String, args: BenchArgs, shared:
             unacked = 0;
             if w.buf.len() >= 16 * 1024 {
                 w.flush().await?;
+            }
+        }
+    }
+}
+
+/// A STOMP producer: SEND, with a receipt per message when --confirm.
+async fn produce_stomp(conn: (stomp::Reader, stomp::Writer), dest: String, slot: usize, args: BenchArgs, shared: Arc<Shared>) -> Result<()> {
+    let (mut r, mut w) = conn;
+    let window = args.confirm.map(|n| n.max(1) as usize);
+    let unconfirmed = Arc::new(Mutex::new(Unconfirmed::default()));
+    let freed = Arc::new(tokio::sync::Notify::new());
+    let reader = {
+        let (unconfirmed, freed, shared) = (unconfirmed.clone(), freed.clone(), shared.clone());
+        tokio::spawn(async move {
+            loop {
+                let f: sluice_codecs::stomp::Frame = r.frame().await?;
+                if f.command != sluice_codecs::stomp::Command::Receipt {
+                    continue;
+                }
+                let Some(tag) = f.header("receipt-id").and_then(|t| t.parse::<u64>().ok()) else { continue };
+                let now = shared.now_ns();
+                let sent = {
+                    let mut u = lock(&unconfirmed);
+                    let at = u.sent.iter().position(|(t, _)| *t == tag);
+                    at.and_then(|i| u.sent.remove(i)).map(|(_, sent)| sent)
+                };
+                if let Some(sent) = sent {
+                    shared.confirmed.fetch_add(1, Ordering::AcqRel);
+                    let _ = lock(&shared.confirm_latency).record(now.saturating_sub(sent) / 1000);
+                }
+                freed.notify_one();
+            }
+            #[allow(unreachable_code)]
+            Ok::<(), anyhow::Error>(())
+        })
+    };
+    let mut body = vec![0u8; args.size];
+    let interval = args.rate.filter(|r| *r > 0).map(|r| Duration::from_secs_f64(1.0 / r as f64));
+    let mut next_at = tokio::time::Instant::now();
+    let mut tag = 0u64;
+    while !shared.stop.load(Ordering::Acquire) && args.count.is_none_or(|c| tag < c) && !reader.is_finished() {
+        if let Some(i) = interval {
+            w.flush().await?;
+            next_at += i;
+            tokio::time::sleep_until(next_at).await;
+        }
+        if let Some(window) = window {
+            while lock(&unconfirmed).sent.len() >= window && !reader.is_finished() {
+                w.flush().await?;
+                let wait = freed.notified();
+                if lock(&unconfirmed).sent.len() < window {
+                    break;
+                }
+                if tokio::time::timeout(Duration::from_millis(100), wait).await.is_err() && shared.stop.load(Ordering::Acquire) {
+                    break;
+                }
+            }
+        }
+        let now = shared.now_ns();
+        if body.len() >= 8 {
+            body[..8].copy_from_slice(&now.to_be_bytes());
+        }
+        tag += 1;
+        if window.is_some() {
+            lock(&unconfirmed).sent.push_back((tag, now));
+        }
+        w.send(&dest, &body, args.persistent, window.map(|_| tag))?;
+        shared.published.fetch_add(1, Ordering::AcqRel);
+        shared.per_target[slot].fetch_add(1, Ordering::AcqRel);
+        if w.buf.len() >= 64 * 1024 {
+            w.flush().await?;
+        }
+    }
+    w.flush().await?;
+    if window.is_some() {
+        let deadline = Instant::now() + Duration::from_secs_f64(args.drain_timeout);
+        while !lock(&unconfirmed).sent.is_empty() && Instant::now() < deadline && !reader.is_finished() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    if reader.is_finished() {
+        reader.await??;
+    } else {
+        reader.abort();
+    }
+    Ok(())
+}
+
+/// A STOMP consumer: SUBSCRIBE (ack auto, or client: cumulative acks).
+async fn consume_stomp(conn: (stomp::Reader, stomp::Writer), dest: String, args: BenchArgs, shared: Arc<Shared>) -> Result<()> {
+    use sluice_codecs::stomp::{Command, Frame as StompFrame};
+    let (mut r, mut w) = conn;
+    let mut sub = StompFrame::new(Command::Subscribe)
+        .with_header("destination", dest)
+        .with_header("id", "0")
+        .with_header("ack", if args.auto_ack { "auto" } else { "client" });
+    if args.prefetch > 0 {
+        sub = sub.with_header("prefetch-count", args.prefetch.to_string());
+    }
+    w.frame(&sub)?;
+    w.flush().await?;
+    let multi = args.multi_ack.max(1) as u64;
+    let mut unacked = 0u64;
+    let mut last_ack: Option<String> = None;
+    let mut latencies: Vec<u64> = Vec::with_capacity(4096);
+    loop {
+        if !r.buffered() {
+            if let (false, Some(id), true) = (args.auto_ack, &last_ack, unacked > 0) {
+                w.frame(&StompFrame::new(Command::Ack).with_header("id", id.clone()))?;
+                unacked = 0;
+            }
+            w.flush().await?;
+            if !latencies.is_empty() {
+                let mut h = lock(&shared.e2e_latency);
+                for l in latencies.drain(..) {
+                    let _ = h.record(l);
+                }
+            }
+        }
+        let f = r.frame().await?;
+        if f.command != Command::Message {
+            continue;
+        }
+        let stamp = (f.body.len() >= 8 && args.producers > 0).then(|| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&f.body[..8]);
+            u64::from_be_bytes(b)
+        });
+        count_delivery(&shared, stamp, &mut latencies);
+        if !args.auto_ack {
+            last_ack = f.header("ack").or(f.header("message-id")).map(str::to_owned);
+            unacked += 1;
+            if unacked >= multi {
+                if let Some(id) = &last_ack {
+                    w.frame(&StompFrame::new(Command::Ack).with_header("id", id.clone()))?;
+                }
+                unacked = 0;
             }
         }
     }
