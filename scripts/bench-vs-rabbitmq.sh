@@ -79,7 +79,7 @@ r.update(broker=broker, scenario=scenario, round=int(rnd),
          rss_before_kib=int(rss0), rss_after_kib=int(rss1))
 print(json.dumps(r))
 EOF
-  tail -n1 "$results" | python3 -c 'import json,sys; r=json.load(sys.stdin); print(f"{r[\"scenario\"]:>10} {r[\"broker\"]:>8} round {r[\"round\"]}: publish {r[\"publish_rate\"]:.0f}/s consume {r[\"consume_rate\"]:.0f}/s, broker CPU {r[\"broker_cpu_secs\"]:.1f} s")'
+  tail -n1 "$results" | python3 -c 'import json,sys; r=json.load(sys.stdin); print("%14s %8s round %d: publish %.0f/s, consume %.0f/s, broker CPU %.1f s" % (r["scenario"], r["broker"], r["round"], r["publish_rate"], r["consume_rate"], r["broker_cpu_secs"]))'
 }
 
 for scenario in $SCENARIOS; do
