@@ -68,7 +68,10 @@ run() { # broker scenario round flags...
   local pid=${PID[$broker]} before after rss0 rss1 json uri=${URI[$broker]}
   if [ "$scenario" = stomp ]; then uri=${STOMP[$broker]}; set -- "$@" --manage-uri "${URI[$broker]}"; fi
   before=$(cpu_ticks "$pid"); rss0=$(rss_kib "$pid")
-  json=$("$bin" bench --uri "$uri" --json --prefix "bench-$scenario" "$@")
+  if ! json=$("$bin" bench --uri "$uri" --json --prefix "bench-$scenario" "$@"); then
+    echo "$scenario $broker round $round: the run failed (see above); not counted"
+    return 0
+  fi
   after=$(cpu_ticks "$pid"); rss1=$(rss_kib "$pid")
   python3 - "$broker" "$scenario" "$round" "$before" "$after" "$rss0" "$rss1" "$(getconf CLK_TCK)" "$json" >>"$results" <<'EOF'
 import json, sys

@@ -414,10 +414,13 @@ async fn produce(conn: (Reader, Writer), target: (String, String, usize), args: 
         amqp::call(&mut r, &mut w, ConfirmSelect { nowait: false }, |m| matches!(m, Method::ConfirmSelectOk(_))).await?;
         tokio::spawn(read_confirms(r, unconfirmed.clone(), freed.clone(), shared.clone()))
     } else {
-        // Nothing to read but errors: the broker's close ends the run.
+        // Nothing to read but errors (the broker's close ends the run)
+        // and the answer to our close.
         tokio::spawn(async move {
             loop {
-                r.frame().await?;
+                if let Frame::Method { method: Method::ConnectionCloseOk(_), .. } = r.frame().await? {
+                    return Ok(());
+                }
             }
         })
     };
@@ -473,18 +476,29 @@ async fn produce(conn: (Reader, Writer), target: (String, String, usize), args: 
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
-    if reader.is_finished() {
-        reader.await??;
-    } else {
-        reader.abort();
+    // A polite close: the broker has handled every publish once it
+    // answers (a broker may drop what it had not routed yet when a
+    // connection just goes away: RabbitMQ does).
+    if !reader.is_finished() {
+        w.method(0, sluice_codecs::amqp::ConnectionClose { reply_code: 200, reply_text: "bye".to_owned(), class_id: 0, method_id: 0 });
+        w.flush().await?;
     }
-    Ok(())
+    finish(reader, args.drain_timeout).await
+}
+
+/// Waits for a producer's reader to see the broker's answer to the close.
+async fn finish(reader: tokio::task::JoinHandle<Result<()>>, secs: f64) -> Result<()> {
+    match tokio::time::timeout(Duration::from_secs_f64(secs.max(1.0)), reader).await {
+        Ok(result) => result?,
+        Err(_) => bail!("the broker did not answer the producer's close within {secs} s"),
+    }
 }
 
 /// Reads basic.ack / basic.nack for one producer.
 async fn read_confirms(mut r: Reader, unconfirmed: Arc<Mutex<Unconfirmed>>, freed: Arc<tokio::sync::Notify>, shared: Arc<Shared>) -> Result<()> {
     loop {
         let (tag, multiple, ack) = match r.method().await? {
+            Method::ConnectionCloseOk(_) => return Ok(()),
             Method::BasicAck(a) => (a.delivery_tag, a.multiple, true),
             Method::BasicNack(n) => (n.delivery_tag, n.multiple, false),
             _ => continue,
@@ -608,6 +622,9 @@ async fn produce_stomp(conn: (stomp::Reader, stomp::Writer), dest: String, slot:
                 if f.command != sluice_codecs::stomp::Command::Receipt {
                     continue;
                 }
+                if f.header("receipt-id") == Some("disconnect") {
+                    return Ok(());
+                }
                 let Some(tag) = f.header("receipt-id").and_then(|t| t.parse::<u64>().ok()) else { continue };
                 let now = shared.now_ns();
                 let sent = {
@@ -669,12 +686,13 @@ async fn produce_stomp(conn: (stomp::Reader, stomp::Writer), dest: String, slot:
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
-    if reader.is_finished() {
-        reader.await??;
-    } else {
-        reader.abort();
+    // DISCONNECT with a receipt: every SEND before it was handled.
+    if !reader.is_finished() {
+        let bye = sluice_codecs::stomp::Frame::new(sluice_codecs::stomp::Command::Disconnect).with_header("receipt", "disconnect");
+        w.frame(&bye)?;
+        w.flush().await?;
     }
-    Ok(())
+    finish(reader, args.drain_timeout).await
 }
 
 /// A STOMP consumer: SUBSCRIBE (ack auto, or client: cumulative acks).
