@@ -6,6 +6,7 @@
 #   ./scripts/bench-vs-rabbitmq.sh            # 2 rounds of 8 s per scenario and broker
 #   ROUNDS=3 SECS=15 ./scripts/bench-vs-rabbitmq.sh
 #   SCENARIOS="transient persistent" ./scripts/bench-vs-rabbitmq.sh
+#   KEEP_RESULTS=1 SCENARIOS=stomp ./scripts/bench-vs-rabbitmq.sh   # add to the last results
 #
 # RabbitMQ 3.10 from Debian (installed if missing, started if not running)
 # on 5672 with durable classic queues; Sluice `serve` (single node, release
@@ -21,7 +22,9 @@ SCENARIOS="${SCENARIOS:-transient persistent small large queues100 fanout10 fixe
 out_dir="target/bench"
 mkdir -p "$out_dir"
 results="$out_dir/results.jsonl"
-: > "$results"
+# KEEP_RESULTS=1 adds to the results of an earlier run (to re-run some
+# scenarios only).
+[ "${KEEP_RESULTS:-0}" = 1 ] || : > "$results"
 
 if ! command -v rabbitmq-server >/dev/null 2>&1; then
   echo "installing rabbitmq-server (Debian package)"
@@ -68,7 +71,7 @@ run() { # broker scenario round flags...
   local pid=${PID[$broker]} before after rss0 rss1 json uri=${URI[$broker]}
   if [ "$scenario" = stomp ]; then uri=${STOMP[$broker]}; set -- "$@" --manage-uri "${URI[$broker]}"; fi
   before=$(cpu_ticks "$pid"); rss0=$(rss_kib "$pid")
-  if ! json=$("$bin" bench --uri "$uri" --json --prefix "bench-$scenario" "$@"); then
+  if ! json=$("$bin" bench --uri "$uri" --json --prefix "bench-${scenario%-*}" "$@"); then
     echo "$scenario $broker round $round: the run failed (see above); not counted"
     return 0
   fi

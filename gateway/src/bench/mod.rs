@@ -320,8 +320,13 @@ pub async fn measure(args: &BenchArgs) -> Result<Report> {
     let consume_secs = consuming_since.elapsed().as_secs_f64();
     ticker.abort();
     progress.finish_and_clear();
+    // A consumer that stopped early stopped on an error: report it.
     for c in consumers {
-        c.abort();
+        if c.is_finished() {
+            c.await??;
+        } else {
+            c.abort();
+        }
     }
     if let (false, Some(m)) = (args.keep, &manage) {
         let _ = teardown(m, &queues, exchange.as_deref()).await;
@@ -575,26 +580,22 @@ async fn consume(conn: (Reader, Writer), queue: String, args: BenchArgs, shared:
                 want_stamp = true;
                 stamp = None;
             }
-            Frame::Header { body_size, .. } => {
-                if body_size == 0 {
-                    count_delivery(&shared, None, &mut latencies);
-                    unacked += 1;
-                }
+            Frame::Header { body_size: 0, .. } => {
+                count_delivery(&shared, None, &mut latencies);
+                unacked += 1;
             }
-            Frame::Body { payload, .. } => {
-                if want_stamp {
-                    want_stamp = false;
-                    // A drain-only run's bodies were stamped by another run.
-                    if payload.len() >= 8 && args.producers > 0 {
-                        let mut b = [0u8; 8];
-                        b.copy_from_slice(&payload[..8]);
-                        stamp = Some(u64::from_be_bytes(b));
-                    }
-                    // Bodies larger than a frame: counted on the first
-                    // frame (the rest follow on the same channel).
-                    count_delivery(&shared, stamp, &mut latencies);
-                    unacked += 1;
+            // Bodies larger than a frame: counted on the first frame (the
+            // rest follow on the same channel).
+            Frame::Body { payload, .. } if want_stamp => {
+                want_stamp = false;
+                // A drain-only run's bodies were stamped by another run.
+                if payload.len() >= 8 && args.producers > 0 {
+                    let mut b = [0u8; 8];
+                    b.copy_from_slice(&payload[..8]);
+                    stamp = Some(u64::from_be_bytes(b));
                 }
+                count_delivery(&shared, stamp, &mut latencies);
+                unacked += 1;
             }
             _ => {}
         }

@@ -37,8 +37,11 @@ impl Reader {
         }
     }
 
+    /// Whether a frame may already be buffered: the end-of-lines some
+    /// brokers (RabbitMQ) send after each frame's NUL do not count, or a
+    /// consumer would wait to flush its acks for a frame that never comes.
     pub fn buffered(&self) -> bool {
-        !self.buf.is_empty()
+        self.buf.iter().any(|b| !matches!(b, b'\n' | b'\r'))
     }
 }
 
