@@ -142,7 +142,7 @@ pub struct Router {
     /// One turn per thing being declared or bound: identical declares at
     /// once (500 clients starting together) wait for the first one's
     /// proposal and then find nothing left to change.
-    declaring: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    declaring: std::sync::Mutex<HashMap<String, Arc<Slot>>>,
 }
 
 /// After this long without the copy reaching a committed write, the router
@@ -163,19 +163,35 @@ fn declare_key(cmd: &Command) -> Option<String> {
     }
 }
 
+/// The turns of one key: whose turn it is, and how many changes of it
+/// succeeded.
+#[derive(Default)]
+struct Slot {
+    turn: Arc<tokio::sync::Mutex<()>>,
+    done: AtomicU64,
+}
+
 /// A held turn of [`Router::turn`]; the last one out removes the slot.
 struct Turn<'a> {
     router: &'a Router,
     key: String,
+    slot: Arc<Slot>,
     guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Turn<'_> {
+    /// The change was committed: those waiting may answer from the copy.
+    fn succeeded(&self) {
+        self.slot.done.fetch_add(1, Ordering::AcqRel);
+    }
 }
 
 impl Drop for Turn<'_> {
     fn drop(&mut self) {
         self.guard.take();
         let mut slots = self.router.declaring.lock().unwrap_or_else(|p| p.into_inner());
-        // Only the map holds the slot: nobody waits for it.
-        if slots.get(&self.key).is_some_and(|s| Arc::strong_count(s) == 1) {
+        // Only the map and this turn hold the slot: nobody waits for it.
+        if slots.get(&self.key).is_some_and(|s| Arc::strong_count(s) <= 2) {
             slots.remove(&self.key);
         }
     }
@@ -305,15 +321,15 @@ impl Router {
     /// Commits `cmd` in the metadata group and returns once the copy has
     /// applied it, with the group's verdict.
     async fn execute(&self, cmd: Command) -> Result<(), BrokerError> {
-        // Redeclaring what exists changes nothing: the copy answers (500
-        // clients declaring one queue at once make no proposal each).
-        if self.read().topo.changes_nothing(&cmd) {
-            return Ok(());
-        }
-        let _turn = match declare_key(&cmd) {
+        // Identical declares at once (500 clients starting together) take
+        // turns; one that waited while another's proposal succeeded finds
+        // the copy as fresh as that proposal, and answers from it when the
+        // declare changes nothing. The copy alone is not trusted: another
+        // gateway may have deleted the queue a moment ago.
+        let turn = match declare_key(&cmd) {
             Some(key) => {
-                let turn = self.turn(key).await;
-                if self.read().topo.changes_nothing(&cmd) {
+                let (turn, someone_else_done) = self.turn(key).await;
+                if someone_else_done && self.read().topo.changes_nothing(&cmd) {
                     return Ok(());
                 }
                 Some(turn)
@@ -328,6 +344,9 @@ impl Router {
         match self.propose(MetaCommand::Topology(cmd)).await? {
             MetaResult::Topology(Err(e)) => Err(e.into()),
             MetaResult::Topology(Ok(outcome)) => {
+                if let Some(t) = &turn {
+                    t.succeeded();
+                }
                 self.audit_topology(&audit, &outcome, new_vhost);
                 Ok(())
             }
@@ -335,11 +354,14 @@ impl Router {
         }
     }
 
-    /// Waits for the turn to change `key` (see `declaring`).
-    async fn turn(&self, key: String) -> Turn<'_> {
+    /// Waits for the turn to change `key` (see `declaring`); true if an
+    /// identical change succeeded meanwhile.
+    async fn turn(&self, key: String) -> (Turn<'_>, bool) {
         let slot = self.declaring.lock().unwrap_or_else(|p| p.into_inner()).entry(key.clone()).or_default().clone();
-        let guard = slot.lock_owned().await;
-        Turn { router: self, key, guard: Some(guard) }
+        let before = slot.done.load(Ordering::Acquire);
+        let guard = slot.turn.clone().lock_owned().await;
+        let done = slot.done.load(Ordering::Acquire) != before;
+        (Turn { router: self, key, slot, guard: Some(guard) }, done)
     }
 
     /// Commits `cmd` in the metadata group and returns the group's verdict
