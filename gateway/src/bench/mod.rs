@@ -430,24 +430,64 @@ async fn produce(conn: (Reader, Writer), target: (String, String, usize), args: 
         })
     };
     let properties = BasicProperties { delivery_mode: Some(if args.persistent { 2 } else { 1 }), ..Default::default() };
+    let mut out = |w: &mut Writer, body: &[u8], _tag: u64| {
+        w.publish(&exchange, &routing_key, &properties, body);
+        Ok(())
+    };
+    let pending = |w: &Writer| w.buf.len();
+    let limits = Loop { window, slot, unconfirmed: &unconfirmed, freed: &freed, reader: &reader };
+    publish_loop(&mut w, &mut out, pending, Writer::flush, &limits, &args, &shared).await?;
+    // A polite close: the broker has handled every publish once it
+    // answers (a broker may drop what it had not routed yet when a
+    // connection just goes away: RabbitMQ does).
+    if !reader.is_finished() {
+        w.method(0, sluice_codecs::amqp::ConnectionClose { reply_code: 200, reply_text: "bye".to_owned(), class_id: 0, method_id: 0 });
+        w.flush().await?;
+    }
+    finish(reader, args.drain_timeout).await
+}
+
+/// What a producer's loop shares with its reader of confirms (or receipts).
+struct Loop<'a> {
+    /// At most this many unconfirmed (with --confirm).
+    window: Option<usize>,
+    /// Which `per_target` counter to count in.
+    slot: usize,
+    unconfirmed: &'a Mutex<Unconfirmed>,
+    freed: &'a tokio::sync::Notify,
+    /// Finished early: the broker closed the connection (an error).
+    reader: &'a tokio::task::JoinHandle<Result<()>>,
+}
+
+/// Publishes until told to stop (or --count), at --rate if given, keeping
+/// at most the window unconfirmed; then waits for the last confirms.
+/// `publish` encodes one message (body, tag) into the writer's buffer,
+/// `pending` is the buffer's size, `flush` writes it. Shared by the AMQP
+/// and STOMP producers.
+async fn publish_loop<W>(
+    w: &mut W,
+    publish: &mut impl FnMut(&mut W, &[u8], u64) -> Result<()>,
+    pending: impl Fn(&W) -> usize,
+    flush: impl AsyncFn(&mut W) -> Result<()>,
+    l: &Loop<'_>,
+    args: &BenchArgs,
+    shared: &Shared,
+) -> Result<()> {
     let mut body = vec![0u8; args.size];
     let interval = args.rate.filter(|r| *r > 0).map(|r| Duration::from_secs_f64(1.0 / r as f64));
     let mut next_at = tokio::time::Instant::now();
     let mut tag = 0u64;
-    while !shared.stop.load(Ordering::Acquire) && args.count.is_none_or(|c| tag < c) {
+    while !shared.stop.load(Ordering::Acquire) && args.count.is_none_or(|c| tag < c) && !l.reader.is_finished() {
         if let Some(i) = interval {
-            w.flush().await?;
+            flush(w).await?;
             next_at += i;
             tokio::time::sleep_until(next_at).await;
         }
-        if let Some(window) = window {
-            loop {
-                if lock(&unconfirmed).sent.len() < window {
-                    break;
-                }
-                w.flush().await?;
-                let wait = freed.notified();
-                if lock(&unconfirmed).sent.len() < window {
+        if let Some(window) = l.window {
+            while lock(l.unconfirmed).sent.len() >= window && !l.reader.is_finished() {
+                flush(w).await?;
+                let wait = l.freed.notified();
+                if lock(l.unconfirmed).sent.len() < window {
                     break;
                 }
                 if tokio::time::timeout(Duration::from_millis(100), wait).await.is_err() && shared.stop.load(Ordering::Acquire) {
@@ -460,35 +500,24 @@ async fn produce(conn: (Reader, Writer), target: (String, String, usize), args: 
             body[..8].copy_from_slice(&now.to_be_bytes());
         }
         tag += 1;
-        if window.is_some() {
-            lock(&unconfirmed).sent.push_back((tag, now));
+        if l.window.is_some() {
+            lock(l.unconfirmed).sent.push_back((tag, now));
         }
-        w.publish(&exchange, &routing_key, &properties, &body);
+        publish(w, &body, tag)?;
         shared.published.fetch_add(1, Ordering::AcqRel);
-        shared.per_target[slot].fetch_add(1, Ordering::AcqRel);
-        if reader.is_finished() {
-            break;
-        }
-        if w.buf.len() >= 64 * 1024 {
-            w.flush().await?;
+        shared.per_target[l.slot].fetch_add(1, Ordering::AcqRel);
+        if pending(w) >= 64 * 1024 {
+            flush(w).await?;
         }
     }
-    w.flush().await?;
-    // Wait for the last confirms.
-    if window.is_some() {
+    flush(w).await?;
+    if l.window.is_some() {
         let deadline = Instant::now() + Duration::from_secs_f64(args.drain_timeout);
-        while !lock(&unconfirmed).sent.is_empty() && Instant::now() < deadline {
+        while !lock(l.unconfirmed).sent.is_empty() && Instant::now() < deadline && !l.reader.is_finished() {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
-    // A polite close: the broker has handled every publish once it
-    // answers (a broker may drop what it had not routed yet when a
-    // connection just goes away: RabbitMQ does).
-    if !reader.is_finished() {
-        w.method(0, sluice_codecs::amqp::ConnectionClose { reply_code: 200, reply_text: "bye".to_owned(), class_id: 0, method_id: 0 });
-        w.flush().await?;
-    }
-    finish(reader, args.drain_timeout).await
+    Ok(())
 }
 
 /// Waits for a producer's reader to see the broker's answer to the close.
@@ -528,16 +557,44 @@ async fn read_confirms(mut r: Reader, unconfirmed: Arc<Mutex<Unconfirmed>>, free
                 }
             }
         }
-        let n = done.len() as u64;
-        if ack {
-            shared.confirmed.fetch_add(n, Ordering::AcqRel);
-            let mut h = lock(&shared.confirm_latency);
-            for sent in done {
-                let _ = h.record(now.saturating_sub(sent) / 1000);
-            }
-        } else {
-            shared.nacked.fetch_add(n, Ordering::AcqRel);
+        settled(&shared, now, &done, ack);
+        freed.notify_one();
+    }
+}
+
+/// Counts confirmed (with their latency) or nacked messages sent at `sent`.
+fn settled(shared: &Shared, now: u64, sent: &[u64], ack: bool) {
+    let n = sent.len() as u64;
+    if ack {
+        shared.confirmed.fetch_add(n, Ordering::AcqRel);
+        let mut h = lock(&shared.confirm_latency);
+        for at in sent {
+            let _ = h.record(now.saturating_sub(*at) / 1000);
         }
+    } else {
+        shared.nacked.fetch_add(n, Ordering::AcqRel);
+    }
+}
+
+/// Reads RECEIPTs for one STOMP producer (the one for DISCONNECT ends it).
+async fn read_receipts(mut r: stomp::Reader, unconfirmed: Arc<Mutex<Unconfirmed>>, freed: Arc<tokio::sync::Notify>, shared: Arc<Shared>) -> Result<()> {
+    loop {
+        let f = r.frame().await?;
+        if f.command != sluice_codecs::stomp::Command::Receipt {
+            continue;
+        }
+        let id = f.header("receipt-id");
+        if id == Some("disconnect") {
+            return Ok(());
+        }
+        let Some(tag) = id.and_then(|t| t.parse::<u64>().ok()) else { continue };
+        let now = shared.now_ns();
+        let sent = {
+            let mut u = lock(&unconfirmed);
+            let at = u.sent.iter().position(|(t, _)| *t == tag);
+            at.and_then(|i| u.sent.remove(i)).map(|(_, sent)| sent)
+        };
+        settled(&shared, now, sent.as_slice(), true);
         freed.notify_one();
     }
 }
@@ -611,82 +668,16 @@ async fn consume(conn: (Reader, Writer), queue: String, args: BenchArgs, shared:
 
 /// A STOMP producer: SEND, with a receipt per message when --confirm.
 async fn produce_stomp(conn: (stomp::Reader, stomp::Writer), dest: String, slot: usize, args: BenchArgs, shared: Arc<Shared>) -> Result<()> {
-    let (mut r, mut w) = conn;
+    let (r, mut w) = conn;
     let window = args.confirm.map(|n| n.max(1) as usize);
     let unconfirmed = Arc::new(Mutex::new(Unconfirmed::default()));
     let freed = Arc::new(tokio::sync::Notify::new());
-    let reader = {
-        let (unconfirmed, freed, shared) = (unconfirmed.clone(), freed.clone(), shared.clone());
-        tokio::spawn(async move {
-            loop {
-                let f: sluice_codecs::stomp::Frame = r.frame().await?;
-                if f.command != sluice_codecs::stomp::Command::Receipt {
-                    continue;
-                }
-                if f.header("receipt-id") == Some("disconnect") {
-                    return Ok(());
-                }
-                let Some(tag) = f.header("receipt-id").and_then(|t| t.parse::<u64>().ok()) else { continue };
-                let now = shared.now_ns();
-                let sent = {
-                    let mut u = lock(&unconfirmed);
-                    let at = u.sent.iter().position(|(t, _)| *t == tag);
-                    at.and_then(|i| u.sent.remove(i)).map(|(_, sent)| sent)
-                };
-                if let Some(sent) = sent {
-                    shared.confirmed.fetch_add(1, Ordering::AcqRel);
-                    let _ = lock(&shared.confirm_latency).record(now.saturating_sub(sent) / 1000);
-                }
-                freed.notify_one();
-            }
-            #[allow(unreachable_code)]
-            Ok::<(), anyhow::Error>(())
-        })
-    };
-    let mut body = vec![0u8; args.size];
-    let interval = args.rate.filter(|r| *r > 0).map(|r| Duration::from_secs_f64(1.0 / r as f64));
-    let mut next_at = tokio::time::Instant::now();
-    let mut tag = 0u64;
-    while !shared.stop.load(Ordering::Acquire) && args.count.is_none_or(|c| tag < c) && !reader.is_finished() {
-        if let Some(i) = interval {
-            w.flush().await?;
-            next_at += i;
-            tokio::time::sleep_until(next_at).await;
-        }
-        if let Some(window) = window {
-            while lock(&unconfirmed).sent.len() >= window && !reader.is_finished() {
-                w.flush().await?;
-                let wait = freed.notified();
-                if lock(&unconfirmed).sent.len() < window {
-                    break;
-                }
-                if tokio::time::timeout(Duration::from_millis(100), wait).await.is_err() && shared.stop.load(Ordering::Acquire) {
-                    break;
-                }
-            }
-        }
-        let now = shared.now_ns();
-        if body.len() >= 8 {
-            body[..8].copy_from_slice(&now.to_be_bytes());
-        }
-        tag += 1;
-        if window.is_some() {
-            lock(&unconfirmed).sent.push_back((tag, now));
-        }
-        w.send(&dest, &body, args.persistent, window.map(|_| tag))?;
-        shared.published.fetch_add(1, Ordering::AcqRel);
-        shared.per_target[slot].fetch_add(1, Ordering::AcqRel);
-        if w.buf.len() >= 64 * 1024 {
-            w.flush().await?;
-        }
-    }
-    w.flush().await?;
-    if window.is_some() {
-        let deadline = Instant::now() + Duration::from_secs_f64(args.drain_timeout);
-        while !lock(&unconfirmed).sent.is_empty() && Instant::now() < deadline && !reader.is_finished() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
+    let reader = tokio::spawn(read_receipts(r, unconfirmed.clone(), freed.clone(), shared.clone()));
+    let persistent = args.persistent;
+    let mut out = |w: &mut stomp::Writer, body: &[u8], tag: u64| w.send(&dest, body, persistent, window.map(|_| tag));
+    let pending = |w: &stomp::Writer| w.buf.len();
+    let limits = Loop { window, slot, unconfirmed: &unconfirmed, freed: &freed, reader: &reader };
+    publish_loop(&mut w, &mut out, pending, stomp::Writer::flush, &limits, &args, &shared).await?;
     // DISCONNECT with a receipt: every SEND before it was handled.
     if !reader.is_finished() {
         let bye = sluice_codecs::stomp::Frame::new(sluice_codecs::stomp::Command::Disconnect).with_header("receipt", "disconnect");
