@@ -326,6 +326,12 @@ impl Consumer {
         }
     }
 
+    /// As many deliveries queued towards the socket as allowed: the
+    /// consumer would take more, its connection is behind.
+    pub fn socket_full(&self) -> bool {
+        self.pending.load(Ordering::Acquire) >= MAX_PENDING
+    }
+
     /// Gives back a pending slot once the delivery reached the socket (or
     /// was dropped). Wakes the queue if that unblocked the consumer.
     pub fn release_pending(&self) {
@@ -444,6 +450,14 @@ pub trait Queue: Send + Sync {
     fn counts(&self) -> Reply<(u32, u32)>;
     /// Tries to deliver to consumers that have credit again.
     fn kick(&self);
+
+    /// Publisher flow control: true while the queue's deliveries fall
+    /// behind its publishes (a backlog waits for consumers whose
+    /// connections are behind). A connection that published here stops
+    /// reading until it is false again (RabbitMQ's credit flow).
+    fn lagging(&self) -> bool {
+        false
+    }
     /// The queue's `x-max-message-size`: a larger publish is refused with
     /// a 406 channel error, as RabbitMQ refuses one above `max_message_size`.
     fn max_message_size(&self) -> Option<u64> {

@@ -76,6 +76,58 @@ pub struct SessionCtx {
     pub usage: crate::metrics::Usage,
     /// Most consumers on one channel (`consumer_max_per_channel`).
     pub consumer_max_per_channel: Option<u32>,
+    /// Publisher flow control of the connection.
+    pub flow: Flow,
+}
+
+/// Publisher flow control of one connection (RabbitMQ's credit flow, in
+/// effect): the queues it published to that said they were
+/// [`Queue::lagging`]. The session loop stops reading the connection's
+/// socket while one of them still is; nothing read is dropped.
+#[derive(Default)]
+pub struct Flow {
+    /// Some queue is noted (so the common case takes no lock).
+    noted: std::sync::atomic::AtomicBool,
+    queues: std::sync::Mutex<Vec<Arc<dyn Queue>>>,
+    /// Counts the connection in `sluice_flow_connections` while held.
+    held: std::sync::Mutex<Option<crate::metrics::Tracked>>,
+}
+
+impl Flow {
+    fn note(&self, queue: &Arc<dyn Queue>) {
+        let Ok(mut queues) = self.queues.lock() else { return };
+        if !queues.iter().any(|q| q.id() == queue.id()) {
+            queues.push(queue.clone());
+        }
+        self.noted.store(true, Ordering::Release);
+    }
+
+    /// True while a queue the connection published to is lagging; forgets
+    /// those that caught up.
+    pub fn holding(&self) -> bool {
+        if !self.noted.load(Ordering::Acquire) {
+            return false;
+        }
+        let holding = match self.queues.lock() {
+            Ok(mut queues) => {
+                queues.retain(|q| q.lagging());
+                !queues.is_empty()
+            }
+            Err(_) => false,
+        };
+        if !holding {
+            self.noted.store(false, Ordering::Release);
+        }
+        if let Ok(mut held) = self.held.lock() {
+            if holding && held.is_none() {
+                crate::metrics::FLOW_PAUSES.fetch_add(1, Ordering::Relaxed);
+                *held = Some(crate::metrics::Tracked::new(&crate::metrics::FLOW_CONNECTIONS));
+            } else if !holding {
+                *held = None;
+            }
+        }
+        holding
+    }
 }
 
 struct Unacked {
@@ -199,6 +251,11 @@ impl Channel {
             tx: None,
             _gauge: crate::metrics::Tracked::new(&crate::metrics::CHANNELS),
         }
+    }
+
+    /// Publisher flow control: a queue this connection published to lags.
+    pub fn flow_holding(&self) -> bool {
+        self.ctx.flow.holding()
     }
 
     /// Remembers a cancelled consumer for [`Self::close`].
@@ -622,7 +679,11 @@ impl Channel {
         for (i, q) in queues.iter().enumerate() {
             let m = if i == last { message.take() } else { message.clone() };
             let Some(m) = m else { break };
-            match q.publish(m) {
+            let published = q.publish(m);
+            if q.lagging() {
+                ctx.flow.note(q);
+            }
+            match published {
                 Ok(Some(w)) => {
                     QueueMeter::add(&q.meter().published, 1);
                     writes.push(w);

@@ -48,6 +48,11 @@ pub static ALARM_DISK: AtomicI64 = AtomicI64::new(0);
 /// Connections not read because of a resource alarm.
 pub static BLOCKED_CONNECTIONS: AtomicI64 = AtomicI64::new(0);
 
+/// Connections not read because a queue they publish to lags (flow control).
+pub static FLOW_CONNECTIONS: AtomicI64 = AtomicI64::new(0);
+/// Times a connection started waiting for flow control.
+pub static FLOW_PAUSES: AtomicU64 = AtomicU64::new(0);
+
 /// Adds one to a gauge for as long as it lives.
 #[derive(Debug)]
 pub struct Tracked(&'static AtomicI64);
@@ -222,6 +227,11 @@ fn describe() {
     describe_counter!("sluice_auth_failures_total", "Refused logins, by protocol.");
     describe_gauge!("sluice_alarm", "1 while the resource alarm is on (resource=memory|disk), else 0.");
     describe_gauge!("sluice_blocked_connections", "Publishing connections not read because of a resource alarm.");
+    describe_gauge!(
+        "sluice_flow_connections",
+        "Publishing connections not read because a queue they publish to is behind its consumers (flow control)."
+    );
+    describe_counter!("sluice_flow_pauses_total", "Times a publishing connection started waiting for flow control.");
     describe_gauge!("sluice_queues", "Queues known to this gateway.");
     describe_gauge!("sluice_queue_messages_ready", "Messages ready for delivery.");
     describe_gauge!("sluice_queue_messages_unacked", "Messages delivered and not yet acknowledged.");
@@ -320,6 +330,8 @@ async fn collect(router: &Router) {
     gauge!("sluice_alarm", "resource" => "memory").set(ALARM_MEMORY.load(Relaxed) as f64);
     gauge!("sluice_alarm", "resource" => "disk").set(ALARM_DISK.load(Relaxed) as f64);
     gauge!("sluice_blocked_connections").set(BLOCKED_CONNECTIONS.load(Relaxed) as f64);
+    gauge!("sluice_flow_connections").set(FLOW_CONNECTIONS.load(Relaxed) as f64);
+    counter!("sluice_flow_pauses_total").absolute(FLOW_PAUSES.load(Relaxed));
     let queues = router.queue_handles();
     gauge!("sluice_queues").set(queues.len() as f64);
     let figures = join_all(queues.iter().map(|(_, _, parts)| async move {

@@ -231,6 +231,11 @@ pub const DEFAULT_CHECKPOINT_BYTES: u64 = 64 << 20;
 /// Default [`ReplicaOptions::body_cache_bytes`].
 pub const DEFAULT_BODY_CACHE_BYTES: usize = 16 << 20;
 
+/// Ready messages beyond which a queue whose consumer's deliveries back
+/// up towards its socket reports [`Queue::lagging`], so that its
+/// publishers' connections wait (docs/performance.md, "Flow control").
+pub const FLOW_BACKLOG: usize = 2048;
+
 /// Default [`ReplicaOptions::max_entry_bytes`].
 pub const DEFAULT_MAX_ENTRY_BYTES: usize = 1 << 20;
 
@@ -867,6 +872,8 @@ pub struct ReplicatedQueue {
     meter: crate::QueueMeter,
     /// The queue's limits (from its definition, as the state machine's).
     limits: Limits,
+    /// Leader: deliveries fall behind publishes ([`Queue::lagging`]).
+    lagging: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for ReplicatedQueue {
@@ -1021,6 +1028,7 @@ impl ReplicatedQueue {
             driver: Mutex::new(None),
             me: me.clone(),
             meter: crate::QueueMeter::default(),
+            lagging: std::sync::atomic::AtomicBool::new(false),
         });
         let single = queue.lock().single_voter();
         if single {
@@ -1779,6 +1787,8 @@ impl ReplicatedQueue {
                 if inner.flush_due() {
                     inner.flush();
                 }
+            } else {
+                self.lagging.store(false, std::sync::atomic::Ordering::Relaxed);
             }
             if !inner.group.has_ready() {
                 break;
@@ -2097,6 +2107,7 @@ impl ReplicatedQueue {
     /// against ready seqs not already being checked out.
     fn schedule(&self, inner: &mut Inner) {
         if inner.consumers.is_empty() {
+            self.lagging.store(false, std::sync::atomic::Ordering::Relaxed);
             return;
         }
         let ids: Vec<ConsumerId> = inner.consumers.keys().cloned().collect();
@@ -2133,6 +2144,12 @@ impl ReplicatedQueue {
             let cmd = Command::Checkout { consumer: id, seqs: seqs.clone(), now_ms: now_ms() };
             inner.push(cmd, Vec::new(), Some(Waiter::Checkout { consumer, seqs }));
         }
+        // Publisher flow control: messages wait although a consumer could
+        // take them, because its deliveries are not reaching its socket
+        // fast enough (not because it is at its prefetch limit).
+        let waiting = (inner.sm.ready_count() as usize).saturating_sub(inner.in_checkout.len());
+        let lagging = waiting > FLOW_BACKLOG && inner.consumers.values().any(|c| c.socket_full());
+        self.lagging.store(lagging, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Applies one committed entry, command by command, and carries out
@@ -2539,6 +2556,10 @@ impl Queue for ReplicatedQueue {
 
     fn kick(&self) {
         self.wake.notify_one();
+    }
+
+    fn lagging(&self) -> bool {
+        self.lagging.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn max_message_size(&self) -> Option<u64> {

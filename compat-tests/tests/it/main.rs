@@ -23,6 +23,7 @@ mod cluster_rebalance;
 mod client_suites;
 mod clients;
 mod crash;
+mod flow;
 mod matrix;
 mod matrix_lapin;
 mod metrics;

@@ -421,6 +421,7 @@ impl Conn {
             consumer_timeout_ms: self.broker.limits.consumer_timeout_ms,
             usage,
             consumer_max_per_channel: self.broker.limits.consumer_max_per_channel,
+            flow: Default::default(),
         });
         Ok(Some((erx, ctx)))
     }
@@ -450,7 +451,11 @@ impl Conn {
             if alarm_blocked {
                 no_ack_timeouts_until = Instant::now() + ACK_GRACE_AFTER_BLOCK;
             }
-            let backlog = backend.backlog_bytes() > STORAGE_BACKLOG_LIMIT || self.wtx.queued_bytes() > WRITER_BACKLOG_LIMIT;
+            // Storage or our writer behind, or flow control: a queue we
+            // published to is behind its consumers.
+            let backlog = backend.backlog_bytes() > STORAGE_BACKLOG_LIMIT
+                || self.wtx.queued_bytes() > WRITER_BACKLOG_LIMIT
+                || ctx.flow.holding();
             let throttled = alarm_blocked || backlog;
             if throttled {
                 // Our silence is not the client's: don't count it as missed heartbeats.

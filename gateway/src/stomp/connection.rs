@@ -361,6 +361,7 @@ pub async fn serve_with<R, W>(
         consumer_timeout_ms: broker.limits.consumer_timeout_ms,
         usage: crate::metrics::Usage::new(&connected.user, &connected.vhost.name),
         consumer_max_per_channel: broker.limits.consumer_max_per_channel,
+        flow: Default::default(),
     });
     let mut session = Session {
         broker: broker.clone(),
@@ -595,8 +596,9 @@ impl Session {
                     continue;
                 }
             }
-            let backlog =
-                backend.backlog_bytes() > STORAGE_BACKLOG_LIMIT || self.wtx.queued.load(Ordering::Acquire) > WRITER_BACKLOG_LIMIT;
+            let backlog = backend.backlog_bytes() > STORAGE_BACKLOG_LIMIT
+                || self.wtx.queued.load(Ordering::Acquire) > WRITER_BACKLOG_LIMIT
+                || self.channel.flow_holding();
             let throttled = backlog || alarm_blocked;
             if throttled {
                 last_read = Instant::now();

@@ -1,0 +1,117 @@
+//! Publisher flow control: a queue whose consumer's connection falls
+//! behind stops its publishers' connections from being read (AMQP and
+//! STOMP alike), so the backlog stays bounded; nothing is lost, and
+//! publishing resumes once the consumer reads again.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lapin::options::BasicPublishOptions;
+use lapin::BasicProperties;
+
+use crate::common::*;
+use crate::metrics::{scrape, value};
+
+/// Messages each publisher sends.
+const PER_PUBLISHER: usize = 40_000;
+const BODY: usize = 1024;
+
+/// A raw STOMP 1.2 session: CONNECT, then read up to the CONNECTED frame.
+fn stomp(server: &Server) -> TcpStream {
+    let mut sock = TcpStream::connect(server.stomp_addr()).unwrap();
+    sock.write_all(b"CONNECT\naccept-version:1.2\nlogin:guest\npasscode:guest\n\n\0").unwrap();
+    let mut byte = [0u8; 1];
+    let mut head = Vec::new();
+    while byte[0] != 0 || head.is_empty() {
+        sock.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"CONNECTED"), "{}", String::from_utf8_lossy(&head));
+    sock
+}
+
+#[tokio::test]
+async fn publishers_wait_for_a_consumer_whose_connection_is_behind() {
+    let s = Server::start();
+    let metrics = s.metrics_addr();
+    // The consumer subscribes (auto ack) and then does not read its socket.
+    let mut consumer = stomp(&s);
+    consumer.write_all(b"SUBSCRIBE\nid:0\ndestination:/queue/flow\nack:auto\nreceipt:sub\n\n\0").unwrap();
+    let mut receipt = [0u8; 64];
+    let n = consumer.read(&mut receipt).unwrap();
+    assert!(receipt[..n].starts_with(b"RECEIPT"), "{}", String::from_utf8_lossy(&receipt[..n]));
+
+    // Two publishers without confirms: raw STOMP and lapin.
+    let sent_stomp = Arc::new(AtomicUsize::new(0));
+    let mut stomp_pub = stomp(&s);
+    let stomp_thread = {
+        let sent = sent_stomp.clone();
+        std::thread::spawn(move || {
+            let frame = format!("SEND\ndestination:/queue/flow\n\n{}\0", "x".repeat(BODY));
+            for _ in 0..PER_PUBLISHER {
+                stomp_pub.write_all(frame.as_bytes()).unwrap();
+                sent.fetch_add(1, Ordering::Relaxed);
+            }
+            stomp_pub
+        })
+    };
+    let sent_amqp = Arc::new(AtomicUsize::new(0));
+    let (conn, ch) = open(&s).await;
+    let amqp_task = {
+        let sent = sent_amqp.clone();
+        tokio::spawn(async move {
+            let body = vec![b'y'; BODY];
+            for _ in 0..PER_PUBLISHER {
+                ch.basic_publish("".into(), "flow".into(), BasicPublishOptions::default(), &body, BasicProperties::default())
+                    .await
+                    .unwrap();
+                sent.fetch_add(1, Ordering::Relaxed);
+            }
+            (conn, ch)
+        })
+    };
+
+    // Both publishing connections are held.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut text = scrape(metrics).await;
+    while value(&text, "sluice_flow_connections") != Some(2.0) {
+        assert!(Instant::now() < deadline, "both publishers never held by flow control:\n{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        text = scrape(metrics).await;
+    }
+    assert!(value(&text, "sluice_flow_pauses_total").unwrap_or(0.0) >= 2.0, "{text}");
+    // While held, the backlog stays bounded: nowhere near what was offered.
+    let ready = "sluice_queue_messages_ready{vhost=\"/\",queue=\"flow\"}";
+    let mut most = 0.0f64;
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let text = scrape(metrics).await;
+        most = most.max(value(&text, ready).unwrap_or(0.0));
+    }
+    let offered = sent_stomp.load(Ordering::Relaxed) + sent_amqp.load(Ordering::Relaxed);
+    assert!(most <= 12_000.0, "{most} ready while held ({offered} written by the publishers)");
+    assert!(offered < 2 * PER_PUBLISHER, "the publishers were never held: all {offered} written");
+
+    // The consumer reads again: every message arrives, the publishers finish.
+    let reader = std::thread::spawn(move || {
+        let mut frames = 0usize;
+        let mut buf = vec![0u8; 1 << 16];
+        let until = Instant::now() + Duration::from_secs(120);
+        consumer.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        while frames < 2 * PER_PUBLISHER && Instant::now() < until {
+            let n = consumer.read(&mut buf).unwrap();
+            assert!(n > 0, "consumer socket closed after {frames} messages");
+            frames += buf[..n].iter().filter(|&&b| b == 0).count();
+        }
+        frames
+    });
+    let _stomp_pub = tokio::task::spawn_blocking(move || stomp_thread.join().unwrap()).await.unwrap();
+    let _amqp = amqp_task.await.unwrap();
+    let frames = tokio::task::spawn_blocking(move || reader.join().unwrap()).await.unwrap();
+    assert_eq!(frames, 2 * PER_PUBLISHER, "every published message is delivered once");
+    let text = scrape(metrics).await;
+    assert_eq!(value(&text, "sluice_flow_connections"), Some(0.0), "{text}");
+}
