@@ -77,7 +77,7 @@ fn enqueue_assigns_increasing_seqs_in_order() {
     assert_eq!(sm.ready_count(), 5);
     assert_eq!(sm.next_seq(), 5);
     assert_eq!(sm.ack_floor(), 0);
-    let first: Vec<(Seq, MsgMeta)> = sm.next_ready(2).map(|(s, m)| (s, *m)).collect();
+    let first: Vec<(Seq, MsgMeta)> = sm.next_ready(2).collect();
     assert_eq!(
         first,
         vec![
@@ -1686,7 +1686,7 @@ fn commands(ops: &[Op], limits: Limits) -> Vec<Command> {
 /// Compares everything observable, and checks the partition invariant on
 /// the state machine's own views.
 fn same_state(sm: &QueueSm, model: &Model) -> Result<(), TestCaseError> {
-    let ready: Vec<(Seq, MsgMeta)> = sm.next_ready(usize::MAX).map(|(s, m)| (s, *m)).collect();
+    let ready: Vec<(Seq, MsgMeta)> = sm.next_ready(usize::MAX).collect();
     prop_assert_eq!(&ready, &model.ready());
     let holders: Vec<ConsumerId> = sm.holders().cloned().collect();
     prop_assert_eq!(&holders, &model.holders());

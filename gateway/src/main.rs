@@ -26,7 +26,10 @@ use clap::{CommandFactory, Parser, Subcommand};
 
 /// mimalloc returns freed memory to the OS far better than glibc's malloc
 /// under this workload (many threads, short-lived message buffers): in the
-/// churn run of docs/storage.md RSS stayed much lower with it.
+/// churn run of docs/storage.md RSS stayed much lower with it. The
+/// `system-alloc` feature leaves the system allocator in place, for heap
+/// profilers that hook malloc (heaptrack; docs/performance.md).
+#[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

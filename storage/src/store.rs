@@ -51,6 +51,9 @@ pub struct StoreOptions {
     pub compact_drained_min_removes: u64,
 }
 
+/// Memtable size of the `logs` keyspace (new databases).
+pub const LOGS_MEMTABLE_BYTES: u64 = 16 << 20;
+
 impl Default for StoreOptions {
     fn default() -> Self {
         StoreOptions {
@@ -273,7 +276,14 @@ impl Store {
                 KeyspaceCreateOptions::default().manual_journal_persist(true).max_memtable_size(8 << 20)
             })?,
             meta: db.keyspace(keys::META, || KeyspaceCreateOptions::default().manual_journal_persist(true))?,
-            logs: db.keyspace(keys::LOGS, || KeyspaceCreateOptions::default().manual_journal_persist(true))?,
+            // Raft logs carry the message bodies: fjall's default 64 MiB
+            // memtable (plus a sealed one being flushed) was most of a
+            // single node's fixed RAM (heaptrack, docs/performance.md).
+            // Entries are read back rarely (the queues cache recent ones),
+            // so smaller memtables cost little.
+            logs: db.keyspace(keys::LOGS, || {
+                KeyspaceCreateOptions::default().manual_journal_persist(true).max_memtable_size(LOGS_MEMTABLE_BYTES)
+            })?,
         };
 
         let counters = Arc::new(Counters::default());

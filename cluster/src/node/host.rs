@@ -210,6 +210,12 @@ struct RemoteConsumer {
     gateway: String,
 }
 
+/// Bytes of message bodies the body caches of all the queues of a node
+/// hold together at most (each queue also has its own limit,
+/// `body_cache_bytes`, 16 MiB by default): 100 busy queues would
+/// otherwise cache 1.6 GiB.
+pub const BODY_CACHE_TOTAL_BYTES: usize = 128 << 20;
+
 /// The replicas of one node and what gateways asked of them.
 pub struct Host {
     /// This host, for callbacks handed to its replicas.
@@ -232,6 +238,8 @@ pub struct Host {
     opening: Mutex<()>,
     /// Per-queue cache of recent bodies on the leader; 0: the default.
     body_cache_bytes: std::sync::atomic::AtomicUsize,
+    /// What all the queues' body caches on this node may hold together.
+    body_cache_budget: Arc<crate::replicated::CacheBudget>,
     /// Queues with a `change_voters` (led here) or a membership check
     /// (hosted here, not placed here) in progress.
     changing: Mutex<HashSet<u64>>,
@@ -438,6 +446,7 @@ impl Host {
             single_node,
             opening: Mutex::new(()),
             body_cache_bytes: std::sync::atomic::AtomicUsize::new(0),
+            body_cache_budget: crate::replicated::CacheBudget::new(BODY_CACHE_TOTAL_BYTES),
             changing: Mutex::new(HashSet::new()),
             checking: Mutex::new(HashSet::new()),
             dead_letters: Arc::new(HostDeadLetters { host: me.clone(), clients: Mutex::new(HashMap::new()) }),
@@ -621,6 +630,7 @@ impl Host {
         if cache > 0 {
             opts.body_cache_bytes = cache;
         }
+        opts.body_cache_budget = Some(self.body_cache_budget.clone());
         opts.join = join;
         match ReplicatedQueue::open(spec.clone(), self.store.clone(), opts, &self.runtime) {
             Ok(q) => {

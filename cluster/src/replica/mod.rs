@@ -7,3 +7,4 @@
 //! messages.
 
 pub mod queue_sm;
+mod ready;

@@ -48,6 +48,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+use super::ready::ReadyList;
+
 /// Position of a message in its queue's history: assigned once, increasing.
 pub type Seq = u64;
 
@@ -529,8 +531,10 @@ pub struct QueueSm {
     /// The seq the next enqueued message gets.
     next_seq: Seq,
     /// Ready messages by seq.
-    ready: BTreeMap<Seq, MsgMeta>,
-    /// The keys of `ready` in delivery order: highest priority first, then
+    ready: ReadyList,
+    /// Only when [`Self::ordered`] (otherwise delivery order is seq order,
+    /// and `ready` alone gives it: this saves a third of the RAM per queued
+    /// message). The keys of `ready` in delivery order: highest priority first, then
     /// seq. Derived from `ready` (not in the snapshot).
     order: BTreeSet<(Reverse<u8>, (u64, u64), Seq)>,
     /// Strict ordering: messages held for their window, by seq.
@@ -610,7 +614,22 @@ impl QueueSm {
     /// Sets the limits (after [`Self::restore`]: they are not in the
     /// snapshot).
     pub fn set_limits(&mut self, limits: Limits) {
+        let was = self.ordered();
         self.limits = limits;
+        if self.ordered() != was {
+            self.order = if self.ordered() {
+                self.ready.iter().map(|(seq, meta)| (Reverse(meta.priority), meta.order_key(), seq)).collect()
+            } else {
+                BTreeSet::new()
+            };
+        }
+    }
+
+    /// Delivery order is not seq order: the queue has priorities or strict
+    /// ordering, and `order` is kept. Otherwise every message has priority
+    /// 0 and no order key.
+    fn ordered(&self) -> bool {
+        self.limits.max_priority.is_some() || self.limits.strict_window.is_some()
     }
 
     /// The queue's limits.
@@ -638,37 +657,47 @@ impl QueueSm {
     }
 
     /// The first ready message in delivery order.
-    fn ready_head(&self) -> Option<(Seq, &MsgMeta)> {
+    fn ready_head(&self) -> Option<(Seq, MsgMeta)> {
+        if !self.ordered() {
+            return self.ready.first();
+        }
         let &(_, _, seq) = self.order.first()?;
-        self.ready.get(&seq).map(|meta| (seq, meta))
+        self.ready.get(seq).map(|meta| (seq, meta))
     }
 
     fn ready_insert(&mut self, seq: Seq, meta: MsgMeta) {
         self.ready_bytes = self.ready_bytes.saturating_add(u64::from(meta.size));
+        let ordered = self.ordered();
         if let Some(old) = self.ready.insert(seq, meta) {
             self.ready_bytes = self.ready_bytes.saturating_sub(u64::from(old.size));
-            self.order.remove(&(Reverse(old.priority), old.order_key(), seq));
+            if ordered {
+                self.order.remove(&(Reverse(old.priority), old.order_key(), seq));
+            }
         }
-        self.order.insert((Reverse(meta.priority), meta.order_key(), seq));
+        if ordered {
+            self.order.insert((Reverse(meta.priority), meta.order_key(), seq));
+        }
     }
 
     fn ready_remove(&mut self, seq: Seq) -> Option<MsgMeta> {
-        let meta = self.ready.remove(&seq)?;
+        let meta = self.ready.remove(seq)?;
         self.ready_bytes = self.ready_bytes.saturating_sub(u64::from(meta.size));
-        self.order.remove(&(Reverse(meta.priority), meta.order_key(), seq));
+        if self.ordered() {
+            self.order.remove(&(Reverse(meta.priority), meta.order_key(), seq));
+        }
         Some(meta)
     }
 
     /// Removes the first ready message in delivery order.
     fn ready_pop_first(&mut self) -> Option<(Seq, MsgMeta)> {
-        let (_, _, seq) = self.order.first().copied()?;
+        let (seq, _) = self.ready_head()?;
         self.ready_remove(seq).map(|meta| (seq, meta))
     }
 
     fn ready_clear(&mut self) -> BTreeMap<Seq, MsgMeta> {
         self.ready_bytes = 0;
         self.order.clear();
-        std::mem::take(&mut self.ready)
+        self.ready.take().into_iter().collect()
     }
 
     /// Removes (or dead-letters) the expired messages at the head of the
@@ -678,7 +707,6 @@ impl QueueSm {
             if meta.expires_at.is_none_or(|at| at > now_ms) {
                 break;
             }
-            let meta = *meta;
             self.ready_remove(seq);
             self.drop_msg(seq, meta, DeathReason::Expired, removed);
         }
@@ -843,7 +871,7 @@ impl QueueSm {
             Command::Retire => self.retire(&mut fx),
             Command::Barrier => {}
             Command::DropTransient => {
-                let mut seqs: Vec<Seq> = self.ready.iter().filter(|(_, m)| !m.persistent).map(|(s, _)| *s).collect();
+                let mut seqs: Vec<Seq> = self.ready.iter().filter(|(_, m)| !m.persistent).map(|(s, _)| s).collect();
                 for seq in &seqs {
                     self.ready_remove(*seq);
                 }
@@ -1277,8 +1305,14 @@ impl QueueSm {
 
     /// The first `n` ready messages, in delivery order: what the leader may
     /// check out next.
-    pub fn next_ready(&self, n: usize) -> impl Iterator<Item = (Seq, &MsgMeta)> + '_ {
-        self.order.iter().take(n).filter_map(|(_, _, seq)| self.ready.get(seq).map(|meta| (*seq, meta)))
+    pub fn next_ready(&self, n: usize) -> impl Iterator<Item = (Seq, MsgMeta)> + '_ {
+        let ordered = self.ordered();
+        let by_order = ordered
+            .then(|| self.order.iter().take(n).filter_map(|(_, _, seq)| self.ready.get(*seq).map(|meta| (*seq, meta))))
+            .into_iter()
+            .flatten();
+        let by_seq = (!ordered).then(|| self.ready.iter().take(n)).into_iter().flatten();
+        by_order.chain(by_seq)
     }
 
     /// Attached consumers, in [`ConsumerId`] order.
@@ -1310,7 +1344,7 @@ impl QueueSm {
     /// Whether `seq` is live (ready, held, delayed or a dead letter not
     /// yet published).
     pub fn is_live(&self, seq: Seq) -> bool {
-        self.ready.contains_key(&seq)
+        self.ready.contains_key(seq)
             || self.unacked.contains_key(&seq)
             || self.delayed.contains_key(&seq)
             || self.holding.contains_key(&seq)
@@ -1348,12 +1382,16 @@ impl QueueSm {
     /// none: every message below it is gone, so storage may forget
     /// everything under it. Never decreases.
     pub fn ack_floor(&self) -> Seq {
-        let ready = self.ready.keys().next();
+        let ready = self.ready.first().map(|(seq, _)| seq);
         let held = self.unacked.keys().next();
         let delayed = self.delayed.keys().next();
         let dead = self.dead_seqs.first();
         let holding = self.holding.keys().next();
-        [ready, held, delayed, dead, holding].into_iter().flatten().min().copied().unwrap_or(self.next_seq)
+        [ready, held.copied(), delayed.copied(), dead.copied(), holding.copied()]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(self.next_seq)
     }
 
     /// The whole state, for Raft log compaction. Bodies are not in it;
@@ -1363,7 +1401,7 @@ impl QueueSm {
             next_seq: self.next_seq,
             deleted: self.deleted,
             enqueues: self.enqueues,
-            ready: self.ready.iter().map(|(seq, meta)| (*seq, *meta)).collect(),
+            ready: self.ready.iter().collect(),
             consumers: self.consumers.iter().map(|(id, opts)| (id.clone(), *opts)).collect(),
             held: self.held.keys().map(|id| (id.clone(), self.held_by(id).map(|(s, m)| (s, *m)).collect())).collect(),
             publishers: self
@@ -1411,7 +1449,7 @@ impl QueueSm {
             if seq >= next_seq {
                 return Err(SnapshotError("ready seq at or above next_seq"));
             }
-            if sm.ready.contains_key(&seq) {
+            if sm.ready.contains_key(seq) {
                 return Err(SnapshotError("ready seq listed twice"));
             }
             sm.ready_insert(seq, meta);
@@ -1425,7 +1463,7 @@ impl QueueSm {
                 if seq >= next_seq {
                     return Err(SnapshotError("held seq at or above next_seq"));
                 }
-                if sm.ready.contains_key(&seq) || sm.unacked.insert(seq, meta).is_some() {
+                if sm.ready.contains_key(seq) || sm.unacked.insert(seq, meta).is_some() {
                     return Err(SnapshotError("seq in more than one place"));
                 }
                 set.insert(seq);

@@ -3,6 +3,8 @@
 //! the [`BodyCache`] of recent entries and the [`Checkpoint`] record.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
@@ -215,17 +217,72 @@ impl Batches {
 /// up reads every body from here. An entry read back from the log (a
 /// consumer behind) is kept in a slot of its own, so reading a big batch
 /// sequentially reads it from disk once.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct BodyCache {
     entries: BTreeMap<u64, Bytes>,
     bytes: usize,
     limit: usize,
     read_back: Option<(u64, Bytes)>,
+    /// The node's budget over all its queues' caches (`entries` only).
+    budget: Option<Arc<CacheBudget>>,
+}
+
+/// Bytes of body cache shared by all the queues of a node: with many busy
+/// queues, each queue's own limit times their number would be far too much
+/// RAM. A queue caches an entry only while the node's total allows it,
+/// evicting its own oldest entries first.
+#[derive(Debug)]
+pub struct CacheBudget {
+    used: AtomicUsize,
+    limit: usize,
+}
+
+impl CacheBudget {
+    pub fn new(limit: usize) -> Arc<Self> {
+        Arc::new(CacheBudget { used: AtomicUsize::new(0), limit })
+    }
+
+    /// Bytes cached now over all queues.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    fn take(&self, n: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(n).filter(|total| *total <= self.limit)
+            })
+            .is_ok()
+    }
+
+    fn give(&self, n: usize) {
+        let _ = self.used.fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| Some(used.saturating_sub(n)));
+    }
+}
+
+impl Drop for BodyCache {
+    fn drop(&mut self) {
+        self.give(self.bytes);
+    }
 }
 
 impl BodyCache {
-    pub fn new(limit: usize) -> Self {
-        BodyCache { limit, ..BodyCache::default() }
+    pub fn new(limit: usize, budget: Option<Arc<CacheBudget>>) -> Self {
+        BodyCache { entries: BTreeMap::new(), bytes: 0, limit, read_back: None, budget }
+    }
+
+    fn give(&self, n: usize) {
+        if let Some(budget) = &self.budget {
+            budget.give(n);
+        }
+    }
+
+    /// Drops the oldest entry; false if there is none.
+    fn evict_oldest(&mut self) -> bool {
+        let Some((_, old)) = self.entries.pop_first() else { return false };
+        self.bytes -= old.len();
+        self.give(old.len());
+        true
     }
 
     pub fn get(&self, index: u64) -> Option<Bytes> {
@@ -242,14 +299,22 @@ impl BodyCache {
         if data.len() > self.limit {
             return;
         }
+        if let Some(old) = self.entries.remove(&index) {
+            self.bytes -= old.len();
+            self.give(old.len());
+        }
+        while self.bytes + data.len() > self.limit && self.evict_oldest() {}
+        if let Some(budget) = self.budget.clone() {
+            while !budget.take(data.len()) {
+                if !self.evict_oldest() {
+                    // Other queues hold the node's budget: not cached (a
+                    // consumer reads it back from the log).
+                    return;
+                }
+            }
+        }
         self.bytes += data.len();
-        if let Some(old) = self.entries.insert(index, data) {
-            self.bytes -= old.len();
-        }
-        while self.bytes > self.limit {
-            let Some((_, old)) = self.entries.pop_first() else { break };
-            self.bytes -= old.len();
-        }
+        self.entries.insert(index, data);
     }
 
     /// An entry read back from the log.
@@ -263,6 +328,7 @@ impl BodyCache {
             let keep = self.entries.split_off(&index);
             for data in std::mem::replace(&mut self.entries, keep).into_values() {
                 self.bytes -= data.len();
+                self.give(data.len());
             }
         }
         if self.read_back.as_ref().is_some_and(|(i, _)| *i < index) {
@@ -272,6 +338,7 @@ impl BodyCache {
 
     pub fn clear(&mut self) {
         self.entries.clear();
+        self.give(self.bytes);
         self.bytes = 0;
         self.read_back = None;
     }
@@ -298,10 +365,10 @@ pub(crate) struct Checkpoint {
 
 impl Checkpoint {
     pub fn encode(&self) -> Result<Vec<u8>, Error> {
-        let mut out = vec![CHECKPOINT_VERSION];
-        let body = postcard::to_stdvec(self).map_err(|e| Error::Corrupt(format!("encoding a checkpoint: {e}")))?;
-        out.extend_from_slice(&body);
-        Ok(out)
+        // Straight after the version byte: a checkpoint of a long queue is
+        // tens of MB, not worth a second copy.
+        postcard::to_extend(self, vec![CHECKPOINT_VERSION])
+            .map_err(|e| Error::Corrupt(format!("encoding a checkpoint: {e}")))
     }
 
     pub fn decode(data: &[u8]) -> Result<Self, Error> {
@@ -319,6 +386,37 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::replica::queue_sm::NewMsg;
+
+    #[test]
+    fn body_caches_share_the_node_budget() {
+        let budget = CacheBudget::new(100);
+        let entry = |n: usize| Bytes::from(vec![0u8; n]);
+        let mut a = BodyCache::new(80, Some(budget.clone()));
+        let mut b = BodyCache::new(80, Some(budget.clone()));
+        a.insert(1, entry(40));
+        a.insert(2, entry(40));
+        assert_eq!((a.bytes(), budget.used()), (80, 80));
+        // Its own limit: the oldest goes.
+        a.insert(3, entry(30));
+        assert!(a.get(1).is_none() && a.get(3).is_some());
+        assert_eq!((a.bytes(), budget.used()), (70, 70));
+        // The node's budget is nearly spent by `a`: `b` caches nothing it
+        // cannot fit, and never evicts another queue's entries.
+        b.insert(1, entry(40));
+        assert!(b.get(1).is_none());
+        b.insert(2, entry(30));
+        assert!(b.get(2).is_some());
+        assert_eq!((a.bytes(), b.bytes(), budget.used()), (70, 30, 100));
+        // What a cache gives back (trim, clear, drop) frees the budget.
+        a.trim_below(3);
+        assert_eq!(budget.used(), 60);
+        b.insert(3, entry(40));
+        assert_eq!((b.bytes(), budget.used()), (70, 100));
+        a.clear();
+        assert_eq!(budget.used(), 70);
+        drop(b);
+        assert_eq!(budget.used(), 0);
+    }
 
     #[test]
     fn bodies_are_sliced_out_of_an_entry() {

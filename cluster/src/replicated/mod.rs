@@ -194,6 +194,7 @@ use sluice_storage::{Completion, Op, Store};
 use tokio::sync::{oneshot, Notify};
 use tokio::task::JoinHandle;
 
+pub use self::log::CacheBudget;
 use self::log::{decode_commands, encode_entry, entry_body, Batches, BodyCache, Checkpoint};
 use crate::backend::{ready, Consumer, Delivery, Durable, Outcome, Queue, QueueId, QueueSpec, Reply};
 use crate::consensus::fjall_store::{TAG_APPLY_STATE, TAG_HARD_STATE, TAG_SNAPSHOT_DATA, TAG_SNAPSHOT_META};
@@ -320,6 +321,9 @@ pub struct ReplicaOptions {
     pub checkpoint_bytes: u64,
     /// Bytes of recent log entries (hence bodies) the leader keeps in RAM.
     pub body_cache_bytes: usize,
+    /// The node's budget over all its queues' body caches (none: only
+    /// `body_cache_bytes` bounds this queue's).
+    pub body_cache_budget: Option<Arc<CacheBudget>>,
     /// Commands waiting for the previous raft write go out without waiting
     /// any longer once their entry reaches this size.
     pub max_entry_bytes: usize,
@@ -376,6 +380,7 @@ impl ReplicaOptions {
             checkpoint_entries: DEFAULT_CHECKPOINT_ENTRIES,
             checkpoint_bytes: DEFAULT_CHECKPOINT_BYTES,
             body_cache_bytes: DEFAULT_BODY_CACHE_BYTES,
+            body_cache_budget: None,
             max_entry_bytes: DEFAULT_MAX_ENTRY_BYTES,
             drop_transient_on_open: false,
             join: false,
@@ -981,7 +986,7 @@ impl ReplicatedQueue {
             sm: QueueSm::with_limits(limits),
             limits,
             batches: Batches::default(),
-            cache: BodyCache::new(opts.body_cache_bytes),
+            cache: BodyCache::new(opts.body_cache_bytes, opts.body_cache_budget.clone()),
             state_at: 0,
             conf_changed_at: 0,
             checkpoint_at: resume_at,
