@@ -25,6 +25,12 @@
 //!   consumer with the seqs it holds (delivered, not settled); the new
 //!   leader requeues whatever else the old one had checked out to it.
 //!   Settles made while no leader is known wait and go to the new one.
+//! - **Attach epochs.** Every (re-)attach of a consumer gets a new epoch,
+//!   taken together with its held list; the leader stamps it on the
+//!   consumer's deliveries, and the handle drops (neither takes nor
+//!   settles) a delivery of an older epoch: pushed before the leader saw
+//!   the re-attach, it is not in the held list sent, so the leader
+//!   requeues it, and taking it too would deliver it twice.
 //! - **Order.** One task per queue handle (the driver) sends everything
 //!   one-way to the leader, in the order the session produced it, and
 //!   re-synchronises after a failover before sending anything new.
@@ -221,8 +227,8 @@ fn on_push(cluster: &Arc<Cluster>, from: &Client, msg: NodeRequest) {
                 q.on_confirm(from, &publisher, id, result);
             }
         }
-        NodeRequest::Deliver { queue, consumer, seq, redelivered, delivery_count, enqueued_ms, message } => match cluster.queue(queue) {
-            Some(q) => q.on_deliver(from, consumer, seq, (redelivered, delivery_count, enqueued_ms), message),
+        NodeRequest::Deliver { queue, consumer, epoch, seq, redelivered, delivery_count, enqueued_ms, message } => match cluster.queue(queue) {
+            Some(q) => q.on_deliver(from, consumer, epoch, seq, (redelivered, delivery_count, enqueued_ms), message),
             None => {
                 // The handle is gone (queue deleted or gateway shutting
                 // down): give the message back.
@@ -373,6 +379,36 @@ struct InFlight {
 /// A consumer attached through this handle.
 struct Attached {
     consumer: Arc<Consumer>,
+    /// The epoch of the last `Attach` sent for it (0: none sent yet).
+    epoch: u64,
+}
+
+impl Attached {
+    /// An `Attach` for this consumer under a new epoch.
+    fn attach_request(&mut self, queue: u64, id: &ConsumerId, held: Vec<u64>) -> NodeRequest {
+        self.epoch += 1;
+        NodeRequest::Attach {
+            queue,
+            consumer: id.clone(),
+            epoch: self.epoch,
+            no_ack: self.consumer.no_ack,
+            exclusive: self.consumer.exclusive,
+            prefetch: self.consumer.credit.prefetch,
+            held,
+        }
+    }
+}
+
+/// What becomes of a delivery the leader pushed.
+#[derive(Debug)]
+enum Accept {
+    /// Goes to this consumer (and is held by it unless no-ack).
+    Take(Arc<Consumer>),
+    /// Made under an attach since replaced: dropped, not settled (the
+    /// leader requeues it, as the held list of the new attach lacks it).
+    Stale,
+    /// The consumer is gone from this handle: given back to the queue.
+    Unknown,
 }
 
 /// What the driver sends to the leader, in order.
@@ -407,6 +443,36 @@ struct QState {
     /// returned when the channel closes (`close_consumer`). The newest
     /// [`CANCELLED_MEMORY`].
     cancelled: std::collections::VecDeque<(Weak<Consumer>, ConsumerId)>,
+}
+
+impl QState {
+    /// A new `Attach` for consumer `id` (`None` if it is gone): a fresh
+    /// epoch and the seqs it holds, under one lock with [`QState::accept`],
+    /// so every delivery of an earlier attach is either in the held list
+    /// sent (taken before) or of an older epoch (dropped from now on).
+    fn attach_request(&mut self, queue: u64, id: &ConsumerId) -> Option<NodeRequest> {
+        let mut held: Vec<u64> = self.held.iter().filter(|(_, h)| *h == id).map(|(s, _)| *s).collect();
+        held.sort_unstable();
+        let a = self.consumers.get_mut(id)?;
+        Some(a.attach_request(queue, id, held))
+    }
+
+    /// Whether delivery `seq`, made under `epoch`, goes to `consumer`;
+    /// if so it is held by it from now on (unless no-ack).
+    fn accept(&mut self, consumer: &ConsumerId, epoch: u64, seq: u64) -> Accept {
+        let Some(a) = self.consumers.get(consumer) else { return Accept::Unknown };
+        let target = a.consumer.clone();
+        if target.no_ack {
+            // Removed from the queue when it was made and never requeued:
+            // taking it cannot duplicate it, dropping it would lose it.
+            return Accept::Take(target);
+        }
+        if a.epoch != epoch {
+            return Accept::Stale;
+        }
+        self.held.insert(seq, consumer.clone());
+        Accept::Take(target)
+    }
 }
 
 /// How many cancelled consumers a handle remembers for `close_consumer`.
@@ -546,7 +612,7 @@ impl RemoteQueue {
         }
     }
 
-    fn on_deliver(&self, from: &Client, consumer: ConsumerId, seq: u64, flags: (bool, u32, u64), message: ByteBuf) {
+    fn on_deliver(&self, from: &Client, consumer: ConsumerId, epoch: u64, seq: u64, flags: (bool, u32, u64), message: ByteBuf) {
         let (redelivered, delivery_count, enqueued_ms) = flags;
         // Only from the leader the consumers are attached at: a delivery
         // still in flight from a deposed leader (or sent before our
@@ -559,15 +625,15 @@ impl RemoteQueue {
             return;
         }
         let message = record::decode(&Bytes::from(message.into_vec()));
-        let target = {
-            let mut st = self.lock();
-            let target = st.consumers.get(&consumer).map(|a| a.consumer.clone());
-            if let Some(c) = &target {
-                if !c.no_ack {
-                    st.held.insert(seq, consumer.clone());
-                }
+        // From the leader, but perhaps pushed before it handled our latest
+        // re-attach on this same link: see `QState::accept`.
+        let target = match self.lock().accept(&consumer, epoch, seq) {
+            Accept::Take(c) => Some(c),
+            Accept::Stale => {
+                tracing::debug!(queue = %self.name, seq, epoch, "delivery of a replaced attach dropped");
+                return;
             }
-            target
+            Accept::Unknown => None,
         };
         let delivered = match (target, message) {
             (Some(c), Ok(message)) => {
@@ -648,6 +714,15 @@ async fn drive(q: Weak<RemoteQueue>, mut rx: mpsc::UnboundedReceiver<Out>) {
                 let Some(queue) = q.upgrade() else { return };
                 leader = find_and_resync(&queue, hint.take(), &mut backlog).await;
                 continue;
+            };
+            // An attach takes its epoch and held list as it is sent (each
+            // time): a resync may have re-attached the consumer since the
+            // session asked, and deliveries may be held under that one.
+            let req = match (&req, q.upgrade()) {
+                (NodeRequest::Attach { consumer, .. }, Some(queue)) => {
+                    queue.lock().attach_request(queue.id.0, consumer).unwrap_or(req)
+                }
+                _ => req,
             };
             let timeout = deadline.saturating_duration_since(tokio::time::Instant::now()).min(Duration::from_secs(5));
             match client.call_timeout(req.clone(), timeout).await {
@@ -759,19 +834,15 @@ async fn resync(queue: &Arc<RemoteQueue>, hint: Option<String>, backlog: &mut Ve
     let client = found?;
     // Deliveries are taken from this leader from now on (see on_deliver).
     queue.leader.send_replace(Some(client.clone()));
-    // Re-attach every consumer with what it holds.
-    let attached: Vec<(ConsumerId, Arc<Consumer>, Vec<u64>)> = {
-        let st = queue.lock();
-        st.consumers
-            .iter()
-            .map(|(id, a)| {
-                let held = st.held.iter().filter(|(_, h)| *h == id).map(|(s, _)| *s).collect();
-                (id.clone(), a.consumer.clone(), held)
-            })
-            .collect()
+    // Re-attach every consumer with what it holds, each under a new epoch
+    // (a delivery still in flight from before is dropped, and requeued by
+    // the leader, even on this same link).
+    let attached: Vec<(ConsumerId, NodeRequest)> = {
+        let mut st = queue.lock();
+        let ids: Vec<ConsumerId> = st.consumers.keys().cloned().collect();
+        ids.into_iter().filter_map(|id| st.attach_request(queue.id.0, &id).map(|req| (id, req))).collect()
     };
-    for (id, consumer, held) in attached {
-        let req = attach_request(queue.id.0, &id, &consumer, held);
+    for (id, req) in attached {
         match client.call_timeout(req, cluster.opts.call_timeout).await {
             Ok(NodeResponse::Queue(QueueResult::Ok)) => {}
             Ok(NodeResponse::Queue(QueueResult::Exclusive)) => queue.on_cancelled(&id),
@@ -816,17 +887,6 @@ async fn resync(queue: &Arc<RemoteQueue>, hint: Option<String>, backlog: &mut Ve
         }
     }
     Some(client)
-}
-
-fn attach_request(queue: u64, id: &ConsumerId, consumer: &Consumer, held: Vec<u64>) -> NodeRequest {
-    NodeRequest::Attach {
-        queue,
-        consumer: id.clone(),
-        no_ack: consumer.no_ack,
-        exclusive: consumer.exclusive,
-        prefetch: consumer.credit.prefetch,
-        held,
-    }
 }
 
 impl Queue for RemoteQueue {
@@ -879,15 +939,17 @@ impl Queue for RemoteQueue {
 
     fn consume(&self, consumer: Arc<Consumer>) -> Reply<()> {
         let id = self.consumer_id(&consumer.tag);
-        self.lock().consumers.insert(id.clone(), Attached { consumer: consumer.clone() });
         let Some(me) = self.cluster.queue(self.id.0) else {
             return ready(Err(Error::QueueDeleted));
         };
+        // Stamped again by the driver as it is sent.
+        let mut attached = Attached { consumer: consumer.clone(), epoch: 0 };
+        let attach = attached.attach_request(self.id.0, &id, Vec::new());
+        self.lock().consumers.insert(id.clone(), attached);
         let as_queue: Arc<dyn Queue> = me.clone();
         consumer.attach(Arc::downgrade(&as_queue));
         Box::pin(async move {
-            let queue = me.id.0;
-            let answer = me.call_leader(attach_request(queue, &id, &consumer, Vec::new())).await;
+            let answer = me.call_leader(attach).await;
             match answer {
                 Ok(NodeResponse::Queue(QueueResult::Ok)) => Ok(()),
                 other => {
@@ -1027,3 +1089,7 @@ impl Queue for RemoteQueue {
     /// credit freed here reaches it with the settle.
     fn kick(&self) {}
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may panic
+mod tests;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use sluice_cluster::rpc::{
     self, connect, connect_with, serve_with, Client, Error, Handler, Inbound, Options, PeerInfo,
-    Role, Secret, Versioned,
+    Role, Secret, Versioned, SUPPORTED_VERSIONS,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -148,7 +148,7 @@ async fn round_trip() {
     let s = server().await;
     let (c, _incoming) = client(s.addr).await;
     assert_eq!(c.peer(), &PeerInfo::node("node-1"));
-    assert_eq!(c.negotiated_version(), 1);
+    assert_eq!(c.negotiated_version(), *SUPPORTED_VERSIONS.end());
     let data: Vec<u8> = (0..=255).collect();
     assert_eq!(c.call(Req::Echo(data.clone())).await.unwrap(), Resp::Echo(data));
     assert_eq!(c.call(Req::Tagged { n: 42, delay_ms: 0 }).await.unwrap(), Resp::Tagged(42));
@@ -444,7 +444,7 @@ async fn secrets_from_one_file_authenticate() {
     let b = Secret::load_or_create_in(dir.path()).unwrap();
     let s = server_with(a, Options::default()).await;
     let (c, _i) = connect::<Req, Resp>(s.addr, &b, me()).await.unwrap();
-    assert_eq!(c.call(Req::Version).await.unwrap(), Resp::Version(1));
+    assert_eq!(c.call(Req::Version).await.unwrap(), Resp::Version(*SUPPORTED_VERSIONS.end()));
     let other = Secret::load_or_create_in(&dir.path().join("elsewhere")).unwrap();
     assert!(matches!(connect::<Req, Resp>(s.addr, &other, me()).await, Err(Error::Refused { .. })));
 }

@@ -384,6 +384,9 @@ impl HostDeadLetters {
 struct GatewaySink {
     queue: u64,
     consumer: ConsumerId,
+    /// The epoch of the `Attach` that made this sink: the gateway drops
+    /// deliveries of an attach it has since replaced.
+    epoch: u64,
     tx: PushQueue,
 }
 
@@ -392,6 +395,7 @@ impl DeliverySink for GatewaySink {
         let msg = NodeRequest::Deliver {
             queue: self.queue,
             consumer: self.consumer.clone(),
+            epoch: self.epoch,
             seq: delivery.msg_id,
             redelivered: delivery.redelivered,
             delivery_count: delivery.delivery_count,
@@ -884,12 +888,12 @@ impl Host {
                 },
                 Err(r) => NodeResponse::Queue(r),
             },
-            NodeRequest::Attach { queue, consumer, no_ack, exclusive, prefetch, held } => {
+            NodeRequest::Attach { queue, consumer, epoch, no_ack, exclusive, prefetch, held } => {
                 let q = match self.leading(queue) {
                     Ok(q) => q,
                     Err(r) => return NodeResponse::Queue(r),
                 };
-                let sink = Arc::new(GatewaySink { queue, consumer: consumer.clone(), tx: pushes.deliveries(conn) });
+                let sink = Arc::new(GatewaySink { queue, consumer: consumer.clone(), epoch, tx: pushes.deliveries(conn) });
                 let proxy = Consumer::new(
                     consumer.tag.clone(),
                     no_ack,

@@ -49,8 +49,12 @@ pub enum NodeRequest {
     Confirm { queue: u64, publisher: String, id: u64, result: QueueResult },
     /// Request, gateway to leader: attach (or re-attach after a failover)
     /// a consumer; `held` are the seqs the gateway delivered to it and has
-    /// not settled. Answered with `Done` or an error.
-    Attach { queue: u64, consumer: ConsumerId, no_ack: bool, exclusive: bool, prefetch: u32, held: Vec<u64> },
+    /// not settled. `epoch` is new for every (re-)attach of the consumer
+    /// and stamped on its deliveries: the gateway takes only those of the
+    /// attach it last sent, since an earlier one's may have been requeued
+    /// by this attach (they are not in `held`). Answered with `Queue(Ok)`
+    /// or an error.
+    Attach { queue: u64, consumer: ConsumerId, epoch: u64, no_ack: bool, exclusive: bool, prefetch: u32, held: Vec<u64> },
     /// One-way, gateway to leader: basic.cancel.
     Detach { queue: u64, consumer: ConsumerId },
     /// One-way, gateway to leader: ack / requeue / discard.
@@ -59,6 +63,8 @@ pub enum NodeRequest {
     Deliver {
         queue: u64,
         consumer: ConsumerId,
+        /// The `epoch` of the `Attach` this delivery is made under.
+        epoch: u64,
         seq: u64,
         redelivered: bool,
         /// Returns before this delivery (`x-delivery-count`).

@@ -61,7 +61,7 @@
 //! The whole handshake (and for [`connect`] the TCP connect) must finish
 //! within [`Options::handshake_timeout`] (5 s), or the socket is dropped.
 //!
-//! ## Messages (version 1)
+//! ## Messages (version 2)
 //!
 //! After the handshake each payload is `header ‖ body`: the header is a
 //! postcard enum, the body the rest of the frame, encoded by
@@ -108,8 +108,10 @@ pub use server::{serve, serve_with, Handler};
 /// The magic that starts every handshake frame.
 pub const PROTOCOL: &str = "sluice-node";
 
-/// The protocol versions this build speaks.
-pub const SUPPORTED_VERSIONS: RangeInclusive<u16> = 1..=1;
+/// The protocol versions this build speaks. 2: `Attach` and `Deliver`
+/// carry an attach epoch (version 1 had none; the node protocol's types
+/// are not translated between versions, so this build speaks only 2).
+pub const SUPPORTED_VERSIONS: RangeInclusive<u16> = 2..=2;
 
 /// A message type of the protocol, encoded for a negotiated version.
 ///

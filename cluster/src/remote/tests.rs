@@ -1,0 +1,290 @@
+//! Attach epochs against a real node over loopback: the node stamps its
+//! deliveries with the epoch of the attach they are made under, and a
+//! gateway's queue handle drops a delivery of an attach it has replaced.
+
+use std::time::{Duration, Instant};
+
+use sluice_codecs::command::{Arguments, Properties};
+
+use super::*;
+use crate::meta::replica::MetaCommand;
+use crate::meta::{Command, Owner};
+use crate::node::{MembershipOptions, Node, NodeOptions};
+use crate::replica::queue_sm::ConsumerId;
+
+const QUEUE: u64 = 100;
+
+fn secret() -> Secret {
+    Secret::new(vec![42; 32]).unwrap()
+}
+
+fn message(body: &'static str) -> Message {
+    Message {
+        exchange: String::new(),
+        routing_key: "q".into(),
+        properties: Properties::default(),
+        body: Bytes::from_static(body.as_bytes()),
+    }
+}
+
+/// A node of its own cluster with queue `q` (id [`QUEUE`]) declared.
+async fn node_with_queue(dir: &std::path::Path) -> Node {
+    let node = Node::start(NodeOptions {
+        id: "n1".into(),
+        data_dir: dir.join("n1"),
+        listen: "127.0.0.1:0".into(),
+        advertise: None,
+        seeds: Vec::new(),
+        secret: secret(),
+        membership: MembershipOptions::default(),
+        alarms: Default::default(),
+    })
+    .await
+    .unwrap();
+    let (client, _incoming) =
+        rpc::connect::<NodeRequest, NodeResponse>(&node.addr.to_string(), &secret(), PeerInfo::gateway("setup"))
+            .await
+            .unwrap();
+    let declare = [
+        Command::AddVhost { name: "/".into() },
+        Command::DeclareQueue {
+            vhost: "/".into(),
+            name: "q".into(),
+            generated: false,
+            passive: false,
+            durable: true,
+            conn: Owner(1),
+            exclusive: false,
+            auto_delete: false,
+            arguments: Arguments::default(),
+            new_ids: vec![QUEUE],
+        },
+    ];
+    for cmd in declare {
+        // The node founds the metadata group first.
+        let t0 = Instant::now();
+        loop {
+            let cmd = MetaCommand::Topology(cmd.clone());
+            match client.call(NodeRequest::Meta { cmd }).await.unwrap() {
+                NodeResponse::MetaDone { .. } => break,
+                other => assert!(t0.elapsed() < Duration::from_secs(20), "declare not done: {other:?}"),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    client.close();
+    node
+}
+
+fn consumer_id(tag: &str) -> ConsumerId {
+    ConsumerId { gateway: "gw-raw".into(), connection: 1, channel: 1, tag: tag.into() }
+}
+
+/// The next `Deliver` pushed on `incoming` within `wait` (skipping
+/// confirms).
+async fn next_delivery(incoming: &mut rpc::Incoming<NodeRequest, NodeResponse>, wait: Duration) -> Option<NodeRequest> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(deadline, incoming.recv()).await {
+            Ok(Some(Inbound::Message(msg @ NodeRequest::Deliver { .. }))) => return Some(msg),
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the link closed"),
+            Err(_) => return None,
+        }
+    }
+}
+
+/// (ready, unacked) of the queue, as its leader applied them.
+async fn stats(client: &Client) -> (u32, u32) {
+    match client.call(NodeRequest::Stats { queue: QUEUE }).await.unwrap() {
+        NodeResponse::Stats(s) => (s.ready, s.unacked),
+        other => panic!("unexpected answer to Stats: {other:?}"),
+    }
+}
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn attach(epoch: u64, held: Vec<u64>) -> NodeRequest {
+    NodeRequest::Attach { queue: QUEUE, consumer: consumer_id("c"), epoch, no_ack: false, exclusive: false, prefetch: 10, held }
+}
+
+/// The node side: a re-attach's epoch is on the deliveries made under it,
+/// and a delivery of the earlier attach that is not in the new held list
+/// (what a gateway drops as stale) comes back under the new epoch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reattach_stamps_its_epoch_and_requeues_what_its_held_list_lacks() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node_with_queue(dir.path()).await;
+    let (client, mut incoming) =
+        rpc::connect::<NodeRequest, NodeResponse>(&node.addr.to_string(), &secret(), PeerInfo::gateway("gw-raw"))
+            .await
+            .unwrap();
+    let t0 = Instant::now();
+    // The queue's replica opens and elects itself after the declare.
+    while client.call(attach(7, Vec::new())).await.unwrap() != NodeResponse::Queue(QueueResult::Ok) {
+        assert!(t0.elapsed() < Duration::from_secs(20), "the queue never led");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let record = record::encode(&message("one"));
+    client
+        .send(NodeRequest::Publish { queue: QUEUE, publisher: "p".into(), id: 1, message: ByteBuf::from(record.to_vec()) })
+        .await
+        .unwrap();
+    let Some(NodeRequest::Deliver { epoch, seq, redelivered, .. }) = next_delivery(&mut incoming, WAIT).await else {
+        panic!("no delivery")
+    };
+    assert_eq!((epoch, redelivered), (7, false));
+
+    // Re-attached without it: the node gives it back under epoch 8.
+    assert_eq!(client.call(attach(8, Vec::new())).await.unwrap(), NodeResponse::Queue(QueueResult::Ok));
+    let Some(NodeRequest::Deliver { epoch, seq: again, redelivered, .. }) = next_delivery(&mut incoming, WAIT).await else {
+        panic!("not delivered again")
+    };
+    assert_eq!((epoch, again, redelivered), (8, seq, true));
+
+    // Re-attached with it held: it stays with the consumer.
+    assert_eq!(client.call(attach(9, vec![seq])).await.unwrap(), NodeResponse::Queue(QueueResult::Ok));
+    assert_eq!(next_delivery(&mut incoming, Duration::from_millis(300)).await, None);
+    assert_eq!(stats(&client).await, (0, 1));
+    let ack = NodeRequest::Settle { queue: QUEUE, consumer: consumer_id("c"), seqs: vec![seq], outcome: WireOutcome::Ack };
+    client.send(ack).await.unwrap();
+    let t0 = Instant::now();
+    while stats(&client).await != (0, 0) {
+        assert!(t0.elapsed() < WAIT, "the acked message is still in the queue");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    client.close();
+    node.stop().await.unwrap();
+}
+
+/// Records what reaches the session.
+#[derive(Default)]
+struct Recorder {
+    seqs: Mutex<Vec<u64>>,
+}
+
+impl crate::backend::DeliverySink for Recorder {
+    fn deliver(&self, _consumer: &Arc<Consumer>, delivery: Delivery) -> bool {
+        lock(&self.seqs).push(delivery.msg_id);
+        true
+    }
+
+    fn cancelled(&self, _consumer: &Arc<Consumer>) {}
+}
+
+async fn wait_until(what: &str, pred: impl Fn() -> bool) {
+    let t0 = Instant::now();
+    while !pred() {
+        assert!(t0.elapsed() < Duration::from_secs(20), "not within 20 s: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The gateway side, the race of docs/cluster.md's known problem: the
+/// handle drops its leader while the link stays open and re-attaches on
+/// it; a delivery the node made under the earlier attach that arrives
+/// after that is neither taken nor held (the node requeues it), while
+/// deliveries of the new attach are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_of_a_replaced_attach_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node_with_queue(dir.path()).await;
+    let backend = RemoteBackend::new(RemoteOptions::new("gw-test/1".into(), vec![node.addr.to_string()], secret()));
+    let spec = QueueSpec { id: QueueId(QUEUE), vhost: "/".into(), name: "q".into(), durable: true, arguments: Arguments::default() };
+    let queue = backend.open_queue(spec).unwrap();
+    let handle = backend.cluster.queue(QUEUE).unwrap();
+    let sink = Arc::new(Recorder::default());
+    let consumer = Consumer::new(
+        "c".into(),
+        false,
+        false,
+        crate::backend::Credit::new(10),
+        Arc::new(crate::backend::ChannelFlow::default()),
+        sink.clone(),
+    );
+    queue.consume(consumer.clone()).await.unwrap();
+    let id = handle.lock().consumers.keys().next().cloned().unwrap();
+    let epoch_of = |h: &RemoteQueue| h.lock().consumers.get(&id).map(|a| a.epoch);
+
+    queue.publish(message("one")).unwrap().unwrap().await.unwrap();
+    wait_until("the first delivery", || lock(&sink.seqs).len() == 1).await;
+    let first = lock(&sink.seqs)[0];
+    let before = epoch_of(&handle).unwrap();
+
+    // The handle drops its leader (as after a call that timed out) and
+    // finds it again on the same link: a new epoch, the first message held.
+    let link = handle.leader.borrow().clone().unwrap();
+    handle.out.send(Out::LeaderLost(Some(link.clone()))).unwrap();
+    wait_until("the re-attach", || epoch_of(&handle) > Some(before)).await;
+    wait_until("the leader found again", || handle.leader.borrow().as_ref().is_some_and(|l| same(l, &link))).await;
+
+    // A delivery the node pushed under the replaced attach, arriving now.
+    let stale = first + 1000;
+    let record = ByteBuf::from(record::encode(&message("stale")).to_vec());
+    handle.on_deliver(&link, id.clone(), before, stale, (false, 0, 0), record);
+    assert_eq!(*lock(&sink.seqs), vec![first], "a delivery of a replaced attach reached the session");
+    assert!(!handle.lock().held.contains_key(&stale), "a delivery of a replaced attach is held");
+
+    // The new attach delivers, and the first message is still held by the
+    // consumer (it was in the held list), not redelivered.
+    queue.publish(message("two")).unwrap().unwrap().await.unwrap();
+    wait_until("the second delivery", || lock(&sink.seqs).len() == 2).await;
+    let seqs = lock(&sink.seqs).clone();
+    assert_eq!(seqs[0], first);
+    assert_ne!(seqs[1], first, "the held message was delivered again");
+    queue.settle(&seqs, crate::Outcome::Ack);
+    let t0 = Instant::now();
+    loop {
+        let s = queue.stats().await.unwrap();
+        if (s.ready, s.unacked) == (0, 0) {
+            break;
+        }
+        assert!(t0.elapsed() < WAIT, "acked messages still in the queue: {s:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(lock(&sink.seqs).len(), 2, "a message was delivered again");
+    backend.shutdown().unwrap();
+    node.stop().await.unwrap();
+}
+
+/// The ordering inside the handle: an attach takes its epoch and held
+/// list at once, so a delivery is either held before it (and in the list)
+/// or of an older epoch (and dropped); no-ack deliveries are always taken.
+#[test]
+fn an_attach_takes_its_epoch_and_held_list_together() {
+    let consumer = |no_ack| {
+        Consumer::new(
+            "c".into(),
+            no_ack,
+            false,
+            crate::backend::Credit::new(0),
+            Arc::new(crate::backend::ChannelFlow::default()),
+            Arc::new(Recorder::default()),
+        )
+    };
+    let (acks, auto) = (consumer_id("acks"), consumer_id("auto"));
+    let mut st = QState::default();
+    st.consumers.insert(acks.clone(), Attached { consumer: consumer(false), epoch: 0 });
+    st.consumers.insert(auto.clone(), Attached { consumer: consumer(true), epoch: 0 });
+    let epoch_and_held = |req: Option<NodeRequest>| match req {
+        Some(NodeRequest::Attach { epoch, held, .. }) => (epoch, held),
+        other => panic!("not an attach: {other:?}"),
+    };
+    assert_eq!(epoch_and_held(st.attach_request(QUEUE, &acks)), (1, vec![]));
+    assert!(matches!(st.accept(&acks, 1, 10), Accept::Take(_)));
+    assert!(matches!(st.accept(&acks, 1, 11), Accept::Take(_)));
+    // Re-attached: both held, epoch 2.
+    assert_eq!(epoch_and_held(st.attach_request(QUEUE, &acks)), (2, vec![10, 11]));
+    // Epoch 1's next delivery, still in flight: dropped, not held.
+    assert!(matches!(st.accept(&acks, 1, 12), Accept::Stale));
+    assert!(!st.held.contains_key(&12));
+    assert!(matches!(st.accept(&acks, 2, 12), Accept::Take(_)));
+    assert_eq!(st.held.get(&12), Some(&acks));
+    // No-ack: nothing to requeue it, so any epoch is taken, nothing held.
+    assert!(matches!(st.accept(&auto, 5, 13), Accept::Take(_)));
+    assert!(!st.held.contains_key(&13));
+    // Unknown consumer: given back.
+    assert!(matches!(st.accept(&consumer_id("gone"), 1, 14), Accept::Unknown));
+    assert!(st.attach_request(QUEUE, &consumer_id("gone")).is_none());
+}
