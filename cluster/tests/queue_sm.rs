@@ -1822,6 +1822,8 @@ proptest! {
             first.apply(c.clone());
         }
         let bytes = postcard::to_allocvec(&first.snapshot()).expect("encode snapshot");
+        // What checkpoints encode (the ready list borrowed) is the same.
+        prop_assert_eq!(&postcard::to_allocvec(&first.snapshot_ref()).expect("encode snapshot_ref"), &bytes);
         let snap: Snapshot = postcard::from_bytes(&bytes).expect("decode snapshot");
         let mut resumed = QueueSm::restore(snap).expect("a snapshot of a live machine is valid");
         resumed.set_limits(limits);

@@ -1397,11 +1397,33 @@ impl QueueSm {
     /// The whole state, for Raft log compaction. Bodies are not in it;
     /// it refers to them by seq.
     pub fn snapshot(&self) -> Snapshot {
+        let r = self.snapshot_ref();
         Snapshot {
+            next_seq: r.next_seq,
+            deleted: r.deleted,
+            enqueues: r.enqueues,
+            ready: r.ready.0.iter().collect(),
+            consumers: r.consumers,
+            held: r.held,
+            publishers: r.publishers,
+            delayed: r.delayed,
+            deadlines: r.deadlines,
+            dead: r.dead,
+            next_dead: r.next_dead,
+            dedup_keys: r.dedup_keys,
+            holding: r.holding,
+            released_ts: r.released_ts,
+        }
+    }
+
+    /// [`Self::snapshot`] borrowing the ready list, for encoding: the
+    /// same bytes, without a copy of the (possibly million-entry) list.
+    pub fn snapshot_ref(&self) -> SnapshotRef<'_> {
+        SnapshotRef {
             next_seq: self.next_seq,
             deleted: self.deleted,
             enqueues: self.enqueues,
-            ready: self.ready.iter().collect(),
+            ready: ReadyView(&self.ready),
             consumers: self.consumers.iter().map(|(id, opts)| (id.clone(), *opts)).collect(),
             held: self.held.keys().map(|id| (id.clone(), self.held_by(id).map(|(s, m)| (s, *m)).collect())).collect(),
             publishers: self
@@ -1558,6 +1580,41 @@ impl QueueSm {
 /// exactly. It carries no version of its own: its layout changes when, say,
 /// [`MsgMeta`] gains a field, so whoever stores or sends it must wrap it in
 /// a versioned envelope.
+/// [`Snapshot`] as it is encoded, with the ready list borrowed
+/// ([`QueueSm::snapshot_ref`]). Its fields are `Snapshot`'s, in the same
+/// order, so that serde gives the same bytes (a test checks it).
+#[derive(Serialize)]
+pub struct SnapshotRef<'a> {
+    next_seq: Seq,
+    deleted: bool,
+    enqueues: u64,
+    ready: ReadyView<'a>,
+    consumers: Vec<(ConsumerId, ConsumerOpts)>,
+    held: Vec<(ConsumerId, Vec<(Seq, MsgMeta)>)>,
+    publishers: Vec<PublisherSnapshot>,
+    delayed: Vec<(Seq, u64, MsgMeta)>,
+    deadlines: Vec<(Seq, u64)>,
+    dead: Vec<(u64, DeadLetter)>,
+    next_dead: u64,
+    dedup_keys: Vec<(String, u64)>,
+    holding: Vec<(Seq, MsgMeta)>,
+    released_ts: u64,
+}
+
+/// Serializes as `Vec<(Seq, MsgMeta)>` does.
+pub struct ReadyView<'a>(&'a ReadyList);
+
+impl Serialize for ReadyView<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = serializer.serialize_seq(Some(self.0.len()))?;
+        for entry in self.0.iter() {
+            seq.serialize_element(&entry)?;
+        }
+        seq.end()
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Snapshot {
     next_seq: Seq,

@@ -363,13 +363,26 @@ pub(crate) struct Checkpoint {
     pub batches: Vec<(Seq, Batch)>,
 }
 
-impl Checkpoint {
+/// [`Checkpoint`] as it is encoded, the queue's state borrowed (the same
+/// fields in the same order: the same bytes).
+#[derive(Serialize)]
+pub(crate) struct CheckpointRef<'a> {
+    pub state_at: u64,
+    pub conf_changed_at: u64,
+    pub sm: queue_sm::SnapshotRef<'a>,
+    pub batches: Vec<(Seq, Batch)>,
+}
+
+impl CheckpointRef<'_> {
     pub fn encode(&self) -> Result<Vec<u8>, Error> {
         // Straight after the version byte: a checkpoint of a long queue is
         // tens of MB, not worth a second copy.
         postcard::to_extend(self, vec![CHECKPOINT_VERSION])
             .map_err(|e| Error::Corrupt(format!("encoding a checkpoint: {e}")))
     }
+}
+
+impl Checkpoint {
 
     pub fn decode(data: &[u8]) -> Result<Self, Error> {
         match data.split_first() {

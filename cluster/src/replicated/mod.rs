@@ -195,7 +195,7 @@ use tokio::sync::{oneshot, Notify};
 use tokio::task::JoinHandle;
 
 pub use self::log::CacheBudget;
-use self::log::{decode_commands, encode_entry, entry_body, Batches, BodyCache, Checkpoint};
+use self::log::{decode_commands, encode_entry, entry_body, Batches, BodyCache, Checkpoint, CheckpointRef};
 use crate::backend::{ready, Consumer, Delivery, Durable, Outcome, Queue, QueueId, QueueSpec, Reply};
 use crate::consensus::fjall_store::{TAG_APPLY_STATE, TAG_HARD_STATE, TAG_SNAPSHOT_DATA, TAG_SNAPSHOT_META};
 use crate::consensus::reconfig::{self, Step};
@@ -1891,10 +1891,10 @@ impl ReplicatedQueue {
         if !force && !due {
             return Ok(());
         }
-        let checkpoint = Checkpoint {
+        let checkpoint = CheckpointRef {
             state_at: applied.index,
             conf_changed_at: inner.conf_changed_at,
-            sm: inner.sm.snapshot(),
+            sm: inner.sm.snapshot_ref(),
             batches: inner.batches.to_vec(),
         };
         let data = checkpoint.encode()?;
