@@ -137,7 +137,7 @@ impl ReadyList {
             },
         };
         let is_last = self.chunks.last_key_value().is_some_and(|(last, _)| *last == start);
-        let Some(chunk) = self.chunks.get_mut(&start) else { return None };
+        let chunk = self.chunks.get_mut(&start)?;
         match chunk.binary_search_by_key(&seq, |(s, _)| *s) {
             Ok(at) => {
                 let old = chunk.get_mut(at).map(|slot| std::mem::replace(&mut slot.1, packed));
@@ -219,13 +219,13 @@ mod tests {
     fn meta(n: u64) -> MsgMeta {
         MsgMeta {
             size: n as u32,
-            persistent: n % 2 == 0,
-            redelivered: n % 3 == 0,
-            expires_at: (n % 5 != 0).then_some(n * 7),
+            persistent: n.is_multiple_of(2),
+            redelivered: n.is_multiple_of(3),
+            expires_at: (!n.is_multiple_of(5)).then_some(n * 7),
             priority: (n % 4) as u8,
             delivery_count: (n % 6) as u32,
-            order_ts: if n % 7 == 0 { n } else { 0 },
-            order_pub: if n % 7 == 0 { n + 1 } else { 0 },
+            order_ts: if n.is_multiple_of(7) { n } else { 0 },
+            order_pub: if n.is_multiple_of(7) { n + 1 } else { 0 },
         }
     }
 

@@ -237,6 +237,9 @@ pub const DEFAULT_BODY_CACHE_BYTES: usize = 16 << 20;
 /// publishers' connections wait (docs/performance.md, "Flow control").
 pub const FLOW_BACKLOG: usize = 2048;
 
+/// The same in body bytes (half the default body cache).
+pub const FLOW_BACKLOG_BYTES: u64 = 8 << 20;
+
 /// Default [`ReplicaOptions::max_entry_bytes`].
 pub const DEFAULT_MAX_ENTRY_BYTES: usize = 1 << 20;
 
@@ -2152,8 +2155,10 @@ impl ReplicatedQueue {
         // Publisher flow control: messages wait although a consumer could
         // take them, because its deliveries are not reaching its socket
         // fast enough (not because it is at its prefetch limit).
+        // Bytes too: a backlog beyond the body cache is read back from disk.
         let waiting = (inner.sm.ready_count() as usize).saturating_sub(inner.in_checkout.len());
-        let lagging = waiting > FLOW_BACKLOG && inner.consumers.values().any(|c| c.socket_full());
+        let behind = waiting > FLOW_BACKLOG || (waiting > 0 && inner.sm.ready_bytes() > FLOW_BACKLOG_BYTES);
+        let lagging = behind && inner.consumers.values().any(|c| c.socket_full());
         self.lagging.store(lagging, std::sync::atomic::Ordering::Relaxed);
     }
 
