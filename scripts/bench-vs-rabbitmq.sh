@@ -33,6 +33,8 @@ fi
 rabbitmq-plugins enable --offline rabbitmq_stomp >/dev/null
 if ! rabbitmqctl -q status >/dev/null 2>&1; then
   rabbitmq-server -detached
+  # await_startup fails until the node has registered with epmd.
+  for _ in $(seq 60); do rabbitmqctl -q await_startup >/dev/null 2>&1 && break; sleep 1; done
   rabbitmqctl -q await_startup
 fi
 # A running node picks the plugin up without a restart.
