@@ -15,21 +15,30 @@ const VERSION: u8 = 1;
 
 /// Encodes a message into one record.
 pub fn encode(message: &Message) -> Bytes {
+    let [head, body] = encode_parts(message);
+    let mut out = BytesMut::with_capacity(head.len() + body.len());
+    out.put_slice(&head);
+    out.put_slice(&body);
+    out.freeze()
+}
+
+/// The record in two parts, everything before the body and the body
+/// itself (shared, not copied), whose concatenation is [`encode`]'s: a log
+/// entry that carries the record then copies the body only once.
+pub fn encode_parts(message: &Message) -> [Bytes; 2] {
     let mut props = BytesMut::new();
     encode_properties(&message.properties, &mut props);
     let exchange = truncate(&message.exchange);
     let key = truncate(&message.routing_key);
-    let mut out =
-        BytesMut::with_capacity(1 + 2 + exchange.len() + key.len() + 4 + props.len() + message.body.len());
-    out.put_u8(VERSION);
-    out.put_u8(exchange.len() as u8);
-    out.put_slice(exchange);
-    out.put_u8(key.len() as u8);
-    out.put_slice(key);
-    out.put_u32(props.len() as u32);
-    out.put_slice(&props);
-    out.put_slice(&message.body);
-    out.freeze()
+    let mut head = BytesMut::with_capacity(1 + 2 + exchange.len() + key.len() + 4 + props.len());
+    head.put_u8(VERSION);
+    head.put_u8(exchange.len() as u8);
+    head.put_slice(exchange);
+    head.put_u8(key.len() as u8);
+    head.put_slice(key);
+    head.put_u32(props.len() as u32);
+    head.put_slice(&props);
+    [head.freeze(), message.body.clone()]
 }
 
 /// Names are at most 255 bytes (AMQP shortstr); anything longer was refused
@@ -84,6 +93,9 @@ mod tests {
         };
         let r = encode(&m);
         assert_eq!(decode(&r).unwrap(), m);
+        let [head, body] = encode_parts(&m);
+        assert_eq!([&head[..], &body[..]].concat(), &r[..]);
+        assert_eq!(body.as_ptr(), m.body.as_ptr(), "the body is shared, not copied");
         for cut in 0..r.len() - m.body.len() {
             assert!(decode(&r.slice(..cut)).is_err(), "prefix {cut} must not decode");
         }

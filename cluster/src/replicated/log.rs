@@ -31,9 +31,13 @@ const CHECKPOINT_VERSION: u8 = 5;
 ///
 /// `2 ‖ u32 LE len ‖ postcard(Vec<Command>) ‖ u32 LE n ‖ n × u32 LE end
 /// offset ‖ bodies`.
-pub(crate) fn encode_entry(cmds: &[Command], bodies: &[Bytes]) -> Result<Vec<u8>, Error> {
+///
+/// Each body (message record) comes in parts ([`crate::record::encode_parts`])
+/// that are written one after the other.
+pub(crate) fn encode_entry(cmds: &[Command], bodies: &[[Bytes; 2]]) -> Result<Vec<u8>, Error> {
     let cmd_bytes = postcard::to_stdvec(cmds).map_err(|e| Error::Corrupt(format!("encoding a log entry: {e}")))?;
-    let body_len: usize = bodies.iter().map(Bytes::len).sum();
+    let len = |parts: &[Bytes; 2]| parts.iter().map(Bytes::len).sum::<usize>();
+    let body_len: usize = bodies.iter().map(len).sum();
     // Built in the Vec raft takes: every body is copied once, here.
     let mut out = Vec::with_capacity(1 + 4 + cmd_bytes.len() + 4 + 4 * bodies.len() + body_len);
     out.put_u8(ENTRY_VERSION);
@@ -41,12 +45,12 @@ pub(crate) fn encode_entry(cmds: &[Command], bodies: &[Bytes]) -> Result<Vec<u8>
     out.put_slice(&cmd_bytes);
     out.put_u32_le(u32_of(bodies.len())?);
     let mut end = 0usize;
-    for body in bodies {
-        end += body.len();
+    for parts in bodies {
+        end += len(parts);
         out.put_u32_le(u32_of(end)?);
     }
-    for body in bodies {
-        out.put_slice(body);
+    for part in bodies.iter().flatten() {
+        out.put_slice(part);
     }
     Ok(out)
 }
@@ -435,11 +439,17 @@ mod tests {
     #[test]
     fn bodies_are_sliced_out_of_an_entry() {
         let cmds = vec![Command::Enqueue { now_ms: 0, msgs: vec![NewMsg { size: 1, persistent: true, publish_id: None, ttl_ms: None, priority: 0, ..Default::default() }; 3] }];
-        let bodies = vec![Bytes::from_static(b"a"), Bytes::new(), Bytes::from_static(b"ccc")];
-        let data = Bytes::from(encode_entry(&cmds, &bodies).unwrap());
+        // In parts, as records are: each body is its parts joined.
+        let parts = [
+            [Bytes::from_static(b"a"), Bytes::new()],
+            [Bytes::new(), Bytes::new()],
+            [Bytes::from_static(b"cc"), Bytes::from_static(b"c")],
+        ];
+        let bodies = [&b"a"[..], b"", b"ccc"];
+        let data = Bytes::from(encode_entry(&cmds, &parts).unwrap());
         assert_eq!(decode_commands(5, &data).unwrap(), cmds);
         for (i, b) in bodies.iter().enumerate() {
-            assert_eq!(&entry_body(5, &data, i as u32).unwrap(), b);
+            assert_eq!(&entry_body(5, &data, i as u32).unwrap()[..], *b);
         }
         assert!(entry_body(5, &data, 3).is_err());
     }

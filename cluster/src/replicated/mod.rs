@@ -500,7 +500,8 @@ enum Waiter {
 struct Pending {
     cmd: Command,
     /// The records of an `Enqueue`'s messages, in order.
-    bodies: Vec<Bytes>,
+    /// Message records in parts ([`record::encode_parts`]).
+    bodies: Vec<[Bytes; 2]>,
     waiter: Option<Waiter>,
 }
 
@@ -637,8 +638,8 @@ impl Inner {
 
     /// Queues a command for the next entry, merging it into an earlier one
     /// of its kind where that changes nothing (see `*_may_pass`).
-    fn push(&mut self, cmd: Command, bodies: Vec<Bytes>, waiter: Option<Waiter>) {
-        self.pending_bytes += bodies.iter().map(Bytes::len).sum::<usize>() + 32;
+    fn push(&mut self, cmd: Command, bodies: Vec<[Bytes; 2]>, waiter: Option<Waiter>) {
+        self.pending_bytes += bodies.iter().flatten().map(Bytes::len).sum::<usize>() + 32;
         let target = match &cmd {
             Command::Enqueue { .. } => self.merge_target(enqueue_may_pass, |c| matches!(c, Command::Enqueue { .. })),
             Command::Settle { consumer, outcome, .. } => self.merge_target(settle_may_pass, |c| {
@@ -1392,7 +1393,7 @@ impl ReplicatedQueue {
     ) -> Result<(), Error> {
         let msg = self.new_msg(message, publish_id);
         let cmd = Command::Enqueue { now_ms: now_ms(), msgs: vec![msg] };
-        let body = record::encode(message);
+        let body = record::encode_parts(message);
         let mut inner = self.lock();
         self.propose_entry(&mut inner, cmd, vec![body], Some(Waiter::Enqueue(vec![tx])))?;
         Ok(())
@@ -1614,7 +1615,7 @@ impl ReplicatedQueue {
         &self,
         inner: &mut Inner,
         cmd: Command,
-        bodies: Vec<Bytes>,
+        bodies: Vec<[Bytes; 2]>,
         waiter: Option<Waiter>,
     ) -> Result<(), Error> {
         inner.check()?;
