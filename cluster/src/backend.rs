@@ -238,6 +238,12 @@ pub struct Consumer {
     pub sink: Arc<dyn DeliverySink>,
     pending: AtomicU32,
     queue: OnceLock<Weak<dyn Queue>>,
+    /// Set by a queue that wants [`Queue::written`] for every delivery
+    /// that reached the socket (a remote queue: its leader counts them).
+    reports_written: AtomicBool,
+    /// Writes not yet reported to the remote leader (kept here for the
+    /// queue that asked, see [`Consumer::count_written`]).
+    written: AtomicU32,
 }
 
 impl std::fmt::Debug for Consumer {
@@ -264,6 +270,8 @@ impl Consumer {
             sink,
             pending: AtomicU32::new(0),
             queue: OnceLock::new(),
+            reports_written: AtomicBool::new(false),
+            written: AtomicU32::new(0),
         })
     }
 
@@ -333,12 +341,47 @@ impl Consumer {
     }
 
     /// Gives back a pending slot once the delivery reached the socket (or
-    /// was dropped). Wakes the queue if that unblocked the consumer.
+    /// was dropped). Wakes the queue if that unblocked the consumer, and
+    /// tells a queue that asked ([`Consumer::report_written`]).
     pub fn release_pending(&self) {
         let before = self.pending.fetch_sub(1, Ordering::AcqRel);
-        if before >= MAX_PENDING {
+        if self.reports_written.load(Ordering::Relaxed) {
+            if let Some(queue) = self.queue() {
+                queue.written(self);
+            }
+        } else if before >= MAX_PENDING {
             self.kick();
         }
+    }
+
+    /// Gives back `n` pending slots at once, never below zero: deliveries
+    /// a remote gateway reports written to its client's socket (a report
+    /// may count deliveries of an attach this consumer replaced). Wakes
+    /// the queue if that unblocked the consumer.
+    pub fn release_pending_many(&self, n: u32) {
+        let before = self
+            .pending
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |p| Some(p.saturating_sub(n)))
+            .unwrap_or(0);
+        if before >= MAX_PENDING && before.saturating_sub(n) < MAX_PENDING {
+            self.kick();
+        }
+    }
+
+    /// Asks for [`Queue::written`] on every [`Consumer::release_pending`].
+    pub fn report_written(&self) {
+        self.reports_written.store(true, Ordering::Relaxed);
+    }
+
+    /// Counts one delivery written; returns the count to report (and
+    /// starts again from zero) once `batch` were.
+    pub fn count_written(&self, batch: u32) -> Option<u32> {
+        let n = self.written.fetch_add(1, Ordering::AcqRel) + 1;
+        if n < batch {
+            return None;
+        }
+        let took = self.written.fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| w.checked_sub(n)).is_ok();
+        took.then_some(n)
     }
 
     /// Gives back the prefetch credit of one settled delivery. Returns true
@@ -406,6 +449,9 @@ pub struct QueueStats {
 /// One queue, wherever it lives.
 pub trait Queue: Send + Sync {
     fn id(&self) -> QueueId;
+    /// A delivery to `consumer` reached its socket; called only for
+    /// consumers that asked ([`Consumer::report_written`]).
+    fn written(&self, _consumer: &Consumer) {}
     /// Counters for metrics.
     fn meter(&self) -> &QueueMeter;
     /// Figures for metrics (ready, unacknowledged, consumers, bytes).

@@ -41,7 +41,7 @@
 //! the leader's per-consumer pending window and TCP.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -244,6 +244,15 @@ fn on_push(cluster: &Arc<Cluster>, from: &Client, msg: NodeRequest) {
                 q.on_cancelled(&consumer);
             }
         }
+        NodeRequest::Lagging { queue, lagging } => {
+            if let Some(q) = cluster.queue(queue) {
+                // Only the leader's word counts: a deposed one's "lagging"
+                // must not hold publishers the new leader would take.
+                if q.leader.borrow().as_ref().is_some_and(|l| same(l, from)) {
+                    q.lagging.store(lagging, Ordering::Release);
+                }
+            }
+        }
         other => {
             if let Some(tx) = lock(&cluster.other).as_ref() {
                 let _ = tx.send(other);
@@ -418,6 +427,8 @@ enum Out {
     Detach(ConsumerId),
     /// The consumer's channel is gone ([`NodeRequest::Release`]).
     Release(ConsumerId),
+    /// Deliveries written to the consumer's socket ([`NodeRequest::Written`]).
+    Written { consumer: ConsumerId, n: u32 },
     /// The leader (this link) is gone or no longer leads: find it again.
     LeaderLost(Option<Client>),
     /// A request, answered in order with the one-way messages.
@@ -478,6 +489,11 @@ impl QState {
 /// How many cancelled consumers a handle remembers for `close_consumer`.
 const CANCELLED_MEMORY: usize = 256;
 
+/// Deliveries a consumer's writes are reported to its leader in
+/// ([`NodeRequest::Written`]): well under [`crate::backend::MAX_PENDING`],
+/// so what is left unreported never stalls the consumer.
+pub const WRITTEN_BATCH: u32 = 64;
+
 /// How long a closed consumer's release is repeated to new leaders.
 const RELEASE_MEMORY: Duration = Duration::from_secs(60);
 
@@ -494,6 +510,9 @@ pub struct RemoteQueue {
     out: mpsc::UnboundedSender<Out>,
     /// The leader's link, once known.
     leader: watch::Sender<Option<Client>>,
+    /// The leader said the queue lags ([`NodeRequest::Lagging`]); cleared
+    /// when it says otherwise or the leader changes.
+    lagging: AtomicBool,
     meter: crate::QueueMeter,
 }
 
@@ -516,6 +535,13 @@ impl Drop for RemoteQueue {
 }
 
 impl RemoteQueue {
+    /// Deliveries are taken from `leader` from now on (see `on_deliver`);
+    /// whatever the previous one said about lagging no longer holds.
+    fn set_leader(&self, leader: Option<Client>) {
+        self.lagging.store(false, Ordering::Release);
+        self.leader.send_replace(leader);
+    }
+
     fn start(cluster: Arc<Cluster>, spec: QueueSpec) -> Arc<Self> {
         let handle = cluster.next_handle.fetch_add(1, Ordering::Relaxed);
         let (out, rx) = mpsc::unbounded_channel();
@@ -531,6 +557,7 @@ impl RemoteQueue {
             st: Mutex::new(QState { next_id: 1, ..QState::default() }),
             out,
             leader: watch::channel(None).0,
+            lagging: AtomicBool::new(false),
             meter: crate::QueueMeter::default(),
         });
         tokio::spawn(drive(Arc::downgrade(&q), rx));
@@ -756,7 +783,7 @@ async fn drive(q: Weak<RemoteQueue>, mut rx: mpsc::UnboundedReceiver<Out>) {
             Out::LeaderLost(who) => {
                 if who.as_ref().is_none_or(|w| same(w, &client)) {
                     leader = None;
-                    queue.leader.send_replace(None);
+                    queue.set_leader(None);
                 }
                 continue;
             }
@@ -773,6 +800,12 @@ async fn drive(q: Weak<RemoteQueue>, mut rx: mpsc::UnboundedReceiver<Out>) {
             Out::Settle { consumer, seqs, outcome } => NodeRequest::Settle { queue: queue.id.0, consumer, seqs, outcome },
             Out::Detach(consumer) => NodeRequest::Detach { queue: queue.id.0, consumer },
             Out::Release(consumer) => NodeRequest::Release { queue: queue.id.0, consumer },
+            Out::Written { consumer, n } => {
+                // Not kept for a later leader: a re-attach starts its
+                // count afresh there.
+                let _ = client.send(NodeRequest::Written { queue: queue.id.0, consumer, n }).await;
+                continue;
+            }
             Out::Call { req, deadline, done } => {
                 call = Some((req, deadline, done));
                 continue;
@@ -783,7 +816,7 @@ async fn drive(q: Weak<RemoteQueue>, mut rx: mpsc::UnboundedReceiver<Out>) {
                 backlog.push(msg);
             }
             leader = None;
-            queue.leader.send_replace(None);
+            queue.set_leader(None);
         }
     }
 }
@@ -796,7 +829,7 @@ async fn find_and_resync(queue: &Arc<RemoteQueue>, hint: Option<String>, backlog
     let found = resync(queue, hint, backlog).await;
     if found.is_none() {
         // Deliveries are taken from nobody until a leader is found again.
-        queue.leader.send_replace(None);
+        queue.set_leader(None);
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     found
@@ -804,6 +837,7 @@ async fn find_and_resync(queue: &Arc<RemoteQueue>, hint: Option<String>, backlog
 
 async fn resync(queue: &Arc<RemoteQueue>, hint: Option<String>, backlog: &mut Vec<NodeRequest>) -> Option<Client> {
     let cluster = &queue.cluster;
+    let started = std::time::Instant::now();
     let mut candidates = cluster.addresses();
     if let Some(addr) = hint.and_then(|h| cluster.addr_of(&h)) {
         candidates.retain(|a| a != &addr);
@@ -831,9 +865,16 @@ async fn resync(queue: &Arc<RemoteQueue>, hint: Option<String>, backlog: &mut Ve
             _ => {}
         }
     }
-    let client = found?;
+    let Some(client) = found else {
+        tracing::trace!(queue = %queue.name, asked = i, "no leader found");
+        return None;
+    };
+    let took = started.elapsed();
+    if took > Duration::from_millis(500) {
+        tracing::debug!(queue = %queue.name, node = %client.peer().node_id, took_ms = took.as_millis() as u64, "leader found, slowly");
+    }
     // Deliveries are taken from this leader from now on (see on_deliver).
-    queue.leader.send_replace(Some(client.clone()));
+    queue.set_leader(Some(client.clone()));
     // Re-attach every consumer with what it holds, each under a new epoch
     // (a delivery still in flight from before is dropped, and requeued by
     // the leader, even on this same link).
@@ -868,7 +909,9 @@ async fn resync(queue: &Arc<RemoteQueue>, hint: Option<String>, backlog: &mut Ve
         }
         st.released.iter().map(|(_, id)| id.clone()).collect()
     };
-    tracing::debug!(queue = queue.id.0, n = released.len(), "new leader: releasing closed consumers again");
+    if !released.is_empty() {
+        tracing::debug!(queue = queue.id.0, n = released.len(), "new leader: releasing closed consumers again");
+    }
     for consumer in released {
         if client.send(NodeRequest::Release { queue: queue.id.0, consumer }).await.is_err() {
             return None;
@@ -892,6 +935,23 @@ async fn resync(queue: &Arc<RemoteQueue>, hint: Option<String>, backlog: &mut Ve
 impl Queue for RemoteQueue {
     fn id(&self) -> QueueId {
         self.id
+    }
+
+    fn written(&self, consumer: &Consumer) {
+        let Some(n) = consumer.count_written(WRITTEN_BATCH) else { return };
+        let id = self
+            .lock()
+            .consumers
+            .iter()
+            .find(|(_, a)| std::ptr::eq(Arc::as_ptr(&a.consumer), consumer))
+            .map(|(id, _)| id.clone());
+        if let Some(consumer) = id {
+            let _ = self.out.send(Out::Written { consumer, n });
+        }
+    }
+
+    fn lagging(&self) -> bool {
+        self.lagging.load(Ordering::Acquire)
     }
 
     fn meter(&self) -> &crate::QueueMeter {
@@ -948,6 +1008,7 @@ impl Queue for RemoteQueue {
         self.lock().consumers.insert(id.clone(), attached);
         let as_queue: Arc<dyn Queue> = me.clone();
         consumer.attach(Arc::downgrade(&as_queue));
+        consumer.report_written();
         Box::pin(async move {
             let answer = me.call_leader(attach).await;
             match answer {

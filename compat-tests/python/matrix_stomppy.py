@@ -57,7 +57,8 @@ def get(listener, timeout=5):
     try:
         return listener.messages.get(timeout=timeout)
     except queue.Empty:
-        raise AssertionError("no MESSAGE within timeout") from None
+        state = "disconnected" if listener.disconnected.is_set() else "connected"
+        raise AssertionError(f"no MESSAGE within {timeout} s ({state}, errors {listener.errors})") from None
 
 
 def nothing(listener, wait=0.3):
@@ -227,11 +228,14 @@ def scenarios(v):
         wait_receipt(l, "s2")
         restart()
         check(l.disconnected.wait(10), "the old connection did not notice the restart")
+        t = time.monotonic()
         conn, l = connect(v)
         conn.subscribe(dest, id="s")
         got = [get(l).body for _ in range(3)]
         check(got == ["s0", "s1", "s2"], f"after restart {got}")
         conn.disconnect()
+        import sys
+        print(f"reconnect {v}: first 3 messages {time.monotonic() - t:.2f} s after connecting", file=sys.stderr)
 
     def large():
         import os

@@ -410,12 +410,27 @@ pub fn start_node(home: &Path, id: &str, dir: &str, listen: &str, extra: &[&str]
 /// including the first that starts with `prefix` (panics if none comes
 /// within `timeout`).
 fn spawn_until_lines(mut cmd: Command, home: &Path, prefix: &'static str, timeout: Duration) -> (Child, Vec<String>) {
+    // Logs show (in --no-capture runs) when SLUICE_LOG asks; otherwise
+    // warnings and the gateway's queue-link events go to a file under
+    // `home/logs/` that a failing test can print ([`print_logs`]).
+    let (level, stderr) = match std::env::var("SLUICE_LOG") {
+        Ok(level) => (level, Stdio::inherit()),
+        Err(_) => {
+            let dir = home.join("logs");
+            let _ = std::fs::create_dir_all(&dir);
+            static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+            let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let what: Vec<String> = cmd.get_args().take(3).map(|a| a.to_string_lossy().into_owned()).collect();
+            let name = format!("{n:02}-{}.log", what.join("-").replace(['/', ' '], "_"));
+            let file = std::fs::File::create(dir.join(name)).map(Stdio::from).unwrap_or_else(|_| Stdio::null());
+            ("warn,sluice_cluster::remote=debug".to_owned(), file)
+        }
+    };
     let mut child = cmd
         .env("XDG_CONFIG_HOME", home.join("config"))
-        .env("SLUICE_LOG", std::env::var("SLUICE_LOG").unwrap_or_else(|_| "error".into()))
+        .env("SLUICE_LOG", level)
         .stdout(Stdio::piped())
-        // Logs show (in --no-capture runs) only when SLUICE_LOG asks.
-        .stderr(if std::env::var_os("SLUICE_LOG").is_some() { Stdio::inherit() } else { Stdio::null() })
+        .stderr(stderr)
         .spawn()
         .expect("spawn sluice");
     let stdout = child.stdout.take().expect("stdout");
@@ -442,6 +457,22 @@ fn spawn_until_lines(mut cmd: Command, home: &Path, prefix: &'static str, timeou
         panic!("no line starting with {prefix:?} (got {lines:?})");
     }
     (child, lines)
+}
+
+/// Prints the last `lines` lines of every log under `home/logs/` (the
+/// nodes' and gateways' started with that home), for a failing test.
+pub fn print_logs(home: &Path, lines: usize) {
+    let Ok(dir) = std::fs::read_dir(home.join("logs")) else { return };
+    let mut files: Vec<PathBuf> = dir.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    files.sort();
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        eprintln!("==== {} ({} lines, last {lines}) ====", f.display(), all.len());
+        for l in &all[all.len().saturating_sub(lines)..] {
+            eprintln!("{l}");
+        }
+    }
 }
 
 /// A running `sluice gateway`.

@@ -75,7 +75,7 @@ type RaftSender = mpsc::UnboundedSender<(GroupId, Vec<ByteBuf>)>;
 
 /// A connection's push queue: a one-way message, and the consumer whose
 /// pending slot it frees once handed to the connection (deliveries).
-type PushQueue = mpsc::UnboundedSender<(Option<Arc<Consumer>>, NodeRequest)>;
+type PushQueue = mpsc::UnboundedSender<NodeRequest>;
 
 /// Outgoing Raft messages of this node, one sender task per peer.
 #[derive(Clone)]
@@ -216,6 +216,11 @@ struct RemoteConsumer {
 /// otherwise cache 1.6 GiB.
 pub const BODY_CACHE_TOTAL_BYTES: usize = 128 << 20;
 
+/// How often a lagging queue's leader checks whether it still lags, to
+/// tell the gateways it told (publishers held there wait this long at
+/// most after the lag ends).
+const LAG_WATCH: Duration = Duration::from_millis(5);
+
 /// The replicas of one node and what gateways asked of them.
 pub struct Host {
     /// This host, for callbacks handed to its replicas.
@@ -230,6 +235,9 @@ pub struct Host {
     /// Queue id -> name (for `sluice ctl status`).
     names: Mutex<HashMap<u64, String>>,
     consumers: Mutex<HashMap<(u64, ConsumerId), RemoteConsumer>>,
+    /// Queue id -> the gateway connections told that it lags (see
+    /// [`Host::tell_lagging`]).
+    lag_told: Mutex<HashMap<u64, Vec<Client>>>,
     /// Gateway id -> live connections from it.
     gateways: Mutex<HashMap<String, u32>>,
     /// `sluice serve`: see [`Host::start_with`].
@@ -402,12 +410,15 @@ impl DeliverySink for GatewaySink {
             enqueued_ms: delivery.enqueued_ms,
             message: ByteBuf::from(record::encode(&delivery.message).to_vec()),
         };
-        self.tx.send((Some(consumer.clone()), msg)).is_ok()
+        // Pending (towards MAX_PENDING) until the gateway reports it
+        // written to its client's socket (`NodeRequest::Written`).
+        let _ = consumer;
+        self.tx.send(msg).is_ok()
     }
 
     fn cancelled(&self, _consumer: &Arc<Consumer>) {
         let msg = NodeRequest::Cancelled { queue: self.queue, consumer: self.consumer.clone() };
-        let _ = self.tx.send((None, msg));
+        let _ = self.tx.send(msg);
     }
 }
 
@@ -446,6 +457,7 @@ impl Host {
             queues: RwLock::new(HashMap::new()),
             names: Mutex::new(HashMap::new()),
             consumers: Mutex::new(HashMap::new()),
+            lag_told: Mutex::new(HashMap::new()),
             gateways: Mutex::new(HashMap::new()),
             single_node,
             opening: Mutex::new(()),
@@ -701,6 +713,36 @@ impl Host {
     }
 
     /// A leader replica of `queue`, or why not.
+    /// Tells `conn` (a gateway publishing to `q`) that `q` lags, once;
+    /// the first such gateway starts a watch that tells every gateway told
+    /// when it no longer does (or no longer leads here).
+    fn tell_lagging(self: &Arc<Self>, q: &Arc<ReplicatedQueue>, conn: &Client, pushes: &Pushes) {
+        let queue = q.queue_id().0;
+        let first = {
+            let mut told = lock(&self.lag_told);
+            let conns = told.entry(queue).or_default();
+            if conns.iter().any(|c| c.id() == conn.id()) {
+                return;
+            }
+            conns.push(conn.clone());
+            conns.len() == 1
+        };
+        pushes.push(conn, NodeRequest::Lagging { queue, lagging: true });
+        if !first {
+            return;
+        }
+        let (host, q, pushes) = (self.clone(), q.clone(), pushes.clone());
+        tokio::spawn(async move {
+            while q.lagging() && q.is_leader() {
+                tokio::time::sleep(LAG_WATCH).await;
+            }
+            let told = lock(&host.lag_told).remove(&queue).unwrap_or_default();
+            for conn in told {
+                pushes.push(&conn, NodeRequest::Lagging { queue, lagging: false });
+            }
+        });
+    }
+
     fn leading(&self, queue: u64) -> Result<Arc<ReplicatedQueue>, QueueResult> {
         let q = self.queue(queue).ok_or(QueueResult::NoSuchQueue)?;
         if !q.is_leader() {
@@ -801,6 +843,9 @@ impl Host {
                     Err(e) => return pushes.push(conn, confirm(QueueResult::Failed(e.to_string()))),
                 };
                 let pid = PublishId { publisher: publisher.clone(), id };
+                if q.lagging() {
+                    self.tell_lagging(&q, conn, pushes);
+                }
                 match q.publish_as(message, Some(pid)) {
                     Ok(None) => pushes.push(conn, confirm(QueueResult::Ok)),
                     Ok(Some(durable)) => {
@@ -831,6 +876,12 @@ impl Host {
                         c.release_unacked();
                     }
                     q.kick();
+                }
+            }
+            NodeRequest::Written { queue, consumer, n } => {
+                let proxy = lock(&self.consumers).get(&(queue, consumer)).map(|c| c.consumer.clone());
+                if let Some(c) = proxy {
+                    c.release_pending_many(n);
                 }
             }
             NodeRequest::Detach { queue, consumer } => self.detach_remote(queue, &consumer, false),
@@ -1477,17 +1528,13 @@ impl Pushes {
                 return tx.clone();
             }
         }
-        let (tx, mut rx) = mpsc::unbounded_channel::<(Option<Arc<Consumer>>, NodeRequest)>();
+        let (tx, mut rx) = mpsc::unbounded_channel::<NodeRequest>();
         map.insert(key, tx.clone());
         let conn = conn.clone();
         let inner = self.inner.clone();
         tokio::spawn(async move {
-            while let Some((consumer, msg)) = rx.recv().await {
-                let sent = conn.send(msg).await.is_ok();
-                if let Some(c) = consumer {
-                    c.release_pending();
-                }
-                if !sent {
+            while let Some(msg) = rx.recv().await {
+                if conn.send(msg).await.is_err() {
                     break;
                 }
             }
@@ -1498,11 +1545,10 @@ impl Pushes {
 
     /// Queues a one-way message to `conn`.
     pub fn push(&self, conn: &Client, msg: NodeRequest) {
-        let _ = self.queue(conn).send((None, msg));
+        let _ = self.queue(conn).send(msg);
     }
 
-    /// The push queue of `conn`, for a consumer's sink: a delivery
-    /// releases its consumer's pending slot once handed to the connection.
+    /// The push queue of `conn`, for a consumer's sink.
     fn deliveries(&self, conn: &Client) -> PushQueue {
         self.queue(conn)
     }

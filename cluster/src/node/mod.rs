@@ -125,6 +125,18 @@ pub enum NodeRequest {
     /// Request, gateway to node: this node's resource alarms. Answered
     /// with `Alarms`.
     Alarms,
+    /// One-way, gateway to leader: `n` more deliveries to `consumer`
+    /// reached its client's socket. The leader counts a consumer's
+    /// deliveries as pending until reported here, and stops at
+    /// [`crate::backend::MAX_PENDING`]: a client that does not read holds
+    /// the leader back instead of filling the gateway's memory. Reported
+    /// in batches ([`crate::remote::WRITTEN_BATCH`]).
+    Written { queue: u64, consumer: ConsumerId, n: u32 },
+    /// One-way, leader to a gateway that publishes to `queue`: the queue
+    /// lags (ready messages pile up while a consumer's client is behind),
+    /// or no longer does. The gateway holds back its publishing
+    /// connections while it lags, as a single node does.
+    Lagging { queue: u64, lagging: bool },
 }
 
 impl Versioned for NodeRequest {}

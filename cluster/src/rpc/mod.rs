@@ -61,7 +61,7 @@
 //! The whole handshake (and for [`connect`] the TCP connect) must finish
 //! within [`Options::handshake_timeout`] (5 s), or the socket is dropped.
 //!
-//! ## Messages (version 2)
+//! ## Messages (version 3)
 //!
 //! After the handshake each payload is `header ‖ body`: the header is a
 //! postcard enum, the body the rest of the frame, encoded by
@@ -109,9 +109,13 @@ pub use server::{serve, serve_with, Handler};
 pub const PROTOCOL: &str = "sluice-node";
 
 /// The protocol versions this build speaks. 2: `Attach` and `Deliver`
-/// carry an attach epoch (version 1 had none; the node protocol's types
-/// are not translated between versions, so this build speaks only 2).
-pub const SUPPORTED_VERSIONS: RangeInclusive<u16> = 2..=2;
+/// carry an attach epoch (version 1 had none). 3: a leader counts a remote
+/// consumer's deliveries as pending until its gateway reports them
+/// written (`Written`), and tells publishing gateways when a queue lags
+/// (`Lagging`); a version-2 gateway would send no `Written` and stall its
+/// consumers. The node protocol's types are not translated between
+/// versions, so this build speaks only 3.
+pub const SUPPORTED_VERSIONS: RangeInclusive<u16> = 3..=3;
 
 /// A message type of the protocol, encoded for a negotiated version.
 ///

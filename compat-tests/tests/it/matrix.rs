@@ -277,6 +277,9 @@ fn matrix_cluster_through_two_gateways() {
         })
         .collect();
     record("cluster", &named, started.elapsed());
+    if rows.iter().any(|r| r["ok"] != json!(true)) {
+        sluice_compat_tests::print_logs(home.path(), 200);
+    }
     let na: &[&str] = &["mandatory_return"];
     check(&rows, "pika (blocking)", SCENARIOS, &[]);
     for v in ["stomp.py 1.0", "stomp.py 1.1", "stomp.py 1.2"] {
