@@ -646,15 +646,24 @@ impl RemoteQueue {
         // re-attach reached the new one) is not counted, so the held list
         // the new leader got stays the truth and the message cannot be
         // with two consumers at once. The new leader requeues it.
+        // A no-ack delivery is taken from whoever made it, though: the
+        // node removed the message from the queue when it delivered it (a
+        // committed checkout), so nobody would deliver it again, and
+        // dropping it would lose it.
         let from_leader = self.leader.borrow().as_ref().is_some_and(|l| same(l, from));
-        if !from_leader {
+        let accepted = {
+            let mut st = self.lock();
+            let no_ack = st.consumers.get(&consumer).is_some_and(|a| a.consumer.no_ack);
+            (from_leader || no_ack).then(|| st.accept(&consumer, epoch, seq))
+        };
+        let Some(accepted) = accepted else {
             tracing::debug!(queue = %self.name, seq, "delivery from a node that is not the leader dropped");
             return;
-        }
+        };
         let message = record::decode(&Bytes::from(message.into_vec()));
         // From the leader, but perhaps pushed before it handled our latest
         // re-attach on this same link: see `QState::accept`.
-        let target = match self.lock().accept(&consumer, epoch, seq) {
+        let target = match accepted {
             Accept::Take(c) => Some(c),
             Accept::Stale => {
                 tracing::debug!(queue = %self.name, seq, epoch, "delivery of a replaced attach dropped");

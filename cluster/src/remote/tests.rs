@@ -248,6 +248,51 @@ async fn a_delivery_of_a_replaced_attach_is_dropped() {
     node.stop().await.unwrap();
 }
 
+/// A delivery that arrives on a link the handle does not take deliveries
+/// from (a deposed leader's, or one pushed before a failover was noticed):
+/// dropped for a consumer with acks (the leader's held list makes it come
+/// back), but taken for a no-ack consumer, whose message the node already
+/// removed from the queue (dropping it lost it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_no_ack_delivery_from_another_link_is_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node_with_queue(dir.path()).await;
+    let backend = RemoteBackend::new(RemoteOptions::new("gw-test/1".into(), vec![node.addr.to_string()], secret()));
+    let spec = QueueSpec { id: QueueId(QUEUE), vhost: "/".into(), name: "q".into(), durable: true, arguments: Arguments::default() };
+    let queue = backend.open_queue(spec).unwrap();
+    let handle = backend.cluster.queue(QUEUE).unwrap();
+    let consumer = |tag: &str, no_ack: bool, sink: Arc<Recorder>| {
+        Consumer::new(
+            tag.into(),
+            no_ack,
+            false,
+            crate::backend::Credit::new(10),
+            Arc::new(crate::backend::ChannelFlow::default()),
+            sink,
+        )
+    };
+    let (auto_sink, acks_sink) = (Arc::new(Recorder::default()), Arc::new(Recorder::default()));
+    queue.consume(consumer("auto", true, auto_sink.clone())).await.unwrap();
+    queue.consume(consumer("acks", false, acks_sink.clone())).await.unwrap();
+    let id_of = |tag: &str| handle.lock().consumers.keys().find(|c| c.tag == tag).cloned().unwrap();
+    let (auto, acks) = (id_of("auto"), id_of("acks"));
+    let leader = handle.leader.borrow().clone().unwrap();
+    let (other, _incoming) =
+        rpc::connect::<NodeRequest, NodeResponse>(&node.addr.to_string(), &secret(), PeerInfo::gateway("other"))
+            .await
+            .unwrap();
+    assert!(!same(&other, &leader));
+    let record = || ByteBuf::from(record::encode(&message("elsewhere")).to_vec());
+    handle.on_deliver(&other, auto.clone(), 1, 5000, (false, 0, 0), record());
+    handle.on_deliver(&other, acks.clone(), 1, 5001, (false, 0, 0), record());
+    assert_eq!(*lock(&auto_sink.seqs), vec![5000], "a no-ack delivery from another link was dropped (lost)");
+    assert!(lock(&acks_sink.seqs).is_empty(), "a delivery with acks from a link that does not lead was taken");
+    assert!(!handle.lock().held.contains_key(&5001));
+    other.close();
+    backend.shutdown().unwrap();
+    node.stop().await.unwrap();
+}
+
 /// The ordering inside the handle: an attach takes its epoch and held
 /// list at once, so a delivery is either held before it (and in the list)
 /// or of an older epoch (and dropped); no-ack deliveries are always taken.
