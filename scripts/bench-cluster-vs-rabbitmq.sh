@@ -51,9 +51,14 @@ rq_env() { # node number -> the environment of that node
     "RABBITMQ_MNESIA_BASE=$data/rq$i/mnesia RABBITMQ_LOG_BASE=$data/rq$i/log" \
     "RABBITMQ_ENABLED_PLUGINS_FILE=$data/rq$i/enabled_plugins RABBITMQ_PID_FILE=$data/rq$i/pid"
 }
+# rabbitmq-server runs as the rabbitmq user (Debian's wrapper), which
+# must be able to reach and write its directories.
+chmod 755 "$data"
 for i in 1 2 3; do
   mkdir -p "$data/rq$i"
   echo "[]." > "$data/rq$i/enabled_plugins"
+  if id rabbitmq >/dev/null 2>&1; then chown -R rabbitmq:rabbitmq "$data/rq$i"; fi
+  # shellcheck disable=SC2046
   env $(rq_env "$i") rabbitmq-server -detached
 done
 for i in 1 2 3; do
@@ -66,7 +71,7 @@ for i in 2 3; do
   rabbitmqctl -q -n "rq$i@localhost" start_app
 done
 rabbitmqctl -q -n rq1@localhost cluster_status | grep -c "rq[123]@localhost" >/dev/null
-rabbit_pids=$(for i in 1 2 3; do cat "$data/rq$i/pid"; done | tr '\n' ' ')
+rabbit_pids=$(for i in 1 2 3; do echo "$(cat "$data/rq$i/pid")"; done | tr '\n' ' ')
 
 # --- Sluice: three nodes and a gateway.
 export XDG_CONFIG_HOME="$data/config"

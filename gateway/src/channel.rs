@@ -905,8 +905,12 @@ fn uuid_like() -> String {
 }
 
 /// Sends publisher confirms in publish order, coalescing runs of ready
-/// acks into one `multiple` ack. They go through the connection task, which
-/// drops them if the channel is gone by then.
+/// acks into one `multiple` ack. Only confirms already settled when their
+/// turn comes join a run: before waiting for a publish that is not
+/// durable yet, the run so far is sent (under a steady stream of publishes
+/// there is always a next one, and waiting for it held every earlier
+/// confirm back). They go through the connection task, which drops them if
+/// the channel is gone by then.
 async fn confirm_task(
     mut rx: mpsc::UnboundedReceiver<PendingConfirm>,
     events: mpsc::UnboundedSender<ConnEvent>,
@@ -932,19 +936,40 @@ async fn confirm_task(
         crate::metrics::record_confirm(p.at);
         (p.seq, ok)
     }
-    while let Some(first) = rx.recv().await {
-        let (mut last, mut ok) = settled(first).await;
-        let mut run = 1u64;
-        while let Ok(next) = rx.try_recv() {
-            let (seq, next_ok) = settled(next).await;
-            if next_ok != ok {
-                send(Reply::Confirm { delivery_tag: last, multiple: run > 1, ack: ok });
-                run = 0;
-                ok = next_ok;
-            }
-            last = seq;
-            run += 1;
+    // The run not sent yet: (last delivery tag, ack or nack, length).
+    let mut run: Option<(u64, bool, u64)> = None;
+    let flush = |run: &mut Option<(u64, bool, u64)>| {
+        if let Some((last, ok, n)) = run.take() {
+            send(Reply::Confirm { delivery_tag: last, multiple: n > 1, ack: ok });
         }
-        send(Reply::Confirm { delivery_tag: last, multiple: run > 1, ack: ok });
+    };
+    loop {
+        let next = match rx.try_recv() {
+            Ok(next) => next,
+            Err(mpsc::error::TryRecvError::Empty) => {
+                flush(&mut run);
+                match rx.recv().await {
+                    Some(next) => next,
+                    None => return,
+                }
+            }
+            Err(mpsc::error::TryRecvError::Disconnected) => return flush(&mut run),
+        };
+        let mut waiting = Box::pin(settled(next));
+        let (seq, ok) = match futures_util::FutureExt::now_or_never(&mut waiting) {
+            Some(done) => done,
+            None => {
+                flush(&mut run);
+                waiting.await
+            }
+        };
+        run = match run {
+            Some((_, was, n)) if was == ok => Some((seq, ok, n + 1)),
+            other => {
+                let mut other = other;
+                flush(&mut other);
+                Some((seq, ok, 1))
+            }
+        };
     }
 }
