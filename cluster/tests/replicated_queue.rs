@@ -534,6 +534,9 @@ async fn a_single_voter_delivers_before_the_fsync_and_confirms_after() {
         }
     }
     let release = Release(store.clone());
+    // The attach's writes settled first: with two appends in flight the
+    // leader would batch (rightly) behind them.
+    eventually("the attach's writes settled", || q.stats().writes_in_flight == 0).await;
     store.hold_writes(true);
     let mut durable = q.publish(msg(1)).unwrap().expect("persistent on a durable queue");
     let (_, d) = recv(&mut rx, &[&c]).await;

@@ -79,7 +79,8 @@
 //!   flight the leader proposes the next entry at once (so the checkout
 //!   of what it just applied is not held behind the fsync) and batches
 //!   behind two. A group with several voters applies only what a
-//!   majority has durable, as Raft says.
+//!   majority has durable, as Raft says; a single voter stops applying
+//!   early once it has a learner (the first step towards more voters).
 //! - **Restart.** [`ReplicatedQueue::open`] loads the last checkpoint
 //!   (see below) and re-applies only the entries after it as raft-rs hands
 //!   the committed ones out. With a single voter, `open` blocks until that
@@ -656,6 +657,14 @@ impl Inner {
         Error::NotLeader { leader: self.group.leader() }
     }
 
+    /// Applies before the fsync ("Delivery before the fsync"): a single
+    /// voter with no learner. Adding a learner is the first step of a
+    /// change to more voters, which must count only fsynced writes of the
+    /// leader towards a majority; it stops here first.
+    fn applies_early(&self) -> bool {
+        self.single_voter() && self.group.conf_state().learners.is_empty()
+    }
+
     /// Queues a command for the next entry, merging it into an earlier one
     /// of its kind where that changes nothing (see `*_may_pass`).
     fn push(&mut self, cmd: Command, bodies: Vec<[Bytes; 2]>, waiter: Option<Waiter>) {
@@ -734,7 +743,7 @@ impl Inner {
                 // would hold the checkout of what it applied back again.
                 // It proposes with one append in flight, and batches
                 // behind two.
-                || (self.single_voter() && self.group.store().appends_in_flight() < 2))
+                || (self.applies_early() && self.group.store().appends_in_flight() < 2))
     }
 
     fn max_entry_bytes(&self) -> usize {
@@ -955,6 +964,8 @@ pub struct ReplicaStats {
     pub batches: usize,
     /// Bytes of log entries held in the body cache.
     pub cached_bytes: usize,
+    /// Raft writes handed to the store and not yet settled.
+    pub writes_in_flight: usize,
 }
 
 impl ReplicatedQueue {
@@ -1285,6 +1296,7 @@ impl ReplicatedQueue {
             applied_index: inner.group.applied().index.max(inner.state_at),
             batches: inner.batches.len(),
             cached_bytes: inner.cache.bytes(),
+            writes_in_flight: store.in_flight(),
         }
     }
 
@@ -1852,7 +1864,7 @@ impl ReplicatedQueue {
             if removed {
                 inner.removed = true;
             }
-            if inner.single_voter() {
+            if inner.applies_early() {
                 // Delivery before the fsync: a single voter commits and
                 // applies what it handed to the store without waiting for
                 // it to be durable (consumers get messages a fsync sooner);
@@ -2410,6 +2422,8 @@ impl ReplicatedQueue {
             Some(Waiter::Enqueue(txs)) => {
                 // Applied before its write is durable (single voter): the
                 // confirm waits for it. Refusals need not.
+                // Also after the learner came: the entry may have been
+                // reported persisted before.
                 let unsynced = if inner.single_voter() { inner.group.store().write_holding(index) } else { None };
                 for (i, tx) in txs.into_iter().enumerate() {
                     let Some(tx) = tx else { continue };
