@@ -19,6 +19,8 @@
 # Not for CI: it takes minutes and wants a quiet machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/bench_common.sh
+. scripts/bench_common.sh
 ROUNDS="${ROUNDS:-2}"
 SECS="${SECS:-8}"
 SCENARIOS="${SCENARIOS:-persistent queues10 fixed_rate}"
@@ -27,10 +29,7 @@ mkdir -p "$out_dir"
 results="$out_dir/cluster.jsonl"
 : > "$results"
 
-if ! command -v rabbitmq-server >/dev/null 2>&1; then
-  echo "installing rabbitmq-server (Debian package)"
-  apt-get install -y --no-install-recommends rabbitmq-server >/dev/null || { apt-get update >/dev/null && apt-get install -y --no-install-recommends rabbitmq-server >/dev/null; }
-fi
+ensure_rabbitmq_installed
 
 cargo build --release --locked --bin sluice
 bin=$PWD/target/release/sluice
@@ -95,9 +94,6 @@ declare -A URI=([sluice]="amqp://guest:guest@127.0.0.1:5704/%2f" [rabbitmq]="amq
 declare -A PIDS=([sluice]="$sluice_pids" [rabbitmq]="$rabbit_pids")
 declare -A ARGS=([sluice]="" [rabbitmq]="--queue-arg x-queue-type=quorum")
 
-cpu_ticks() { local t=0 p; for p in $1; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo $t; }
-rss_kib() { local t=0 p; for p in $1; do t=$((t + $(awk '/^VmRSS/ {print $2}' "/proc/$p/status"))); done; echo $t; }
-
 # scenario name -> bench flags (every message persistent: quorum queues
 # store every message anyway)
 declare -A FLAGS=(
@@ -108,24 +104,8 @@ declare -A FLAGS=(
 
 run() { # broker scenario round flags...
   local broker=$1 scenario=$2 round=$3; shift 3
-  local pids=${PIDS[$broker]} before after rss0 rss1 json
-  before=$(cpu_ticks "$pids"); rss0=$(rss_kib "$pids")
   # shellcheck disable=SC2086
-  if ! json=$("$bin" bench --uri "${URI[$broker]}" --json --prefix "cbench-$scenario" ${ARGS[$broker]} "$@"); then
-    echo "$scenario $broker round $round: the run failed (see above); not counted"
-    return 0
-  fi
-  after=$(cpu_ticks "$pids"); rss1=$(rss_kib "$pids")
-  python3 - "$broker" "$scenario" "$round" "$before" "$after" "$rss0" "$rss1" "$(getconf CLK_TCK)" "$json" >>"$results" <<'EOF'
-import json, sys
-broker, scenario, rnd, before, after, rss0, rss1, tck, report = sys.argv[1:]
-r = json.loads(report)
-r.update(broker=broker, scenario=scenario, round=int(rnd),
-         broker_cpu_secs=(int(after) - int(before)) / int(tck),
-         rss_before_kib=int(rss0), rss_after_kib=int(rss1))
-print(json.dumps(r))
-EOF
-  tail -n1 "$results" | python3 -c 'import json,sys; r=json.load(sys.stdin); print("%14s %8s round %d: publish %.0f/s, consume %.0f/s, broker CPU %.1f s" % (r["scenario"], r["broker"], r["round"], r["publish_rate"], r["consume_rate"], r["broker_cpu_secs"]))'
+  measure "${PIDS[$broker]}" "$results" "$broker" "$scenario" "$round" --uri "${URI[$broker]}" --prefix "cbench-$scenario" ${ARGS[$broker]} "$@"
 }
 
 for scenario in $SCENARIOS; do

@@ -15,6 +15,8 @@
 # Not for CI: it takes minutes and wants a quiet machine (no build running).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/bench_common.sh
+. scripts/bench_common.sh
 ROUNDS="${ROUNDS:-2}"
 SECS="${SECS:-8}"
 BACKLOG="${BACKLOG:-1000000}"
@@ -26,10 +28,7 @@ results="$out_dir/results.jsonl"
 # scenarios only).
 [ "${KEEP_RESULTS:-0}" = 1 ] || : > "$results"
 
-if ! command -v rabbitmq-server >/dev/null 2>&1; then
-  echo "installing rabbitmq-server (Debian package)"
-  apt-get install -y --no-install-recommends rabbitmq-server >/dev/null || { apt-get update >/dev/null && apt-get install -y --no-install-recommends rabbitmq-server >/dev/null; }
-fi
+ensure_rabbitmq_installed
 rabbitmq-plugins enable --offline rabbitmq_stomp >/dev/null
 if ! rabbitmqctl -q status >/dev/null 2>&1; then
   rabbitmq-server -detached
@@ -53,9 +52,6 @@ declare -A URI=([sluice]="amqp://guest:guest@127.0.0.1:5673/%2f" [rabbitmq]="amq
 declare -A STOMP=([sluice]="stomp://guest:guest@127.0.0.1:61623/" [rabbitmq]="stomp://guest:guest@127.0.0.1:61613/")
 declare -A PID=([sluice]=$sluice_pid [rabbitmq]=$rabbit_pid)
 
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
-
 # scenario name -> bench flags
 declare -A FLAGS=(
   [transient]="-s 1024 -a"
@@ -70,24 +66,9 @@ declare -A FLAGS=(
 
 run() { # broker scenario round flags...
   local broker=$1 scenario=$2 round=$3; shift 3
-  local pid=${PID[$broker]} before after rss0 rss1 json uri=${URI[$broker]}
+  local uri=${URI[$broker]}
   if [ "$scenario" = stomp ]; then uri=${STOMP[$broker]}; set -- "$@" --manage-uri "${URI[$broker]}"; fi
-  before=$(cpu_ticks "$pid"); rss0=$(rss_kib "$pid")
-  if ! json=$("$bin" bench --uri "$uri" --json --prefix "bench-${scenario%-*}" "$@"); then
-    echo "$scenario $broker round $round: the run failed (see above); not counted"
-    return 0
-  fi
-  after=$(cpu_ticks "$pid"); rss1=$(rss_kib "$pid")
-  python3 - "$broker" "$scenario" "$round" "$before" "$after" "$rss0" "$rss1" "$(getconf CLK_TCK)" "$json" >>"$results" <<'EOF'
-import json, sys
-broker, scenario, rnd, before, after, rss0, rss1, tck, report = sys.argv[1:]
-r = json.loads(report)
-r.update(broker=broker, scenario=scenario, round=int(rnd),
-         broker_cpu_secs=(int(after) - int(before)) / int(tck),
-         rss_before_kib=int(rss0), rss_after_kib=int(rss1))
-print(json.dumps(r))
-EOF
-  tail -n1 "$results" | python3 -c 'import json,sys; r=json.load(sys.stdin); print("%14s %8s round %d: publish %.0f/s, consume %.0f/s, broker CPU %.1f s" % (r["scenario"], r["broker"], r["round"], r["publish_rate"], r["consume_rate"], r["broker_cpu_secs"]))'
+  measure "${PID[$broker]}" "$results" "$broker" "$scenario" "$round" --uri "$uri" --prefix "bench-${scenario%-*}" "$@"
 }
 
 for scenario in $SCENARIOS; do

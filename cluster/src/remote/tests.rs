@@ -157,6 +157,16 @@ async fn a_reattach_stamps_its_epoch_and_requeues_what_its_held_list_lacks() {
     node.stop().await.unwrap();
 }
 
+/// A gateway's backend on `node`, with queue `q` open: the backend, the
+/// queue as sessions see it and the handle behind it.
+fn gateway_on(node: &Node) -> (Arc<RemoteBackend>, Arc<dyn Queue>, Arc<RemoteQueue>) {
+    let backend = RemoteBackend::new(RemoteOptions::new("gw-test/1".into(), vec![node.addr.to_string()], secret()));
+    let spec = QueueSpec { id: QueueId(QUEUE), vhost: "/".into(), name: "q".into(), durable: true, arguments: Arguments::default() };
+    let queue = backend.open_queue(spec).unwrap();
+    let handle = backend.cluster.queue(QUEUE).unwrap();
+    (backend, queue, handle)
+}
+
 /// Records what reaches the session.
 #[derive(Default)]
 struct Recorder {
@@ -189,10 +199,7 @@ async fn wait_until(what: &str, pred: impl Fn() -> bool) {
 async fn a_delivery_of_a_replaced_attach_is_dropped() {
     let dir = tempfile::tempdir().unwrap();
     let node = node_with_queue(dir.path()).await;
-    let backend = RemoteBackend::new(RemoteOptions::new("gw-test/1".into(), vec![node.addr.to_string()], secret()));
-    let spec = QueueSpec { id: QueueId(QUEUE), vhost: "/".into(), name: "q".into(), durable: true, arguments: Arguments::default() };
-    let queue = backend.open_queue(spec).unwrap();
-    let handle = backend.cluster.queue(QUEUE).unwrap();
+    let (backend, queue, handle) = gateway_on(&node);
     let sink = Arc::new(Recorder::default());
     let consumer = Consumer::new(
         "c".into(),
@@ -257,10 +264,7 @@ async fn a_delivery_of_a_replaced_attach_is_dropped() {
 async fn a_no_ack_delivery_from_another_link_is_taken() {
     let dir = tempfile::tempdir().unwrap();
     let node = node_with_queue(dir.path()).await;
-    let backend = RemoteBackend::new(RemoteOptions::new("gw-test/1".into(), vec![node.addr.to_string()], secret()));
-    let spec = QueueSpec { id: QueueId(QUEUE), vhost: "/".into(), name: "q".into(), durable: true, arguments: Arguments::default() };
-    let queue = backend.open_queue(spec).unwrap();
-    let handle = backend.cluster.queue(QUEUE).unwrap();
+    let (backend, queue, handle) = gateway_on(&node);
     let consumer = |tag: &str, no_ack: bool, sink: Arc<Recorder>| {
         Consumer::new(
             tag.into(),

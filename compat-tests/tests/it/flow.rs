@@ -39,12 +39,19 @@ struct Target {
     amqp_url: String,
     stomp: SocketAddr,
     metrics: SocketAddr,
+    /// Most ready messages allowed while the publishers are held: the
+    /// lag threshold (2,048) plus what was on its way. Through a gateway
+    /// more is on its way: publishes the gateway read and sent on to the
+    /// leader before the leader's word arrived, up to its 32 MiB of
+    /// publishes in flight (about 31,000 of these; 17,700 were seen once
+    /// in CI under load).
+    most_ready: f64,
 }
 
 #[tokio::test]
 async fn publishers_wait_for_a_consumer_whose_connection_is_behind() {
     let s = Server::start();
-    publishers_wait(Target { amqp_url: s.url(), stomp: s.stomp_addr(), metrics: s.metrics_addr() }).await;
+    publishers_wait(Target { amqp_url: s.url(), stomp: s.stomp_addr(), metrics: s.metrics_addr(), most_ready: 12_000.0 }).await;
 }
 
 /// The same through a gateway of a 3-node cluster: the queue's leader
@@ -62,6 +69,7 @@ async fn publishers_wait_for_a_consumer_behind_through_a_gateway() {
         amqp_url: gw.url(),
         stomp: gw.stomp.as_deref().and_then(|a| a.parse().ok()).expect("a STOMP listener"),
         metrics: gw.metrics.expect("a metrics listener"),
+        most_ready: 36_000.0,
     };
     publishers_wait(target).await;
     drop(gw);
@@ -126,7 +134,7 @@ async fn publishers_wait(target: Target) {
         most = most.max(value(&text, ready).unwrap_or(0.0));
     }
     let offered = sent_stomp.load(Ordering::Relaxed) + sent_amqp.load(Ordering::Relaxed);
-    assert!(most <= 12_000.0, "{most} ready while held ({offered} written by the publishers)");
+    assert!(most <= target.most_ready, "{most} ready while held ({offered} written by the publishers)");
     assert!(offered < 2 * PER_PUBLISHER, "the publishers were never held: all {offered} written");
 
     // The consumer reads again: every message arrives, the publishers finish.
