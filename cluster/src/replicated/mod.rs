@@ -64,23 +64,6 @@
 //!   became sendable, applies what committed and proposes new checkouts.
 //!   Every public method pumps the group under the lock too, so writes and
 //!   messages leave without waiting for the task.
-//! - **Delivery before the fsync** (single voter only). A group whose only
-//!   voter is this replica reports each ready's writes persisted as soon
-//!   as they are handed to the store (reads already see them: the log
-//!   store's overlay), so entries commit and apply, and consumers get
-//!   their messages, without waiting for the fsync; RabbitMQ delivers
-//!   before its fsync too. A publish's confirm still waits: its waiter
-//!   goes to `Inner::unsynced` with the number of the write holding its
-//!   entry, and is answered once that write is durable. The storage
-//!   writer commits in submission order, so a crash before the fsync
-//!   loses a suffix of the log, never a hole: at most messages that were
-//!   delivered but never confirmed (the publisher sends them again) and
-//!   acks (the messages come back, redelivered). While one append is in
-//!   flight the leader proposes the next entry at once (so the checkout
-//!   of what it just applied is not held behind the fsync) and batches
-//!   behind two. A group with several voters applies only what a
-//!   majority has durable, as Raft says; a single voter stops applying
-//!   early once it has a learner (the first step towards more voters).
 //! - **Restart.** [`ReplicatedQueue::open`] loads the last checkpoint
 //!   (see below) and re-applies only the entries after it as raft-rs hands
 //!   the committed ones out. With a single voter, `open` blocks until that
@@ -199,7 +182,7 @@
 
 mod log;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
@@ -580,10 +563,6 @@ struct Inner {
     waiters: HashMap<ProposalId, Vec<Option<Waiter>>>,
     /// Whether this replica acted as leader at the last pump.
     leading: bool,
-    /// Single voter: publish confirms of applied entries whose writes are
-    /// not durable yet, each with the ready number to wait for (see
-    /// "Delivery before the fsync" in the module docs).
-    unsynced: VecDeque<(u64, oneshot::Sender<Result<(), Error>>)>,
     /// `x-expires`: when the queue was last used, as this leader saw it
     /// (in memory: a new leader starts counting afresh, so a failover only
     /// ever delays the expiry), and whether the expiry was reported.
@@ -655,14 +634,6 @@ impl Inner {
 
     fn not_leader(&self) -> Error {
         Error::NotLeader { leader: self.group.leader() }
-    }
-
-    /// Applies before the fsync ("Delivery before the fsync"): a single
-    /// voter with no learner. Adding a learner is the first step of a
-    /// change to more voters, which must count only fsynced writes of the
-    /// leader towards a majority; it stops here first.
-    fn applies_early(&self) -> bool {
-        self.single_voter() && self.group.conf_state().learners.is_empty()
     }
 
     /// Queues a command for the next entry, merging it into an earlier one
@@ -737,13 +708,7 @@ impl Inner {
     /// one entry), or the entry is big enough.
     fn flush_due(&self) -> bool {
         !self.pending.is_empty()
-            && (self.group.store().in_flight() == 0
-                || self.pending_bytes >= self.max_entry_bytes()
-                // A single voter applies before the fsync: waiting for it
-                // would hold the checkout of what it applied back again.
-                // It proposes with one append in flight, and batches
-                // behind two.
-                || (self.applies_early() && self.group.store().appends_in_flight() < 2))
+            && (self.group.store().in_flight() == 0 || self.pending_bytes >= self.max_entry_bytes())
     }
 
     fn max_entry_bytes(&self) -> usize {
@@ -790,16 +755,6 @@ impl Inner {
     }
 
     /// Fails every waiter (proposed and pending) with `error()`.
-    /// Sends the confirms whose writes became durable.
-    fn release_synced(&mut self) {
-        let durable = self.group.store().durable_number().unwrap_or(0);
-        while self.unsynced.front().is_some_and(|(n, _)| *n <= durable) {
-            if let Some((_, tx)) = self.unsynced.pop_front() {
-                let _ = tx.send(Ok(()));
-            }
-        }
-    }
-
     fn fail_waiters(&mut self, error: impl Fn() -> Error) {
         for (_, waiters) in std::mem::take(&mut self.waiters) {
             for waiter in waiters.into_iter().flatten() {
@@ -964,8 +919,6 @@ pub struct ReplicaStats {
     pub batches: usize,
     /// Bytes of log entries held in the body cache.
     pub cached_bytes: usize,
-    /// Raft writes handed to the store and not yet settled.
-    pub writes_in_flight: usize,
 }
 
 impl ReplicatedQueue {
@@ -1069,7 +1022,6 @@ impl ReplicatedQueue {
             dl_retry_at: None,
             dl_sent_at: None,
             dead_lettered: 0,
-            unsynced: VecDeque::new(),
             expire_inflight: false,
         };
         if checkpoint.is_some() {
@@ -1296,7 +1248,6 @@ impl ReplicatedQueue {
             applied_index: inner.group.applied().index.max(inner.state_at),
             batches: inner.batches.len(),
             cached_bytes: inner.cache.bytes(),
-            writes_in_flight: store.in_flight(),
         }
     }
 
@@ -1806,10 +1757,7 @@ impl ReplicatedQueue {
         }
         let timer = Self::next_timer_in(&inner);
         if want_marker && inner.group.store().in_flight() > 0 {
-            // The oldest write itself, else a marker behind every write
-            // (which may wait for a later write's fsync too).
-            let next = inner.group.store_mut().take_oldest_completion().unwrap_or_else(|| self.store.write(Vec::new(), false));
-            (Drive::Marker(next), timer)
+            (Drive::Marker(self.store.write(Vec::new(), false)), timer)
         } else {
             (Drive::Idle, timer)
         }
@@ -1828,10 +1776,6 @@ impl ReplicatedQueue {
             let why = e.to_string();
             inner.failed.get_or_insert_with(|| why.clone());
             inner.fail_waiters(|| Error::Corrupt(why.clone()));
-            // Applied, but their writes may never be durable: no confirm.
-            for (_, tx) in std::mem::take(&mut inner.unsynced) {
-                let _ = tx.send(Err(Error::Corrupt(why.clone())));
-            }
             inner.consumers.clear();
         }
     }
@@ -1841,7 +1785,6 @@ impl ReplicatedQueue {
             if let Some(n) = inner.group.store_mut().poll_persisted().map_err(log_error)? {
                 inner.group.on_persisted(n).map_err(consensus_error)?;
             }
-            inner.release_synced();
             if inner.single_voter() && inner.group.role() == Role::Follower {
                 inner.group.campaign().map_err(consensus_error)?;
             }
@@ -1863,14 +1806,6 @@ impl ReplicatedQueue {
                 inner.group.ready().map_err(consensus_error)?;
             if removed {
                 inner.removed = true;
-            }
-            if inner.applies_early() {
-                // Delivery before the fsync: a single voter commits and
-                // applies what it handed to the store without waiting for
-                // it to be durable (consumers get messages a fsync sooner);
-                // publish confirms still wait for it (`unsynced`).
-                let submitted = inner.group.last_ready();
-                inner.group.on_persisted(submitted).map_err(consensus_error)?;
             }
             // `persist`: the writes are with the storage already; the
             // driver's marker writes wait for them.
@@ -2420,20 +2355,11 @@ impl ReplicatedQueue {
         match waiter {
             None => {}
             Some(Waiter::Enqueue(txs)) => {
-                // Applied before its write is durable (single voter): the
-                // confirm waits for it. Refusals need not.
-                // Also after the learner came: the entry may have been
-                // reported persisted before.
-                let unsynced = if inner.single_voter() { inner.group.store().write_holding(index) } else { None };
                 for (i, tx) in txs.into_iter().enumerate() {
                     let Some(tx) = tx else { continue };
                     let full = u32::try_from(i).is_ok_and(|i| full_positions.contains(&i));
                     let answer = if full { Err(Error::QueueFull) } else { result(error.as_ref().map(dup), ()) };
-                    if let (Some(write), true) = (unsynced, answer.is_ok()) {
-                        inner.unsynced.push_back((write, tx));
-                    } else {
-                        let _ = tx.send(answer);
-                    }
+                    let _ = tx.send(answer);
                 }
             }
             Some(Waiter::Done(tx)) => {
