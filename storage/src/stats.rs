@@ -65,6 +65,8 @@ pub(crate) struct Counters {
     pub poisoned: AtomicBool,
     /// Bytes submitted to the writer and not yet taken off its channel.
     pub queued_bytes: AtomicU64,
+    /// [`crate::Store::hold_writes`]: the writer commits nothing while set.
+    pub held: AtomicBool,
 }
 
 impl Counters {

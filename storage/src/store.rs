@@ -392,6 +392,14 @@ impl Store {
         })
     }
 
+    /// Fault injection for tests: while `hold` is set the writer thread
+    /// commits nothing (as a disk that stalls): writes stay submitted,
+    /// unapplied and not durable, until it is cleared.
+    #[doc(hidden)]
+    pub fn hold_writes(&self, hold: bool) {
+        self.inner.counters.held.store(hold, Relaxed);
+    }
+
     /// Bytes of writes submitted but not yet taken by the writer thread.
     /// Callers use it for backpressure: the channel to the writer is
     /// unbounded, so producers must slow down when this grows.

@@ -153,6 +153,11 @@ impl Writer {
                 }
             }
 
+            // Fault injection for tests (`Store::hold_writes`): a disk that
+            // takes its time. One relaxed load per group otherwise.
+            while self.counters.held.load(Relaxed) && !closing {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
             let result = self.commit_group(group, closing);
             if closing {
                 tracing::debug!("storage writer stopped");

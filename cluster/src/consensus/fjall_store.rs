@@ -446,6 +446,30 @@ impl FjallLogStore {
         self.in_flight.len()
     }
 
+    /// The completion of the oldest write in flight, for a driver to await
+    /// outside the lock the store is under (then poll again): it resolves
+    /// once that write is settled. `None` if nothing is in flight or it
+    /// was taken already.
+    pub fn take_oldest_completion(&mut self) -> Option<Completion> {
+        self.in_flight.front_mut().and_then(|w| w.completion.take())
+    }
+
+    /// Writes in flight that append entries (not only a new commit index
+    /// or a checkpoint).
+    pub fn appends_in_flight(&self) -> usize {
+        self.in_flight.iter().filter(|w| w.entries.is_some()).count()
+    }
+
+    /// The raft-rs number of the write in flight that appends entry
+    /// `index` (`None` once no write in flight holds it: settled).
+    pub fn write_holding(&self, index: u64) -> Option<u64> {
+        self.in_flight
+            .iter()
+            .rev()
+            .find(|w| w.entries.is_some_and(|(first, last)| (first..=last).contains(&index)))
+            .and_then(|w| w.number)
+    }
+
     /// The highest raft-rs write number known durable.
     pub fn durable_number(&self) -> Option<u64> {
         self.durable
@@ -496,7 +520,13 @@ impl FjallLogStore {
                 return Ok(None);
             };
             let Some(completion) = front.completion.take() else {
-                return Ok(None);
+                if front.is_settled() {
+                    return Ok(None);
+                }
+                // Taken by a driver that awaits it (`take_oldest_completion`):
+                // the writer settles it soon.
+                std::thread::sleep(std::time::Duration::from_millis(1));
+                continue;
             };
             front.done = Some(completion.wait_blocking());
         }

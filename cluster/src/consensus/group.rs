@@ -391,6 +391,12 @@ impl<S: LogStore> Group<S> {
     }
 
     /// The current role.
+    /// The number of the last ready handed out (its writes are with the
+    /// store).
+    pub fn last_ready(&self) -> u64 {
+        self.last_ready
+    }
+
     pub fn role(&self) -> Role {
         self.node.raft.state.into()
     }

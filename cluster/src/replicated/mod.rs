@@ -64,6 +64,23 @@
 //!   became sendable, applies what committed and proposes new checkouts.
 //!   Every public method pumps the group under the lock too, so writes and
 //!   messages leave without waiting for the task.
+//! - **Apply before the fsync, show after it** (single voter only). A
+//!   group whose only voter is this replica reports each ready's writes
+//!   persisted as soon as they are handed to the store (reads already see
+//!   them: the log store's overlay), so entries commit and apply without
+//!   waiting for the fsync: the checkout of a message just enqueued is
+//!   proposed at once and usually shares the enqueue's group commit (one
+//!   fsync between publish and delivery instead of two). Nothing is shown
+//!   early, though: a publish confirm, a delivery and a basic.get answer
+//!   wait in `Inner::unsynced` (in order) until the write holding their
+//!   entry is durable, so a confirmed message is on disk and a delivered
+//!   one is on disk as delivered (after a crash it comes back with
+//!   `redelivered`). The storage writer commits in submission order, so a
+//!   crash loses a suffix of the log, never a hole. While one append is
+//!   in flight the leader proposes the next entry at once and batches
+//!   behind two. A group with several voters applies only what a majority
+//!   has durable, as Raft says; a single voter stops applying early once
+//!   it has a learner (the first step towards more voters).
 //! - **Restart.** [`ReplicatedQueue::open`] loads the last checkpoint
 //!   (see below) and re-applies only the entries after it as raft-rs hands
 //!   the committed ones out. With a single voter, `open` blocks until that
@@ -182,7 +199,7 @@
 
 mod log;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
@@ -563,6 +580,11 @@ struct Inner {
     waiters: HashMap<ProposalId, Vec<Option<Waiter>>>,
     /// Whether this replica acted as leader at the last pump.
     leading: bool,
+    /// Single voter: confirms, deliveries and gets of applied entries
+    /// whose writes are not durable yet, in order, each with the ready
+    /// number to wait for (see
+    /// "Apply before the fsync, show after it" in the module docs).
+    unsynced: VecDeque<(u64, Unsynced)>,
     /// `x-expires`: when the queue was last used, as this leader saw it
     /// (in memory: a new leader starts counting afresh, so a failover only
     /// ever delays the expiry), and whether the expiry was reported.
@@ -634,6 +656,14 @@ impl Inner {
 
     fn not_leader(&self) -> Error {
         Error::NotLeader { leader: self.group.leader() }
+    }
+
+    /// Applies before the fsync ("Apply before the fsync, show after it"): a single
+    /// voter with no learner. Adding a learner is the first step of a
+    /// change to more voters, which must count only fsynced writes of the
+    /// leader towards a majority; it stops here first.
+    fn applies_early(&self) -> bool {
+        self.single_voter() && self.group.conf_state().learners.is_empty()
     }
 
     /// Queues a command for the next entry, merging it into an earlier one
@@ -708,7 +738,13 @@ impl Inner {
     /// one entry), or the entry is big enough.
     fn flush_due(&self) -> bool {
         !self.pending.is_empty()
-            && (self.group.store().in_flight() == 0 || self.pending_bytes >= self.max_entry_bytes())
+            && (self.group.store().in_flight() == 0
+                || self.pending_bytes >= self.max_entry_bytes()
+                // A single voter applies before the fsync: waiting for it
+                // would hold the checkout of what it applied back again.
+                // It proposes with one append in flight, and batches
+                // behind two.
+                || (self.applies_early() && self.group.store().appends_in_flight() < 2))
     }
 
     fn max_entry_bytes(&self) -> usize {
@@ -752,6 +788,44 @@ impl Inner {
                 }
             }
         }
+    }
+
+    /// Sends the confirms, deliveries and gets whose writes became
+    /// durable, in order; returns the consumers whose sink refused.
+    fn release_synced(&mut self) -> Vec<(ConsumerId, Vec<Seq>)> {
+        let durable = self.group.store().durable_number().unwrap_or(0);
+        let mut gone = Vec::new();
+        while self.unsynced.front().is_some_and(|(n, _)| *n <= durable) {
+            let Some((_, held)) = self.unsynced.pop_front() else { break };
+            match held {
+                Unsynced::Confirm(tx) => {
+                    let _ = tx.send(Ok(()));
+                }
+                Unsynced::Deliver { id, consumer, delivery } => {
+                    let seq = delivery.msg_id;
+                    if !consumer.sink.deliver(&consumer, delivery) {
+                        consumer.undo_acquire();
+                        if !consumer.no_ack {
+                            gone.push((id, vec![seq]));
+                        }
+                    }
+                }
+                Unsynced::Got(tx, answer) => {
+                    let _ = tx.send(Ok(answer));
+                }
+            }
+        }
+        gone
+    }
+
+    /// Where an effect of entry `index` must wait (single voter, its
+    /// write not durable yet, or something before it waits): the write
+    /// number to wait for.
+    fn hold_for(&self, index: u64) -> Option<u64> {
+        if !self.single_voter() {
+            return None;
+        }
+        self.group.store().write_holding(index).or_else(|| (!self.unsynced.is_empty()).then_some(0))
     }
 
     /// Fails every waiter (proposed and pending) with `error()`.
@@ -904,6 +978,17 @@ enum Drive {
     Stop,
 }
 
+/// What a single voter applied before its write was durable and may not
+/// show yet (see "Apply before the fsync, show after it").
+enum Unsynced {
+    /// A publish confirm.
+    Confirm(Tx<()>),
+    /// A delivery of a checkout.
+    Deliver { id: ConsumerId, consumer: Arc<Consumer>, delivery: Delivery },
+    /// A basic.get's answer.
+    Got(Tx<Option<(Delivery, u32)>>, Option<(Delivery, u32)>),
+}
+
 /// Figures of a replica, for tests and metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ReplicaStats {
@@ -919,6 +1004,8 @@ pub struct ReplicaStats {
     pub batches: usize,
     /// Bytes of log entries held in the body cache.
     pub cached_bytes: usize,
+    /// Raft writes handed to the store and not yet settled.
+    pub writes_in_flight: usize,
 }
 
 impl ReplicatedQueue {
@@ -1022,6 +1109,7 @@ impl ReplicatedQueue {
             dl_retry_at: None,
             dl_sent_at: None,
             dead_lettered: 0,
+            unsynced: VecDeque::new(),
             expire_inflight: false,
         };
         if checkpoint.is_some() {
@@ -1248,6 +1336,7 @@ impl ReplicatedQueue {
             applied_index: inner.group.applied().index.max(inner.state_at),
             batches: inner.batches.len(),
             cached_bytes: inner.cache.bytes(),
+            writes_in_flight: store.in_flight(),
         }
     }
 
@@ -1757,7 +1846,10 @@ impl ReplicatedQueue {
         }
         let timer = Self::next_timer_in(&inner);
         if want_marker && inner.group.store().in_flight() > 0 {
-            (Drive::Marker(self.store.write(Vec::new(), false)), timer)
+            // The oldest write itself, else a marker behind every write
+            // (which may wait for a later write's fsync too).
+            let next = inner.group.store_mut().take_oldest_completion().unwrap_or_else(|| self.store.write(Vec::new(), false));
+            (Drive::Marker(next), timer)
         } else {
             (Drive::Idle, timer)
         }
@@ -1776,6 +1868,20 @@ impl ReplicatedQueue {
             let why = e.to_string();
             inner.failed.get_or_insert_with(|| why.clone());
             inner.fail_waiters(|| Error::Corrupt(why.clone()));
+            // Applied, but their writes may never be durable: no confirm.
+            for (_, held) in std::mem::take(&mut inner.unsynced) {
+                match held {
+                    Unsynced::Confirm(tx) => {
+                        let _ = tx.send(Err(Error::Corrupt(why.clone())));
+                    }
+                    Unsynced::Got(tx, _) => {
+                        let _ = tx.send(Err(Error::Corrupt(why.clone())));
+                    }
+                    // Held by the consumer in the state machine; the
+                    // replica is failed anyway.
+                    Unsynced::Deliver { .. } => {}
+                }
+            }
             inner.consumers.clear();
         }
     }
@@ -1784,6 +1890,10 @@ impl ReplicatedQueue {
         loop {
             if let Some(n) = inner.group.store_mut().poll_persisted().map_err(log_error)? {
                 inner.group.on_persisted(n).map_err(consensus_error)?;
+            }
+            let refused = inner.release_synced();
+            if !refused.is_empty() {
+                self.drop_gone_consumers(inner, refused);
             }
             if inner.single_voter() && inner.group.role() == Role::Follower {
                 inner.group.campaign().map_err(consensus_error)?;
@@ -1806,6 +1916,14 @@ impl ReplicatedQueue {
                 inner.group.ready().map_err(consensus_error)?;
             if removed {
                 inner.removed = true;
+            }
+            if inner.applies_early() {
+                // Apply before the fsync: a single voter commits and
+                // applies what it handed to the store without waiting for
+                // it to be durable; what clients see of it waits
+                // (`unsynced`).
+                let submitted = inner.group.last_ready();
+                inner.group.on_persisted(submitted).map_err(consensus_error)?;
             }
             // `persist`: the writes are with the storage already; the
             // driver's marker writes wait for them.
@@ -2284,6 +2402,13 @@ impl ReplicatedQueue {
                             enqueued_ms: inner.batches.enqueued_ms(seq),
                             message,
                         };
+                        // A delivery leaves only once its checkout is on
+                        // disk: after a crash the broker knows it went out.
+                        if let Some(write) = inner.hold_for(index) {
+                            let held = Unsynced::Deliver { id: id.clone(), consumer: consumer.clone(), delivery };
+                            inner.unsynced.push_back((write, held));
+                            continue;
+                        }
                         if !consumer.sink.deliver(consumer, delivery) {
                             consumer.undo_acquire();
                             refused.push(seq);
@@ -2355,11 +2480,20 @@ impl ReplicatedQueue {
         match waiter {
             None => {}
             Some(Waiter::Enqueue(txs)) => {
+                // Applied before its write is durable (single voter): the
+                // confirm waits for it. Refusals need not.
+                // Also after the learner came: the entry may have been
+                // reported persisted before.
+                let unsynced = inner.hold_for(index);
                 for (i, tx) in txs.into_iter().enumerate() {
                     let Some(tx) = tx else { continue };
                     let full = u32::try_from(i).is_ok_and(|i| full_positions.contains(&i));
                     let answer = if full { Err(Error::QueueFull) } else { result(error.as_ref().map(dup), ()) };
-                    let _ = tx.send(answer);
+                    if let (Some(write), true) = (unsynced, answer.is_ok()) {
+                        inner.unsynced.push_back((write, Unsynced::Confirm(tx)));
+                    } else {
+                        let _ = tx.send(answer);
+                    }
                 }
             }
             Some(Waiter::Done(tx)) => {
@@ -2406,9 +2540,13 @@ impl ReplicatedQueue {
                     let _ = tx.send(Err(error.unwrap_or(Error::QueueDeleted)));
                 }
             }
-            Some(Waiter::Get(tx)) => {
-                let _ = tx.send(result(error, got.flatten()));
-            }
+            Some(Waiter::Get(tx)) => match (result(error, got.flatten()), inner.hold_for(index)) {
+                // A got message is held by its getter as a delivery is.
+                (Ok(answer), Some(write)) => inner.unsynced.push_back((write, Unsynced::Got(tx, answer))),
+                (answer, _) => {
+                    let _ = tx.send(answer);
+                }
+            },
             Some(Waiter::Purge(tx) | Waiter::Delete(tx)) => {
                 let _ = tx.send(result(error, count));
             }
