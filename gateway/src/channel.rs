@@ -965,8 +965,7 @@ async fn confirm_task(
         };
         run = match run {
             Some((_, was, n)) if was == ok => Some((seq, ok, n + 1)),
-            other => {
-                let mut other = other;
+            mut other => {
                 flush(&mut other);
                 Some((seq, ok, 1))
             }

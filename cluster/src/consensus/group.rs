@@ -390,13 +390,13 @@ impl<S: LogStore> Group<S> {
         self.id
     }
 
-    /// The current role.
     /// The number of the last ready handed out (its writes are with the
     /// store).
     pub fn last_ready(&self) -> u64 {
         self.last_ready
     }
 
+    /// The current role.
     pub fn role(&self) -> Role {
         self.node.raft.state.into()
     }

@@ -73,8 +73,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// The queue of one peer's sender task: (group, encoded raft messages).
 type RaftSender = mpsc::UnboundedSender<(GroupId, Vec<ByteBuf>)>;
 
-/// A connection's push queue: a one-way message, and the consumer whose
-/// pending slot it frees once handed to the connection (deliveries).
+/// A connection's push queue of one-way messages (a delivery stays
+/// pending for its consumer until the gateway reports it written).
 type PushQueue = mpsc::UnboundedSender<NodeRequest>;
 
 /// Outgoing Raft messages of this node, one sender task per peer.
@@ -399,7 +399,7 @@ struct GatewaySink {
 }
 
 impl DeliverySink for GatewaySink {
-    fn deliver(&self, consumer: &Arc<Consumer>, delivery: Delivery) -> bool {
+    fn deliver(&self, _consumer: &Arc<Consumer>, delivery: Delivery) -> bool {
         let msg = NodeRequest::Deliver {
             queue: self.queue,
             consumer: self.consumer.clone(),
@@ -412,7 +412,6 @@ impl DeliverySink for GatewaySink {
         };
         // Pending (towards MAX_PENDING) until the gateway reports it
         // written to its client's socket (`NodeRequest::Written`).
-        let _ = consumer;
         self.tx.send(msg).is_ok()
     }
 
@@ -712,7 +711,6 @@ impl Host {
         }
     }
 
-    /// A leader replica of `queue`, or why not.
     /// Tells `conn` (a gateway publishing to `q`) that `q` lags, once;
     /// the first such gateway starts a watch that tells every gateway told
     /// when it no longer does (or no longer leads here).
@@ -743,6 +741,7 @@ impl Host {
         });
     }
 
+    /// A leader replica of `queue`, or why not.
     fn leading(&self, queue: u64) -> Result<Arc<ReplicatedQueue>, QueueResult> {
         let q = self.queue(queue).ok_or(QueueResult::NoSuchQueue)?;
         if !q.is_leader() {

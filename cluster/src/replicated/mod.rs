@@ -658,10 +658,10 @@ impl Inner {
         Error::NotLeader { leader: self.group.leader() }
     }
 
-    /// Applies before the fsync ("Apply before the fsync, show after it"): a single
-    /// voter with no learner. Adding a learner is the first step of a
-    /// change to more voters, which must count only fsynced writes of the
-    /// leader towards a majority; it stops here first.
+    /// Applies before the fsync ("Apply before the fsync, show after
+    /// it"): a single voter with no learner. Adding a learner is the first
+    /// step of a change to more voters, which must count only fsynced
+    /// writes of the leader towards a majority; it stops here first.
     fn applies_early(&self) -> bool {
         self.single_voter() && self.group.conf_state().learners.is_empty()
     }
@@ -820,7 +820,8 @@ impl Inner {
 
     /// Where an effect of entry `index` must wait (single voter, its
     /// write not durable yet, or something before it waits): the write
-    /// number to wait for.
+    /// number to wait for. Also once a learner came (no longer applying
+    /// early): the entry may have been reported persisted before.
     fn hold_for(&self, index: u64) -> Option<u64> {
         if !self.single_voter() {
             return None;
@@ -2351,6 +2352,9 @@ impl ReplicatedQueue {
         if matches!(cmd, Command::Expire { .. }) {
             inner.expire_inflight = false;
         }
+        // Where what clients see of this entry waits (one lookup for its
+        // deliveries, confirms and get).
+        let hold = inner.hold_for(index);
         let effects = inner.sm.apply(cmd);
         if dead_lettered && !inner.dl_in_flight.is_empty() {
             let Inner { sm, dl_in_flight, .. } = &mut *inner;
@@ -2404,7 +2408,7 @@ impl ReplicatedQueue {
                         };
                         // A delivery leaves only once its checkout is on
                         // disk: after a crash the broker knows it went out.
-                        if let Some(write) = inner.hold_for(index) {
+                        if let Some(write) = hold {
                             let held = Unsynced::Deliver { id: id.clone(), consumer: consumer.clone(), delivery };
                             inner.unsynced.push_back((write, held));
                             continue;
@@ -2482,14 +2486,11 @@ impl ReplicatedQueue {
             Some(Waiter::Enqueue(txs)) => {
                 // Applied before its write is durable (single voter): the
                 // confirm waits for it. Refusals need not.
-                // Also after the learner came: the entry may have been
-                // reported persisted before.
-                let unsynced = inner.hold_for(index);
                 for (i, tx) in txs.into_iter().enumerate() {
                     let Some(tx) = tx else { continue };
                     let full = u32::try_from(i).is_ok_and(|i| full_positions.contains(&i));
                     let answer = if full { Err(Error::QueueFull) } else { result(error.as_ref().map(dup), ()) };
-                    if let (Some(write), true) = (unsynced, answer.is_ok()) {
+                    if let (Some(write), true) = (hold, answer.is_ok()) {
                         inner.unsynced.push_back((write, Unsynced::Confirm(tx)));
                     } else {
                         let _ = tx.send(answer);
@@ -2540,7 +2541,7 @@ impl ReplicatedQueue {
                     let _ = tx.send(Err(error.unwrap_or(Error::QueueDeleted)));
                 }
             }
-            Some(Waiter::Get(tx)) => match (result(error, got.flatten()), inner.hold_for(index)) {
+            Some(Waiter::Get(tx)) => match (result(error, got.flatten()), hold) {
                 // A got message is held by its getter as a delivery is.
                 (Ok(answer), Some(write)) => inner.unsynced.push_back((write, Unsynced::Got(tx, answer))),
                 (answer, _) => {
