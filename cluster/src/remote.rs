@@ -40,7 +40,7 @@
 //! it too); deliveries to consumers without a prefetch are bounded only by
 //! the leader's per-consumer pending window and TCP.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
@@ -390,28 +390,53 @@ struct Attached {
     consumer: Arc<Consumer>,
     /// The epoch of the last `Attach` sent for it (0: none sent yet).
     epoch: u64,
+    /// A no-ack consumer's latest deliveries, acked by this handle as they
+    /// reached the session (the newest [`ACKED_MEMORY`]). An ack lost with
+    /// its link would leave one held at the leader, which would requeue it
+    /// at the next attach and deliver it twice: so each attach lists these
+    /// as held, and the resync sends their acks again (the leader ignores
+    /// what the consumer no longer holds).
+    acked: VecDeque<u64>,
 }
 
 impl Attached {
+    fn new(consumer: Arc<Consumer>) -> Self {
+        Attached { consumer, epoch: 0, acked: VecDeque::new() }
+    }
+
     /// An `Attach` for this consumer under a new epoch.
     fn attach_request(&mut self, queue: u64, id: &ConsumerId, held: Vec<u64>) -> NodeRequest {
         self.epoch += 1;
+        // Always with acks at the leader: a no-ack consumer's delivery is
+        // held there until this handle acks it, once it reached the
+        // session. A delivery lost between the leader and this handle (a
+        // link closed with it in a buffer) is then requeued by the next
+        // attach instead of lost.
+        let prefetch = if self.consumer.no_ack { 0 } else { self.consumer.credit.prefetch };
         NodeRequest::Attach {
             queue,
             consumer: id.clone(),
             epoch: self.epoch,
-            no_ack: self.consumer.no_ack,
+            no_ack: false,
             exclusive: self.consumer.exclusive,
-            prefetch: self.consumer.credit.prefetch,
+            prefetch,
             held,
         }
+    }
+
+    /// Remembers a no-ack delivery acked by this handle.
+    fn acked(&mut self, seq: u64) {
+        if self.acked.len() == ACKED_MEMORY {
+            self.acked.pop_front();
+        }
+        self.acked.push_back(seq);
     }
 }
 
 /// What becomes of a delivery the leader pushed.
 #[derive(Debug)]
 enum Accept {
-    /// Goes to this consumer (and is held by it unless no-ack).
+    /// Goes to this consumer (and is held by it).
     Take(Arc<Consumer>),
     /// Made under an attach since replaced: dropped, not settled (the
     /// leader requeues it, as the held list of the new attach lacks it).
@@ -463,21 +488,18 @@ impl QState {
     /// sent (taken before) or of an older epoch (dropped from now on).
     fn attach_request(&mut self, queue: u64, id: &ConsumerId) -> Option<NodeRequest> {
         let mut held: Vec<u64> = self.held.iter().filter(|(_, h)| *h == id).map(|(s, _)| *s).collect();
-        held.sort_unstable();
         let a = self.consumers.get_mut(id)?;
+        held.extend(a.acked.iter().copied());
+        held.sort_unstable();
         Some(a.attach_request(queue, id, held))
     }
 
     /// Whether delivery `seq`, made under `epoch`, goes to `consumer`;
-    /// if so it is held by it from now on (unless no-ack).
+    /// if so it is held by it from now on (a no-ack consumer's until the
+    /// session took it, see [`RemoteQueue::on_deliver`]).
     fn accept(&mut self, consumer: &ConsumerId, epoch: u64, seq: u64) -> Accept {
         let Some(a) = self.consumers.get(consumer) else { return Accept::Unknown };
         let target = a.consumer.clone();
-        if target.no_ack {
-            // Removed from the queue when it was made and never requeued:
-            // taking it cannot duplicate it, dropping it would lose it.
-            return Accept::Take(target);
-        }
         if a.epoch != epoch {
             return Accept::Stale;
         }
@@ -493,6 +515,14 @@ const CANCELLED_MEMORY: usize = 256;
 /// ([`NodeRequest::Written`]): well under [`crate::backend::MAX_PENDING`],
 /// so what is left unreported never stalls the consumer.
 pub const WRITTEN_BATCH: u32 = 64;
+
+/// How many acks of no-ack deliveries a consumer's handle repeats to a
+/// new leader ([`Attached::acked`]): more than a link's buffers can lose.
+const ACKED_MEMORY: usize = 4096;
+
+/// Most seqs the driver puts in one `Settle` when it joins consecutive
+/// settles of one consumer.
+const SETTLE_BATCH: usize = 1024;
 
 /// How long a closed consumer's release is repeated to new leaders.
 const RELEASE_MEMORY: Duration = Duration::from_secs(60);
@@ -645,21 +675,14 @@ impl RemoteQueue {
         // still in flight from a deposed leader (or sent before our
         // re-attach reached the new one) is not counted, so the held list
         // the new leader got stays the truth and the message cannot be
-        // with two consumers at once. The new leader requeues it.
-        // A no-ack delivery is taken from whoever made it, though: the
-        // node removed the message from the queue when it delivered it (a
-        // committed checkout), so nobody would deliver it again, and
-        // dropping it would lose it.
+        // with two consumers at once. The new leader requeues it (no-ack
+        // consumers' too: the leader holds their deliveries until acked).
         let from_leader = self.leader.borrow().as_ref().is_some_and(|l| same(l, from));
-        let accepted = {
-            let mut st = self.lock();
-            let no_ack = st.consumers.get(&consumer).is_some_and(|a| a.consumer.no_ack);
-            (from_leader || no_ack).then(|| st.accept(&consumer, epoch, seq))
-        };
-        let Some(accepted) = accepted else {
+        if !from_leader {
             tracing::debug!(queue = %self.name, seq, "delivery from a node that is not the leader dropped");
             return;
-        };
+        }
+        let accepted = self.lock().accept(&consumer, epoch, seq);
         let message = record::decode(&Bytes::from(message.into_vec()));
         // From the leader, but perhaps pushed before it handled our latest
         // re-attach on this same link: see `QState::accept`.
@@ -671,20 +694,33 @@ impl RemoteQueue {
             }
             Accept::Unknown => None,
         };
-        let delivered = match (target, message) {
+        let (delivered, no_ack) = match (target, message) {
             (Some(c), Ok(message)) => {
                 c.force_acquire();
-                c.sink.deliver(&c, Delivery { msg_id: seq, redelivered, delivery_count, enqueued_ms, message })
+                let d = Delivery { msg_id: seq, redelivered, delivery_count, enqueued_ms, message };
+                (c.sink.deliver(&c, d), c.no_ack)
             }
             (_, Err(e)) => {
                 tracing::error!(queue = %self.name, seq, error = %e, "undecodable delivery; requeued");
-                false
+                (false, false)
             }
-            (None, _) => false,
+            (None, _) => (false, false),
         };
         if !delivered {
             self.lock().held.remove(&seq);
             let _ = self.out.send(Out::Settle { consumer, seqs: vec![seq], outcome: WireOutcome::Requeue });
+        } else if no_ack {
+            // With the session now (what becomes of it is the client's
+            // no-ack bargain): acked at the leader, and remembered in case
+            // the ack is lost with the link. Under the lock an attach takes
+            // its held list with, so the seq is in one list or the other.
+            let mut st = self.lock();
+            if st.held.remove(&seq).is_some() {
+                if let Some(a) = st.consumers.get_mut(&consumer) {
+                    a.acked(seq);
+                }
+                let _ = self.out.send(Out::Settle { consumer, seqs: vec![seq], outcome: WireOutcome::Ack });
+            }
         }
     }
 
@@ -736,6 +772,8 @@ async fn drive(q: Weak<RemoteQueue>, mut rx: mpsc::UnboundedReceiver<Out>) {
     let mut hint: Option<String> = None;
     // A request waiting for a leader (it blocks everything behind it).
     let mut call: Option<PendingCall> = None;
+    // A message taken from `rx` early (while joining settles), next to send.
+    let mut next: Option<Out> = None;
     loop {
         if let Some((req, deadline, done)) = call.take() {
             if tokio::time::Instant::now() > deadline {
@@ -785,9 +823,18 @@ async fn drive(q: Weak<RemoteQueue>, mut rx: mpsc::UnboundedReceiver<Out>) {
                 continue;
             }
         }
-        let Some(out) = rx.recv().await else { return };
+        let out = match next.take() {
+            Some(out) => out,
+            None => match rx.recv().await {
+                Some(out) => out,
+                None => return,
+            },
+        };
         let Some(queue) = q.upgrade() else { return };
-        let Some(client) = leader.clone() else { continue };
+        let Some(client) = leader.clone() else {
+            next = Some(out);
+            continue;
+        };
         let msg = match out {
             Out::LeaderLost(who) => {
                 if who.as_ref().is_none_or(|w| same(w, &client)) {
@@ -806,7 +853,23 @@ async fn drive(q: Weak<RemoteQueue>, mut rx: mpsc::UnboundedReceiver<Out>) {
                     message: ByteBuf::from(record.to_vec()),
                 }
             }
-            Out::Settle { consumer, seqs, outcome } => NodeRequest::Settle { queue: queue.id.0, consumer, seqs, outcome },
+            Out::Settle { consumer, mut seqs, outcome } => {
+                // Consecutive settles of one consumer (a no-ack consumer's
+                // acks, one per delivery) go as one message.
+                while seqs.len() < SETTLE_BATCH {
+                    match rx.try_recv() {
+                        Ok(Out::Settle { consumer: c, seqs: more, outcome: o }) if c == consumer && o == outcome => {
+                            seqs.extend(more)
+                        }
+                        Ok(other) => {
+                            next = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                NodeRequest::Settle { queue: queue.id.0, consumer, seqs, outcome }
+            }
             Out::Detach(consumer) => NodeRequest::Detach { queue: queue.id.0, consumer },
             Out::Release(consumer) => NodeRequest::Release { queue: queue.id.0, consumer },
             Out::Written { consumer, n } => {
@@ -887,16 +950,29 @@ async fn resync(queue: &Arc<RemoteQueue>, hint: Option<String>, backlog: &mut Ve
     // Re-attach every consumer with what it holds, each under a new epoch
     // (a delivery still in flight from before is dropped, and requeued by
     // the leader, even on this same link).
-    let attached: Vec<(ConsumerId, NodeRequest)> = {
+    let attached: Vec<(ConsumerId, NodeRequest, Vec<u64>)> = {
         let mut st = queue.lock();
         let ids: Vec<ConsumerId> = st.consumers.keys().cloned().collect();
-        ids.into_iter().filter_map(|id| st.attach_request(queue.id.0, &id).map(|req| (id, req))).collect()
+        ids.into_iter()
+            .filter_map(|id| {
+                let req = st.attach_request(queue.id.0, &id)?;
+                let acked = st.consumers.get(&id).map(|a| a.acked.iter().copied().collect()).unwrap_or_default();
+                Some((id, req, acked))
+            })
+            .collect()
     };
-    for (id, req) in attached {
+    for (id, req, acked) in attached {
         match client.call_timeout(req, cluster.opts.call_timeout).await {
             Ok(NodeResponse::Queue(QueueResult::Ok)) => {}
             Ok(NodeResponse::Queue(QueueResult::Exclusive)) => queue.on_cancelled(&id),
             _ => return None,
+        }
+        // A no-ack consumer's acks again (listed as held just now).
+        if !acked.is_empty() {
+            let ack = NodeRequest::Settle { queue: queue.id.0, consumer: id, seqs: acked, outcome: WireOutcome::Ack };
+            if client.send(ack).await.is_err() {
+                return None;
+            }
         }
     }
     // What could not be sent, in the order the session produced it: a
@@ -1012,7 +1088,7 @@ impl Queue for RemoteQueue {
             return ready(Err(Error::QueueDeleted));
         };
         // Stamped again by the driver as it is sent.
-        let mut attached = Attached { consumer: consumer.clone(), epoch: 0 };
+        let mut attached = Attached::new(consumer.clone());
         let attach = attached.attach_request(self.id.0, &id, Vec::new());
         self.lock().consumers.insert(id.clone(), attached);
         let as_queue: Arc<dyn Queue> = me.clone();

@@ -475,6 +475,18 @@ pub fn print_logs(home: &Path, lines: usize) {
     }
 }
 
+/// Prints the logs under a test's home ([`print_logs`]) when dropped
+/// while the test panics: a guard for tests without their own reporting.
+pub struct LogsOnPanic(pub PathBuf);
+
+impl Drop for LogsOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            print_logs(&self.0, 200);
+        }
+    }
+}
+
 /// A running `sluice gateway`.
 pub struct GatewayProcess {
     pub child: Child,

@@ -65,6 +65,7 @@ async fn publishers_wait_for_a_consumer_behind_through_a_gateway() {
     let nodes = crate::cluster_queues::three_nodes(home.path());
     let addrs: Vec<&str> = nodes.iter().map(|n| n.addr.as_str()).collect();
     let gw = sluice_compat_tests::start_gateway(home.path(), &addrs, &[]);
+    let _logs = sluice_compat_tests::LogsOnPanic(home.path().to_path_buf());
     let target = Target {
         amqp_url: gw.url(),
         stomp: gw.stomp.as_deref().and_then(|a| a.parse().ok()).expect("a STOMP listener"),
@@ -144,15 +145,22 @@ async fn publishers_wait(target: Target) {
         let until = Instant::now() + Duration::from_secs(120);
         consumer.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         while frames < 2 * PER_PUBLISHER && Instant::now() < until {
-            let n = consumer.read(&mut buf).unwrap();
-            assert!(n > 0, "consumer socket closed after {frames} messages");
+            let n = match consumer.read(&mut buf) {
+                Ok(0) => return Err(format!("consumer socket closed after {frames} messages")),
+                Ok(n) => n,
+                Err(e) => return Err(format!("nothing for 10 s after {frames} messages: {e}")),
+            };
             frames += buf[..n].iter().filter(|&&b| b == 0).count();
         }
-        frames
+        Ok(frames)
     });
     let _stomp_pub = tokio::task::spawn_blocking(move || stomp_thread.join().unwrap()).await.unwrap();
     let _amqp = amqp_task.await.unwrap();
     let frames = tokio::task::spawn_blocking(move || reader.join().unwrap()).await.unwrap();
+    let frames = match frames {
+        Ok(n) => n,
+        Err(e) => panic!("{e}; the broker's metrics:\n{}", scrape(metrics).await),
+    };
     assert_eq!(frames, 2 * PER_PUBLISHER, "every published message is delivered once");
     // No connection stays held (through a gateway the leader's "no longer
     // lagging" may arrive just after the last delivery).
