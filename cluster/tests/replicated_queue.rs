@@ -557,3 +557,54 @@ async fn while_the_disk_stalls_nothing_is_confirmed_or_delivered() {
     assert_eq!(q.counts_now().0, 0);
     q.close().await;
 }
+
+/// A volatile queue (a single node's non-durable queue): its log lives in
+/// memory, so it works with the disk's writes held, writes nothing of its
+/// own, still compacts its log as messages go, and reads a backlog bigger
+/// than its body cache back from memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volatile_queue_never_waits_for_or_writes_to_the_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    let mut opts = ReplicaOptions::single_voter(1, "local");
+    opts.volatile = true;
+    opts.checkpoint_entries = 16;
+    opts.checkpoint_bytes = 16 << 10;
+    opts.body_cache_bytes = 16 << 10;
+    let spec = QueueSpec { durable: false, ..spec() };
+    let q = ReplicatedQueue::open(spec, store.clone(), opts, &tokio::runtime::Handle::current()).unwrap();
+
+    struct Release(Store);
+    impl Drop for Release {
+        fn drop(&mut self) {
+            self.0.hold_writes(false);
+        }
+    }
+    let release = Release(store.clone());
+    store.hold_writes(true);
+    // A backlog of 3,000 (far beyond the 16 KiB body cache), then drained:
+    // every confirm and delivery comes while nothing reaches the disk.
+    // (A non-durable queue confirms at once: no future to wait for.)
+    for i in 0..3000 {
+        assert!(q.publish(msg(i)).unwrap().is_none());
+    }
+    eventually("the backlog applied", || q.counts_now() == (3000, 0)).await;
+    let got = consume_ack(&q, 3000).await;
+    assert_eq!(got, (0..3000).map(|i| format!("m{i}")).collect::<Vec<_>>());
+    eventually("acks applied", || q.counts_now() == (0, 0)).await;
+    let first_round = q.stats();
+    // Another round, taken by basic.get: the first round's entries all go.
+    for i in 3000..3200 {
+        assert!(q.publish(msg(i)).unwrap().is_none());
+    }
+    eventually("the second round applied", || q.counts_now() == (200, 0)).await;
+    assert_eq!(drain_bodies(&q).await, (3000..3200).map(|i| format!("m{i}")).collect::<Vec<_>>());
+    eventually("the first round's log gone", || q.stats().first_index > first_round.last_index).await;
+    assert_eq!(q.stats().writes_in_flight, 0);
+    drop(release);
+    // Nothing of the queue's on disk: no entry, no state.
+    assert_eq!(store.log_last_index(7).unwrap(), None);
+    assert!(!sluice_cluster::consensus::FjallLogStore::exists(&store, 7).unwrap());
+    q.close().await;
+    assert!(!sluice_cluster::consensus::FjallLogStore::exists(&store, 7).unwrap());
+}

@@ -294,6 +294,9 @@ pub struct FjallLogStore {
     /// Highest raft-rs number known durable.
     durable: Option<u64>,
     failed: Option<FjallLogStoreError>,
+    /// Writes nothing: the log lives in the overlay only, every write is
+    /// durable when submitted ([`FjallLogStore::bootstrap_volatile`]).
+    volatile: bool,
 }
 
 impl std::fmt::Debug for FjallLogStore {
@@ -368,6 +371,7 @@ impl FjallLogStore {
             unreported: None,
             durable: None,
             failed: None,
+            volatile: false,
         };
         let mut next = snapshot_index + 1;
         while next <= last_index {
@@ -399,10 +403,32 @@ impl FjallLogStore {
         learners: &[u64],
         data: Bytes,
     ) -> Result<Self, FjallLogStoreError> {
+        Self::bootstrap_with(store, group, voters, learners, data, false)
+    }
+
+    /// A log kept in memory only, for a group whose state need not
+    /// survive the process (a non-durable queue of a single node, which a
+    /// restart deletes anyway): nothing reaches the store, not even the
+    /// bootstrap, every write is durable as soon as it is submitted, and
+    /// entries stay in the overlay until compacted. It must never get
+    /// other voters (they would be sent a log nobody can recover).
+    pub fn bootstrap_volatile(store: Store, group: u64, voters: &[u64]) -> Result<Self, FjallLogStoreError> {
+        Self::bootstrap_with(store, group, voters, &[], Bytes::new(), true)
+    }
+
+    fn bootstrap_with(
+        store: Store,
+        group: u64,
+        voters: &[u64],
+        learners: &[u64],
+        data: Bytes,
+        volatile: bool,
+    ) -> Result<Self, FjallLogStoreError> {
         if Self::exists(&store, group)? {
             return Err(FjallLogStoreError::AlreadyExists { group });
         }
         let mut this = Self::open(store, group)?;
+        this.volatile = volatile;
         let snapshot = bootstrap_snapshot(voters, learners, data);
         let hard_state =
             HardState { term: BOOTSTRAP_TERM, commit: BOOTSTRAP_INDEX, ..HardState::default() };
@@ -674,6 +700,15 @@ impl FjallLogStore {
         number: Option<u64>,
         entries: Option<(u64, u64)>,
     ) -> Result<u64, FjallLogStoreError> {
+        if self.volatile {
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            if let Some(number) = number {
+                self.durable = Some(number);
+                self.unreported = Some(number);
+            }
+            return Ok(seq);
+        }
         let (mut completion, applied) = self.store.write_tracked(ops, durable);
         if applied.is_settled() && !applied.is_applied() {
             let cause = poll_now(&mut completion).and_then(Result::err);
@@ -862,7 +897,7 @@ impl FjallLogStore {
             if write.snapshot.is_none() && first <= base_last {
                 ops.push(Op::LogTruncate { log: self.group, from: first });
             }
-            for entry in &write.entries {
+            for entry in write.entries.iter().filter(|_| !self.volatile) {
                 let data = entry.write_to_bytes().map_err(|error| FjallLogStoreError::Corrupt {
                     group: self.group,
                     what: "encoding",

@@ -625,6 +625,9 @@ impl Host {
         }
         let mut opts = ReplicaOptions::new(self.raft, voters, Arc::new(self.links.clone()), format!("node:{}", self.node_id));
         opts.drop_transient_on_open = self.single_node;
+        // A non-durable queue of a single node is gone after a restart:
+        // its log never needs the disk.
+        opts.volatile = self.single_node && !spec.durable && !join;
         let host = self.me.clone();
         opts.on_expired = Some(Arc::new(move |queue: QueueId| {
             if let Some(h) = host.upgrade() {

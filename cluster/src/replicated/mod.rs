@@ -351,6 +351,11 @@ pub struct ReplicaOptions {
     /// opens (after returning what the previous process's consumers
     /// held): `sluice serve`'s restart semantics, as RabbitMQ's.
     pub drop_transient_on_open: bool,
+    /// The log is kept in memory only and nothing of the queue reaches the
+    /// disk ([`FjallLogStore::bootstrap_volatile`]): for a non-durable
+    /// queue of a single node, which a restart deletes anyway (as
+    /// RabbitMQ's transient queues). Never with other voters.
+    pub volatile: bool,
     /// The group exists on other nodes and this replica joins it: when the
     /// store holds no log of the group, open an empty one (no bootstrap)
     /// and wait for the leader, which adds this replica as a learner and
@@ -403,6 +408,7 @@ impl ReplicaOptions {
             body_cache_budget: None,
             max_entry_bytes: DEFAULT_MAX_ENTRY_BYTES,
             drop_transient_on_open: false,
+            volatile: false,
             join: false,
             on_expired: None,
             dead_letters: None,
@@ -567,6 +573,11 @@ struct Inner {
     snapshot_wanted: bool,
     /// [`ReplicaOptions::max_entry_bytes`].
     max_entry_bytes: usize,
+    /// [`ReplicaOptions::volatile`]: no write is ever in flight to batch
+    /// behind, so commands wait for the driver's turn instead.
+    volatile: bool,
+    /// The driver task is pumping (not a caller's method).
+    driving: bool,
     /// Leader only: consumers attached here, with their handles.
     consumers: BTreeMap<ConsumerId, Arc<Consumer>>,
     /// Leader only: consumers whose attach is proposed, not applied.
@@ -737,6 +748,12 @@ impl Inner {
     /// group is being written (everything that arrived meanwhile goes in
     /// one entry), or the entry is big enough.
     fn flush_due(&self) -> bool {
+        if self.volatile {
+            // Everything a caller queued until the driver runs (woken by
+            // the first) goes in one entry: one entry per message would
+            // cost more than the disk writes the volatile log saves.
+            return !self.pending.is_empty() && (self.driving || self.pending_bytes >= self.max_entry_bytes());
+        }
         !self.pending.is_empty()
             && (self.group.store().in_flight() == 0
                 || self.pending_bytes >= self.max_entry_bytes()
@@ -1041,6 +1058,8 @@ impl ReplicatedQueue {
         let group_id = spec.id.0;
         let log = if opts.join || FjallLogStore::exists(&store, group_id).map_err(log_error)? {
             FjallLogStore::open(store.clone(), group_id).map_err(log_error)?
+        } else if opts.volatile {
+            FjallLogStore::bootstrap_volatile(store.clone(), group_id, &[opts.me]).map_err(log_error)?
         } else {
             let voters = if opts.voters.is_empty() { vec![opts.me] } else { opts.voters.clone() };
             FjallLogStore::bootstrap(store.clone(), group_id, &voters, &[], Bytes::new()).map_err(log_error)?
@@ -1085,6 +1104,8 @@ impl ReplicatedQueue {
             bytes_since_checkpoint: 0,
             snapshot_wanted: false,
             max_entry_bytes: opts.max_entry_bytes,
+            volatile: opts.volatile,
+            driving: false,
             consumers: BTreeMap::new(),
             attaching: BTreeSet::new(),
             in_checkout: BTreeSet::new(),
@@ -1130,7 +1151,10 @@ impl ReplicatedQueue {
         });
         let single = queue.lock().single_voter();
         if single {
+            // The driver task is not running yet: this thread drives.
+            queue.lock().driving = true;
             queue.open_single_voter()?;
+            queue.lock().driving = false;
         }
         let handle = runtime.spawn(drive(Arc::downgrade(&queue), queue.wake.clone(), tick));
         *queue.driver.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
@@ -1717,6 +1741,8 @@ impl ReplicatedQueue {
             inner.flush();
             self.pump(inner);
             self.wake.notify_one();
+        } else if inner.volatile {
+            self.wake.notify_one();
         }
         Ok(())
     }
@@ -1841,7 +1867,9 @@ impl ReplicatedQueue {
         if inner.inert() || inner.closed {
             return (Drive::Stop, None);
         }
+        inner.driving = true;
         self.pump(&mut inner);
+        inner.driving = false;
         if inner.inert() {
             return (Drive::Stop, None);
         }
@@ -2014,15 +2042,22 @@ impl ReplicatedQueue {
         if !force && !due {
             return Ok(());
         }
-        let checkpoint = CheckpointRef {
-            state_at: applied.index,
-            conf_changed_at: inner.conf_changed_at,
-            sm: inner.sm.snapshot_ref(),
-            batches: inner.batches.to_vec(),
+        // A volatile log has nobody to restore or catch up from a
+        // checkpoint: it only compacts (to free the memory).
+        let data = if self.opts.volatile {
+            Vec::new()
+        } else {
+            let checkpoint = CheckpointRef {
+                state_at: applied.index,
+                conf_changed_at: inner.conf_changed_at,
+                sm: inner.sm.snapshot_ref(),
+                batches: inner.batches.to_vec(),
+            };
+            let data = checkpoint.encode()?;
+            let op = Op::LogMeta { log: self.spec.id.0, tag: TAG_QUEUE_CHECKPOINT, value: Some(data.clone()) };
+            inner.group.store_mut().save_apply_state_with(&applied, vec![op]).map_err(log_error)?;
+            data
         };
-        let data = checkpoint.encode()?;
-        let op = Op::LogMeta { log: self.spec.id.0, tag: TAG_QUEUE_CHECKPOINT, value: Some(data.clone()) };
-        inner.group.store_mut().save_apply_state_with(&applied, vec![op]).map_err(log_error)?;
         inner.checkpoint_at = applied.index;
         inner.bytes_since_checkpoint = 0;
         // Entries from the oldest one holding a live body on stay.
