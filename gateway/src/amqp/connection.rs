@@ -40,6 +40,10 @@ const STORAGE_BACKLOG_LIMIT: u64 = 32 * 1024 * 1024;
 /// Above this many bytes queued for our own socket (returns, replies), the
 /// connection stops reading: a client that never reads cannot grow it.
 const WRITER_BACKLOG_LIMIT: u64 = 16 * 1024 * 1024;
+
+/// Most frames (or deliveries) handled per turn of the connection's
+/// select once the first is in: the rest were read already.
+const BATCH: usize = 64;
 /// After a resource alarm stopped reading a connection, its acks get this
 /// long to be read before consumer timeouts are checked again.
 pub(crate) const ACK_GRACE_AFTER_BLOCK: Duration = Duration::from_secs(5);
@@ -467,24 +471,33 @@ impl Conn {
                 Ok(()) = alarms.changed() => {}
                 frame = reader.next(), if !throttled => {
                     last_read = Instant::now();
-                    match frame {
-                        None => return End::Gone,
-                        Some(Err(e)) => {
-                            if let DecodeError::Io(_) = e {
-                                return End::Gone;
-                            }
-                            return End::Close(BrokerError::connection(e.reply_code(), e.to_string()), 0, 0);
+                    if let Some(end) = self.on_read(frame, &ctx).await {
+                        return end;
+                    }
+                    // Frames already read are handled without another turn
+                    // of the select (which costs more than a small frame),
+                    // a bounded batch so deliveries and timers get theirs.
+                    for _ in 1..BATCH {
+                        if ctx.flow.holding()
+                            || self.wtx.queued_bytes() > WRITER_BACKLOG_LIMIT
+                            || backend.backlog_bytes() > STORAGE_BACKLOG_LIMIT
+                        {
+                            break;
                         }
-                        Some(Ok(frame)) => {
-                            if let Some(end) = self.on_frame(frame, &ctx).await {
-                                return end;
-                            }
+                        let Some(frame) = futures_util::FutureExt::now_or_never(reader.next()) else { break };
+                        if let Some(end) = self.on_read(frame, &ctx).await {
+                            return end;
                         }
                     }
                 }
                 ev = events.recv() => {
                     if let Some(ev) = ev {
                         self.on_event(ev);
+                        // Likewise for deliveries already queued.
+                        for _ in 1..BATCH {
+                            let Ok(ev) = events.try_recv() else { break };
+                            self.on_event(ev);
+                        }
                     }
                 }
                 _ = ack_check.tick(), if Instant::now() >= no_ack_timeouts_until => {
@@ -520,6 +533,17 @@ impl Conn {
                     );
                 }
             }
+        }
+    }
+
+    /// One read from the socket: a frame handled, or why the connection
+    /// ends.
+    async fn on_read(&mut self, frame: Option<Result<Frame, DecodeError>>, ctx: &Arc<SessionCtx>) -> Option<End> {
+        match frame {
+            None => Some(End::Gone),
+            Some(Err(DecodeError::Io(_))) => Some(End::Gone),
+            Some(Err(e)) => Some(End::Close(BrokerError::connection(e.reply_code(), e.to_string()), 0, 0)),
+            Some(Ok(frame)) => self.on_frame(frame, ctx).await,
         }
     }
 
