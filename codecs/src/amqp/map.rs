@@ -7,10 +7,10 @@
 //! [`Inbound::Unexpected`], which the session answers with 503
 //! COMMAND_INVALID.
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 
 use super::assemble::Assembled;
-use super::frame::{encode_content, encode_method_frame};
+use super::frame::{encode_content, encode_content_spliced, encode_method_frame};
 use super::spec::*;
 use crate::command::{Command, Message, Reply};
 
@@ -153,13 +153,40 @@ fn content(
     message: &Message,
     frame_max: u32,
     out: &mut BytesMut,
+    spliced: Option<&mut Vec<(usize, Bytes)>>,
 ) {
     encode_method_frame(channel, &method, out);
-    encode_content(channel, 60, &message.properties, &message.body, frame_max, out);
+    match spliced {
+        Some(spliced) => encode_content_spliced(channel, 60, &message.properties, &message.body, frame_max, out, spliced),
+        None => encode_content(channel, 60, &message.properties, &message.body, frame_max, out),
+    }
 }
 
 /// Encodes a reply as the AMQP frames that carry it.
 pub fn encode_reply(channel: u16, reply: &Reply, frame_max: u32, out: &mut BytesMut) {
+    encode_reply_with(channel, reply, frame_max, out, None);
+}
+
+/// [`encode_reply`] for a vectored write: big message bodies are not
+/// copied into `out` but listed in `spliced` (see
+/// [`super::frame::encode_content_spliced`]).
+pub fn encode_reply_spliced(
+    channel: u16,
+    reply: &Reply,
+    frame_max: u32,
+    out: &mut BytesMut,
+    spliced: &mut Vec<(usize, Bytes)>,
+) {
+    encode_reply_with(channel, reply, frame_max, out, Some(spliced));
+}
+
+fn encode_reply_with(
+    channel: u16,
+    reply: &Reply,
+    frame_max: u32,
+    out: &mut BytesMut,
+    spliced: Option<&mut Vec<(usize, Bytes)>>,
+) {
     let method = match reply {
         Reply::ExchangeDeclareOk => Method::ExchangeDeclareOk(ExchangeDeclareOk {}),
         Reply::ExchangeDeleteOk => Method::ExchangeDeleteOk(ExchangeDeleteOk {}),
@@ -200,7 +227,7 @@ pub fn encode_reply(channel: u16, reply: &Reply, frame_max: u32, out: &mut Bytes
                 exchange: message.exchange.clone(),
                 routing_key: message.routing_key.clone(),
             });
-            return content(channel, m, message, frame_max, out);
+            return content(channel, m, message, frame_max, out, spliced);
         }
         Reply::GetOk { delivery_tag, redelivered, message_count, message } => {
             let m = Method::BasicGetOk(BasicGetOk {
@@ -210,7 +237,7 @@ pub fn encode_reply(channel: u16, reply: &Reply, frame_max: u32, out: &mut Bytes
                 routing_key: message.routing_key.clone(),
                 message_count: *message_count,
             });
-            return content(channel, m, message, frame_max, out);
+            return content(channel, m, message, frame_max, out, spliced);
         }
         Reply::Return { reply_code, reply_text, message } => {
             let m = Method::BasicReturn(BasicReturn {
@@ -219,7 +246,7 @@ pub fn encode_reply(channel: u16, reply: &Reply, frame_max: u32, out: &mut Bytes
                 exchange: message.exchange.clone(),
                 routing_key: message.routing_key.clone(),
             });
-            return content(channel, m, message, frame_max, out);
+            return content(channel, m, message, frame_max, out, spliced);
         }
     };
     encode_method_frame(channel, &method, out);

@@ -26,8 +26,8 @@ pub use assemble::{AssembleError, Assembled, Assembler};
 pub use codec::FrameCodec;
 pub use error::DecodeError;
 pub use frame::{
-    decode_frame, encode_content, encode_frame, encode_method_frame, parse_protocol_header, Frame,
-    ProtocolHeader, PROTOCOL_HEADER,
+    decode_frame, encode_content, encode_content_spliced, encode_frame, encode_method_frame,
+    parse_protocol_header, Frame, ProtocolHeader, PROTOCOL_HEADER, SPLICE_MIN,
 };
 pub use properties::BasicProperties;
 pub use spec::*;

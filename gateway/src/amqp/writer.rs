@@ -1,7 +1,9 @@
 //! The connection's writer task: the only code that writes to the socket.
 //!
 //! It encodes replies into one buffer, drains whatever else is queued (so a
-//! burst of deliveries becomes one `write`), writes, and then gives each
+//! burst of deliveries becomes one `write`; big bodies are not copied into
+//! it but written from their own buffers, with a vectored write), writes,
+//! and then gives each
 //! written delivery's pending credit back to its consumer. It also sends
 //! heartbeats when the connection has been idle for half the heartbeat
 //! interval.
@@ -18,7 +20,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use sluice_cluster::Consumer;
-use sluice_codecs::amqp::map::encode_reply;
+use sluice_codecs::amqp::map::encode_reply_spliced;
 use sluice_codecs::amqp::{encode_frame, Frame};
 use sluice_codecs::command::Reply;
 use tokio::io::AsyncWriteExt;
@@ -121,6 +123,8 @@ async fn run<W: tokio::io::AsyncWrite + Unpin>(
     dead: CancellationToken,
 ) {
     let mut buf = BytesMut::with_capacity(64 * 1024);
+    // Big bodies to write at their offsets of `buf` (and their total size).
+    let mut spliced: Vec<(usize, Bytes)> = Vec::new();
     let mut written: Vec<Arc<Consumer>> = Vec::new();
     let mut failed = false;
     loop {
@@ -133,7 +137,7 @@ async fn run<W: tokio::io::AsyncWrite + Unpin>(
                 Ok(m) => m,
                 Err(_) => {
                     encode_frame(&Frame::Heartbeat { channel: 0 }, &mut buf);
-                    write(&mut socket, &buf, &mut failed, &dead).await;
+                    write(&mut socket, &buf, &[], &mut failed, &dead).await;
                     buf.clear();
                     continue;
                 }
@@ -142,19 +146,20 @@ async fn run<W: tokio::io::AsyncWrite + Unpin>(
         let Some(msg) = msg else { break };
         let fm = frame_max.load(Ordering::Acquire);
         let mut cost = msg.cost();
-        encode(msg, fm, &mut buf, &mut written);
-        while buf.len() < WRITE_CHUNK {
+        encode(msg, fm, &mut buf, &mut spliced, &mut written);
+        while buf.len() + spliced.iter().map(|(_, b)| b.len()).sum::<usize>() < WRITE_CHUNK {
             match rx.try_recv() {
                 Ok(m) => {
                     cost += m.cost();
-                    encode(m, fm, &mut buf, &mut written);
+                    encode(m, fm, &mut buf, &mut spliced, &mut written);
                 }
                 Err(_) => break,
             }
         }
-        write(&mut socket, &buf, &mut failed, &dead).await;
+        write(&mut socket, &buf, &spliced, &mut failed, &dead).await;
         queued.fetch_sub(cost, Ordering::AcqRel);
         buf.clear();
+        spliced.clear();
         for c in written.drain(..) {
             c.release_pending();
         }
@@ -172,14 +177,24 @@ async fn run<W: tokio::io::AsyncWrite + Unpin>(
 /// [`SEND_TIMEOUT`] marks it failed and signals `dead`. After that the
 /// writer keeps draining (so consumers get their credit back) but writes
 /// nothing.
-async fn write<W: tokio::io::AsyncWrite + Unpin>(socket: &mut W, buf: &[u8], failed: &mut bool, dead: &CancellationToken) {
+async fn write<W: tokio::io::AsyncWrite + Unpin>(
+    socket: &mut W,
+    buf: &[u8],
+    spliced: &[(usize, Bytes)],
+    failed: &mut bool,
+    dead: &CancellationToken,
+) {
     if *failed {
         return;
     }
     // The flush is a no-op on TCP; over TLS it pushes out records the
     // TLS layer still holds when the socket was full during the write.
     let sent = async {
-        socket.write_all(buf).await?;
+        if spliced.is_empty() {
+            socket.write_all(buf).await?;
+        } else {
+            write_all_spliced(socket, buf, spliced).await?;
+        }
         socket.flush().await
     };
     let ok = matches!(tokio::time::timeout(SEND_TIMEOUT, sent).await, Ok(Ok(())));
@@ -189,14 +204,101 @@ async fn write<W: tokio::io::AsyncWrite + Unpin>(socket: &mut W, buf: &[u8], fai
     }
 }
 
-fn encode(msg: WriterMsg, frame_max: u32, buf: &mut BytesMut, written: &mut Vec<Arc<Consumer>>) {
+/// Writes `buf` with each `(offset, part)` of `spliced` (ascending
+/// offsets) inserted at its offset, with vectored writes.
+async fn write_all_spliced<W: tokio::io::AsyncWrite + Unpin>(
+    socket: &mut W,
+    buf: &[u8],
+    spliced: &[(usize, Bytes)],
+) -> std::io::Result<()> {
+    let mut parts: Vec<&[u8]> = Vec::with_capacity(2 * spliced.len() + 1);
+    let mut from = 0;
+    for (at, part) in spliced {
+        let at = (*at).clamp(from, buf.len());
+        parts.push(&buf[from..at]);
+        parts.push(part);
+        from = at;
+    }
+    parts.push(&buf[from..]);
+    parts.retain(|p| !p.is_empty());
+    let (mut first, mut skip) = (0, 0);
+    while first < parts.len() {
+        let slices: Vec<std::io::IoSlice<'_>> = parts[first..]
+            .iter()
+            .take(64)
+            .enumerate()
+            .map(|(i, p)| std::io::IoSlice::new(if i == 0 { &p[skip..] } else { p }))
+            .collect();
+        let mut n = socket.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 && first < parts.len() {
+            let left = parts[first].len() - skip;
+            if n >= left {
+                n -= left;
+                first += 1;
+                skip = 0;
+            } else {
+                skip += n;
+                n = 0;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn encode(
+    msg: WriterMsg,
+    frame_max: u32,
+    buf: &mut BytesMut,
+    spliced: &mut Vec<(usize, Bytes)>,
+    written: &mut Vec<Arc<Consumer>>,
+) {
     match msg {
         WriterMsg::Reply { channel, reply, consumer } => {
-            encode_reply(channel, &reply, frame_max, buf);
+            encode_reply_spliced(channel, &reply, frame_max, buf, spliced);
             if let Some(c) = consumer {
                 written.push(c);
             }
         }
         WriterMsg::Raw(bytes) => buf.extend_from_slice(&bytes),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    /// Through a pipe that takes a few KiB at a time (partial writes
+    /// mid-part), the bytes arrive with every part at its offset.
+    #[tokio::test]
+    async fn spliced_parts_arrive_in_place() {
+        let buf: Vec<u8> = (0..10_000u32).map(|i| (i % 7) as u8).collect();
+        let parts: Vec<(usize, Bytes)> = vec![
+            (0, Bytes::from(vec![1u8; 20_000])),
+            (100, Bytes::from(vec![2u8; 30_001])),
+            (100, Bytes::from(vec![3u8; 5])),
+            (10_000, Bytes::from(vec![4u8; 17_000])),
+        ];
+        let mut expected = Vec::new();
+        let mut from = 0;
+        for (at, part) in &parts {
+            expected.extend_from_slice(&buf[from..*at]);
+            expected.extend_from_slice(part);
+            from = *at;
+        }
+        expected.extend_from_slice(&buf[from..]);
+        let (mut tx, mut rx) = tokio::io::duplex(3000);
+        let reading = tokio::spawn(async move {
+            let mut got = Vec::new();
+            rx.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        write_all_spliced(&mut tx, &buf, &parts).await.unwrap();
+        drop(tx);
+        assert_eq!(reading.await.unwrap(), expected);
     }
 }
