@@ -478,7 +478,12 @@ impl Conn {
                     // of the select (which costs more than a small frame),
                     // a bounded batch so deliveries and timers get theirs.
                     for _ in 1..BATCH {
-                        if ctx.flow.holding()
+                        // What stops reading at the top of the loop stops
+                        // the batch: a resource alarm once this connection
+                        // published (its next frames are not read), flow
+                        // control, backlogs.
+                        if (self.published && alarms.borrow().any())
+                            || ctx.flow.holding()
                             || self.wtx.queued_bytes() > WRITER_BACKLOG_LIMIT
                             || backend.backlog_bytes() > STORAGE_BACKLOG_LIMIT
                         {
