@@ -246,6 +246,11 @@ pub const DEFAULT_CHECKPOINT_ENTRIES: u64 = 4096;
 /// Default [`ReplicaOptions::checkpoint_bytes`].
 pub const DEFAULT_CHECKPOINT_BYTES: u64 = 64 << 20;
 
+/// The most [`ReplicaOptions::checkpoint_entries`] and `checkpoint_bytes`
+/// of a volatile log (whose log, consumed or not, is in memory).
+const VOLATILE_CHECKPOINT_ENTRIES: u64 = 256;
+const VOLATILE_CHECKPOINT_BYTES: u64 = 1 << 20;
+
 /// Default [`ReplicaOptions::body_cache_bytes`].
 pub const DEFAULT_BODY_CACHE_BYTES: usize = 16 << 20;
 
@@ -1041,9 +1046,15 @@ impl ReplicatedQueue {
     pub fn open(
         spec: QueueSpec,
         store: Store,
-        opts: ReplicaOptions,
+        mut opts: ReplicaOptions,
         runtime: &tokio::runtime::Handle,
     ) -> Result<Arc<Self>, Error> {
+        if opts.volatile {
+            // Compacting a volatile log writes nothing: do it often, so
+            // consumed messages leave memory soon.
+            opts.checkpoint_entries = opts.checkpoint_entries.min(VOLATILE_CHECKPOINT_ENTRIES);
+            opts.checkpoint_bytes = opts.checkpoint_bytes.min(VOLATILE_CHECKPOINT_BYTES);
+        }
         // Every write of an earlier handle was submitted before it was
         // dropped; wait until the storage has applied them all, so that
         // opening the log sees them.
