@@ -462,7 +462,7 @@ proptest! {
             channel: 1,
             class_id: class::BASIC,
             body_size: body_len as u64,
-            properties: BasicProperties::default(),
+            properties: Box::default(),
         };
         prop_assert_eq!(frames.first(), Some(&expected_header));
     }
@@ -562,8 +562,8 @@ proptest! {
             let frame = match kind {
                 0 => Frame::Method { channel: 1, method: BasicPublish::default().into() },
                 1 => Frame::Method { channel: 1, method: BasicAck::default().into() },
-                2 => Frame::Header { channel: 1, class_id: class::BASIC, body_size: size, properties: BasicProperties::default() },
-                3 => Frame::Header { channel: 1, class_id: 10, body_size: size, properties: BasicProperties::default() },
+                2 => Frame::Header { channel: 1, class_id: class::BASIC, body_size: size, properties: Box::default() },
+                3 => Frame::Header { channel: 1, class_id: 10, body_size: size, properties: Box::default() },
                 4 => Frame::Body { channel: 1, payload: Bytes::from(vec![1u8; len]) },
                 _ => Frame::Heartbeat { channel: 0 },
             };

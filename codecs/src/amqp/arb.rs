@@ -144,7 +144,7 @@ pub(crate) fn arb_frame() -> BoxedStrategy<Frame> {
                 channel,
                 class_id,
                 body_size,
-                properties,
+                properties: Box::new(properties),
             }
         ),
         (any::<u16>(), vec(any::<u8>(), 0..200)).prop_map(|(channel, payload)| Frame::Body {

@@ -221,13 +221,13 @@ impl Assembler {
                 if body_size == 0 {
                     return Ok(Some(Assembled::Content {
                         method,
-                        properties,
+                        properties: *properties,
                         body: Bytes::new(),
                     }));
                 }
                 self.state = State::AwaitBody {
                     method,
-                    properties,
+                    properties: *properties,
                     body_size,
                     received: 0,
                     body: Body::Empty,
@@ -334,7 +334,7 @@ mod tests {
             channel: 1,
             class_id: class::BASIC,
             body_size,
-            properties: BasicProperties::default(),
+            properties: Box::default(),
         }
     }
 
@@ -456,7 +456,7 @@ mod tests {
             channel: 1,
             class_id: 61,
             body_size: 1,
-            properties: BasicProperties::default(),
+            properties: Box::default(),
         };
         assert_eq!(
             a.push(wrong_class),

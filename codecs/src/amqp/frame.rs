@@ -84,8 +84,9 @@ pub enum Frame {
         class_id: u16,
         /// Total size of the body that follows in body frames.
         body_size: u64,
-        /// The content properties.
-        properties: BasicProperties,
+        /// The content properties (boxed: they are most of a frame's
+        /// size, and frames are moved several times each on the read path).
+        properties: Box<BasicProperties>,
     },
     /// A content body frame; the payload shares the read buffer's memory.
     Body {
@@ -221,7 +222,7 @@ fn decode_header_payload(channel: u16, payload: &[u8]) -> Result<Frame, DecodeEr
         channel,
         class_id,
         body_size,
-        properties,
+        properties: Box::new(properties),
     })
 }
 

@@ -185,7 +185,7 @@ fn raw_publish(r: &mut Raw, queue: &str, body: &'static [u8]) {
         channel: 1,
         class_id: 60,
         body_size: body.len() as u64,
-        properties: sluice_codecs::amqp::BasicProperties::default(),
+        properties: Box::default(),
     });
     r.send(&Frame::Body { channel: 1, payload: bytes::Bytes::from_static(body) });
 }

@@ -148,7 +148,7 @@ fn content_header_without_method_is_505() {
     let mut r = Raw::open(&s, 0);
     r.method(1, Method::ChannelOpen(ChannelOpen::default()));
     assert!(matches!(r.read_method(), Method::ChannelOpenOk(_)));
-    r.send(&Frame::Header { channel: 1, class_id: 60, body_size: 3, properties: BasicProperties::default() });
+    r.send(&Frame::Header { channel: 1, class_id: 60, body_size: 3, properties: Box::default() });
     assert_eq!(r.expect_close(), 505);
 }
 
@@ -159,7 +159,7 @@ fn body_longer_than_declared_is_505() {
     r.method(1, Method::ChannelOpen(ChannelOpen::default()));
     assert!(matches!(r.read_method(), Method::ChannelOpenOk(_)));
     r.method(1, Method::BasicPublish(BasicPublish { routing_key: "q".into(), ..Default::default() }));
-    r.send(&Frame::Header { channel: 1, class_id: 60, body_size: 2, properties: BasicProperties::default() });
+    r.send(&Frame::Header { channel: 1, class_id: 60, body_size: 2, properties: Box::default() });
     r.send(&Frame::Body { channel: 1, payload: bytes::Bytes::from_static(b"abcdef") });
     assert_eq!(r.expect_close(), 505);
 }
