@@ -147,7 +147,8 @@ async fn run<W: tokio::io::AsyncWrite + Unpin>(
         let fm = frame_max.load(Ordering::Acquire);
         let mut cost = msg.cost();
         encode(msg, fm, &mut buf, &mut spliced, &mut written);
-        while buf.len() + spliced.iter().map(|(_, b)| b.len()).sum::<usize>() < WRITE_CHUNK {
+        // `cost` counts spliced bodies too (not in `buf`).
+        while cost < WRITE_CHUNK as u64 {
             match rx.try_recv() {
                 Ok(m) => {
                     cost += m.cost();
