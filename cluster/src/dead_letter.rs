@@ -138,7 +138,7 @@ mod tests {
         Message {
             exchange: "orders".into(),
             routing_key: "new".into(),
-            properties: Properties { expiration: Some("5000".into()), ..Default::default() },
+            properties: Box::new(Properties { expiration: Some("5000".into()), ..Default::default() }),
             body: Bytes::from_static(b"x"),
         }
     }

@@ -75,7 +75,7 @@ pub fn decode(record: &Bytes) -> Result<Message, Error> {
     let properties = decode_properties(props).map_err(|e| corrupt(&e.to_string()))?;
     pos += props_len;
     let body = record.slice(pos..);
-    Ok(Message { exchange, routing_key, properties, body })
+    Ok(Message { exchange, routing_key, properties: Box::new(properties), body })
 }
 
 #[cfg(test)]
@@ -88,7 +88,7 @@ mod tests {
         let m = Message {
             exchange: "ex".into(),
             routing_key: "a.b".into(),
-            properties: Properties { delivery_mode: Some(2), content_type: Some("text/plain".into()), ..Default::default() },
+            properties: Box::new(Properties { delivery_mode: Some(2), content_type: Some("text/plain".into()), ..Default::default() }),
             body: Bytes::from_static(b"hello\0world"),
         };
         let r = encode(&m);

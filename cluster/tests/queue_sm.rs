@@ -1357,6 +1357,14 @@ impl Model {
                 fx
             }
             Command::Barrier => vec![],
+            Command::MarkRedelivered => {
+                // Only ready messages: delayed and held-back ones never
+                // went out.
+                for m in self.msgs.iter_mut().filter(|m| m.place == Place::Ready) {
+                    m.meta.redelivered = true;
+                }
+                vec![]
+            }
             Command::Purge | Command::DropTransient => {
                 // Purge drops the ready messages; DropTransient the
                 // transient ready ones, then the transient delayed ones.
@@ -1475,6 +1483,7 @@ enum Op {
     Purge,
     DropTransient,
     Barrier,
+    MarkRedelivered,
     DeadLettered(Vec<DeadPick>),
     Retire,
     Delete,
@@ -1560,6 +1569,7 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         6 => Just(Op::Purge),
         4 => Just(Op::DropTransient),
         2 => Just(Op::Barrier),
+        3 => Just(Op::MarkRedelivered),
         25 => (0u64..20).prop_map(Op::Expire),
         15 => proptest::collection::vec(dead_pick_strategy(), 0..4).prop_map(Op::DeadLettered),
         2 => Just(Op::Retire),
@@ -1665,6 +1675,7 @@ fn resolve(op: &Op, model: &Model) -> Command {
         Op::Purge => Command::Purge,
         Op::DropTransient => Command::DropTransient,
         Op::Barrier => Command::Barrier,
+        Op::MarkRedelivered => Command::MarkRedelivered,
         Op::DeadLettered(ps) => Command::DeadLettered { ids: ps.iter().map(|p| resolve_dead_pick(p, model)).collect() },
         Op::Retire => Command::Retire,
         Op::Delete => Command::Delete,

@@ -37,7 +37,7 @@ fn msg(i: u64) -> Message {
     Message {
         exchange: String::new(),
         routing_key: "rc".into(),
-        properties: Properties { delivery_mode: Some(2), ..Default::default() },
+        properties: Box::new(Properties { delivery_mode: Some(2), ..Default::default() }),
         body: Bytes::from(format!("m{i}")),
     }
 }

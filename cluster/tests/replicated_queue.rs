@@ -41,7 +41,7 @@ fn msg(i: u32) -> Message {
     Message {
         exchange: String::new(),
         routing_key: "rq".into(),
-        properties: Properties { delivery_mode: Some(2), ..Default::default() },
+        properties: Box::new(Properties { delivery_mode: Some(2), ..Default::default() }),
         body: Bytes::from(format!("m{i}")),
     }
 }
@@ -380,11 +380,12 @@ async fn restart_replays_only_the_tail() {
         // Dropped without close: no final checkpoint.
     }
     // 2000 publishes, 1500 checkouts and 1500 acks (5,000 commands) went
-    // into fewer entries: a single voter applies before the fsync and
-    // batches behind two appends in flight, and this test's store does not
-    // fsync, so writes settle fast (3,000-4,000 entries here; with fsyncs
-    // far fewer); the log starts at the entry of message 1500.
-    assert!(before.last_index < 4_500, "not batched: {before:?}");
+    // into fewer entries: a single voter applies before the fsync, and
+    // this test's store does not fsync, so writes settle fast and entries
+    // stay small (a light load: up to 32 appends in flight before it
+    // batches; about 4,900 entries here, with fsyncs far fewer); the log
+    // starts at the entry of message 1500.
+    assert!(before.last_index < 5_000, "not batched: {before:?}");
     assert!(before.first_index > 10, "log not compacted: {before:?}");
     assert!(before.checkpoint_index > before.first_index, "no checkpoint: {before:?}");
     assert_eq!(store.log_first_index(7).unwrap(), before.first_index);
@@ -431,7 +432,12 @@ async fn log_stays_bounded_while_a_consumer_keeps_up() {
     let s = q.stats();
     println!("20k messages: {s:?}, longest log after warm-up {max_len} entries");
     assert!(s.last_index > 1000, "too few entries to tell: {s:?}");
-    assert!(max_len < 600, "the log grew to {max_len} entries");
+    // Up to 132 messages are live at a time (prefetch 100, 32 publishes in
+    // flight), each in an entry of its own with its checkout and ack in
+    // others at this light load (about 2.8 entries per message): 100 to
+    // 2,600 entries over runs, depending on when checkpoints fall. A log
+    // that grew with the traffic would reach 56,000.
+    assert!(max_len < 5_000, "the log grew to {max_len} entries");
     eventually("everything acked", || q.unacked_count() == 0).await;
     q.close().await;
 }
@@ -512,14 +518,14 @@ async fn reopen_store(dir: &Path) -> Store {
     }
 }
 
-/// Applying before the fsync (a single voter) must not show anything
-/// early: while the store commits nothing (a stalled disk,
-/// `Store::hold_writes`), a published message is neither confirmed nor
-/// delivered (a delivery leaves only once its checkout is on disk, so that
-/// after a crash the broker knows it went out); once the disk moves, both
-/// happen.
+/// Applying before the fsync (a single voter) must not confirm early:
+/// while the store commits nothing (a stalled disk, `Store::hold_writes`),
+/// a published message is delivered (as RabbitMQ's classic queues deliver
+/// before their fsync; after a crash every ready message comes back
+/// flagged redelivered) but not confirmed; once the disk moves, the
+/// confirm comes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn while_the_disk_stalls_nothing_is_confirmed_or_delivered() {
+async fn while_the_disk_stalls_deliveries_go_out_but_nothing_is_confirmed() {
     let dir = tempfile::tempdir().unwrap();
     let store = open_store(dir.path());
     let q = open(&store);
@@ -539,15 +545,16 @@ async fn while_the_disk_stalls_nothing_is_confirmed_or_delivered() {
     eventually("the attach's writes settled", || q.stats().writes_in_flight == 0).await;
     store.hold_writes(true);
     let mut durable = q.publish(msg(1)).unwrap().expect("persistent on a durable queue");
-    nothing_more(&mut rx).await;
+    let (_, d) = recv(&mut rx, &[&c]).await;
+    assert_eq!(body(&d), "m1");
+    assert!(!d.redelivered);
+    tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(
         futures_util::FutureExt::now_or_never(&mut durable).is_none(),
         "confirmed while its write was held (not durable)"
     );
     drop(release);
     tokio::time::timeout(WAIT, durable).await.expect("the confirm once durable").unwrap();
-    let (_, d) = recv(&mut rx, &[&c]).await;
-    assert_eq!(body(&d), "m1");
     settle(&q, &c, &[d.msg_id], Outcome::Ack);
     eventually("acked", || q.unacked_count() == 0).await;
     q.close().await;

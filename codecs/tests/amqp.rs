@@ -439,7 +439,7 @@ proptest! {
         prop_assert!(!asm.in_progress());
         prop_assert_eq!(
             done,
-            Some(Assembled::Content { method: publish, properties: props, body: Bytes::from(body) })
+            Some(Assembled::Content { method: publish, properties: Box::new(props), body: Bytes::from(body) })
         );
     }
 

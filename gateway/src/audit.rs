@@ -86,7 +86,7 @@ pub fn emit(router: &Router, ev: Event<'_>) {
     let properties = Properties { headers: Some(headers), timestamp: Some(now.as_secs()), ..Properties::default() };
     // Nothing when vhost "/" or its event exchange is gone.
     let queues = router.route_internal("/", EVENT_EXCHANGE, ev.name, &properties);
-    let message = Message { exchange: EVENT_EXCHANGE.to_owned(), routing_key: ev.name.to_owned(), properties, body: Bytes::new() };
+    let message = Message { exchange: EVENT_EXCHANGE.to_owned(), routing_key: ev.name.to_owned(), properties: Box::new(properties), body: Bytes::new() };
     for q in queues {
         if let Err(e) = q.publish(message.clone()) {
             tracing::debug!(error = %e, event = ev.name, "audit event not published");

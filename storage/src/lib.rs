@@ -22,4 +22,4 @@ pub use completion::{Applied, Completion};
 pub use error::{Error, Result};
 pub use format::MessageRecord;
 pub use stats::{Stats, BATCH_HISTOGRAM_BUCKETS};
-pub use store::{Op, Store, StoreOptions};
+pub use store::{Op, Store, StoreOptions, RUNNING_MARKER};

@@ -19,6 +19,12 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{mpsc, Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 
+/// A file that exists in the data directory while a [`Store`] has it open
+/// and is removed once a close made everything durable. Found at open, it
+/// says the last process did not close the store: it crashed, was killed
+/// or lost power ([`Store::opened_after_crash`]).
+pub const RUNNING_MARKER: &str = "sluice.running";
+
 /// Tuning knobs of [`Store::open`]. `StoreOptions::default()` is the
 /// production setting.
 #[derive(Clone, Debug)]
@@ -236,6 +242,8 @@ struct Inner {
     writer: Mutex<Option<JoinHandle<Result<()>>>>,
     counters: Arc<Counters>,
     compactor: Compactor,
+    /// [`RUNNING_MARKER`] was there when this store opened.
+    after_crash: bool,
 }
 
 impl Store {
@@ -289,6 +297,12 @@ impl Store {
             })?,
         };
 
+        // After fjall's lock: a second process never touches the marker.
+        let after_crash = mark_running(dir).map_err(unusable)?;
+        if after_crash {
+            tracing::warn!(dir = %dir.display(), "the storage was not closed cleanly last time");
+        }
+
         let counters = Arc::new(Counters::default());
         let persisted = match ks.state.get(keys::COUNTERS_KEY)? {
             Some(v) => format::decode_counters(keys::COUNTERS_KEY, &v)?,
@@ -315,8 +329,16 @@ impl Store {
                 writer: Mutex::new(Some(handle)),
                 counters,
                 compactor,
+                after_crash,
             }),
         })
+    }
+
+    /// Whether the process that had this directory open before did not
+    /// close it (a crash, `kill -9`, a power loss): what it handed to the
+    /// writer but had not fsynced may be lost.
+    pub fn opened_after_crash(&self) -> bool {
+        self.inner.after_crash
     }
 
     /// Queues a group of operations. They are applied atomically (one fjall
@@ -575,8 +597,38 @@ impl Inner {
             }
         };
         self.compactor.join();
+        if result.is_ok() {
+            // Everything handed to the writer is durable: a clean close.
+            if let Err(e) = clear_running(&self.dir) {
+                tracing::warn!(error = %e, dir = %self.dir.display(), "cannot remove the running marker");
+            }
+        }
         result
     }
+}
+
+/// Creates [`RUNNING_MARKER`] (durably) unless it is there; returns
+/// whether it was.
+fn mark_running(dir: &Path) -> std::io::Result<bool> {
+    let path = dir.join(RUNNING_MARKER);
+    if path.try_exists()? {
+        return Ok(true);
+    }
+    std::fs::File::create(&path)?.sync_all()?;
+    sync_dir(dir)?;
+    Ok(false)
+}
+
+fn clear_running(dir: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(dir.join(RUNNING_MARKER)) {
+        Ok(()) => sync_dir(dir),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
 }
 
 impl Drop for Inner {

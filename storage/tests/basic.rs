@@ -62,6 +62,27 @@ fn reopen_preserves_durable_writes() {
 }
 
 #[test]
+fn only_a_store_left_open_is_reported_as_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join(sluice_storage::RUNNING_MARKER);
+    let store = open(dir.path(), fast());
+    assert!(!store.opened_after_crash(), "a fresh directory");
+    assert!(marker.exists(), "the marker is there while the store is open");
+    store.write(vec![put(1, 0)], false).wait_blocking().unwrap();
+    store.close().unwrap();
+    assert!(!marker.exists(), "a clean close removes the marker");
+    drop(store);
+    let store = open(dir.path(), fast());
+    assert!(!store.opened_after_crash(), "after a clean close");
+    drop(store);
+    let store = open(dir.path(), fast());
+    assert!(!store.opened_after_crash(), "dropping flushes and closes cleanly too");
+    assert_eq!(seqs(&store, 1), vec![0]);
+    // A process that dies leaves the marker behind: crash.rs checks that
+    // the open after a kill -9 reports it.
+}
+
+#[test]
 fn durable_completion_resolves_after_a_sync() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path(), StoreOptions::default());

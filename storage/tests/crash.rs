@@ -124,6 +124,7 @@ fn kill_9_keeps_every_acknowledged_write() {
         }
 
         let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        assert!(store.opened_after_crash(), "round {round}: a kill -9 not noticed");
         for q in 0..QUEUES {
             let last = acked_last[&q];
             let want_floor = acked_floor.get(&q).copied().unwrap_or(0);

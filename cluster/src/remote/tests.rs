@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use sluice_codecs::command::{Arguments, Properties};
+use sluice_codecs::command::Arguments;
 
 use super::*;
 use crate::meta::replica::MetaCommand;
@@ -22,7 +22,7 @@ fn message(body: &'static str) -> Message {
     Message {
         exchange: String::new(),
         routing_key: "q".into(),
-        properties: Properties::default(),
+        properties: Box::default(),
         body: Bytes::from_static(body.as_bytes()),
     }
 }

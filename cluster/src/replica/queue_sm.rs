@@ -396,6 +396,11 @@ pub enum Command {
     /// like [`Command::Purge`], with the number of messages. The queue
     /// stays usable: the metadata deletes it once the dead letters are out.
     Retire,
+    /// Flags every ready message redelivered (a single voter's open after
+    /// a crash: it delivers before the checkout is durable, so any ready
+    /// message may have gone out). Messages delayed or held back for
+    /// strict ordering never went out and keep their flag.
+    MarkRedelivered,
 }
 
 /// Why a command changed nothing.
@@ -869,6 +874,7 @@ impl QueueSm {
                 fx.push(Effect::Purged { count: n });
             }
             Command::Retire => self.retire(&mut fx),
+            Command::MarkRedelivered => self.ready.mark_all_redelivered(),
             Command::Barrier => {}
             Command::DropTransient => {
                 let mut seqs: Vec<Seq> = self.ready.iter().filter(|(_, m)| !m.persistent).map(|(s, _)| s).collect();
@@ -1675,6 +1681,26 @@ mod tests {
 
     fn consumer(tag: &str) -> ConsumerId {
         ConsumerId { gateway: "g".into(), connection: 1, channel: 1, tag: tag.into() }
+    }
+
+    #[test]
+    fn mark_redelivered_flags_every_ready_message_and_survives_a_snapshot() {
+        let mut sm = QueueSm::new();
+        let seqs: Vec<Seq> = enqueue_ids(&mut sm, "p", &[1, 2, 3, 4]).into_iter().flatten().collect();
+        assert_eq!(seqs.len(), 4);
+        let c = consumer("a");
+        sm.apply(Command::Attach { consumer: c.clone(), opts: ConsumerOpts { exclusive: false, no_ack: false } });
+        sm.apply(Command::Checkout { consumer: c.clone(), seqs: vec![seqs[0]], now_ms: 0 });
+        assert!(sm.next_ready(usize::MAX).all(|(_, m)| !m.redelivered));
+        assert_eq!(sm.apply(Command::MarkRedelivered), vec![]);
+        let ready: Vec<(Seq, bool)> = sm.next_ready(usize::MAX).map(|(s, m)| (s, m.redelivered)).collect();
+        assert_eq!(ready, vec![(seqs[1], true), (seqs[2], true), (seqs[3], true)]);
+        let back = QueueSm::restore(sm.snapshot()).unwrap();
+        assert_eq!(back, sm);
+        // The held message is flagged when it comes back, as always.
+        sm.apply(Command::Settle { consumer: c, seqs: vec![seqs[0]], outcome: Outcome::Requeue });
+        assert!(sm.next_ready(usize::MAX).all(|(_, m)| m.redelivered));
+        assert_eq!(sm.ready_count(), 4);
     }
 
     #[test]

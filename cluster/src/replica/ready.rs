@@ -191,6 +191,15 @@ impl ReadyList {
         Some(packed.unpack(self.keys.remove(&seq).unwrap_or((0, 0))))
     }
 
+    /// Sets every message's redelivered flag.
+    pub fn mark_all_redelivered(&mut self) {
+        for chunk in self.chunks.values_mut() {
+            for (_, packed) in chunk.iter_mut() {
+                packed.flags |= REDELIVERED;
+            }
+        }
+    }
+
     /// The lowest seq.
     pub fn first(&self) -> Option<(Seq, MsgMeta)> {
         let (_, chunk) = self.chunks.first_key_value()?;

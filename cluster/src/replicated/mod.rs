@@ -64,23 +64,26 @@
 //!   became sendable, applies what committed and proposes new checkouts.
 //!   Every public method pumps the group under the lock too, so writes and
 //!   messages leave without waiting for the task.
-//! - **Apply before the fsync, show after it** (single voter only). A
+//! - **Apply before the fsync, confirm after it** (single voter only). A
 //!   group whose only voter is this replica reports each ready's writes
 //!   persisted as soon as they are handed to the store (reads already see
 //!   them: the log store's overlay), so entries commit and apply without
 //!   waiting for the fsync: the checkout of a message just enqueued is
-//!   proposed at once and usually shares the enqueue's group commit (one
-//!   fsync between publish and delivery instead of two). Nothing is shown
-//!   early, though: a publish confirm, a delivery and a basic.get answer
-//!   wait in `Inner::unsynced` (in order) until the write holding their
-//!   entry is durable, so a confirmed message is on disk and a delivered
-//!   one is on disk as delivered (after a crash it comes back with
-//!   `redelivered`). The storage writer commits in submission order, so a
-//!   crash loses a suffix of the log, never a hole. While one append is
-//!   in flight the leader proposes the next entry at once and batches
-//!   behind two. A group with several voters applies only what a majority
-//!   has durable, as Raft says; a single voter stops applying early once
-//!   it has a learner (the first step towards more voters).
+//!   proposed at once, and deliveries and basic.get answers go out as
+//!   their checkout applies, as RabbitMQ's classic queues deliver before
+//!   their fsync. A publish confirm waits in `Inner::unsynced` (in order)
+//!   until the write holding its entry is durable, so a confirmed message
+//!   is on disk. A delivery may thus leave before its checkout is durable:
+//!   after a crash ([`Store::opened_after_crash`]) `open` flags every
+//!   ready message redelivered ([`Command::MarkRedelivered`]), as RabbitMQ
+//!   does after an unclean shutdown, so a message that went out never
+//!   comes back unflagged. The storage writer commits in submission
+//!   order, so a crash loses a suffix of the log, never a hole. While one
+//!   append is in flight the leader proposes the next entry at once and
+//!   batches behind two. A group with several voters applies (and
+//!   delivers) only what a majority has durable, as Raft says; a single
+//!   voter stops applying early once it has a learner (the first step
+//!   towards more voters).
 //! - **Restart.** [`ReplicatedQueue::open`] loads the last checkpoint
 //!   (see below) and re-applies only the entries after it as raft-rs hands
 //!   the committed ones out. With a single voter, `open` blocks until that
@@ -229,6 +232,18 @@ type Group = crate::consensus::Group<FjallLogStore>;
 
 /// The gateway id `sluice serve`'s in-process gateway uses.
 pub const GATEWAY: &str = "local";
+
+/// A single voter (applying before the fsync) proposes while fewer than
+/// this many appends wait for the disk, and batches behind them, when many
+/// commands come while one fsync runs (a busy queue: batching saves CPU
+/// per message)...
+const EARLY_APPENDS_BUSY: usize = 2;
+/// ... and while fewer than this many wait when at most
+/// [`LIGHT_COMMANDS_PER_FSYNC`] came during the last one (a light load:
+/// waiting for an fsync would batch little and only delay the checkout,
+/// and so the delivery, of what came).
+const EARLY_APPENDS_LIGHT: usize = 32;
+const LIGHT_COMMANDS_PER_FSYNC: usize = 8;
 
 /// Default tick of the group's logical clock.
 pub const DEFAULT_TICK: Duration = Duration::from_millis(50);
@@ -592,15 +607,20 @@ struct Inner {
     /// Leader only: commands for the next entry.
     pending: Vec<Pending>,
     pending_bytes: usize,
+    /// Commands pushed into `pending` (before merging) since the durable
+    /// write number last moved, and how many came before that
+    /// (`early_appends`).
+    pushed_since_durable: usize,
+    pushed_per_fsync: usize,
+    durable_seen: u64,
     /// Per proposal, the waiter of each of its commands.
     waiters: HashMap<ProposalId, Vec<Option<Waiter>>>,
     /// Whether this replica acted as leader at the last pump.
     leading: bool,
-    /// Single voter: confirms, deliveries and gets of applied entries
-    /// whose writes are not durable yet, in order, each with the ready
-    /// number to wait for (see
-    /// "Apply before the fsync, show after it" in the module docs).
-    unsynced: VecDeque<(u64, Unsynced)>,
+    /// Single voter: confirms of applied entries whose writes are not
+    /// durable yet, in order, each with the write number to wait for (see
+    /// "Apply before the fsync, confirm after it" in the module docs).
+    unsynced: VecDeque<(u64, Tx<()>)>,
     /// `x-expires`: when the queue was last used, as this leader saw it
     /// (in memory: a new leader starts counting afresh, so a failover only
     /// ever delays the expiry), and whether the expiry was reported.
@@ -674,7 +694,7 @@ impl Inner {
         Error::NotLeader { leader: self.group.leader() }
     }
 
-    /// Applies before the fsync ("Apply before the fsync, show after
+    /// Applies before the fsync ("Apply before the fsync, confirm after
     /// it"): a single voter with no learner. Adding a learner is the first
     /// step of a change to more voters, which must count only fsynced
     /// writes of the leader towards a majority; it stops here first.
@@ -686,6 +706,7 @@ impl Inner {
     /// of its kind where that changes nothing (see `*_may_pass`).
     fn push(&mut self, cmd: Command, bodies: Vec<[Bytes; 2]>, waiter: Option<Waiter>) {
         self.pending_bytes += bodies.iter().flatten().map(Bytes::len).sum::<usize>() + 32;
+        self.pushed_since_durable += 1;
         let target = match &cmd {
             Command::Enqueue { .. } => self.merge_target(enqueue_may_pass, |c| matches!(c, Command::Enqueue { .. })),
             Command::Settle { consumer, outcome, .. } => self.merge_target(settle_may_pass, |c| {
@@ -762,11 +783,20 @@ impl Inner {
         !self.pending.is_empty()
             && (self.group.store().in_flight() == 0
                 || self.pending_bytes >= self.max_entry_bytes()
-                // A single voter applies before the fsync: waiting for it
-                // would hold the checkout of what it applied back again.
-                // It proposes with one append in flight, and batches
-                // behind two.
-                || (self.applies_early() && self.group.store().appends_in_flight() < 2))
+                // A single voter applies (and delivers) before the fsync:
+                // waiting for one would hold the checkout of what it
+                // applied back again.
+                || (self.applies_early() && self.group.store().appends_in_flight() < self.early_appends()))
+    }
+
+    /// How many appends a single voter lets wait for the disk before it
+    /// batches (`EARLY_APPENDS_*`).
+    fn early_appends(&self) -> usize {
+        if self.pushed_per_fsync <= LIGHT_COMMANDS_PER_FSYNC {
+            EARLY_APPENDS_LIGHT
+        } else {
+            EARLY_APPENDS_BUSY
+        }
     }
 
     fn max_entry_bytes(&self) -> usize {
@@ -812,35 +842,20 @@ impl Inner {
         }
     }
 
-    /// Sends the confirms, deliveries and gets whose writes became
-    /// durable, in order; returns the consumers whose sink refused.
-    fn release_synced(&mut self) -> Vec<(ConsumerId, Vec<Seq>)> {
+    /// Sends the confirms whose writes became durable, in order.
+    fn release_synced(&mut self) {
         let durable = self.group.store().durable_number().unwrap_or(0);
-        let mut gone = Vec::new();
-        while self.unsynced.front().is_some_and(|(n, _)| *n <= durable) {
-            let Some((_, held)) = self.unsynced.pop_front() else { break };
-            match held {
-                Unsynced::Confirm(tx) => {
-                    let _ = tx.send(Ok(()));
-                }
-                Unsynced::Deliver { id, consumer, delivery } => {
-                    let seq = delivery.msg_id;
-                    if !consumer.sink.deliver(&consumer, delivery) {
-                        consumer.undo_acquire();
-                        if !consumer.no_ack {
-                            gone.push((id, vec![seq]));
-                        }
-                    }
-                }
-                Unsynced::Got(tx, answer) => {
-                    let _ = tx.send(Ok(answer));
-                }
-            }
+        if durable > self.durable_seen {
+            self.durable_seen = durable;
+            self.pushed_per_fsync = std::mem::take(&mut self.pushed_since_durable);
         }
-        gone
+        while self.unsynced.front().is_some_and(|(n, _)| *n <= durable) {
+            let Some((_, tx)) = self.unsynced.pop_front() else { break };
+            let _ = tx.send(Ok(()));
+        }
     }
 
-    /// Where an effect of entry `index` must wait (single voter, its
+    /// Where a publish confirm of entry `index` must wait (single voter, its
     /// write not durable yet, or something before it waits): the write
     /// number to wait for. Also once a learner came (no longer applying
     /// early): the entry may have been reported persisted before.
@@ -1001,17 +1016,6 @@ enum Drive {
     Stop,
 }
 
-/// What a single voter applied before its write was durable and may not
-/// show yet (see "Apply before the fsync, show after it").
-enum Unsynced {
-    /// A publish confirm.
-    Confirm(Tx<()>),
-    /// A delivery of a checkout.
-    Deliver { id: ConsumerId, consumer: Arc<Consumer>, delivery: Delivery },
-    /// A basic.get's answer.
-    Got(Tx<Option<(Delivery, u32)>>, Option<(Delivery, u32)>),
-}
-
 /// Figures of a replica, for tests and metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ReplicaStats {
@@ -1122,6 +1126,9 @@ impl ReplicatedQueue {
             in_checkout: BTreeSet::new(),
             pending: Vec::new(),
             pending_bytes: 0,
+            pushed_since_durable: 0,
+            pushed_per_fsync: 0,
+            durable_seen: 0,
             waiters: HashMap::new(),
             leading: false,
             last_used: Instant::now(),
@@ -1178,25 +1185,26 @@ impl ReplicatedQueue {
         self.wait_blocking(|inner| Ok(inner.group.is_leader().then_some(())))?;
         // Proposed as leader, so after every entry of the old log: once it
         // applies, the replay is complete.
-        let mut rx = {
-            let mut inner = self.lock();
-            let (tx, rx) = oneshot::channel();
-            let cmd = Command::GatewayDown { gateway: self.opts.gateway.clone() };
-            self.propose_entry(&mut inner, cmd, Vec::new(), Some(Waiter::Done(tx)))?;
-            rx
-        };
-        self.wait_blocking(|_| match rx.try_recv() {
-            Ok(result) => result.map(Some),
-            Err(oneshot::error::TryRecvError::Empty) => Ok(None),
-            Err(oneshot::error::TryRecvError::Closed) => Err(Error::ShuttingDown),
-        })?;
-        if !self.opts.drop_transient_on_open {
-            return Ok(());
+        self.commit_blocking(Command::GatewayDown { gateway: self.opts.gateway.clone() })?;
+        if self.opts.drop_transient_on_open {
+            self.commit_blocking(Command::DropTransient)?;
         }
+        // A single voter delivers before the checkout is durable: after a
+        // crash any ready message may have gone out (and its checkout been
+        // lost), so each comes back flagged, as RabbitMQ's classic queues
+        // do after an unclean shutdown.
+        if self.store.opened_after_crash() {
+            self.commit_blocking(Command::MarkRedelivered)?;
+        }
+        Ok(())
+    }
+
+    /// Proposes `cmd` alone and blocks the thread until it applied.
+    fn commit_blocking(&self, cmd: Command) -> Result<(), Error> {
         let mut rx = {
             let mut inner = self.lock();
             let (tx, rx) = oneshot::channel();
-            self.propose_entry(&mut inner, Command::DropTransient, Vec::new(), Some(Waiter::Done(tx)))?;
+            self.propose_entry(&mut inner, cmd, Vec::new(), Some(Waiter::Done(tx)))?;
             rx
         };
         self.wait_blocking(|_| match rx.try_recv() {
@@ -1909,18 +1917,8 @@ impl ReplicatedQueue {
             inner.failed.get_or_insert_with(|| why.clone());
             inner.fail_waiters(|| Error::Corrupt(why.clone()));
             // Applied, but their writes may never be durable: no confirm.
-            for (_, held) in std::mem::take(&mut inner.unsynced) {
-                match held {
-                    Unsynced::Confirm(tx) => {
-                        let _ = tx.send(Err(Error::Corrupt(why.clone())));
-                    }
-                    Unsynced::Got(tx, _) => {
-                        let _ = tx.send(Err(Error::Corrupt(why.clone())));
-                    }
-                    // Held by the consumer in the state machine; the
-                    // replica is failed anyway.
-                    Unsynced::Deliver { .. } => {}
-                }
+            for (_, tx) in std::mem::take(&mut inner.unsynced) {
+                let _ = tx.send(Err(Error::Corrupt(why.clone())));
             }
             inner.consumers.clear();
         }
@@ -1931,10 +1929,7 @@ impl ReplicatedQueue {
             if let Some(n) = inner.group.store_mut().poll_persisted().map_err(log_error)? {
                 inner.group.on_persisted(n).map_err(consensus_error)?;
             }
-            let refused = inner.release_synced();
-            if !refused.is_empty() {
-                self.drop_gone_consumers(inner, refused);
-            }
+            inner.release_synced();
             if inner.single_voter() && inner.group.role() == Role::Follower {
                 inner.group.campaign().map_err(consensus_error)?;
             }
@@ -1960,8 +1955,7 @@ impl ReplicatedQueue {
             if inner.applies_early() {
                 // Apply before the fsync: a single voter commits and
                 // applies what it handed to the store without waiting for
-                // it to be durable; what clients see of it waits
-                // (`unsynced`).
+                // it to be durable; confirms wait (`unsynced`).
                 let submitted = inner.group.last_ready();
                 inner.group.on_persisted(submitted).map_err(consensus_error)?;
             }
@@ -2452,13 +2446,9 @@ impl ReplicatedQueue {
                             enqueued_ms: inner.batches.enqueued_ms(seq),
                             message,
                         };
-                        // A delivery leaves only once its checkout is on
-                        // disk: after a crash the broker knows it went out.
-                        if let Some(write) = hold {
-                            let held = Unsynced::Deliver { id: id.clone(), consumer: consumer.clone(), delivery };
-                            inner.unsynced.push_back((write, held));
-                            continue;
-                        }
+                        // Out at once, even before its checkout is durable
+                        // (single voter): after a crash every ready message
+                        // comes back flagged redelivered (`open_single_voter`).
                         if !consumer.sink.deliver(consumer, delivery) {
                             consumer.undo_acquire();
                             refused.push(seq);
@@ -2537,7 +2527,7 @@ impl ReplicatedQueue {
                     let full = u32::try_from(i).is_ok_and(|i| full_positions.contains(&i));
                     let answer = if full { Err(Error::QueueFull) } else { result(error.as_ref().map(dup), ()) };
                     if let (Some(write), true) = (hold, answer.is_ok()) {
-                        inner.unsynced.push_back((write, Unsynced::Confirm(tx)));
+                        inner.unsynced.push_back((write, tx));
                     } else {
                         let _ = tx.send(answer);
                     }
@@ -2587,13 +2577,10 @@ impl ReplicatedQueue {
                     let _ = tx.send(Err(error.unwrap_or(Error::QueueDeleted)));
                 }
             }
-            Some(Waiter::Get(tx)) => match (result(error, got.flatten()), hold) {
-                // A got message is held by its getter as a delivery is.
-                (Ok(answer), Some(write)) => inner.unsynced.push_back((write, Unsynced::Got(tx, answer))),
-                (answer, _) => {
-                    let _ = tx.send(answer);
-                }
-            },
+            Some(Waiter::Get(tx)) => {
+                // At once, as deliveries.
+                let _ = tx.send(result(error, got.flatten()));
+            }
             Some(Waiter::Purge(tx) | Waiter::Delete(tx)) => {
                 let _ = tx.send(result(error, count));
             }

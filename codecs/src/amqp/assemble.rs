@@ -22,8 +22,6 @@ pub const DEFAULT_MAX_BODY_SIZE: u64 = 128 * 1024 * 1024;
 const INITIAL_BODY_CAPACITY: u64 = 1024 * 1024;
 
 /// A complete command.
-// Content is the hot path; boxing its properties would cost an allocation per
-// message to shrink a value that is only moved a couple of times.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Assembled {
@@ -33,8 +31,9 @@ pub enum Assembled {
     Content {
         /// The method (`basic.publish` etc.).
         method: Method,
-        /// Properties from the content header.
-        properties: BasicProperties,
+        /// Properties from the content header (the header frame's box,
+        /// which becomes [`crate::command::Message`]'s).
+        properties: Box<BasicProperties>,
         /// The body.
         body: Bytes,
     },
@@ -131,7 +130,7 @@ enum State {
     },
     AwaitBody {
         method: Method,
-        properties: BasicProperties,
+        properties: Box<BasicProperties>,
         body_size: u64,
         received: u64,
         body: Body,
@@ -221,13 +220,13 @@ impl Assembler {
                 if body_size == 0 {
                     return Ok(Some(Assembled::Content {
                         method,
-                        properties: *properties,
+                        properties,
                         body: Bytes::new(),
                     }));
                 }
                 self.state = State::AwaitBody {
                     method,
-                    properties: *properties,
+                    properties,
                     body_size,
                     received: 0,
                     body: Body::Empty,

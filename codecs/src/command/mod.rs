@@ -26,8 +26,10 @@ pub struct Message {
     pub exchange: String,
     /// Routing key given at publish time.
     pub routing_key: String,
-    /// The 14 basic properties (content type, headers, delivery mode, ...).
-    pub properties: Properties,
+    /// The 14 basic properties (content type, headers, delivery mode, ...),
+    /// boxed: a message is moved several times on its way through the
+    /// broker, and the properties are most of its size.
+    pub properties: Box<Properties>,
     /// The payload.
     pub body: Bytes,
 }

@@ -98,7 +98,7 @@ pub fn message(frame: &Frame, exchange: String, routing_key: String, reply_to: O
         app_id: text("app-id"),
         cluster_id: None,
     };
-    Ok(Message { exchange, routing_key, properties, body: frame.body.clone() })
+    Ok(Message { exchange, routing_key, properties: Box::new(properties), body: frame.body.clone() })
 }
 
 /// Queue arguments from `x-…` headers (RabbitMQ's `build_arguments`).
@@ -259,7 +259,7 @@ mod tests {
         let m = Message {
             exchange: String::new(),
             routing_key: "q".into(),
-            properties: Properties { headers: Some(headers), reply_to: Some("r".into()), ..Default::default() },
+            properties: Box::new(Properties { headers: Some(headers), reply_to: Some("r".into()), ..Default::default() }),
             body: Bytes::from_static(b"x"),
         };
         let d = Delivery { subscription: Some("s"), ack_id: "T_s@@x@@1".into(), client_ack: true, redelivered: false, destination: None };
