@@ -7,7 +7,7 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 use sluice_codecs::amqp::properties::{decode_properties, encode_properties};
-use sluice_codecs::command::Message;
+use sluice_codecs::command::{Message, Properties};
 
 use crate::Error;
 
@@ -50,6 +50,22 @@ fn truncate(s: &str) -> &[u8] {
 
 /// Decodes a record written by [`encode`].
 pub fn decode(record: &Bytes) -> Result<Message, Error> {
+    let (exchange, routing_key, properties, end) = decode_head(record)?;
+    let body = record.slice(end..);
+    Ok(Message { exchange, routing_key, properties: Box::new(properties), body })
+}
+
+/// Decodes a record kept as [`encode_parts`] made it (head and body apart).
+pub fn decode_parts(head: &[u8], body: &Bytes) -> Result<Message, Error> {
+    let (exchange, routing_key, properties, end) = decode_head(head)?;
+    if end != head.len() {
+        return Err(Error::Corrupt("message record: bytes after the properties".to_owned()));
+    }
+    Ok(Message { exchange, routing_key, properties: Box::new(properties), body: body.clone() })
+}
+
+/// Everything before the body, and where the body starts.
+fn decode_head(record: &[u8]) -> Result<(String, String, Properties, usize), Error> {
     let corrupt = |what: &str| Error::Corrupt(format!("message record: {what}"));
     let mut pos = 0usize;
     let version = *record.first().ok_or_else(|| corrupt("empty"))?;
@@ -74,14 +90,12 @@ pub fn decode(record: &Bytes) -> Result<Message, Error> {
     let props = record.get(pos..pos + props_len).ok_or_else(|| corrupt("truncated properties"))?;
     let properties = decode_properties(props).map_err(|e| corrupt(&e.to_string()))?;
     pos += props_len;
-    let body = record.slice(pos..);
-    Ok(Message { exchange, routing_key, properties: Box::new(properties), body })
+    Ok((exchange, routing_key, properties, pos))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sluice_codecs::command::Properties;
 
     #[test]
     fn round_trip() {
@@ -96,6 +110,13 @@ mod tests {
         let [head, body] = encode_parts(&m);
         assert_eq!([&head[..], &body[..]].concat(), &r[..]);
         assert_eq!(body.as_ptr(), m.body.as_ptr(), "the body is shared, not copied");
+        let parted = decode_parts(&head, &body).unwrap();
+        assert_eq!(parted, m);
+        assert_eq!(parted.body.as_ptr(), m.body.as_ptr(), "decoded from parts without a copy");
+        assert!(decode_parts(&r, &body).is_err(), "a whole record is not a head");
+        for cut in 0..head.len() {
+            assert!(decode_parts(&head[..cut], &body).is_err(), "head prefix {cut} must not decode");
+        }
         for cut in 0..r.len() - m.body.len() {
             assert!(decode(&r.slice(..cut)).is_err(), "prefix {cut} must not decode");
         }

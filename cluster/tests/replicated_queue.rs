@@ -596,6 +596,9 @@ async fn a_volatile_queue_never_waits_for_or_writes_to_the_disk() {
         assert!(q.publish(msg(i)).unwrap().is_none());
     }
     eventually("the backlog applied", || q.counts_now() == (3000, 0)).await;
+    // The bodies are kept beside the log, not copied into its entries.
+    assert!(q.stats().side_entries > 0, "{:?}", q.stats());
+    assert!(q.stats().cached_bytes == 0, "{:?}", q.stats());
     let got = consume_ack(&q, 3000).await;
     assert_eq!(got, (0..3000).map(|i| format!("m{i}")).collect::<Vec<_>>());
     eventually("acks applied", || q.counts_now() == (0, 0)).await;
@@ -607,6 +610,7 @@ async fn a_volatile_queue_never_waits_for_or_writes_to_the_disk() {
     eventually("the second round applied", || q.counts_now() == (200, 0)).await;
     assert_eq!(drain_bodies(&q).await, (3000..3200).map(|i| format!("m{i}")).collect::<Vec<_>>());
     eventually("the first round's log gone", || q.stats().first_index > first_round.last_index).await;
+    eventually("no body kept once every message is gone", || q.stats().side_entries == 0).await;
     assert_eq!(q.stats().writes_in_flight, 0);
     drop(release);
     // Nothing of the queue's on disk: no entry, no state.

@@ -596,6 +596,13 @@ struct Inner {
     /// [`ReplicaOptions::volatile`]: no write is ever in flight to batch
     /// behind, so commands wait for the driver's turn instead.
     volatile: bool,
+    /// Volatile only: the bodies (records as [`record::encode_parts`]
+    /// made them) of the entries proposed and not applied yet, and of the
+    /// applied entries from the oldest one with a live message on, by
+    /// entry index. A volatile entry carries only its commands, so a body
+    /// is never copied into it (the log is in memory anyway).
+    proposed_bodies: HashMap<ProposalId, Vec<[Bytes; 2]>>,
+    side_bodies: BTreeMap<u64, Vec<[Bytes; 2]>>,
     /// The driver task is pumping (not a caller's method).
     driving: bool,
     /// Leader only: consumers attached here, with their handles.
@@ -818,8 +825,9 @@ impl Inner {
             bodies.extend(p.bodies);
             waiters.push(p.waiter);
         }
+        let in_entry: &[[Bytes; 2]] = if self.volatile { &[] } else { &bodies };
         let result = if self.group.is_leader() {
-            encode_entry(&cmds, &bodies).and_then(|data| match self.group.propose(data) {
+            encode_entry(&cmds, in_entry).and_then(|data| match self.group.propose(data) {
                 Ok(id) => Ok(id),
                 // A leadership transfer, or the uncommitted log at its
                 // limit: try again (there or at the next leader).
@@ -832,6 +840,9 @@ impl Inner {
         match result {
             Ok(id) => {
                 self.waiters.insert(id, waiters);
+                if self.volatile && !bodies.is_empty() {
+                    self.proposed_bodies.insert(id, bodies);
+                }
             }
             Err(e) => {
                 tracing::debug!(error = %e, "queue entry not proposed");
@@ -922,6 +933,7 @@ impl Inner {
         self.attaching.clear();
         self.in_checkout.clear();
         self.cache.clear();
+        self.proposed_bodies.clear();
         self.cursor = 0;
         self.leader_since = None;
         self.dl_in_flight.clear();
@@ -959,6 +971,14 @@ impl Inner {
     fn message(&mut self, seq: Seq) -> Result<Message, Error> {
         let (index, position) =
             self.batches.locate(seq).ok_or_else(|| Error::Corrupt(format!("no log entry known for seq {seq}")))?;
+        if self.volatile {
+            let [head, body] = self
+                .side_bodies
+                .get(&index)
+                .and_then(|bodies| bodies.get(position as usize))
+                .ok_or_else(|| Error::Corrupt(format!("no body {position} kept for entry {index}")))?;
+            return record::decode_parts(head, body);
+        }
         let data = match self.cache.get(index) {
             Some(data) => data,
             None => {
@@ -1031,6 +1051,9 @@ pub struct ReplicaStats {
     pub batches: usize,
     /// Bytes of log entries held in the body cache.
     pub cached_bytes: usize,
+    /// Volatile only: applied entries whose bodies are kept beside the
+    /// log (from the oldest one with a live message on).
+    pub side_entries: usize,
     /// Raft writes handed to the store and not yet settled.
     pub writes_in_flight: usize,
 }
@@ -1120,6 +1143,8 @@ impl ReplicatedQueue {
             snapshot_wanted: false,
             max_entry_bytes: opts.max_entry_bytes,
             volatile: opts.volatile,
+            proposed_bodies: HashMap::new(),
+            side_bodies: BTreeMap::new(),
             driving: false,
             consumers: BTreeMap::new(),
             attaching: BTreeSet::new(),
@@ -1380,6 +1405,7 @@ impl ReplicatedQueue {
             applied_index: inner.group.applied().index.max(inner.state_at),
             batches: inner.batches.len(),
             cached_bytes: inner.cache.bytes(),
+            side_entries: inner.side_bodies.len(),
             writes_in_flight: store.in_flight(),
         }
     }
@@ -2005,8 +2031,12 @@ impl ReplicatedQueue {
         } else if !inner.stopped {
             if let Some(oldest) = inner.batches.oldest_index() {
                 inner.cache.trim_below(oldest);
+                if inner.side_bodies.first_key_value().is_some_and(|(first, _)| *first < oldest) {
+                    inner.side_bodies = inner.side_bodies.split_off(&oldest);
+                }
             } else {
                 inner.cache.clear();
+                inner.side_bodies.clear();
             }
             let force = std::mem::take(&mut inner.snapshot_wanted);
             self.checkpoint(inner, force);
@@ -2255,6 +2285,8 @@ impl ReplicatedQueue {
         inner.in_checkout.clear();
         inner.batches.clear();
         inner.cache.clear();
+        inner.side_bodies.clear();
+        inner.proposed_bodies.clear();
         // Dropping the completion does not cancel the write.
         drop(self.store.write(destroy_ops(self.spec.id.0), true));
         tracing::debug!(queue = %self.spec.name, me = self.opts.me, "{what}");
@@ -2335,6 +2367,9 @@ impl ReplicatedQueue {
         let index = committed.index;
         let pid = ProposalId { index, term: committed.term };
         let waiters = inner.waiters.remove(&pid).unwrap_or_default();
+        if let Some(bodies) = inner.proposed_bodies.remove(&pid) {
+            inner.side_bodies.insert(index, bodies);
+        }
         let data = match committed.payload {
             Payload::Data(data) if index > inner.state_at => data,
             payload => {
@@ -2358,7 +2393,7 @@ impl ReplicatedQueue {
                 Command::Enqueue { msgs, .. } => u32::try_from(msgs.len()).unwrap_or(u32::MAX),
                 _ => 0,
             };
-            if bodies > 0 && inner.leading && !cached {
+            if bodies > 0 && inner.leading && !cached && !inner.volatile {
                 inner.cache.insert(index, data.clone());
                 cached = true;
             }
@@ -2503,6 +2538,7 @@ impl ReplicatedQueue {
                     count = n;
                     inner.batches.clear();
                     inner.cache.clear();
+                    inner.side_bodies.clear();
                     inner.deleted = true;
                     inner.linger = DELETE_LINGER_TICKS;
                 }
