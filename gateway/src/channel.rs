@@ -20,6 +20,13 @@ use sluice_codecs::command::{Command, Message, Reply};
 use tokio::sync::mpsc;
 
 use crate::error::BrokerError;
+
+/// What a permission check is about (names the resource in the refusal).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Resource {
+    Exchange,
+    Queue,
+}
 use crate::router::{ConnId, Dest, QueueDeclare, Router, VHost};
 
 /// Where replies that are not direct answers go (deliveries, confirms,
@@ -291,7 +298,7 @@ impl Channel {
 
     /// RabbitMQ's permission check: `access` to the queue or exchange
     /// `name` (`kind`), else 403 ACCESS_REFUSED (a channel error).
-    fn allow(&mut self, access: Access, kind: &str, name: &str) -> Result<(), BrokerError> {
+    fn allow(&mut self, access: Access, kind: Resource, name: &str) -> Result<(), BrokerError> {
         let generation = self.ctx.router.auth_generation();
         if self.perms.generation != Some(generation) {
             self.perms = Perms {
@@ -301,14 +308,14 @@ impl Channel {
             };
         }
         let cached = match (&self.perms.last_write, access) {
-            (Some((last, ok)), Access::Write) if kind == "exchange" && last == name => Some(*ok),
+            (Some((last, ok)), Access::Write) if kind == Resource::Exchange && last == name => Some(*ok),
             _ => None,
         };
         let ok = match cached {
             Some(ok) => ok,
             None => {
                 let ok = self.perms.matcher.as_ref().is_some_and(|m| m.allows(access, name));
-                if access == Access::Write && kind == "exchange" {
+                if access == Access::Write && kind == Resource::Exchange {
                     self.perms.last_write = Some((name.to_owned(), ok));
                 }
                 ok
@@ -318,6 +325,10 @@ impl Channel {
             return Ok(());
         }
         let shown = if name.is_empty() { "amq.default" } else { name };
+        let kind = match kind {
+            Resource::Exchange => "exchange",
+            Resource::Queue => "queue",
+        };
         Err(BrokerError::access_refused(format!(
             "access to {kind} '{shown}' in vhost '{}' refused for user '{}'",
             self.ctx.vhost.name, self.ctx.user
@@ -328,25 +339,25 @@ impl Channel {
     fn authorize(&mut self, cmd: &Command) -> Result<(), BrokerError> {
         match cmd {
             Command::ExchangeDeclare { name, passive: false, .. } | Command::ExchangeDelete { name, .. } => {
-                self.allow(Access::Configure, "exchange", name)
+                self.allow(Access::Configure, Resource::Exchange, name)
             }
             Command::ExchangeBind { destination, source, .. } | Command::ExchangeUnbind { destination, source, .. } => {
-                self.allow(Access::Write, "exchange", destination)?;
-                self.allow(Access::Read, "exchange", source)
+                self.allow(Access::Write, Resource::Exchange, destination)?;
+                self.allow(Access::Read, Resource::Exchange, source)
             }
             // A server-named queue is checked by its prefix.
             Command::QueueDeclare { name, passive: false, .. } => {
-                self.allow(Access::Configure, "queue", if name.is_empty() { "amq.gen-" } else { name })
+                self.allow(Access::Configure, Resource::Queue, if name.is_empty() { "amq.gen-" } else { name })
             }
-            Command::QueueDelete { queue, .. } => self.allow(Access::Configure, "queue", queue),
+            Command::QueueDelete { queue, .. } => self.allow(Access::Configure, Resource::Queue, queue),
             Command::QueueBind { queue, exchange, .. } | Command::QueueUnbind { queue, exchange, .. } => {
-                self.allow(Access::Write, "queue", queue)?;
-                self.allow(Access::Read, "exchange", exchange)
+                self.allow(Access::Write, Resource::Queue, queue)?;
+                self.allow(Access::Read, Resource::Exchange, exchange)
             }
             Command::QueuePurge { queue } | Command::Consume { queue, .. } | Command::Get { queue, .. } => {
-                self.allow(Access::Read, "queue", queue)
+                self.allow(Access::Read, Resource::Queue, queue)
             }
-            Command::Publish { message, .. } => self.allow(Access::Write, "exchange", &message.exchange),
+            Command::Publish { message, .. } => self.allow(Access::Write, Resource::Exchange, &message.exchange),
             _ => Ok(()),
         }
     }
