@@ -597,11 +597,10 @@ struct Inner {
     /// behind, so commands wait for the driver's turn instead.
     volatile: bool,
     /// Volatile only: the bodies (records as [`record::encode_parts`]
-    /// made them) of the entries proposed and not applied yet, and of the
-    /// applied entries from the oldest one with a live message on, by
-    /// entry index. A volatile entry carries only its commands, so a body
+    /// made them) of the applied entries from the oldest one with a live
+    /// message on, by entry index (those of entries not applied yet are in
+    /// `waiters`). A volatile entry carries only its commands, so a body
     /// is never copied into it (the log is in memory anyway).
-    proposed_bodies: HashMap<ProposalId, Vec<[Bytes; 2]>>,
     side_bodies: BTreeMap<u64, Vec<[Bytes; 2]>>,
     /// The driver task is pumping (not a caller's method).
     driving: bool,
@@ -620,8 +619,9 @@ struct Inner {
     pushed_since_durable: usize,
     pushed_per_fsync: usize,
     durable_seen: u64,
-    /// Per proposal, the waiter of each of its commands.
-    waiters: HashMap<ProposalId, Vec<Option<Waiter>>>,
+    /// Per proposal, the waiter of each of its commands (and, volatile
+    /// only, the bodies its entry does not carry).
+    waiters: HashMap<ProposalId, Proposed>,
     /// Whether this replica acted as leader at the last pump.
     leading: bool,
     /// Single voter: confirms of applied entries whose writes are not
@@ -839,10 +839,8 @@ impl Inner {
         };
         match result {
             Ok(id) => {
-                self.waiters.insert(id, waiters);
-                if self.volatile && !bodies.is_empty() {
-                    self.proposed_bodies.insert(id, bodies);
-                }
+                let bodies = if self.volatile { bodies } else { Vec::new() };
+                self.waiters.insert(id, Proposed { waiters, bodies });
             }
             Err(e) => {
                 tracing::debug!(error = %e, "queue entry not proposed");
@@ -879,8 +877,8 @@ impl Inner {
 
     /// Fails every waiter (proposed and pending) with `error()`.
     fn fail_waiters(&mut self, error: impl Fn() -> Error) {
-        for (_, waiters) in std::mem::take(&mut self.waiters) {
-            for waiter in waiters.into_iter().flatten() {
+        for (_, proposed) in std::mem::take(&mut self.waiters) {
+            for waiter in proposed.waiters.into_iter().flatten() {
                 self.finish_failed(waiter, error());
             }
         }
@@ -933,7 +931,6 @@ impl Inner {
         self.attaching.clear();
         self.in_checkout.clear();
         self.cache.clear();
-        self.proposed_bodies.clear();
         self.cursor = 0;
         self.leader_since = None;
         self.dl_in_flight.clear();
@@ -1034,6 +1031,15 @@ enum Drive {
     Idle,
     /// The replica is closed, deleted or failed.
     Stop,
+}
+
+/// What the leader keeps of one proposed entry until it applies.
+#[derive(Default)]
+struct Proposed {
+    /// The waiter of each of its commands.
+    waiters: Vec<Option<Waiter>>,
+    /// Volatile only: its bodies, kept beside the entry.
+    bodies: Vec<[Bytes; 2]>,
 }
 
 /// Figures of a replica, for tests and metrics.
@@ -1143,7 +1149,6 @@ impl ReplicatedQueue {
             snapshot_wanted: false,
             max_entry_bytes: opts.max_entry_bytes,
             volatile: opts.volatile,
-            proposed_bodies: HashMap::new(),
             side_bodies: BTreeMap::new(),
             driving: false,
             consumers: BTreeMap::new(),
@@ -2009,7 +2014,7 @@ impl ReplicatedQueue {
                 if outcome == ProposalOutcome::Committed {
                     continue;
                 }
-                if let Some(waiters) = inner.waiters.remove(&id) {
+                if let Some(Proposed { waiters, .. }) = inner.waiters.remove(&id) {
                     let error = match outcome {
                         ProposalOutcome::Rejected => Error::Corrupt("proposal rejected".to_owned()),
                         ProposalOutcome::LeadershipLost | ProposalOutcome::Superseded | ProposalOutcome::Committed => {
@@ -2286,7 +2291,6 @@ impl ReplicatedQueue {
         inner.batches.clear();
         inner.cache.clear();
         inner.side_bodies.clear();
-        inner.proposed_bodies.clear();
         // Dropping the completion does not cancel the write.
         drop(self.store.write(destroy_ops(self.spec.id.0), true));
         tracing::debug!(queue = %self.spec.name, me = self.opts.me, "{what}");
@@ -2366,8 +2370,8 @@ impl ReplicatedQueue {
     ) -> Result<(), Error> {
         let index = committed.index;
         let pid = ProposalId { index, term: committed.term };
-        let waiters = inner.waiters.remove(&pid).unwrap_or_default();
-        if let Some(bodies) = inner.proposed_bodies.remove(&pid) {
+        let Proposed { waiters, bodies } = inner.waiters.remove(&pid).unwrap_or_default();
+        if !bodies.is_empty() {
             inner.side_bodies.insert(index, bodies);
         }
         let data = match committed.payload {
