@@ -383,6 +383,8 @@ impl Backend for RemoteBackend {
 struct InFlight {
     record: Bytes,
     done: Option<oneshot::Sender<Result<(), Error>>>,
+    /// The leader generation ([`QState::generation`]) it was last sent in.
+    sent_in: u64,
 }
 
 /// A consumer attached through this handle.
@@ -455,7 +457,13 @@ enum Out {
     /// Deliveries written to the consumer's socket ([`NodeRequest::Written`]).
     Written { consumer: ConsumerId, n: u32 },
     /// The leader (this link) is gone or no longer leads: find it again.
-    LeaderLost(Option<Client>),
+    /// With a generation when the news is a `NotLeader` answer to a
+    /// publish sent in it: an answer to a publish sent before the driver
+    /// last found a leader is old news (the publish went again to the
+    /// leader found), and acting on it would start another resync, whose
+    /// re-sent publishes may again meet old answers: with thousands of
+    /// publishes in flight, a livelock of resyncs (seen in CI).
+    LeaderLost(Option<Client>, Option<u64>),
     /// A request, answered in order with the one-way messages.
     Call { req: NodeRequest, deadline: tokio::time::Instant, done: oneshot::Sender<Result<NodeResponse, Error>> },
 }
@@ -463,6 +471,9 @@ enum Out {
 #[derive(Default)]
 struct QState {
     next_id: u64,
+    /// Counts the leaders the driver found (one per resync): a publish
+    /// records the one it was sent in ([`InFlight::sent_in`]).
+    generation: u64,
     inflight: BTreeMap<u64, InFlight>,
     consumers: BTreeMap<ConsumerId, Attached>,
     /// Seq -> the consumer holding it (delivered, not settled).
@@ -641,7 +652,7 @@ impl RemoteQueue {
     fn link_lost(&self, client: &Client) {
         let ours = self.leader.borrow().as_ref().is_some_and(|c| same(c, client));
         if ours {
-            let _ = self.out.send(Out::LeaderLost(Some(client.clone())));
+            let _ = self.out.send(Out::LeaderLost(Some(client.clone()), None));
         }
     }
 
@@ -652,8 +663,12 @@ impl RemoteQueue {
         let outcome = match result {
             QueueResult::Ok => Ok(()),
             QueueResult::NotLeader { .. } | QueueResult::NoSuchQueue => {
-                // Sent again to the leader once found.
-                let _ = self.out.send(Out::LeaderLost(Some(from.clone())));
+                // Sent again to the leader once found (already, if it was
+                // sent in an earlier generation than the driver's).
+                let sent_in = self.lock().inflight.get(&id).map(|f| f.sent_in);
+                if let Some(generation) = sent_in {
+                    let _ = self.out.send(Out::LeaderLost(Some(from.clone()), Some(generation)));
+                }
                 return;
             }
             QueueResult::Exclusive => Err(Error::ExclusiveConsumer),
@@ -679,7 +694,7 @@ impl RemoteQueue {
         // consumers' too: the leader holds their deliveries until acked).
         let from_leader = self.leader.borrow().as_ref().is_some_and(|l| same(l, from));
         if !from_leader {
-            tracing::debug!(queue = %self.name, seq, "delivery from a node that is not the leader dropped");
+            tracing::debug!(queue = %self.name, seq, node = %from.peer().node_id, link = from.id(), "delivery from a node that is not the leader dropped");
             return;
         }
         let accepted = self.lock().accept(&consumer, epoch, seq);
@@ -806,6 +821,7 @@ async fn drive(q: Weak<RemoteQueue>, mut rx: mpsc::UnboundedReceiver<Out>) {
                     call = Some((req, deadline, done));
                 }
                 Ok(NodeResponse::Queue(QueueResult::NoSuchQueue)) | Err(_) => {
+                    tracing::debug!(link = client.id(), "call to the leader failed or timed out; looking again");
                     leader = None;
                     call = Some((req, deadline, done));
                     tokio::time::sleep(Duration::from_millis(25)).await;
@@ -836,15 +852,24 @@ async fn drive(q: Weak<RemoteQueue>, mut rx: mpsc::UnboundedReceiver<Out>) {
             continue;
         };
         let msg = match out {
-            Out::LeaderLost(who) => {
-                if who.as_ref().is_none_or(|w| same(w, &client)) {
+            Out::LeaderLost(who, generation) => {
+                let current = generation.is_none_or(|g| g == queue.lock().generation);
+                if current && who.as_ref().is_none_or(|w| same(w, &client)) {
+                    tracing::debug!(queue = %queue.name, node = %client.peer().node_id, link = client.id(), "leader lost");
                     leader = None;
                     queue.set_leader(None);
                 }
                 continue;
             }
             Out::Publish(id) => {
-                let record = queue.lock().inflight.get(&id).map(|f| f.record.clone());
+                let record = {
+                    let mut st = queue.lock();
+                    let generation = st.generation;
+                    st.inflight.get_mut(&id).map(|f| {
+                        f.sent_in = generation;
+                        f.record.clone()
+                    })
+                };
                 let Some(record) = record else { continue };
                 NodeRequest::Publish {
                     queue: queue.id.0,
@@ -884,6 +909,7 @@ async fn drive(q: Weak<RemoteQueue>, mut rx: mpsc::UnboundedReceiver<Out>) {
             }
         };
         if client.send(msg.clone()).await.is_err() {
+            tracing::debug!(queue = %queue.name, link = client.id(), "send to the leader failed");
             if !matches!(msg, NodeRequest::Publish { .. }) {
                 backlog.push(msg);
             }
@@ -942,10 +968,10 @@ async fn resync(queue: &Arc<RemoteQueue>, hint: Option<String>, backlog: &mut Ve
         return None;
     };
     let took = started.elapsed();
-    if took > Duration::from_millis(500) {
-        tracing::debug!(queue = %queue.name, node = %client.peer().node_id, took_ms = took.as_millis() as u64, "leader found, slowly");
-    }
-    // Deliveries are taken from this leader from now on (see on_deliver).
+    tracing::debug!(queue = %queue.name, node = %client.peer().node_id, link = client.id(), took_ms = took.as_millis() as u64, "leader found");
+    // Deliveries are taken from this leader from now on (see on_deliver),
+    // and a publish's `NotLeader` counts only if sent from now on.
+    queue.lock().generation += 1;
     queue.set_leader(Some(client.clone()));
     // Re-attach every consumer with what it holds, each under a new epoch
     // (a delivery still in flight from before is dropped, and requeued by
@@ -1002,7 +1028,17 @@ async fn resync(queue: &Arc<RemoteQueue>, hint: Option<String>, backlog: &mut Ve
             return None;
         }
     }
-    let inflight: Vec<(u64, Bytes)> = queue.lock().inflight.iter().map(|(id, f)| (*id, f.record.clone())).collect();
+    let inflight: Vec<(u64, Bytes)> = {
+        let mut st = queue.lock();
+        let generation = st.generation;
+        st.inflight
+            .iter_mut()
+            .map(|(id, f)| {
+                f.sent_in = generation;
+                (*id, f.record.clone())
+            })
+            .collect()
+    };
     for (id, record) in inflight {
         let msg = NodeRequest::Publish {
             queue: queue.id.0,
@@ -1075,7 +1111,7 @@ impl Queue for RemoteQueue {
             let id = st.next_id;
             st.next_id += 1;
             self.cluster.inflight_bytes.fetch_add(record.len() as u64, Ordering::AcqRel);
-            st.inflight.insert(id, InFlight { record, done: Some(tx) });
+            st.inflight.insert(id, InFlight { record, done: Some(tx), sent_in: 0 });
             id
         };
         let _ = self.out.send(Out::Publish(id));

@@ -467,12 +467,43 @@ pub fn print_logs(home: &Path, lines: usize) {
     files.sort();
     for f in files {
         let text = std::fs::read_to_string(&f).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        eprintln!("==== {} ({} lines, last {lines}) ====", f.display(), all.len());
+        let all = collapse_runs(text.lines());
+        eprintln!("==== {} ({} lines after collapsing runs, last {lines}) ====", f.display(), all.len());
         for l in &all[all.len().saturating_sub(lines)..] {
             eprintln!("{l}");
         }
     }
+}
+
+/// Log lines with runs of lines alike but for their digits (a timestamp,
+/// a sequence number) folded into the first, a count and the last, so a
+/// flood of one event does not hide what came before it.
+fn collapse_runs<'a>(lines: impl Iterator<Item = &'a str>) -> Vec<String> {
+    fn shape(l: &str) -> String {
+        l.chars().filter(|c| !c.is_ascii_digit()).collect()
+    }
+    let mut out = Vec::new();
+    let mut run: Vec<&str> = Vec::new();
+    let flush = |run: &mut Vec<&'a str>, out: &mut Vec<String>| {
+        match run.len() {
+            0 => {}
+            1 | 2 => out.extend(run.iter().map(|l| (*l).to_owned())),
+            n => {
+                out.push(run[0].to_owned());
+                out.push(format!("    ... {} more like it ...", n - 2));
+                out.push(run[n - 1].to_owned());
+            }
+        }
+        run.clear();
+    };
+    for l in lines {
+        if run.first().is_some_and(|first| shape(first) != shape(l)) {
+            flush(&mut run, &mut out);
+        }
+        run.push(l);
+    }
+    flush(&mut run, &mut out);
+    out
 }
 
 /// Prints the logs under a test's home ([`print_logs`]) when dropped

@@ -221,7 +221,7 @@ async fn a_delivery_of_a_replaced_attach_is_dropped() {
     // The handle drops its leader (as after a call that timed out) and
     // finds it again on the same link: a new epoch, the first message held.
     let link = handle.leader.borrow().clone().unwrap();
-    handle.out.send(Out::LeaderLost(Some(link.clone()))).unwrap();
+    handle.out.send(Out::LeaderLost(Some(link.clone()), None)).unwrap();
     wait_until("the re-attach", || epoch_of(&handle) > Some(before)).await;
     wait_until("the leader found again", || handle.leader.borrow().as_ref().is_some_and(|l| same(l, &link))).await;
 
@@ -292,6 +292,59 @@ async fn a_delivery_from_another_link_is_dropped() {
     assert!(lock(&acks_sink.seqs).is_empty(), "a delivery with acks from a link that does not lead was taken");
     assert!(!handle.lock().held.contains_key(&5001));
     other.close();
+    backend.shutdown().unwrap();
+    node.stop().await.unwrap();
+}
+
+/// `NotLeader` answers to publishes sent before the handle last found its
+/// leader are old news: they start no resync (CI once saw thousands of
+/// them, each starting a resync that re-sent every publish in flight and
+/// re-attached the consumers, so deliveries stalled). An answer to a
+/// publish sent since does start one, and the publish goes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_leader_answers_to_publishes_of_an_earlier_leader_start_no_resync() {
+    const N: u64 = 500;
+    let dir = tempfile::tempdir().unwrap();
+    let node = node_with_queue(dir.path()).await;
+    let (backend, queue, handle) = gateway_on(&node);
+    queue.publish(message("first")).unwrap().unwrap().await.unwrap();
+    let link = handle.leader.borrow().clone().unwrap();
+    let generation = || handle.lock().generation;
+    let found = generation();
+    assert!(found >= 1);
+
+    // Publishes the handle sent to an earlier leader (generation found - 1)
+    // and that are in flight still, then their NotLeader answers, late.
+    let record = record::encode(&message("late"));
+    let ids: Vec<u64> = {
+        let mut st = handle.lock();
+        (0..N)
+            .map(|_| {
+                let id = st.next_id;
+                st.next_id += 1;
+                backend.cluster.inflight_bytes.fetch_add(record.len() as u64, Ordering::AcqRel);
+                st.inflight.insert(id, InFlight { record: record.clone(), done: None, sent_in: found - 1 });
+                id
+            })
+            .collect()
+    };
+    for &id in &ids {
+        handle.on_confirm(&link, &handle.publisher, id, QueueResult::NotLeader { leader: None });
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(generation(), found, "old NotLeader answers made the handle look for its leader again");
+    assert!(handle.leader.borrow().as_ref().is_some_and(|l| same(l, &link)));
+
+    // One answer to a publish sent in the current generation: one resync,
+    // which sends every publish in flight again; the node takes them all.
+    handle.lock().inflight.get_mut(&ids[0]).unwrap().sent_in = found;
+    handle.on_confirm(&link, &handle.publisher, ids[0], QueueResult::NotLeader { leader: None });
+    wait_until("the resync", || generation() > found).await;
+    wait_until("every publish in flight confirmed", || handle.lock().inflight.is_empty()).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(generation(), found + 1, "more than one resync");
+    let s = queue.stats().await.unwrap();
+    assert_eq!(s.ready, 1 + N as u32, "the publishes sent again were not all enqueued once");
     backend.shutdown().unwrap();
     node.stop().await.unwrap();
 }
