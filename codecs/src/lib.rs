@@ -7,8 +7,12 @@
 //! * [`ws`] – WebSocket (RFC 6455) framing and upgrade handshake, for
 //!   STOMP over WebSocket.
 //! * [`command`] – the protocol-neutral command model the codecs map to.
+//! * `fuzzing` – the decoders as the fuzz targets and the corpus replay
+//!   test drive them.
 
 pub mod amqp;
 pub mod command;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod stomp;
 pub mod ws;

@@ -6,21 +6,7 @@
 //! - `ctl`: the admin CLI (operations issue).
 //! - `bench`: the load tool (performance issue).
 
-mod admin;
-mod alarm;
-mod amqp;
-mod audit;
-mod auth;
-mod bench;
-mod channel;
-mod cli;
-mod config;
-mod ctl_admin;
-mod error;
-mod metrics;
-mod router;
-mod server;
-mod stomp;
+use sluice_gateway::{bench, cli, config, server};
 
 use clap::{CommandFactory, Parser, Subcommand};
 

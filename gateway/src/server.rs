@@ -110,6 +110,38 @@ impl Broker {
     }
 }
 
+/// A single-node broker on `data_dir` (no fsync) without listeners,
+/// users but RabbitMQ's `guest`, or alarms: the fuzz targets (`fuzz/`)
+/// hand it in-memory streams through `amqp::connection::serve` and
+/// `stomp::connection::serve`. Limits are the configuration's defaults.
+#[doc(hidden)]
+pub async fn broker_without_listeners(data_dir: PathBuf) -> anyhow::Result<Arc<Broker>> {
+    let options = EmbeddedOptions { sync: false, ..EmbeddedOptions::default() };
+    let node = tokio::task::spawn_blocking(move || Embedded::open(&data_dir, options)).await??;
+    node.drop_transient_definitions().await?;
+    let meta = node.meta_client();
+    let backend: Arc<dyn Backend> = node;
+    let router = Router::open_with_meta(backend, meta).await.map_err(|e| anyhow::anyhow!("{}", e.text))?;
+    let limits = Limits {
+        channel_max: 2047,
+        frame_max: 131_072,
+        heartbeat: 60,
+        max_message_size: 128 * 1024 * 1024,
+        consumer_timeout_ms: Some(1_800_000),
+        alarm: AlarmLimits { memory: crate::alarm::MemoryWatermark::Bytes(u64::MAX), disk_free_limit: 0 },
+        max_connections: None,
+        consumer_max_per_channel: None,
+    };
+    Ok(Arc::new(Broker {
+        router,
+        loopback_users: Vec::new(),
+        limits,
+        alarms: Alarms::new(AlarmLimits { memory: crate::alarm::MemoryWatermark::Bytes(u64::MAX), disk_free_limit: 0 }, None),
+        next_conn: AtomicU64::new(1),
+        sessions: Arc::new(AtomicU64::new(0)),
+    }))
+}
+
 /// One admitted session (see [`Broker::admit`]).
 pub struct SessionSlot(Arc<AtomicU64>);
 

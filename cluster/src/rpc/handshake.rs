@@ -18,7 +18,7 @@ use super::{Error, Options, PeerInfo, Role, Secret, PROTOCOL};
 const AUTH_LABEL: &[u8] = b"sluice-auth-v1";
 
 #[derive(Serialize, Deserialize, Debug)]
-struct HandshakeFrame {
+pub(crate) struct HandshakeFrame {
     protocol: String,
     step: Step,
 }

@@ -193,3 +193,25 @@ impl Default for Options {
         }
     }
 }
+
+/// Fuzzing entry point (`fuzz/fuzz_targets/node_frame.rs`): bytes as a
+/// peer sends them, through every decoder a node or gateway applies to
+/// them: a handshake frame, the length-delimited framing, each frame's
+/// header, request and response bodies, and a message record. Whatever
+/// the input, it must return (errors are fine), never panic or hang.
+#[doc(hidden)]
+pub fn fuzz_decode(data: &[u8]) {
+    use tokio_util::codec::Decoder;
+    let _ = postcard::take_from_bytes::<handshake::HandshakeFrame>(data);
+    let mut codec = frame::codec(1 << 20);
+    let mut buf = bytes::BytesMut::from(data);
+    while let Ok(Some(payload)) = codec.decode(&mut buf) {
+        if let Ok((_header, body)) = frame::decode_header(&payload) {
+            for version in SUPPORTED_VERSIONS {
+                let _ = crate::node::NodeRequest::decode(version, body);
+                let _ = crate::node::NodeResponse::decode(version, body);
+            }
+        }
+        let _ = crate::record::decode(&payload.freeze());
+    }
+}

@@ -24,6 +24,8 @@ mod client_suites;
 mod clients;
 mod crash;
 mod flow;
+mod fuzz_corpus;
+mod hostile;
 mod matrix;
 mod matrix_lapin;
 mod metrics;

@@ -17,7 +17,7 @@ use crate::common::*;
 
 /// A minimal STOMP client: frames out, frames (and heart-beats) in.
 pub(crate) struct Client {
-    sock: TcpStream,
+    pub(crate) sock: TcpStream,
     dec: Decoder,
     buf: BytesMut,
     version: Version,
@@ -78,7 +78,7 @@ impl Client {
         self.sock.write_all(&out).unwrap();
     }
 
-    fn raw(&mut self, bytes: &[u8]) {
+    pub(crate) fn raw(&mut self, bytes: &[u8]) {
         self.sock.write_all(bytes).unwrap();
     }
 
@@ -147,7 +147,7 @@ impl Client {
     }
 
     /// An ERROR frame with `message`, then the connection closes.
-    fn expect_error(&mut self, message: &str) -> Frame {
+    pub(crate) fn expect_error(&mut self, message: &str) -> Frame {
         let f = self.expect(Command::Error);
         assert_eq!(f.header("message"), Some(message), "{f:?} body {:?}", String::from_utf8_lossy(&f.body));
         assert!(!f.body.is_empty(), "ERROR frames explain in their body");

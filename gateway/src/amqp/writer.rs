@@ -96,6 +96,9 @@ impl Outbox for AmqpOutbox {
 /// Most bytes gathered before a write.
 const WRITE_CHUNK: usize = 256 * 1024;
 
+/// The writer's buffer when a connection starts (it grows as needed).
+const INITIAL_WRITE_BUFFER: usize = 4 * 1024;
+
 /// Starts the writer task. `dead` is cancelled when the socket fails or
 /// stalls, so the session can end the connection.
 pub fn spawn<W>(
@@ -122,7 +125,10 @@ async fn run<W: tokio::io::AsyncWrite + Unpin>(
     heartbeat: Arc<AtomicU32>,
     dead: CancellationToken,
 ) {
-    let mut buf = BytesMut::with_capacity(64 * 1024);
+    // Small at first: an idle connection keeps only this (5,000 idle
+    // connections took 117 KiB each with 64 KiB here); a busy one grows
+    // it to what its batches need, and gives a very large one back.
+    let mut buf = BytesMut::with_capacity(INITIAL_WRITE_BUFFER);
     // Big bodies to write at their offsets of `buf` (and their total size).
     let mut spliced: Vec<(usize, Bytes)> = Vec::new();
     let mut written: Vec<Arc<Consumer>> = Vec::new();
@@ -160,6 +166,9 @@ async fn run<W: tokio::io::AsyncWrite + Unpin>(
         write(&mut socket, &buf, &spliced, &mut failed, &dead).await;
         queued.fetch_sub(cost, Ordering::AcqRel);
         buf.clear();
+        if buf.capacity() > 4 * WRITE_CHUNK {
+            buf = BytesMut::with_capacity(INITIAL_WRITE_BUFFER);
+        }
         spliced.clear();
         for c in written.drain(..) {
             c.release_pending();

@@ -146,7 +146,9 @@ pub struct StreamSink<W> {
 
 impl<W: AsyncWrite + Unpin + Send + 'static> StreamSink<W> {
     pub fn new(wr: W) -> Self {
-        StreamSink { wr, buf: BytesMut::with_capacity(64 * 1024) }
+        // Small at first (an idle connection keeps only this); it grows
+        // with the frames written.
+        StreamSink { wr, buf: BytesMut::with_capacity(4 * 1024) }
     }
 }
 
