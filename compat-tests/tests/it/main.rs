@@ -23,6 +23,7 @@ mod cluster_rebalance;
 mod client_suites;
 mod clients;
 mod crash;
+mod crash_loop;
 mod flow;
 mod fuzz_corpus;
 mod hostile;
