@@ -24,6 +24,7 @@ mod client_suites;
 mod clients;
 mod crash;
 mod crash_loop;
+mod disk_full;
 mod flow;
 mod fuzz_corpus;
 mod hostile;
