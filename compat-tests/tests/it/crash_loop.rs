@@ -52,7 +52,7 @@ impl Books {
         if !self.delivered.insert(id) && !redelivered {
             self.violations.push(format!("message {id} delivered again without redelivered"));
         }
-        if id % 3 == 0 && !redelivered {
+        if id.is_multiple_of(3) && !redelivered {
             self.left_unacked.insert(id);
             return false;
         }

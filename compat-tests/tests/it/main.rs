@@ -32,6 +32,7 @@ mod matrix;
 mod matrix_lapin;
 mod metrics;
 mod raw;
+mod soak;
 mod stomp;
 mod tls;
 mod web_stomp;
