@@ -27,9 +27,16 @@ for t in "${targets[@]}"; do
   log=$(mktemp)
   if [ -n "${MERGE:-}" ]; then
     tmp=$(mktemp -d)
-    cargo fuzz run -s none -a "$t" "$tmp" "corpus/$t" -- -merge=1 >"$log" 2>&1 || true
-    rm -rf "corpus/$t" && mv "$tmp" "corpus/$t"
-    echo "$t: corpus merged to $(ls "corpus/$t" | wc -l) inputs"
+    if cargo fuzz run -s none -a "$t" "$tmp" "corpus/$t" -- -merge=1 >"$log" 2>&1; then
+      rm -rf "corpus/$t" && mv "$tmp" "corpus/$t"
+      echo "$t: corpus merged to $(ls "corpus/$t" | wc -l) inputs"
+    else
+      # An input crashes the target: keep the corpus as it was.
+      echo "$t: merge failed, corpus left as it was:"
+      tail -5 "$log" | sed 's/^/    /'
+      rm -rf "$tmp"
+      status=1
+    fi
     rm -f "$log"
     continue
   fi
