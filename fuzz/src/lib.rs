@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 pub use sluice_codecs::fuzzing::{session_bytes, Session};
-use sluice_gateway::server::{broker_without_listeners, Broker};
+use sluice::server::{broker_without_listeners, Broker};
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
@@ -47,14 +47,14 @@ pub fn run_session(protocol: Session, data: &[u8]) {
         let (client, server) = tokio::io::duplex(64 * 1024);
         let (srd, swr) = tokio::io::split(server);
         let conn_id = broker.next_conn_id();
-        let peer = sluice_gateway::auth::Peer { cert_user: None, loopback: true, addr: "fuzz".into() };
+        let peer = sluice::auth::Peer { cert_user: None, loopback: true, addr: "fuzz".into() };
         let shutdown = CancellationToken::new();
         let session = match protocol {
             Session::Amqp => {
-                tokio::spawn(sluice_gateway::amqp::connection::serve(srd, swr, conn_id, broker, shutdown, peer))
+                tokio::spawn(sluice::amqp::connection::serve(srd, swr, conn_id, broker, shutdown, peer))
             }
             Session::Stomp => {
-                tokio::spawn(sluice_gateway::stomp::connection::serve(srd, swr, conn_id, broker, shutdown, peer))
+                tokio::spawn(sluice::stomp::connection::serve(srd, swr, conn_id, broker, shutdown, peer))
             }
         };
         let (mut crd, mut cwr) = tokio::io::split(client);

@@ -6,7 +6,7 @@
 //! - `ctl`: the admin CLI (operations issue).
 //! - `bench`: the load tool (performance issue).
 
-use sluice_gateway::{bench, cli, config, server};
+use sluice::{bench, cli, config, server};
 
 use clap::{CommandFactory, Parser, Subcommand};
 
