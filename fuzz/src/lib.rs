@@ -3,12 +3,11 @@
 //! that writes an input to a fresh session over an in-memory stream,
 //! closes its side, and reads until the server closes its own.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 pub use sluice_codecs::fuzzing::{session_bytes, Session};
 use sluice::server::{broker_without_listeners, Broker};
-use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 

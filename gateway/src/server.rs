@@ -122,13 +122,14 @@ pub async fn broker_without_listeners(data_dir: PathBuf) -> anyhow::Result<Arc<B
     let meta = node.meta_client();
     let backend: Arc<dyn Backend> = node;
     let router = Router::open_with_meta(backend, meta).await.map_err(|e| anyhow::anyhow!("{}", e.text))?;
+    let no_alarm = AlarmLimits { memory: crate::alarm::MemoryWatermark::Bytes(u64::MAX), disk_free_limit: 0 };
     let limits = Limits {
         channel_max: 2047,
         frame_max: 131_072,
         heartbeat: 60,
         max_message_size: 128 * 1024 * 1024,
         consumer_timeout_ms: Some(1_800_000),
-        alarm: AlarmLimits { memory: crate::alarm::MemoryWatermark::Bytes(u64::MAX), disk_free_limit: 0 },
+        alarm: no_alarm,
         max_connections: None,
         consumer_max_per_channel: None,
     };
@@ -136,7 +137,7 @@ pub async fn broker_without_listeners(data_dir: PathBuf) -> anyhow::Result<Arc<B
         router,
         loopback_users: Vec::new(),
         limits,
-        alarms: Alarms::new(AlarmLimits { memory: crate::alarm::MemoryWatermark::Bytes(u64::MAX), disk_free_limit: 0 }, None),
+        alarms: Alarms::new(no_alarm, None),
         next_conn: AtomicU64::new(1),
         sessions: Arc::new(AtomicU64::new(0)),
     }))

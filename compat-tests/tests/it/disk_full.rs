@@ -61,17 +61,18 @@ fn body(id: u64) -> Vec<u8> {
     b
 }
 
-/// Publishes `body(id)` for growing ids, persistent with confirms, about
-/// 200 a second (so the 1 s alarm check is not outrun), until `stop` or
-/// the connection fails. Records confirms and nacks.
+/// What the publisher's confirms said.
 #[derive(Default)]
 struct Outcome {
     acked: HashSet<u64>,
     nacked: HashSet<u64>,
-    /// Acked ids with the time each confirm arrived.
+    /// When the latest ack arrived.
     last_ack: Option<Instant>,
 }
 
+/// Publishes `body(id)` for growing ids, persistent with confirms, about
+/// 200 a second (so the 1 s alarm check is not outrun), until `stop` or
+/// the connection fails. Records confirms and nacks in `out`.
 async fn publish(url: String, first: u64, stop: tokio::sync::watch::Receiver<bool>, out: std::sync::Arc<std::sync::Mutex<Outcome>>) -> u64 {
     let conn = lapin::Connection::connect(&url, lapin::ConnectionProperties::default()).await.unwrap();
     let ch = conn.create_channel().await.unwrap();
