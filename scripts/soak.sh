@@ -10,11 +10,13 @@
 #   - 1 KiB persistent, confirms (100 in flight), manual acks, prefetch 200: 300 msg/s
 #   - 512 B transient, auto-ack: 1,000 msg/s
 #   - STOMP 256 B send/subscribe: 200 msg/s
-#   - fan-out to 5 queues, 128 B: 100 msg/s
-#   - 20 queues, 2 producers and 2 consumers: 20 msg/s each producer
+#   - fan-out to 5 queues, a consumer on each, 128 B: 100 msg/s in, 500 out
+#   - 20 queues, a producer and a consumer on each: 2 msg/s each producer
 #   - connection churn: a 200-message run with fresh connections every 2 s
 #
 # Fails (exit 1) if a load run failed, the broker died or logged an error,
+# messages were left in the queues once every load run drained (a load
+# that builds a backlog measures the backlog, not the broker),
 # its file descriptors did not come back once the load stopped, or its
 # RSS at the end of the load is more than twice (plus 64 MiB) what it
 # was a quarter of the way in.
@@ -73,8 +75,8 @@ bench --prefix soak-p -s 1024 --persistent -c 100 -q 200 -r 300 >"$OUT/load-pers
 bench --prefix soak-t -s 512 -a -r 1000 >"$OUT/load-transient.txt" 2>&1 & pids+=($!)
 "$BIN" bench --uri "stomp://guest:guest@$stomp" --manage-uri "$uri" -z "$SECS" --drain-timeout 60 --prefix soak-s -s 256 -r 200 \
   >"$OUT/load-stomp.txt" 2>&1 & pids+=($!)
-bench --prefix soak-f --fanout 5 -s 128 -r 100 >"$OUT/load-fanout.txt" 2>&1 & pids+=($!)
-bench --prefix soak-m --queues 20 -x 2 -y 2 -s 256 -r 20 >"$OUT/load-queues.txt" 2>&1 & pids+=($!)
+bench --prefix soak-f --fanout 5 -y 5 -s 128 -r 100 >"$OUT/load-fanout.txt" 2>&1 & pids+=($!)
+bench --prefix soak-m --queues 20 -x 20 -y 20 -s 256 -r 2 >"$OUT/load-queues.txt" 2>&1 & pids+=($!)
 (
   end=$((SECONDS + SECS))
   while [ $SECONDS -lt $end ]; do
@@ -108,10 +110,13 @@ failed=0
 for p in "${pids[@]}"; do
   wait "$p" || failed=$((failed + 1))
 done
-sleep 2
+# Longer than the exporter keeps a deleted queue's series (4 s): the load
+# runs delete their queues at the end.
+sleep 6
 fds_after=$(fds)
+left=$(counter sluice_queue_messages)
 errors=$(grep -c " ERROR " "$log" || true)
-echo "soak: ${SECS}s; RSS a quarter in ${quarter_rss} MiB, at the end ${end_rss} MiB; fds ${fds_before} before the load, ${fds_after} after; ${failed} failed load runs; ${errors} errors logged"
+echo "soak: ${SECS}s; RSS a quarter in ${quarter_rss} MiB, at the end ${end_rss} MiB; fds ${fds_before} before the load, ${fds_after} after; ${failed} failed load runs; ${errors} errors logged; ${left} messages left in queues"
 for f in "$OUT"/load-*.txt; do
   name=$(basename "$f" .txt)
   if [ "$name" = load-churn ]; then
@@ -122,6 +127,11 @@ for f in "$OUT"/load-*.txt; do
 done
 status=0
 [ "$failed" -eq 0 ] || { echo "soak: $failed load runs failed"; status=1; }
+[ "$left" -eq 0 ] || {
+  echo "soak: $left messages left in the queues after the load drained:"
+  scrape | grep -E '^sluice_queue_messages(_ready|_unacked)?\{' | awk '$2 != 0'
+  status=1
+}
 [ "$errors" -eq 0 ] || { echo "soak: the broker logged errors:"; grep " ERROR " "$log" | head -5; status=1; }
 [ "$fds_after" -le $((fds_before + 10)) ] || { echo "soak: file descriptors leaked ($fds_before -> $fds_after)"; status=1; }
 if [ -n "$quarter_rss" ] && [ "$end_rss" -gt $((2 * quarter_rss + 64)) ]; then

@@ -511,7 +511,7 @@ fn first_death_of(props: &BasicProperties) -> (Option<String>, Option<String>) {
 
 /// The index of the node whose `sluice ctl status` lists `queue` as led
 /// (waits up to 20 s for one).
-fn leader_of(home: &Path, addrs: &[String], queue: &str) -> usize {
+pub(crate) fn leader_of(home: &Path, addrs: &[String], queue: &str) -> usize {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let found = (0..addrs.len())
