@@ -103,6 +103,9 @@ pub struct BenchArgs {
 struct Shared {
     start: Instant,
     stop: AtomicBool,
+    /// Cancelled once the run is over: consumers send their last acks and
+    /// close their connections (so nothing they consumed is requeued).
+    finish: tokio_util::sync::CancellationToken,
     published: AtomicU64,
     confirmed: AtomicU64,
     nacked: AtomicU64,
@@ -239,6 +242,7 @@ pub async fn measure(args: &BenchArgs) -> Result<Report> {
     let shared = Arc::new(Shared {
         start: Instant::now(),
         stop: AtomicBool::new(false),
+        finish: tokio_util::sync::CancellationToken::new(),
         published: AtomicU64::new(0),
         confirmed: AtomicU64::new(0),
         nacked: AtomicU64::new(0),
@@ -320,12 +324,14 @@ pub async fn measure(args: &BenchArgs) -> Result<Report> {
     let consume_secs = consuming_since.elapsed().as_secs_f64();
     ticker.abort();
     progress.finish_and_clear();
-    // A consumer that stopped early stopped on an error: report it.
+    // Consumers send their last acks and close; one that stopped early
+    // stopped on an error: report it.
+    shared.finish.cancel();
     for c in consumers {
-        if c.is_finished() {
-            c.await??;
-        } else {
-            c.abort();
+        let abort = c.abort_handle();
+        match tokio::time::timeout(Duration::from_secs(5), c).await {
+            Ok(done) => done??,
+            Err(_) => abort.abort(),
         }
     }
     if let (false, Some(m)) = (args.keep, &manage) {
@@ -631,7 +637,19 @@ async fn consume(conn: (Reader, Writer), queue: String, args: BenchArgs, shared:
                 }
             }
         }
-        match r.frame().await? {
+        let frame = tokio::select! {
+            biased;
+            frame = r.frame() => frame?,
+            () = shared.finish.cancelled() => {
+                if !args.auto_ack && unacked > 0 {
+                    w.method(1, BasicAck { delivery_tag: last_tag, multiple: true });
+                }
+                // The close waits for close-ok, so the broker has the acks.
+                amqp::close(r, w).await;
+                return Ok(());
+            }
+        };
+        match frame {
             Frame::Method { method: Method::BasicDeliver(d), .. } => {
                 last_tag = d.delivery_tag;
                 want_stamp = true;
@@ -718,7 +736,28 @@ async fn consume_stomp(conn: (stomp::Reader, stomp::Writer), dest: String, args:
                 }
             }
         }
-        let f = r.frame().await?;
+        let f = tokio::select! {
+            biased;
+            f = r.frame() => f?,
+            () = shared.finish.cancelled() => {
+                if let (false, Some(id), true) = (args.auto_ack, &last_ack, unacked > 0) {
+                    w.frame(&StompFrame::new(Command::Ack).with_header("id", id.clone()))?;
+                }
+                // DISCONNECT with a receipt: the broker has the acks once
+                // it answers.
+                w.frame(&StompFrame::new(Command::Disconnect).with_header("receipt", "bye"))?;
+                w.flush().await?;
+                let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                    while let Ok(f) = r.frame().await {
+                        if f.command == Command::Receipt {
+                            break;
+                        }
+                    }
+                })
+                .await;
+                return Ok(());
+            }
+        };
         if f.command != Command::Message {
             continue;
         }
