@@ -147,8 +147,9 @@ pub enum Op {
         log: u64,
         /// Which record.
         tag: u8,
-        /// Its value.
-        value: Option<Vec<u8>>,
+        /// Its value (shared: a queue's checkpoint can be tens of MB, and
+        /// the caller usually keeps it too).
+        value: Option<Bytes>,
     },
     /// Removes every message of `queue` at or above its floor, and the
     /// floor. Cost: one tombstone per message, in one atomic batch. The
@@ -208,7 +209,7 @@ impl Op {
             Op::PutMessage { record, .. } => record.data.len(),
             Op::PutMeta { key, value } => key.len() + value.len(),
             Op::LogAppend { data, .. } => data.len(),
-            Op::LogMeta { value, .. } => value.as_ref().map_or(0, Vec::len),
+            Op::LogMeta { value, .. } => value.as_ref().map_or(0, Bytes::len),
             Op::DeleteMeta { key } => key.len(),
             _ => 0,
         }

@@ -24,7 +24,7 @@ use crate::maintenance::Compactor;
 use crate::stats::Counters;
 use crate::store::{Keyspaces, Op, StoreOptions};
 use fjall::{Database, PersistMode};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{mpsc, Arc};
 
@@ -50,7 +50,7 @@ enum MsgWrite {
 struct Pending {
     msgs: BTreeMap<[u8; keys::MSG_KEY_LEN], MsgWrite>,
     logs: BTreeMap<[u8; keys::MSG_KEY_LEN], Option<bytes::Bytes>>,
-    state: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    state: BTreeMap<Vec<u8>, Option<bytes::Bytes>>,
     meta: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     puts: u64,
     removes: u64,
@@ -89,10 +89,77 @@ pub(crate) struct Writer {
 /// the last compaction, in bytes.
 #[derive(Default)]
 struct LogGarbage {
-    /// Size of every entry written by this process and not removed yet.
-    sizes: HashMap<[u8; keys::MSG_KEY_LEN], u64>,
+    /// Size of every entry written by this process and not removed yet,
+    /// by log.
+    sizes: HashMap<u64, LogSizes>,
     live_bytes: u64,
     removed_bytes: u64,
+}
+
+/// The sizes of a log's entries from index `first` on, 0 where unknown (a
+/// gap). Logs grow at the end and are cut at either end, so a deque of
+/// 4-byte sizes does (a long queue's log has an entry per few messages; a
+/// map of keys took 25 to 50 bytes per entry).
+#[derive(Default)]
+struct LogSizes {
+    first: u64,
+    sizes: VecDeque<u32>,
+}
+
+/// A log entry this far from the known ones starts the log afresh (the
+/// older sizes count as unknown when removed).
+const LOG_SIZES_MAX_GAP: u64 = 1 << 16;
+
+impl LogGarbage {
+    /// Entry `index` of `log` is written with `size` bytes; returns the
+    /// size of the entry it replaced, if known.
+    fn put(&mut self, log: u64, index: u64, size: u64) -> Option<u64> {
+        let l = self.sizes.entry(log).or_default();
+        let size = u32::try_from(size).unwrap_or(u32::MAX).max(1);
+        let end = l.first + l.sizes.len() as u64;
+        if l.sizes.is_empty() || index + LOG_SIZES_MAX_GAP < l.first || index > end + LOG_SIZES_MAX_GAP {
+            l.sizes.clear();
+            l.first = index;
+        }
+        while index < l.first {
+            l.sizes.push_front(0);
+            l.first -= 1;
+        }
+        let at = usize::try_from(index - l.first).unwrap_or(usize::MAX);
+        while l.sizes.len() < at {
+            l.sizes.push_back(0);
+        }
+        match l.sizes.get_mut(at) {
+            Some(slot) => {
+                let old = std::mem::replace(slot, size);
+                (old != 0).then_some(u64::from(old))
+            }
+            None => {
+                l.sizes.push_back(size);
+                None
+            }
+        }
+    }
+
+    /// Entry `index` of `log` is removed: its size, if known.
+    fn take(&mut self, log: u64, index: u64) -> Option<u64> {
+        let l = self.sizes.get_mut(&log)?;
+        let at = usize::try_from(index.checked_sub(l.first)?).ok()?;
+        let old = std::mem::take(l.sizes.get_mut(at)?);
+        while l.sizes.front() == Some(&0) {
+            l.sizes.pop_front();
+            l.first += 1;
+        }
+        while l.sizes.back() == Some(&0) {
+            l.sizes.pop_back();
+        }
+        if l.sizes.is_empty() {
+            self.sizes.remove(&log);
+        } else if l.sizes.capacity() > 4 * l.sizes.len() + 64 {
+            l.sizes.shrink_to(2 * l.sizes.len());
+        }
+        (old != 0).then_some(u64::from(old))
+    }
 }
 
 /// The size assumed for a removed log entry written before this process
@@ -211,7 +278,7 @@ impl Writer {
                     let next = seq.saturating_add(1);
                     if next > self.next_seq(*queue)? {
                         self.next_seq.insert(*queue, next);
-                        p.state.insert(keys::next_seq_key(*queue).to_vec(), Some(format::encode_u64(next).to_vec()));
+                        p.state.insert(keys::next_seq_key(*queue).to_vec(), Some(bytes::Bytes::copy_from_slice(&format::encode_u64(next))));
                     }
                 }
                 Op::RemoveMessage { queue, seq } => {
@@ -224,7 +291,7 @@ impl Writer {
                     p.removes += 1;
                 }
                 Op::SetAckFloor { queue, floor } => {
-                    p.state.insert(keys::floor_key(*queue).to_vec(), Some(format::encode_u64(*floor).to_vec()));
+                    p.state.insert(keys::floor_key(*queue).to_vec(), Some(bytes::Bytes::copy_from_slice(&format::encode_u64(*floor))));
                     if *floor > 0 && *floor >= self.next_seq(*queue)? {
                         p.drained = true;
                     }
@@ -233,7 +300,7 @@ impl Writer {
                 Op::LogAppend { log, index, data } => {
                     let key = keys::log_key(*log, *index);
                     let size = data.len() as u64;
-                    if let Some(old) = self.logs.sizes.insert(key, size) {
+                    if let Some(old) = self.logs.put(*log, *index, size) {
                         self.logs.live_bytes = self.logs.live_bytes.saturating_sub(old);
                     }
                     self.logs.live_bytes += size;
@@ -244,7 +311,7 @@ impl Writer {
                     let first = self.log_first(&p, *log)?;
                     if *below > first {
                         self.log_remove(&mut p, *log, first, below - 1)?;
-                        p.state.insert(keys::log_first_key(*log).to_vec(), Some(format::encode_u64(*below).to_vec()));
+                        p.state.insert(keys::log_first_key(*log).to_vec(), Some(bytes::Bytes::copy_from_slice(&format::encode_u64(*below))));
                     }
                 }
                 Op::LogMeta { log, tag, value } => {
@@ -299,7 +366,7 @@ impl Writer {
 
     /// Accounts for a removed log entry (compaction policy).
     fn log_removed(&mut self, key: &[u8; keys::MSG_KEY_LEN]) {
-        let size = match self.logs.sizes.remove(key) {
+        let size = match keys::decode_msg_key(key).and_then(|(log, index)| self.logs.take(log, index)) {
             Some(size) => {
                 self.logs.live_bytes = self.logs.live_bytes.saturating_sub(size);
                 size
@@ -451,5 +518,40 @@ impl Writer {
             }
             self.compactor.request();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_sizes_follow_appends_rewrites_and_cuts_at_both_ends() {
+        let mut g = LogGarbage::default();
+        for i in 10..20 {
+            assert_eq!(g.put(1, i, 100 + i), None);
+        }
+        assert_eq!(g.put(1, 15, 7), Some(115), "a rewrite returns the old size");
+        assert_eq!(g.take(1, 10), Some(110));
+        assert_eq!(g.take(1, 10), None, "removed once");
+        assert_eq!(g.take(1, 9), None, "never written");
+        // A truncation from the back.
+        for i in (15..20).rev() {
+            assert!(g.take(1, i).is_some());
+        }
+        // A gap: the entries between are unknown.
+        assert_eq!(g.put(1, 30, 5), None);
+        assert_eq!(g.take(1, 25), None);
+        assert_eq!(g.take(1, 30), Some(5));
+        for i in 11..15 {
+            assert_eq!(g.take(1, i), Some(100 + i));
+        }
+        assert!(g.sizes.is_empty(), "an emptied log is forgotten");
+        // An entry far from the known ones starts the log afresh.
+        assert_eq!(g.put(2, 0, 1), None);
+        assert_eq!(g.put(2, 1 << 20, 2), None);
+        assert_eq!(g.take(2, 0), None);
+        assert_eq!(g.take(2, 1 << 20), Some(2));
+        assert!(g.sizes.is_empty());
     }
 }

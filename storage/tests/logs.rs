@@ -48,7 +48,7 @@ fn append_read_truncate_compact_and_reopen() {
         assert_eq!(store.log_entries(7, 0, 100).unwrap().first().map(|e| e.0), Some(5));
 
         // Small records.
-        store.write(vec![Op::LogMeta { log: 7, tag: b'h', value: Some(b"hard-state".to_vec()) }], true).wait_blocking().unwrap();
+        store.write(vec![Op::LogMeta { log: 7, tag: b'h', value: Some(bytes::Bytes::from_static(b"hard-state")) }], true).wait_blocking().unwrap();
         assert_eq!(store.log_meta(7, b'h').unwrap().as_deref(), Some(&b"hard-state"[..]));
         assert_eq!(store.log_meta(8, b'h').unwrap(), None);
         store.close().unwrap();

@@ -621,7 +621,7 @@ impl FjallLogStore {
         ops.push(Op::LogMeta {
             log: self.group,
             tag: TAG_SNAPSHOT_DATA,
-            value: Some(snapshot.data.to_vec()),
+            value: Some(snapshot.data.clone()),
         });
         ops.extend(extra);
         let seq = self.send(ops, true, None, None)?;
@@ -647,7 +647,7 @@ impl FjallLogStore {
         }
         let ops = vec![
             self.meta_op(TAG_SNAPSHOT_META, snapshot.get_metadata())?,
-            Op::LogMeta { log: self.group, tag: TAG_SNAPSHOT_DATA, value: Some(snapshot.data.to_vec()) },
+            Op::LogMeta { log: self.group, tag: TAG_SNAPSHOT_DATA, value: Some(snapshot.data.clone()) },
         ];
         let seq = self.send(ops, true, None, None)?;
         self.snapshot_data = Some((seq, snapshot.data.clone()));
@@ -735,7 +735,7 @@ impl FjallLogStore {
             what: "encoding",
             detail: error.to_string(),
         })?;
-        Ok(Op::LogMeta { log: self.group, tag, value: Some(value) })
+        Ok(Op::LogMeta { log: self.group, tag, value: Some(value.into()) })
     }
 
     fn apply_state_op(&self, state: &ApplyState) -> Result<Op, FjallLogStoreError> {
@@ -760,7 +760,7 @@ impl FjallLogStore {
             Op::LogMeta {
                 log: self.group,
                 tag: TAG_SNAPSHOT_DATA,
-                value: Some(snapshot.data.to_vec()),
+                value: Some(snapshot.data.clone()),
             },
         ])
     }

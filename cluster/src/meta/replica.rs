@@ -1028,7 +1028,7 @@ impl MetaReplica {
         }
         let state = Bytes::from(inner.state.encode()?);
         let record = encode_checkpoint(apply.index, &state);
-        let op = Op::LogMeta { log: META_GROUP, tag: CHECKPOINT_TAG, value: Some(record) };
+        let op = Op::LogMeta { log: META_GROUP, tag: CHECKPOINT_TAG, value: Some(record.into()) };
         inner.group.store_mut().save_apply_state_with(&apply, vec![op]).map_err(log_error)?;
         if let Some(previous) = inner.previous.take() {
             let mut snapshot = Snapshot { data: previous.state, ..Snapshot::default() };

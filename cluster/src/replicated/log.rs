@@ -2,7 +2,7 @@
 //! message's body is: the entry encoding, [`Batches`] (seq → log entry),
 //! the [`BodyCache`] of recent entries and the [`Checkpoint`] record.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -124,7 +124,7 @@ pub(crate) struct Batch {
     /// Body position (in the entry) of the first seq.
     pub first_body: u32,
     /// Body position of each seq, only when a duplicate publish left a gap.
-    pub positions: Option<Vec<u32>>,
+    pub positions: Option<Box<[u32]>>,
     /// Seqs of the batch still live (ready or held).
     pub live: u32,
     /// The leader's clock when it proposed the entry (ms since the epoch,
@@ -135,29 +135,56 @@ pub(crate) struct Batch {
 }
 
 /// Where the body of every live message is: one [`Batch`] per `Enqueue`
-/// that still has a live message, keyed by its first seq. Seqs grow with
-/// the log index, so the first batch holds the oldest entry still needed.
+/// that still has a live message, by its first seq. Seqs grow with the log
+/// index, so the first batch holds the oldest entry still needed.
 /// Derived from applied entries only, hence identical on every replica.
+///
+/// A long queue has a batch per few messages, so they are kept in a sorted
+/// deque (56 bytes each; a `BTreeMap` took about 130): new batches come at
+/// the back, and one whose messages are all gone stays, dead, until the
+/// batches before it went too, or until the dead ones outnumber the live.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Batches {
-    map: BTreeMap<Seq, Batch>,
+    /// Increasing first seq; the front one, if any, is live.
+    list: VecDeque<(Seq, Batch)>,
+    /// Batches with a live message.
+    live: usize,
+}
+
+/// Serializes as the `Vec<(Seq, Batch)>` of the live batches that
+/// [`Batches::from_vec`] takes, without building it.
+impl Serialize for Batches {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = serializer.serialize_seq(Some(self.live))?;
+        for entry in self.list.iter().filter(|(_, b)| b.live > 0) {
+            seq.serialize_element(entry)?;
+        }
+        seq.end()
+    }
 }
 
 impl Batches {
-    pub fn from_vec(batches: Vec<(Seq, Batch)>) -> Self {
-        Batches { map: batches.into_iter().collect() }
+    pub fn from_vec(mut batches: Vec<(Seq, Batch)>) -> Self {
+        batches.retain(|(_, b)| b.live > 0);
+        batches.sort_by_key(|(first, _)| *first);
+        Batches { live: batches.len(), list: batches.into() }
     }
 
-    pub fn to_vec(&self) -> Vec<(Seq, Batch)> {
-        self.map.iter().map(|(seq, b)| (*seq, b.clone())).collect()
-    }
-
+    /// Batches with a live message.
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.live
     }
 
     pub fn clear(&mut self) {
-        self.map.clear();
+        self.list.clear();
+        self.live = 0;
+    }
+
+    /// The batch that would hold `seq`: the last one starting at or before
+    /// it.
+    fn find(&self, seq: Seq) -> Option<usize> {
+        self.list.partition_point(|(first, _)| *first <= seq).checked_sub(1)
     }
 
     /// Records the seqs an `Enqueue` (stamped `now_ms`) assigned; `seqs[i]`
@@ -174,17 +201,36 @@ impl Batches {
         let gaps = assigned.len() != seqs.len();
         let positions = gaps.then(|| assigned.iter().map(|(_, p)| *p).collect());
         let first_body = assigned.first().map_or(first_body, |(_, p)| *p);
-        self.map.insert(first, Batch { index, count, first_body, positions, live: count, enqueued_ms: now_ms });
+        let batch = Batch { index, count, first_body, positions, live: count, enqueued_ms: now_ms };
+        // Always at the back, as seqs only grow; kept sorted whatever.
+        let at = self.list.partition_point(|(f, _)| *f < first);
+        match self.list.get_mut(at) {
+            Some((f, old)) if *f == first => {
+                if old.live == 0 {
+                    self.live += 1;
+                }
+                *old = batch;
+            }
+            _ => {
+                self.list.insert(at, (first, batch));
+                self.live += 1;
+            }
+        }
+    }
+
+    /// The live batch holding `seq` and the seq's offset in it.
+    fn holding(&self, seq: Seq) -> Option<(&Batch, u32)> {
+        let (first, batch) = self.list.get(self.find(seq)?)?;
+        let offset = seq.checked_sub(*first)?;
+        if offset >= u64::from(batch.count) || batch.live == 0 {
+            return None;
+        }
+        Some((batch, u32::try_from(offset).ok()?))
     }
 
     /// Entry index and body position of a live seq.
     pub fn locate(&self, seq: Seq) -> Option<(u64, u32)> {
-        let (first, batch) = self.map.range(..=seq).next_back()?;
-        let offset = seq.checked_sub(*first)?;
-        if offset >= u64::from(batch.count) {
-            return None;
-        }
-        let offset = u32::try_from(offset).ok()?;
+        let (batch, offset) = self.holding(seq)?;
         let position = match &batch.positions {
             Some(p) => *p.get(usize::try_from(offset).ok()?)?,
             None => batch.first_body.checked_add(offset)?,
@@ -195,25 +241,36 @@ impl Batches {
     /// When the `Enqueue` of a live seq was proposed (ms since the epoch;
     /// 0: unknown).
     pub fn enqueued_ms(&self, seq: Seq) -> u64 {
-        self.map.range(..=seq).next_back().map_or(0, |(_, b)| b.enqueued_ms)
+        self.holding(seq).map_or(0, |(b, _)| b.enqueued_ms)
     }
 
     /// A message is gone for good.
     pub fn removed(&mut self, seq: Seq) {
-        let Some((first, batch)) = self.map.range_mut(..=seq).next_back() else { return };
-        if seq.checked_sub(*first).is_none_or(|offset| offset >= u64::from(batch.count)) {
+        let Some(at) = self.find(seq) else { return };
+        let Some((first, batch)) = self.list.get_mut(at) else { return };
+        if batch.live == 0 || seq.checked_sub(*first).is_none_or(|offset| offset >= u64::from(batch.count)) {
             return;
         }
-        batch.live = batch.live.saturating_sub(1);
-        if batch.live == 0 {
-            let first = *first;
-            self.map.remove(&first);
+        batch.live -= 1;
+        if batch.live > 0 {
+            return;
+        }
+        self.live -= 1;
+        while self.list.front().is_some_and(|(_, b)| b.live == 0) {
+            self.list.pop_front();
+        }
+        let dead = self.list.len() - self.live;
+        if dead > self.live.max(64) {
+            self.list.retain(|(_, b)| b.live > 0);
+            if self.list.capacity() > 4 * self.list.len().max(64) {
+                self.list.shrink_to(2 * self.list.len());
+            }
         }
     }
 
     /// The log index of the oldest entry holding a live message.
     pub fn oldest_index(&self) -> Option<u64> {
-        self.map.values().next().map(|b| b.index)
+        self.list.front().map(|(_, b)| b.index)
     }
 }
 
@@ -375,15 +432,21 @@ pub(crate) struct CheckpointRef<'a> {
     pub state_at: u64,
     pub conf_changed_at: u64,
     pub sm: queue_sm::SnapshotRef<'a>,
-    pub batches: Vec<(Seq, Batch)>,
+    pub batches: &'a Batches,
 }
 
 impl CheckpointRef<'_> {
-    pub fn encode(&self) -> Result<Vec<u8>, Error> {
-        // Straight after the version byte: a checkpoint of a long queue is
-        // tens of MB, not worth a second copy.
-        postcard::to_extend(self, vec![CHECKPOINT_VERSION])
-            .map_err(|e| Error::Corrupt(format!("encoding a checkpoint: {e}")))
+    /// The version byte and the checkpoint, in one buffer of exactly its
+    /// size: a checkpoint of a long queue is tens of MB, kept as the log's
+    /// snapshot until the next one, so neither a second copy nor a
+    /// growing buffer's spare capacity is worth it.
+    pub fn encode(&self) -> Result<Bytes, Error> {
+        let error = |e: postcard::Error| Error::Corrupt(format!("encoding a checkpoint: {e}"));
+        let size = postcard::experimental::serialized_size(self).map_err(error)?;
+        let mut buf = Vec::with_capacity(size + 1);
+        buf.push(CHECKPOINT_VERSION);
+        let buf = postcard::to_extend(self, buf).map_err(error)?;
+        Ok(Bytes::from(buf))
     }
 }
 
@@ -469,5 +532,40 @@ mod tests {
         b.removed(2);
         b.removed(3);
         assert_eq!(b.oldest_index(), None);
+        assert_eq!(b.len(), 0);
+    }
+
+    /// Batches emptied out of order stay dead behind a live one, are
+    /// skipped by every lookup and by the encoding, and are swept once
+    /// they outnumber the live ones.
+    #[test]
+    fn dead_batches_behind_a_live_one() {
+        let mut b = Batches::default();
+        for i in 0..1000u64 {
+            b.enqueued(100 + i, 0, &[Some(2 * i), Some(2 * i + 1)], i);
+        }
+        assert_eq!(b.len(), 1000);
+        // Everything but batch 0 goes.
+        for seq in 2..2000 {
+            b.removed(seq);
+        }
+        assert_eq!(b.len(), 1);
+        assert!(b.list.len() <= 65, "dead batches swept: {}", b.list.len());
+        assert_eq!(b.oldest_index(), Some(100));
+        assert_eq!(b.locate(1), Some((100, 1)));
+        assert_eq!(b.locate(5), None);
+        assert_eq!(b.enqueued_ms(5), 0);
+        // Removing a seq twice does not count twice.
+        b.removed(5);
+        assert_eq!(b.len(), 1);
+        let bytes = postcard::to_allocvec(&b).unwrap();
+        let back: Vec<(Seq, Batch)> = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(back.len(), 1);
+        assert_eq!(back[0].0, 0);
+        let restored = Batches::from_vec(back);
+        assert_eq!(restored.locate(0), Some((100, 0)));
+        b.removed(0);
+        b.removed(1);
+        assert_eq!((b.len(), b.oldest_index(), b.list.len()), (0, None, 0));
     }
 }

@@ -2085,14 +2085,16 @@ impl ReplicatedQueue {
         // A volatile log has nobody to restore or catch up from a
         // checkpoint: it only compacts (to free the memory).
         let data = if self.opts.volatile {
-            Vec::new()
+            Bytes::new()
         } else {
             let checkpoint = CheckpointRef {
                 state_at: applied.index,
                 conf_changed_at: inner.conf_changed_at,
                 sm: inner.sm.snapshot_ref(),
-                batches: inner.batches.to_vec(),
+                batches: &inner.batches,
             };
+            // One allocation of the checkpoint's size, shared by the two
+            // records that store it and the log's snapshot.
             let data = checkpoint.encode()?;
             let op = Op::LogMeta { log: self.spec.id.0, tag: TAG_QUEUE_CHECKPOINT, value: Some(data.clone()) };
             inner.group.store_mut().save_apply_state_with(&applied, vec![op]).map_err(log_error)?;
@@ -2107,12 +2109,12 @@ impl ReplicatedQueue {
         // than `upto`: a replica restoring it skips the configuration
         // changes up to `state_at` (`Inner::load`).
         if upto > compacted {
-            inner.group.compact_to(upto, Bytes::from(data)).map_err(consensus_error)?;
+            inner.group.compact_to(upto, data).map_err(consensus_error)?;
             tracing::debug!(queue = %self.spec.name, upto, "log compacted");
         } else if upto == compacted && inner.group.store().snapshot_metadata().get_conf_state() != &applied.conf_state {
             // The compaction point cannot move (a live message holds it),
             // but a replica added since needs a snapshot that has it.
-            let mut snapshot = raft::eraftpb::Snapshot { data: Bytes::from(data), ..Default::default() };
+            let mut snapshot = raft::eraftpb::Snapshot { data, ..Default::default() };
             let meta = snapshot.mut_metadata();
             meta.index = compacted;
             meta.term = inner.group.store().snapshot_metadata().term;
