@@ -229,6 +229,21 @@ impl ReadyList {
 
     /// Inserts or replaces; returns the message it replaced.
     pub fn insert(&mut self, seq: Seq, meta: MsgMeta) -> Option<MsgMeta> {
+        // An append (the common case: above every seq) into a last chunk
+        // with room needs neither a search nor a shift.
+        if let Some(mut last) = self.chunks.last_entry() {
+            let base = *last.key();
+            let chunk = last.get_mut();
+            let above = chunk.slots.last().is_some_and(|top| seq > base + u64::from(top.offset));
+            let offset = if above && chunk.slots.len() < CHUNK { u32::try_from(seq - base).ok() } else { None };
+            if let Some(offset) = offset {
+                let at = chunk.slots.len();
+                chunk.insert(at, slot(&meta, offset), meta.expires_at);
+                self.note_side(seq, &meta);
+                self.len += 1;
+                return None;
+            }
+        }
         if let Some((base, at)) = self.position(seq) {
             let old = self.get(seq);
             self.note_side(seq, &meta);
