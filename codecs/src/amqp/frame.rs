@@ -276,6 +276,30 @@ pub fn encode_method_frame(channel: u16, method: &Method, out: &mut BytesMut) {
     end_frame(out, start);
 }
 
+/// A `basic.deliver` method frame from borrowed fields: the bytes of
+/// [`encode_method_frame`] with a [`super::spec::BasicDeliver`], without
+/// building one (it owns three strings, copied for every delivery).
+pub fn encode_deliver_frame(
+    channel: u16,
+    consumer_tag: &str,
+    delivery_tag: u64,
+    redelivered: bool,
+    exchange: &str,
+    routing_key: &str,
+    out: &mut BytesMut,
+) {
+    out.reserve(4 + 3 + consumer_tag.len() + 8 + 1 + exchange.len() + routing_key.len() + FRAME_OVERHEAD as usize);
+    let start = begin_frame(out, FRAME_METHOD, channel);
+    out.put_u16(60);
+    out.put_u16(60);
+    wire::put_shortstr(out, consumer_tag);
+    out.put_u64(delivery_tag);
+    out.put_u8(u8::from(redelivered));
+    wire::put_shortstr(out, exchange);
+    wire::put_shortstr(out, routing_key);
+    end_frame(out, start);
+}
+
 /// Encodes a content header frame.
 pub fn encode_header_frame(
     channel: u16,
@@ -385,6 +409,33 @@ mod tests {
     use super::*;
     use crate::amqp::arb::arb_frame;
     use proptest::prelude::*;
+
+    proptest! {
+        /// The borrowed `basic.deliver` encoder writes the bytes of the
+        /// generic one, shortstrs over 255 bytes (truncated) included.
+        #[test]
+        fn deliver_frame_is_the_generic_encoding(
+            channel in any::<u16>(),
+            tag in "\\PC{0,300}",
+            delivery_tag in any::<u64>(),
+            redelivered in any::<bool>(),
+            exchange in "\\PC{0,40}",
+            key in "\\PC{0,300}",
+        ) {
+            let mut fast = BytesMut::new();
+            encode_deliver_frame(channel, &tag, delivery_tag, redelivered, &exchange, &key, &mut fast);
+            let method = Method::BasicDeliver(super::super::spec::BasicDeliver {
+                consumer_tag: tag.clone(),
+                delivery_tag,
+                redelivered,
+                exchange: exchange.clone(),
+                routing_key: key.clone(),
+            });
+            let mut generic = BytesMut::new();
+            encode_method_frame(channel, &method, &mut generic);
+            prop_assert_eq!(fast, generic);
+        }
+    }
 
     /// `encode_content_spliced` with its parts put back at their offsets
     /// is byte for byte `encode_content`, for bodies on both sides of

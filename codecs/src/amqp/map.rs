@@ -10,7 +10,7 @@
 use bytes::{Bytes, BytesMut};
 
 use super::assemble::Assembled;
-use super::frame::{encode_content, encode_content_spliced, encode_method_frame};
+use super::frame::{encode_content, encode_content_spliced, encode_deliver_frame, encode_method_frame};
 use super::spec::*;
 use crate::command::{Command, Message, Reply};
 
@@ -156,6 +156,11 @@ fn content(
     spliced: Option<&mut Vec<(usize, Bytes)>>,
 ) {
     encode_method_frame(channel, &method, out);
+    body(channel, message, frame_max, out, spliced);
+}
+
+/// The content header and body frames of `message`.
+fn body(channel: u16, message: &Message, frame_max: u32, out: &mut BytesMut, spliced: Option<&mut Vec<(usize, Bytes)>>) {
     match spliced {
         Some(spliced) => encode_content_spliced(channel, 60, &message.properties, &message.body, frame_max, out, spliced),
         None => encode_content(channel, 60, &message.properties, &message.body, frame_max, out),
@@ -220,14 +225,9 @@ fn encode_reply_with(
             Method::BasicCancel(BasicCancel { consumer_tag: consumer_tag.clone(), nowait: true })
         }
         Reply::Deliver { consumer_tag, delivery_tag, redelivered, message } => {
-            let m = Method::BasicDeliver(BasicDeliver {
-                consumer_tag: consumer_tag.clone(),
-                delivery_tag: *delivery_tag,
-                redelivered: *redelivered,
-                exchange: message.exchange.clone(),
-                routing_key: message.routing_key.clone(),
-            });
-            return content(channel, m, message, frame_max, out, spliced);
+            let (exchange, key) = (&message.exchange, &message.routing_key);
+            encode_deliver_frame(channel, consumer_tag, *delivery_tag, *redelivered, exchange, key, out);
+            return body(channel, message, frame_max, out, spliced);
         }
         Reply::GetOk { delivery_tag, redelivered, message_count, message } => {
             let m = Method::BasicGetOk(BasicGetOk {
