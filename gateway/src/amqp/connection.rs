@@ -8,6 +8,7 @@
 //! for close-ok.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -111,7 +112,7 @@ pub async fn serve<R, W>(
         wtx,
         dead,
         conn_id,
-        channels: HashMap::new(),
+        channels: HashMap::default(),
         frame_max: FRAME_MIN_SIZE,
         channel_max: 0,
         heartbeat: 0,
@@ -225,7 +226,7 @@ struct Conn {
     /// Cancelled by the writer when the socket fails or stalls.
     dead: CancellationToken,
     conn_id: u64,
-    channels: HashMap<u16, Slot>,
+    channels: HashMap<u16, Slot, BuildHasherDefault<ChannelHasher>>,
     frame_max: u32,
     channel_max: u16,
     heartbeat: u16,
@@ -821,4 +822,27 @@ fn server_properties() -> FieldTable {
     ]
     .into_iter()
     .collect()
+}
+
+/// Hashes the connection's channel numbers: a multiply instead of SipHash,
+/// which cost about 2% of the broker's instructions per message (three
+/// lookups, one per frame of a publish). Keys are at most `channel_max`
+/// small integers, so there is nothing to flood.
+#[derive(Default)]
+struct ChannelHasher(u64);
+
+impl Hasher for ChannelHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u16(u16::from(*b) ^ (self.0 as u16));
+        }
+    }
+
+    fn write_u16(&mut self, n: u16) {
+        self.0 = (self.0 ^ u64::from(n)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
 }
