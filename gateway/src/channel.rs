@@ -8,7 +8,7 @@
 //! on the connection's event queue, so that all channel state is touched by
 //! the connection task only.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -219,7 +219,10 @@ pub struct Channel {
     ctx: Arc<SessionCtx>,
     next_tag: u64,
     unacked: BTreeMap<u64, Unacked>,
-    consumers: HashMap<String, ConsumerRec>,
+    /// By tag. A `BTreeMap`: a channel has a consumer or a few, and every
+    /// delivery looks its consumer up, which SipHash made cost more than
+    /// comparing a tag or two.
+    consumers: BTreeMap<String, ConsumerRec>,
     flow: Arc<ChannelFlow>,
     consumer_prefetch: u32,
     /// Where the next basic.get on a partitioned queue starts.
@@ -247,7 +250,7 @@ impl Channel {
             ctx,
             next_tag: 1,
             unacked: BTreeMap::new(),
-            consumers: HashMap::new(),
+            consumers: BTreeMap::new(),
             flow: Arc::new(ChannelFlow::default()),
             consumer_prefetch: 0,
             get_cursor: 0,
@@ -820,7 +823,7 @@ impl Channel {
             }
         }
         self.settle_now(all, Outcome::Requeue);
-        let consumers: Vec<ConsumerRec> = self.consumers.drain().map(|(_, r)| r).collect();
+        let consumers: Vec<ConsumerRec> = std::mem::take(&mut self.consumers).into_values().collect();
         for rec in &consumers {
             rec.close();
         }
